@@ -1,0 +1,48 @@
+"""``forwardinf <experiment> [options]``: parse, then hand over to the experiment module."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from forwardinf.experiments import EXPERIMENTS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="forwardinf",
+        description="Training-data attribution with Forward-INF: which training examples made the model do this?",
+    )
+    sub = parser.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
+    for name in EXPERIMENTS:
+        try:
+            module = importlib.import_module(f"forwardinf.experiments.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"forwardinf.experiments.{name}":
+                raise
+            continue  # not built yet
+        p = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else None,
+                           description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--dataset", default=None, help="dataset name (default: the experiment's embedded default)")
+        p.add_argument("--data-root", default=None, help="folder holding the dataset files")
+        p.add_argument("--out", default=f"runs/{name}", help="output folder (default: runs/%(prog)s)")
+        p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        module.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args._module.run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"forwardinf {args.experiment}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

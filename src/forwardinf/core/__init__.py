@@ -1,0 +1,1 @@
+"""Pure tensor functions: parameter dicts, the query update, loss sweeps. Imports nothing above it."""

@@ -1,0 +1,32 @@
+"""Forward sweeps over a dataset: the only thing the training set ever sees."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from forwardinf.data.inputs import batches, to_device
+
+
+def sweep(
+    fn: Callable[[Any], Tensor],
+    dataset: Any,
+    batch_size: int,
+    device: torch.device,
+    progress: bool = False,
+    desc: str = "sweep",
+) -> Tensor:
+    """Concatenate ``fn(batch) -> Tensor[..., B]`` over ``dataset`` in order: ``[..., N]`` on CPU."""
+    out = []
+    n = len(dataset)
+    with torch.no_grad(), tqdm(total=n, desc=desc, disable=not progress, leave=False, unit="ex") as bar:
+        for start, batch in batches(dataset, batch_size):
+            try:
+                values = fn(to_device(batch, device))
+            except IndexError as e:  # cross_entropy's complaint about labels out of range
+                raise ValueError(f"examples {start}..{start + batch_size - 1}: {e} (label out of range?)") from e
+            out.append(values.detach().float().cpu())
+            bar.update(values.shape[-1])
+    return torch.cat(out, dim=-1)

@@ -1,0 +1,70 @@
+"""Functional optimizers for the query update: ``params -> params`` with no module copies.
+
+Every tensor may carry a leading query dim ``[Q, ...]`` (``stacked=True``): each query then
+gets its own update, all in one set of tensor ops.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from forwardinf.core.params import Params, flat_norm
+
+OPTIMIZERS = ("nsgd", "sgd", "adam")
+
+
+@dataclass
+class UpdateRule:
+    """One optimizer step, applied ``steps`` times by the caller.
+
+    ``optimizer``: ``"sgd"`` (plain, optional momentum), ``"adam"``, or ``"nsgd"``: the
+    gradient rescaled per query to the norm of the updated parameters, so ``lr`` is the
+    step length relative to ``||θ||`` whatever the size of the query's gradient.
+    ``ascent=True`` climbs the objective (unlearning the queries).
+    """
+
+    optimizer: str = "nsgd"
+    lr: float = 1e-3
+    ascent: bool = True
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    state: dict = field(default_factory=dict)
+
+    def step(self, params: Params, grads: Params, stacked: bool) -> Params:
+        sign = -1.0 if self.ascent else 1.0  # descent direction of the objective
+        d = {k: sign * g for k, g in grads.items()}
+        if self.optimizer == "nsgd":
+            if "ref_norm" not in self.state:
+                self.state["ref_norm"] = flat_norm(params, stacked)
+            gnorm = flat_norm(d, stacked)
+            if not torch.isfinite(gnorm).all():
+                raise FloatingPointError("non-finite gradient in the query update")
+            scale = self.state["ref_norm"] / gnorm.clamp_min(1e-30)
+            d = {k: v * _per_query(scale, v, stacked) for k, v in d.items()}
+        if self.weight_decay:
+            d = {k: v + self.weight_decay * params[k] for k, v in d.items()}
+        if self.optimizer in ("sgd", "nsgd"):
+            if self.momentum:
+                buf = self.state.get("momentum")
+                buf = d if buf is None else {k: self.momentum * buf[k] + d[k] for k in d}
+                self.state["momentum"] = d = buf
+            return {k: params[k] - self.lr * d[k] for k in params}
+        if self.optimizer == "adam":
+            b1, b2 = self.betas
+            t = self.state["t"] = self.state.get("t", 0) + 1
+            m = self.state.get("m") or {k: torch.zeros_like(v) for k, v in d.items()}
+            v2 = self.state.get("v") or {k: torch.zeros_like(v) for k, v in d.items()}
+            m = {k: b1 * m[k] + (1 - b1) * d[k] for k in d}
+            v2 = {k: b2 * v2[k] + (1 - b2) * d[k] * d[k] for k in d}
+            self.state["m"], self.state["v"] = m, v2
+            c1, c2 = 1 - b1 ** t, 1 - b2 ** t
+            return {k: params[k] - self.lr * (m[k] / c1) / ((v2[k] / c2).sqrt() + self.eps) for k in params}
+        raise ValueError(f"optimizer={self.optimizer!r}; expected one of {OPTIMIZERS}")
+
+
+def _per_query(scale: Tensor, like: Tensor, stacked: bool) -> Tensor:
+    return scale.view(-1, *([1] * (like.ndim - 1))) if stacked else scale

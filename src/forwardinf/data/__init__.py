@@ -1,0 +1,1 @@
+"""Data: input adapters and dataset loaders."""

@@ -1,0 +1,102 @@
+"""Turn what users pass as data (Dataset, DataLoader, tuple of tensors) into ordered batches."""
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset
+from torch.utils.data._utils.collate import default_collate
+
+DataLike = Any  # Dataset | DataLoader | tuple[Tensor, ...]
+
+
+def as_dataset(data: DataLike, name: str = "data") -> Dataset:
+    """The map-style dataset behind ``data``; positions in it are the indices we report."""
+    if isinstance(data, DataLoader):
+        if isinstance(data.sampler, RandomSampler):
+            raise ValueError(f"{name} is a shuffled DataLoader; pass shuffle=False (indices must be positions)")
+        data = data.dataset
+    elif isinstance(data, (tuple, list)) and data and all(torch.is_tensor(t) for t in data):
+        sizes = {len(t) for t in data}
+        if len(sizes) != 1:
+            raise ValueError(f"{name}: tensors have different lengths {sorted(sizes)}")
+        data = TensorDataset(*data)
+    elif isinstance(data, (tuple, list)):
+        raise ValueError(f"{name} must be a Dataset, a DataLoader or a tuple of tensors (inputs, targets)")
+    if not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
+        raise ValueError(f"{name} must be a map-style Dataset with __len__, got {type(data).__name__}")
+    if len(data) == 0:
+        raise ValueError(f"{name} is empty")
+    return data
+
+
+def batch_size_of(data: DataLike, default: int) -> int:
+    if isinstance(data, DataLoader) and data.batch_size:
+        return data.batch_size
+    return default
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if torch.is_tensor(batch):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch) if not hasattr(batch, "_fields") else type(batch)(*(to_device(v, device) for v in batch))
+    return batch
+
+
+def gather(dataset: Dataset, indices: Sequence[int]) -> Any:
+    """The examples at ``indices`` collated into one batch (fast path for TensorDataset)."""
+    if isinstance(dataset, TensorDataset):
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        return tuple(t[idx] for t in dataset.tensors)
+    return default_collate([dataset[int(i)] for i in indices])
+
+
+def batches(dataset: Dataset, batch_size: int) -> Iterator[tuple[int, Any]]:
+    """``(start, batch)`` over ``dataset`` in order."""
+    n = len(dataset)
+    if isinstance(dataset, TensorDataset):
+        for start in range(0, n, batch_size):
+            yield start, tuple(t[start:start + batch_size] for t in dataset.tensors)
+        return
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    start = 0
+    for batch in loader:
+        yield start, batch
+        start += batch_len(batch)
+
+
+def batch_len(batch: Any) -> int:
+    if torch.is_tensor(batch):
+        return batch.shape[0]
+    if isinstance(batch, dict):
+        return batch_len(next(iter(batch.values())))
+    return batch_len(batch[0])
+
+
+def unsqueeze(batch: Any) -> Any:
+    """Give every tensor a leading batch dim of 1 (used inside vmap over examples)."""
+    if torch.is_tensor(batch):
+        return batch.unsqueeze(0)
+    if isinstance(batch, dict):
+        return {k: unsqueeze(v) for k, v in batch.items()}
+    return type(batch)(unsqueeze(v) for v in batch)
+
+
+def repeat(batch: Any, n: int) -> Any:
+    """Each tensor repeated ``n`` times along the batch dim."""
+    if torch.is_tensor(batch):
+        return batch.repeat_interleave(n, dim=0)
+    if isinstance(batch, dict):
+        return {k: repeat(v, n) for k, v in batch.items()}
+    return type(batch)(repeat(v, n) for v in batch)
+
+
+def check_finite(batch: Any, name: str) -> None:
+    leaves = [batch] if torch.is_tensor(batch) else (batch.values() if isinstance(batch, dict) else batch)
+    for t in leaves:
+        if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"{name} contains NaN or inf values")

@@ -1,0 +1,84 @@
+"""The contract every estimator follows: ``fit`` / ``influence`` / ``top_k`` / ``self_influence``."""
+from __future__ import annotations
+
+from typing import Any, Iterable, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from forwardinf.data.inputs import DataLike, as_dataset
+from forwardinf.tasks.base import Task
+from forwardinf.tasks.classification import ClassificationTask
+
+
+class TopK(NamedTuple):
+    """Most influential training points per query: ``indices [Q, k]`` (positions in train), ``scores [Q, k]``."""
+
+    indices: Tensor
+    scores: Tensor
+
+
+class NotFittedError(RuntimeError):
+    """Raised when an estimator is used before ``fit``."""
+
+
+def check_choice(owner: str, name: str, value: Any, allowed: Iterable[Any]) -> None:
+    """The one error message for a bad parameter."""
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ValueError(f"{owner}: invalid {name}={value!r}; expected one of {allowed}")
+
+
+def check_positive(owner: str, name: str, value: Any, integer: bool = False) -> None:
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if not ok or isinstance(value, bool) or not value > 0:
+        kind = "a positive integer" if integer else "a positive number"
+        raise ValueError(f"{owner}: invalid {name}={value!r}; expected {kind}")
+
+
+class Estimator:
+    """Base class: scores are ``[n_query, n_train]``, higher = more influential (proponent).
+
+    Subclasses store their keyword arguments in ``__init__``, do the work in ``fit`` (learned
+    state ends in ``_``), and implement :meth:`influence`.
+    """
+
+    def __init__(self, model: nn.Module, task: Task | None = None) -> None:
+        self.model = model
+        self.task = task if task is not None else ClassificationTask()
+
+    # -- contract -------------------------------------------------------------------
+    def fit(self, train: DataLike) -> "Estimator":
+        raise NotImplementedError
+
+    def influence(self, queries: DataLike, joint: bool = False) -> Tensor:
+        """``[n_query, n_train]`` scores, or ``[n_train]`` for the query set as a whole (``joint``)."""
+        raise NotImplementedError
+
+    def self_influence(self) -> Tensor:
+        """``[n_train]`` influence of each training point on itself."""
+        raise NotImplementedError(f"{type(self).__name__} has no self-influence")
+
+    def top_k(self, queries: DataLike, k: int = 10) -> TopK:
+        """The ``k`` highest-scoring training points per query, best first."""
+        check_positive(type(self).__name__, "k", k, integer=True)
+        scores = self.influence(queries)
+        k = min(k, scores.shape[-1])
+        values, indices = torch.topk(scores, k, dim=-1)
+        return TopK(indices, values)
+
+    # -- helpers for subclasses -----------------------------------------------------
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "train_"):
+            raise NotFittedError(f"{type(self).__name__} is not fitted: call fit(train) before influence()")
+
+    def _device(self) -> torch.device:
+        p = next(self.model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    def _dataset(self, data: DataLike, name: str) -> Any:
+        return as_dataset(data, name)
+
+    def __repr__(self) -> str:
+        keys = [k for k in vars(self) if not k.endswith("_") and not k.startswith("_") and k not in ("model", "task")]
+        return f"{type(self).__name__}({', '.join(f'{k}={getattr(self, k)!r}' for k in keys)})"

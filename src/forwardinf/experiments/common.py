@@ -1,0 +1,69 @@
+"""What every experiment shares: seeding, timing, tables, and writing ``--out``."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@contextmanager
+def timer() -> Iterator[dict]:
+    """``with timer() as t: ...`` then ``t["seconds"]``."""
+    t: dict = {}
+    start = time.perf_counter()
+    try:
+        yield t
+    finally:
+        t["seconds"] = time.perf_counter() - start
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def results_object(experiment: str, dataset: str, config: dict, methods: dict) -> dict:
+    """The fixed ``results.json`` schema."""
+    return {"experiment": experiment, "dataset": dataset, "config": _jsonable(config), "methods": _jsonable(methods)}
+
+
+def write_outputs(out_dir: str | os.PathLike, results: dict, report: str) -> Path:
+    """Write ``results.json`` and ``report.md`` into ``out_dir`` (created); return the folder."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "report.md").write_text(report.rstrip() + "\n")
+    return out
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if torch.is_tensor(obj):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj

@@ -1,0 +1,57 @@
+"""Classification: cross-entropy on ``(inputs, targets)`` batches."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from forwardinf.tasks.base import Task
+
+
+def _split(batch: Any) -> tuple[Any, Tensor]:
+    if isinstance(batch, dict):
+        return batch["inputs"], batch["targets"]
+    inputs, targets = batch[0], batch[1]
+    return inputs, targets
+
+
+class ClassificationTask(Task):
+    """Per-example cross-entropy of a classifier ``model(inputs) -> logits [B, C]``.
+
+    Batches are ``(inputs, targets)`` tuples (extra elements are ignored) or dicts with
+    ``"inputs"`` and ``"targets"``; targets are class indices ``[B]``.
+    """
+
+    def loss(self, model: Callable[..., Any], batch: Any) -> Tensor:
+        inputs, targets = _split(batch)
+        return F.cross_entropy(model(inputs), targets, reduction="none")
+
+    def score_loss(self, model: Callable[..., Any], batch: Any) -> Tensor:
+        """Negative log-odds of the true class, ``-(z_y - logsumexp_{j != y} z_j)``, ``[B]``.
+
+        Cross-entropy is ``softplus`` of this, so both have parallel gradients, but this
+        one does not flatten out (nor round to zero in float32) once ``p_y`` nears 1.
+        """
+        inputs, targets = _split(batch)
+        logits = model(inputs)
+        true = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        is_true = torch.arange(logits.shape[-1], device=logits.device) == targets.unsqueeze(-1)  # vmap-safe one-hot
+        others = logits.masked_fill(is_true, float("-inf"))
+        return torch.logsumexp(others, dim=-1) - true
+
+    def validate(self, model: Callable[..., Any], batch: Any) -> None:
+        inputs, targets = _split(batch)
+        if not torch.is_tensor(targets) or targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise ValueError(f"targets must be an integer tensor of class indices, got {getattr(targets, 'dtype', type(targets))}")
+        if torch.is_tensor(inputs) and inputs.is_floating_point() and not torch.isfinite(inputs).all():
+            raise ValueError("inputs contain NaN or inf")
+        with torch.no_grad():
+            logits = model(inputs)
+        if logits.ndim != 2 or logits.shape[0] != targets.shape[0]:
+            raise ValueError(f"model output has shape {tuple(logits.shape)}; expected logits [B={targets.shape[0]}, C]")
+        n_classes = logits.shape[-1]
+        if targets.numel() and (targets.min() < 0 or targets.max() >= n_classes):
+            bad = targets[(targets < 0) | (targets >= n_classes)][0].item()
+            raise ValueError(f"label {bad} is out of range for a model with {n_classes} classes")
