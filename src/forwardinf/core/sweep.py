@@ -23,10 +23,7 @@ def sweep(
     n = len(dataset)
     with torch.no_grad(), tqdm(total=n, desc=desc, disable=not progress, leave=False, unit="ex") as bar:
         for start, batch in batches(dataset, batch_size):
-            try:
-                values = fn(to_device(batch, device))
-            except IndexError as e:  # cross_entropy's complaint about labels out of range
-                raise ValueError(f"examples {start}..{start + batch_size - 1}: {e} (label out of range?)") from e
-            out.append(values.detach().float().cpu())
+            values = fn(to_device(batch, device))
+            out.append(values.detach().cpu())
             bar.update(values.shape[-1])
     return torch.cat(out, dim=-1)

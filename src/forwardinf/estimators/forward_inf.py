@@ -14,7 +14,6 @@ from forwardinf.core.update import OPTIMIZERS, UpdateRule
 from forwardinf.data.inputs import DataLike, batches, check_finite, gather, repeat, to_device, unsqueeze
 from forwardinf.estimators.base import Estimator, TopK, check_choice, check_positive
 from forwardinf.tasks.base import Task
-from torch.utils.data import Subset
 
 SCORES = ("cosine", "margin", "loss", "abs")
 
@@ -61,9 +60,8 @@ class ForwardINF(Estimator):
         fitted_fallback: the authors' trick: a query with loss < 0.01 is perturbed by Gaussian
             noise of growing L2 radius (from 3.0, x1.1) until its loss is above 0.01.
         momentum, weight_decay: for ``"sgd"``/``"nsgd"`` (weight decay also for Adam).
-        n_directions: random directions for the coarse sensitivity of every training point (in fit).
-        refine: per query, the top ``refine`` training points are re-scored with precise
-            sensitivities from ``refine_directions`` directions (cached per training point); 0 = off.
+        n_directions: random directions along which ``fit`` takes forward-mode derivatives of every
+            training point (``score="cosine"``); cost ~``3 * n_directions`` forward sweeps, once.
         batch_size: training examples per forward batch; query_chunk: queries updated and scored at once.
         seed: seeds the random directions and the fallback noise.
         progress: show progress bars.
@@ -85,9 +83,7 @@ class ForwardINF(Estimator):
         fitted_fallback: bool = False,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
-        n_directions: int = 8,
-        refine: int = 32,
-        refine_directions: int = 256,
+        n_directions: int = 16,
         batch_size: int = 512,
         query_chunk: int = 16,
         seed: int = 0,
@@ -106,8 +102,6 @@ class ForwardINF(Estimator):
         self.momentum = momentum
         self.weight_decay = weight_decay
         self.n_directions = n_directions
-        self.refine = refine
-        self.refine_directions = refine_directions
         self.batch_size = batch_size
         self.query_chunk = query_chunk
         self.seed = seed
@@ -125,8 +119,6 @@ class ForwardINF(Estimator):
         self._check_params()
         self.train_ = self._dataset(train, "train")
         self._cache_: dict[str, Tensor] = {}
-        first = next(batches(self.train_, min(self.batch_size, 64)))[1]
-        self._validate(first, "train")
         self._ensure_cache(self.score)
         return self
 
@@ -140,53 +132,71 @@ class ForwardINF(Estimator):
         kind = "loss" if score in ("loss", "abs") else "score_loss"
         if kind not in self._cache_:
             fn = getattr(self.task, kind)
+
+            def checked(batch: Any) -> Tensor:
+                self._validate(batch, "train")  # every batch: a bad label may hide anywhere
+                return fn(self.model, batch)
+
             with mode(self.model, False):
-                values = sweep(lambda b: fn(self.model, b), self.train_, self.batch_size, self._device(),
-                               self.progress, desc=f"base {kind}")
+                values = sweep(checked, self.train_, self.batch_size, self._device(), self.progress, desc=f"base {kind}")
             if not torch.isfinite(values).all():
                 bad = int((~torch.isfinite(values)).nonzero()[0])
                 raise ValueError(f"non-finite loss on training example {bad} with the unchanged model")
             self._cache_[kind] = values
-        if score == "cosine" and "sensitivity" not in self._cache_:
-            self._cache_["sensitivity"] = self._sensitivity(self.train_, self.n_directions, "sensitivity")
+        if score == "cosine" and "directional" not in self._cache_:
+            self._cache_["directional"] = self._directional()
         return self._cache_
 
-    def _sensitivity(self, dataset: Any, n_directions: int, desc: str) -> Tensor:
-        """``[len(dataset)]`` RMS over Gaussian directions ``v`` of ``∇m(θ, z)·v`` (≈ ``||∇m(θ, z)||``).
+    def _directional(self) -> Tensor:
+        """``[n_train, n_directions]``: ``∇m(θ, z_i)·v_j`` for fixed Gaussian directions ``v_j``.
 
-        Forward-mode derivatives (``jvp``): forward passes only. Direction ``j`` is the same in
-        every call (seeded by ``seed`` and ``j``), so estimates over subsets agree with the full one.
+        Forward-mode derivatives (``jvp``), so the training set still sees forward passes only.
         """
         params = select_params(self.model, self.params)
         buffers = buffers_of(self.model)
         device = self._device()
-        total = torch.zeros(len(dataset), dtype=torch.float64)
 
         def f(p: Params, batch: Any) -> Tensor:
             return self.task.score_loss(bind(self.model, p, buffers), batch)
 
+        columns = []
         with mode(self.model, False):
-            for start in range(0, n_directions, _DIRECTION_CHUNK):
-                tangents = _directions(params, self.seed, start // _DIRECTION_CHUNK, device)
-                m = min(_DIRECTION_CHUNK, n_directions - start)
-                tangents = {k: t[:m] for k, t in tangents.items()}
+            for chunk in range(math.ceil(self.n_directions / _DIRECTION_CHUNK)):
+                tangents = self._directions(params, chunk)
 
                 def directional(batch: Any) -> Tensor:
                     return vmap(lambda t: jvp(lambda p: f(p, batch), (params,), (t,))[1])(tangents)  # [m, B]
 
-                d = sweep(directional, dataset, self.batch_size, device, self.progress and len(dataset) > 1000,
-                          desc=f"{desc} {start + m}/{n_directions}")
-                total += d.double().pow(2).sum(0)
-        return (total / n_directions).sqrt().float()
+                columns.append(sweep(directional, self.train_, self.batch_size, device, self.progress,
+                                     desc=f"directions {chunk + 1}/{math.ceil(self.n_directions / _DIRECTION_CHUNK)}"))
+        return torch.cat(columns, 0).T.contiguous()
 
-    def _refined(self, indices: Tensor) -> Tensor:
-        """Sensitivities of the training points ``indices`` with ``refine_directions`` directions, cached."""
-        cache = self._cache_.setdefault("refined", torch.full((len(self.train_),), float("nan")))
-        missing = indices[torch.isnan(cache[indices])]
-        if len(missing):
-            subset = Subset(self.train_, missing.tolist())
-            cache[missing] = self._sensitivity(subset, self.refine_directions, "refine")
-        return cache[indices]
+    def _directions(self, params: Params, chunk: int) -> Params:
+        """Directions ``8 chunk ..`` of the fixed Gaussian sequence: ``{name: [m, *shape]}``."""
+        m = min(_DIRECTION_CHUNK, self.n_directions - chunk * _DIRECTION_CHUNK)
+        gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + chunk)
+        return {k: torch.randn((m, *p.shape), generator=gen).to(p.device, p.dtype) for k, p in params.items()}
+
+    def _cosine(self, delta: Tensor, moved: Params) -> Tensor:
+        """``[Q, n_train]`` cosine between each ``∇m(θ, z_i)`` and each update ``moved[q] = θ_q - θ``.
+
+        ``a = Δm / ||θ_q - θ||`` is the gradient's component along the update (from the sweep).
+        Only the orthogonal rest ``||∇m_i||² - a²`` is estimated from the random directions, with
+        each direction projected off the update first: a duplicate of the query has no orthogonal
+        rest and scores 1 whatever the estimator's noise.
+        """
+        jv = self._cache_["directional"].double()  # [N, M]
+        params = select_params(self.model, self.params)
+        b = torch.zeros(delta.shape[0], 0, dtype=torch.float64)
+        norm = flat_norm(moved, stacked=True).double().cpu().clamp_min(1e-30)  # [Q]
+        for chunk in range(math.ceil(self.n_directions / _DIRECTION_CHUNK)):
+            v = self._directions(params, chunk)
+            dots = sum(torch.einsum("q...,m...->qm", moved[k].double(), v[k].double()) for k in moved)
+            b = torch.cat([b, dots.cpu() / norm[:, None]], 1)  # [Q, M]: v_j · unit update
+        a = delta.double() / norm[:, None]  # [Q, N]
+        m = jv.shape[1]
+        perp = (jv.pow(2).sum(1)[None, :] - 2 * a * (b @ jv.T) + a.pow(2) * b.pow(2).sum(1, keepdim=True)) / m
+        return (a / (a.pow(2) + perp.clamp_min(0)).sqrt().clamp_min(1e-30)).float()
 
     # -- influence --------------------------------------------------------------------------
     def influence(self, queries: DataLike, joint: bool = False) -> Tensor:
@@ -252,7 +262,8 @@ class ForwardINF(Estimator):
             rule, p = self._rule(), params
             with mode(self.model, self.train_mode):
                 for _ in range(self.steps):
-                    g = grad(lambda q: self._objective(bind(self.model, q, bufs), example))(p)
+                    # buffers are an argument, not a capture: train-mode BatchNorm updates them in place
+                    g = grad(lambda q, b: self._objective(bind(self.model, q, b), example))(p, bufs)
                     p = rule.step(p, g, stacked=False)
             out_params.append(p)
             out_buffers.append(bufs)
@@ -280,6 +291,8 @@ class ForwardINF(Estimator):
         device = self._device()
         params = select_params(self.model, self.params)
         buffers = buffers_of(self.model)
+        if self.train_mode:  # train-mode BatchNorm updates running statistics in place: use copies
+            buffers = {k: b.clone() for k, b in buffers.items()}
         rule, p, n = self._rule(), params, len(qset)
         with mode(self.model, self.train_mode):
             for _ in range(self.steps):
@@ -287,9 +300,11 @@ class ForwardINF(Estimator):
                 for _, b in batches(qset, self.batch_size):
                     b = to_device(repeat(b, self.query_repeat) if self.query_repeat > 1 else b, device)
                     weight = _batch_len(b) / (n * self.query_repeat)
-                    g = grad(lambda q: self._objective(bind(self.model, q, buffers), b))(p)
+                    g = grad(lambda q, bufs, data: self._objective(bind(self.model, q, bufs), data))(p, buffers, b)
                     total = {k: total[k] + weight * g[k] for k in total}
                 p = rule.step(p, total, stacked=False)
+        if self.train_mode:
+            return {k: v.unsqueeze(0) for k, v in p.items()}, {k: b.unsqueeze(0) for k, b in buffers.items()}, True
         return {k: v.unsqueeze(0) for k, v in p.items()}, buffers, False
 
     # -- scoring ----------------------------------------------------------------------------
@@ -324,17 +339,7 @@ class ForwardINF(Estimator):
         if self.score == "abs":
             return delta.abs()
         if self.score == "cosine":
-            moved = flat_norm({k: params[k] - base[k] for k in params}, stacked=True).cpu().clamp_min(1e-30)  # [Q]
-            sens = cache["sensitivity"]
-            floor = sens[sens > 0].median() * 1e-6 if (sens > 0).any() else torch.tensor(1.0)
-            scores = sign * delta / (moved[:, None] * sens.clamp_min(floor)[None, :])
-            if self.refine:
-                # The coarse sensitivities are noisy (relative error ~ 1/sqrt(2 n_directions)); re-rank
-                # each query's shortlist with precise ones, computed once per training point.
-                top = scores.topk(min(self.refine, scores.shape[1]), dim=1).indices  # [Q, R]
-                precise = self._refined(top.flatten()).view_as(top).clamp_min(floor)
-                scores.scatter_(1, top, sign * delta.gather(1, top) / (moved[:, None] * precise))
-            return scores
+            return sign * self._cosine(delta, {k: params[k] - base[k] for k in params})
         return sign * delta
 
     # -- tuning -----------------------------------------------------------------------------
@@ -390,9 +395,6 @@ class ForwardINF(Estimator):
         check_choice(name, "score", self.score, SCORES)
         check_positive(name, "query_repeat", self.query_repeat, integer=True)
         check_positive(name, "n_directions", self.n_directions, integer=True)
-        check_positive(name, "refine_directions", self.refine_directions, integer=True)
-        if not isinstance(self.refine, int) or self.refine < 0:
-            raise ValueError(f"{name}: invalid refine={self.refine!r}; expected a non-negative integer")
         check_positive(name, "batch_size", self.batch_size, integer=True)
         check_positive(name, "query_chunk", self.query_chunk, integer=True)
         select_params(self.model, self.params)  # raises if the patterns match nothing
@@ -410,12 +412,6 @@ class ForwardINF(Estimator):
 
 
 _DIRECTION_CHUNK = 8
-
-
-def _directions(params: Params, seed: int, chunk: int, device: torch.device) -> Params:
-    """Chunk ``chunk`` of the fixed sequence of Gaussian directions: ``{name: [8, *shape]}``."""
-    gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + chunk)
-    return {k: torch.randn((_DIRECTION_CHUNK, *p.shape), generator=gen).to(device, p.dtype) for k, p in params.items()}
 
 
 def _index(batch: Any, i: int) -> Any:

@@ -1,0 +1,444 @@
+"""Verify the Mirrored Influence Hypothesis against retraining (paper section 2.1, appendices B, E.1).
+
+Two settings, both with real retraining ground truth:
+
+convex (point-to-point, near-noiseless)
+    L2-regularised multinomial logistic regression solved exactly (L-BFGS, then Newton to a
+    gradient of 1e-12; warm-started retrainings). For the validation points with the highest loss:
+    train-to-test influence by exact leave-one-out (N retrainings, shared by all queries) and
+    test-to-train influence by adding each query and retraining; Pearson and Spearman over the
+    training points per query, averaged. Extra columns: the influence-function estimate (closed
+    form, exact Hessian) and Forward-INF on the same queries.
+
+noisy (group-to-group)
+    The paper's CNN without BatchNorm trained by SGD (lr 0.01, momentum 0.9, weight decay 1e-3,
+    batch 64); 30 training groups with mislabel ratios linspace(0, 1, 30); a clean class-balanced
+    validation set D_tst. Train-to-test: remove a group and retrain; test-to-train: add D_tst and
+    retrain; each loss averaged over R training runs. Forward-INF in joint mode (SGD ascent on
+    D_tst, lr 0.01, weight decay 1e-3, 2 steps: Table 7) on each run's model, against test-to-train.
+
+Retrainings run in --workers processes, show progress, and are cached under <out>/cache so an
+interrupted run resumes. Scores follow the library's orientation (higher = proponent), i.e. the
+paper's Inf(->) and Inf(<-) negated; correlations are unaffected and the plots use the paper's signs.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import TensorDataset
+
+from forwardinf import metrics as M
+from forwardinf.baselines.retraining import LossProbe, concat, group_mean, run_trainings
+from forwardinf.data.inputs import gather
+from forwardinf.data.loaders import DataSplit, balanced_indices, load_dataset
+from forwardinf.experiments import convex as cvx
+from forwardinf.experiments.common import markdown_table, results_object, seed_everything, timer, write_outputs
+from forwardinf.tasks.classification import ClassificationTask
+
+SETTINGS = ("convex", "noisy", "both")
+
+# The paper's numbers (Table 1; Table 7 at 500 validation points) for the report.
+PAPER = {
+    "mnist": {"convex": (0.9975, 0.9027), "noisy": (0.9640, 0.9907), "forward_inf": 0.9951},
+    "fashion-mnist": {"convex": (0.9939, 0.7274), "noisy": (0.9752, 0.9915), "forward_inf": 0.9942},
+    "cifar10": {"convex": (0.9673, 0.8069), "noisy": (0.8551, 0.8848), "forward_inf": 0.9862},
+}
+# The paper's subset sizes (appendix B and the authors' code).
+CONVEX_N_TRAIN = 4900
+NOISY_N_TRAIN = {"cifar10": 900}  # else 1,050
+NOISY_EPOCHS = {"cifar10": 20}  # else 10
+# Above this many parameters the exact Hessian (P x P, float64) no longer fits comfortably:
+# 2x2-average-pool the images first (CIFAR-10: 3,072 -> 768 features).
+MAX_CONVEX_PARAMS = 10_000
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--setting", choices=SETTINGS, default="both", help="which study to run (default: both)")
+    p.add_argument("--n-train", type=int, default=None,
+                   help="training set size (default: convex 4,900 or all of digits; noisy 1,050, CIFAR-10 900)")
+    p.add_argument("--val-size", type=int, default=500,
+                   help="validation set: noisy D_tst (Table 4 varies it); convex: where the queries come from")
+    p.add_argument("--workers", type=int, default=1, help="parallel training processes (default: 1)")
+    p.add_argument("--cache-dir", default=None, help="retraining cache (default: <out>/cache)")
+    g = p.add_argument_group("convex setting")
+    g.add_argument("--n-queries", type=int, default=10, help="highest-loss validation points used (default: 10)")
+    g.add_argument("--l2", type=float, default=1e-3, help="L2 strength on the mean loss (default: 1e-3)")
+    g.add_argument("--features", choices=("auto", "pixels", "pool2"), default="auto",
+                   help="logistic-regression inputs; auto pools 2x2 when the model would exceed 10k parameters")
+    g.add_argument("--convex-fi-lr", type=float, default=1e-3,
+                   help="Forward-INF step size on the convex model (SGD ascent, 1 step; default: 1e-3)")
+    g = p.add_argument_group("noisy setting")
+    g.add_argument("--groups", type=int, default=30, help="training groups (default: 30)")
+    g.add_argument("--mislabel-ratio", type=float, default=0.5,
+                   help="overall mislabel ratio (Table 5); groups get linspace(0, 2r, G) (r <= 0.5) or "
+                        "linspace(2r - 1, 1, G) (default: 0.5 = linspace(0, 1, 30))")
+    g.add_argument("--runs", type=int, default=5, help="training runs every loss is averaged over (default: 5)")
+    g.add_argument("--epochs", type=int, default=None, help="SGD epochs (default: 10; CIFAR-10 20)")
+    g.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (default: 0.01)")
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=1e-3)
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--width", type=int, default=32, help="CNN width: conv(w)-conv(2w)-fc(4w) (default: 32)")
+    g.add_argument("--fi-steps", type=int, default=2, help="Forward-INF ascent steps (default: 2, Table 7)")
+    g.add_argument("--fi-lr", type=float, default=0.01, help="Forward-INF SGD ascent lr (default: 0.01)")
+    g.add_argument("--fi-weight-decay", type=float, default=1e-3, help="Forward-INF weight decay (default: 1e-3)")
+
+
+# ------------------------------------------------------------------------------------ data
+def _check_args(args: argparse.Namespace) -> None:
+    for name in ("val_size", "workers", "n_queries", "groups", "runs", "batch_size", "width", "fi_steps"):
+        v = getattr(args, name)
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+    for name in ("l2", "lr", "fi_lr", "convex_fi_lr"):
+        if not getattr(args, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if not 0.0 <= args.mislabel_ratio <= 1.0:
+        raise ValueError(f"--mislabel-ratio must be in [0, 1], got {args.mislabel_ratio}")
+    if args.n_train is not None and args.n_train < 2:
+        raise ValueError(f"--n-train must be at least 2, got {args.n_train}")
+    if args.epochs is not None and args.epochs < 1:
+        raise ValueError(f"--epochs must be a positive integer, got {args.epochs}")
+
+
+def split_train_val(split: DataSplit, n_train: int, n_val: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Class-balanced training indices (into the train split) and a clean balanced validation set.
+
+    The validation set comes from the test split; when that is too small (digits: 450), the
+    training points not used for training top it up. Returns ``(train_idx, x_val, y_val)``.
+    """
+    n_avail = len(split.y_train)
+    if n_train > n_avail:
+        raise ValueError(f"--n-train {n_train} exceeds the {n_avail} training examples of {split.name}")
+    train_idx = balanced_indices(split.y_train, n_train, seed)
+    if n_val <= len(split.y_test):
+        vi = balanced_indices(split.y_test, n_val, seed + 1)
+        return train_idx, split.x_test[vi], split.y_test[vi]
+    unused = torch.ones(n_avail, dtype=torch.bool)
+    unused[train_idx] = False
+    x_pool = torch.cat([split.x_test, split.x_train[unused]])
+    y_pool = torch.cat([split.y_test, split.y_train[unused]])
+    if n_val > len(y_pool):
+        raise ValueError(f"--val-size {n_val} exceeds the {len(y_pool)} examples left for validation in {split.name}")
+    vi = balanced_indices(y_pool, n_val, seed + 1)
+    return train_idx, x_pool[vi], y_pool[vi]
+
+
+def group_ratios(n_groups: int, overall: float) -> np.ndarray:
+    """Per-group mislabel ratios ``[G]`` spread linearly with mean ``overall`` (0.5 -> linspace(0, 1, G))."""
+    if overall <= 0.5:
+        return np.linspace(0.0, 2 * overall, n_groups)
+    return np.linspace(2 * overall - 1, 1.0, n_groups)
+
+
+def make_groups(y: Tensor, n_groups: int, overall: float, n_classes: int, seed: int) -> tuple[Tensor, list[np.ndarray], np.ndarray, Tensor]:
+    """Random equal groups; flip ``round(ratio_g * |g|)`` labels of group ``g`` to another class.
+
+    Returns ``(noisy_y [N], members, ratios [G], flipped [N] bool)``.
+    """
+    n = len(y)
+    if n_groups > n:
+        raise ValueError(f"--groups {n_groups} exceeds the {n} training points")
+    rng = np.random.default_rng(seed)
+    members = [np.sort(m) for m in np.array_split(rng.permutation(n), n_groups)]
+    ratios = group_ratios(n_groups, overall)
+    noisy = y.clone()
+    flipped = torch.zeros(n, dtype=torch.bool)
+    for m, r in zip(members, ratios):
+        k = int(round(r * len(m)))
+        chosen = rng.choice(m, k, replace=False)
+        shift = torch.from_numpy(rng.integers(1, n_classes, size=k))
+        noisy[chosen] = (y[chosen] + shift) % n_classes  # always a different class
+        flipped[chosen] = True
+    return noisy, members, ratios, flipped
+
+
+# ----------------------------------------------------------------------------- convex study
+def _convex_features(x: Tensor, mode: str, n_classes: int) -> tuple[Tensor, str]:
+    if mode == "auto":
+        mode = "pixels" if (x[0].numel() + 1) * n_classes <= MAX_CONVEX_PARAMS else "pool2"
+    if mode == "pool2":
+        x = F.avg_pool2d(x, 2)
+    return x.flatten(1), mode
+
+
+def run_convex(split: DataSplit, args: argparse.Namespace, cache: Path, progress: bool) -> dict:
+    """Exact leave-one-out vs add-the-query retraining on the highest-loss validation points."""
+    n_train = args.n_train or min(CONVEX_N_TRAIN, len(split.y_train))
+    train_idx, x_val, y_val = split_train_val(split, n_train, min(args.val_size, len(split.y_test)), args.seed)
+    c = split.n_classes
+    xt, features = _convex_features(split.x_train[train_idx], args.features, c)
+    xv, _ = _convex_features(x_val, features, c)
+    yt = split.y_train[train_idx]
+    train = TensorDataset(xt.double(), yt)
+    n, l2 = len(yt), args.l2
+
+    with timer() as t_fit:
+        model, chol = cvx.solve_reference(train, c, n, l2)
+    val_losses = LossProbe((xv.double(), y_val))(model)
+    nq = min(args.n_queries, len(y_val))
+    q = torch.topk(val_losses, nq).indices
+    queries = TensorDataset(xv[q].double(), y_val[q])
+    acc = float((model(xv).argmax(1) == y_val).double().mean())
+    train_fn = cvx.NewtonLogistic(train, model.state_dict(), chol, n_ref=n, l2=l2)
+    everyone = np.arange(n)
+
+    with timer() as t_loo:
+        jobs = [(everyone, 0)] + [(np.delete(everyone, i), 0) for i in range(n)]
+        res = run_trainings(train_fn, train, jobs, LossProbe(queries), workers=args.workers, cache_dir=cache,
+                            progress=progress, desc="convex leave-one-out")
+        loo = torch.stack(res[1:]).T - res[0][:, None]  # [Q, N]: L(θ_{-i}, q) - L(θ, q)
+    with timer() as t_add:
+        pool = concat(train, queries)
+        jobs = [(everyone, 0)] + [(np.append(everyone, n + j), 0) for j in range(nq)]
+        res = run_trainings(train_fn, pool, jobs, LossProbe(train), workers=args.workers, cache_dir=cache,
+                            progress=progress, desc="convex add-the-query")
+        t2t = res[0] - torch.stack(res[1:])  # [Q, N]: L(θ, z_i) - L(θ_{+q}, z_i)
+    with timer() as t_if:
+        if_scores = cvx.influence_scores(model, train, queries, n, l2, chol)
+    with timer() as t_fi:
+        fi_scores = _forward_inf(model, train, queries, joint=False, steps=1, lr=args.convex_fi_lr,
+                                 weight_decay=0.0, progress=progress)
+
+    def corr(a: Tensor, b: Tensor) -> dict:
+        p, s = M.rowwise_correlation(a, b, "pearson"), M.rowwise_correlation(a, b, "spearman")
+        return {"pearson": float(np.nanmean(p)), "spearman": float(np.nanmean(s)),
+                "pearson_per_query": p.tolist(), "spearman_per_query": s.tolist()}
+
+    hyp = corr(loo, t2t)
+    methods = {
+        "convex/retraining": {**hyp, "seconds": t_loo["seconds"] + t_add["seconds"],
+                              "compares": "leave-one-out (train->test) vs add-the-query (test->train)",
+                              "trainings": n + nq + 2},
+        "convex/influence-function": {**corr(if_scores, loo), "seconds": t_if["seconds"],
+                                      "compares": "influence function vs leave-one-out",
+                                      "vs_test_to_train": corr(if_scores, t2t)["pearson"]},
+        "convex/forward-inf": {**corr(fi_scores, t2t), "seconds": t_fi["seconds"],
+                               "compares": "Forward-INF vs add-the-query (test->train)",
+                               "vs_leave_one_out": corr(fi_scores, loo)["pearson"]},
+    }
+    info = {"n_train": n, "n_queries": nq, "val_size": len(y_val), "features": features,
+            "n_params": int((xt.shape[1] + 1) * c), "l2": l2, "val_accuracy": acc,
+            "query_losses": val_losses[q].tolist(), "fit_seconds": t_fit["seconds"],
+            "max_grad": cvx.max_gradient(model, train, n, l2)}
+    arrays = {"loo": loo, "t2t": t2t, "if": if_scores, "fi": fi_scores}
+    return {"methods": methods, "info": info, "arrays": arrays}
+
+
+def _forward_inf(model: nn.Module, train: Any, queries: Any, *, joint: bool, steps: int, lr: float,
+                 weight_decay: float, progress: bool) -> Tensor:
+    from forwardinf.estimators.forward_inf import ForwardINF
+
+    est = ForwardINF(model, ClassificationTask(), steps=steps, lr=lr, optimizer="sgd", direction="ascent",
+                     score="loss", weight_decay=weight_decay, progress=progress)
+    return est.fit(train).influence(queries, joint=joint).double()
+
+
+# ------------------------------------------------------------------------------ noisy study
+@dataclass
+class CNNTrainer:
+    """Training function ``(data, seed) -> SmallCNN``: the paper's CNN (no BatchNorm) trained by SGD."""
+
+    input_shape: tuple[int, ...]
+    n_classes: int
+    epochs: int = 10
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-3
+    batch_size: int = 64
+    width: int = 32
+
+    def __call__(self, data: Any, seed: int) -> nn.Module:
+        from forwardinf.models import build_model
+        from forwardinf.training import train_classifier
+
+        # 28x28 / 32x32: the classic unpadded layout (fc input 4 * 4 * 64 on MNIST); 8x8 digits need padding.
+        padding = 0 if min(self.input_shape[1:]) >= 28 else 2
+        model = build_model("cnn", self.input_shape, self.n_classes, seed=seed, width=self.width,
+                            batchnorm=False, padding=padding)
+        x, y = gather(data, range(len(data)))[:2]
+        return train_classifier(model, (x, y), epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
+                                optimizer="sgd", momentum=self.momentum, weight_decay=self.weight_decay, seed=seed)
+
+
+def run_noisy(split: DataSplit, args: argparse.Namespace, cache: Path, progress: bool) -> dict:
+    """Remove-a-group vs add-the-validation-set retraining, averaged over ``--runs`` trainings."""
+    n_train = args.n_train or NOISY_N_TRAIN.get(split.name, 1050)
+    train_idx, x_val, y_val = split_train_val(split, n_train, args.val_size, args.seed)
+    c = split.n_classes
+    x, y_clean = split.x_train[train_idx], split.y_train[train_idx]
+    y, members, ratios, flipped = make_groups(y_clean, args.groups, args.mislabel_ratio, c, args.seed)
+    train, val = TensorDataset(x, y), TensorDataset(x_val, y_val)
+    n, nv, runs = len(y), len(y_val), list(range(args.seed, args.seed + args.runs))
+    epochs = args.epochs or NOISY_EPOCHS.get(split.name, 10)
+    train_fn = CNNTrainer(tuple(split.input_shape), c, epochs, args.lr, args.momentum, args.weight_decay,
+                          args.batch_size, args.width)
+    pool = concat(train, val)
+    everyone = np.arange(n)
+    probe = LossProbe(pool)
+
+    with timer() as t_ret:
+        base_models = run_trainings(train_fn, pool, [(everyone, r) for r in runs], None, workers=args.workers,
+                                    cache_dir=cache, progress=progress, desc="noisy base models")
+        base = torch.stack([probe(m) for m in base_models]).double()  # [R, n + nv]
+        jobs = [(np.setdiff1d(everyone, m), r) for m in members for r in runs]
+        jobs += [(np.arange(n + nv), r) for r in runs]
+        res = run_trainings(train_fn, pool, jobs, probe, workers=args.workers, cache_dir=cache,
+                            progress=progress, desc="noisy retraining")
+        res = torch.stack(res).double()
+        left_out = res[:len(members) * len(runs)].view(len(members), len(runs), -1)  # [G, R, n + nv]
+        added = res[len(members) * len(runs):]  # [R, n + nv]
+        # train -> test (proponent-oriented): L(A(D \ D_g), D_tst) - L(A(D), D_tst), mean over runs
+        train_to_test = (left_out[:, :, n:].mean(-1) - base[None, :, n:].mean(-1)).mean(1)  # [G]
+        # test -> train (proponent-oriented): L(A(D), D_g) - L(A(D ∪ D_tst), D_g)
+        t2t_points = (base[:, :n] - added[:, :n]).mean(0)  # [n]
+        test_to_train = group_mean(t2t_points, members)  # [G]
+    with timer() as t_fi:
+        fi_runs = [_forward_inf(m, train, val, joint=True, steps=args.fi_steps, lr=args.fi_lr,
+                                weight_decay=args.fi_weight_decay, progress=progress) for m in base_models]
+        forward_inf = group_mean(torch.stack(fi_runs).mean(0), members)  # [G]
+
+    def corr(a: Tensor, b: Tensor) -> dict:
+        return {"pearson": M.pearson(a, b), "spearman": M.spearman(a, b)}
+
+    accs = [float((m(x_val).argmax(1) == y_val).double().mean()) for m in base_models]
+    methods = {
+        "noisy/retraining": {**corr(train_to_test, test_to_train), "seconds": t_ret["seconds"],
+                             "compares": "remove group (train->test) vs add D_tst (test->train)",
+                             "trainings": len(runs) * (len(members) + 2)},
+        "noisy/forward-inf": {**corr(forward_inf, test_to_train), "seconds": t_fi["seconds"] / len(runs),
+                              "compares": "Forward-INF (joint, per run, averaged) vs add D_tst (test->train)",
+                              "vs_train_to_test": corr(forward_inf, train_to_test)},
+    }
+    info = {"n_train": n, "val_size": nv, "groups": len(members), "group_size": int(len(members[0])),
+            "mislabel_ratio": float(flipped.double().mean()), "runs": len(runs), "epochs": epochs,
+            "val_accuracy_per_run": accs, "ratios": ratios.tolist()}
+    arrays = {"train_to_test": train_to_test, "test_to_train": test_to_train, "forward_inf": forward_inf,
+              "ratios": torch.from_numpy(ratios)}
+    return {"methods": methods, "info": info, "arrays": arrays}
+
+
+# ---------------------------------------------------------------------------------- plots
+def _plot_convex(arrays: dict, path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), layout="constrained")
+    q = arrays["loo"].shape[0]
+    colors = plt.cm.tab10(np.arange(q) % 10)
+    # the paper's signs: Inf(->) = L(A(D)) - L(A(D \ z_i)), Inf(<-) = L(A(D ∪ q)) - L(A(D))
+    for j in range(q):
+        axes[0].scatter(-arrays["loo"][j], -arrays["t2t"][j], s=4, color=colors[j], alpha=0.6)
+        axes[1].scatter(-arrays["t2t"][j], -arrays["fi"][j], s=4, color=colors[j], alpha=0.6)
+    axes[0].set_xlabel("train→test  Inf(z_i → z_tst)  (leave-one-out)")
+    axes[0].set_ylabel("test→train  Inf(z_i ← z_tst)  (add z_tst)")
+    axes[0].set_title("Mirrored influence, convex")
+    axes[1].set_xlabel("test→train  Inf(z_i ← z_tst)")
+    axes[1].set_ylabel("−Forward-INF score")
+    axes[1].set_title("Forward-INF vs retraining")
+    fig.suptitle(title)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_noisy(arrays: dict, path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), layout="constrained")
+    r = arrays["ratios"].numpy()
+    sc = axes[0].scatter(-arrays["train_to_test"], -arrays["test_to_train"], c=r, cmap="viridis", s=30)
+    axes[0].set_xlabel("train→test  Inf(D_i → D_tst)  (remove group)")
+    axes[0].set_ylabel("test→train  Inf(D_i ← D_tst)  (add D_tst)")
+    axes[0].set_title("Mirrored influence, noisy groups")
+    axes[1].scatter(-arrays["test_to_train"], -arrays["forward_inf"], c=r, cmap="viridis", s=30)
+    axes[1].set_xlabel("test→train  Inf(D_i ← D_tst)")
+    axes[1].set_ylabel("−Forward-INF score (joint)")
+    axes[1].set_title("Forward-INF vs retraining (Table 7)")
+    for ax in axes:
+        ax.xaxis.set_major_locator(plt.MaxNLocator(5))
+    fig.colorbar(sc, ax=axes, label="group mislabel ratio", shrink=0.85)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------ run
+def run(args: argparse.Namespace) -> dict:
+    _check_args(args)
+    seed_everything(args.seed)
+    progress = not args.quiet
+    split = load_dataset(args.dataset or "digits", args.data_root)
+    out = Path(args.out)
+    cache = Path(args.cache_dir) if args.cache_dir else out / "cache"
+    settings = ("convex", "noisy") if args.setting == "both" else (args.setting,)
+    methods: dict[str, dict] = {}
+    details: dict[str, dict] = {}
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    for setting in settings:
+        with timer() as t:
+            result = (run_convex if setting == "convex" else run_noisy)(split, args, cache, progress)
+        methods.update(result["methods"])
+        details[setting] = {**result["info"], "wall_seconds": t["seconds"]}
+        plot = _plot_convex if setting == "convex" else _plot_noisy
+        plot(result["arrays"], out / f"hypothesis_{setting}.png", f"{split.name}, {setting} setting")
+        torch.save({k: v.cpu() for k, v in result["arrays"].items()}, out / f"hypothesis_{setting}_scores.pt")
+    config = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    config["details"] = details
+    config["wall_seconds"] = time.perf_counter() - start
+    results = results_object("hypothesis", split.name, config, methods)
+    report = _report(split.name, methods, details, args)
+    write_outputs(out, results, report)
+    if not args.quiet:
+        print(report)
+    return results
+
+
+def _report(dataset: str, methods: dict, details: dict, args: argparse.Namespace) -> str:
+    paper = PAPER.get(dataset)
+    rows = []
+
+    def add(setting: str, key: str, ref_pair: tuple | None, fi_ref: float | None) -> None:
+        hyp = methods.get(f"{setting}/retraining")
+        if hyp is None:
+            return
+        label = {"convex": "Near-noiseless (point-to-point)", "noisy": "Noisy (group-to-group)"}[setting]
+        extra_if = methods.get(f"{setting}/influence-function")
+        fi = methods[f"{setting}/forward-inf"]
+        for i, metric in enumerate(("pearson", "spearman")):
+            rows.append([label if i == 0 else "", metric.capitalize(), hyp[metric],
+                         extra_if[metric] if extra_if else "-", fi[metric],
+                         ref_pair[i] if ref_pair else "-",
+                         (fi_ref if (fi_ref is not None and metric == "pearson" and setting == "noisy") else "-")])
+
+    add("convex", "convex", paper["convex"] if paper else None, None)
+    add("noisy", "noisy", paper["noisy"] if paper else None, paper["forward_inf"] if paper else None)
+    header = ["Setting", "Metric", "train→test vs test→train (retraining)", "IF vs leave-one-out",
+              "Forward-INF vs test→train", f"paper: hypothesis ({dataset})", "paper: Forward-INF (Table 7)"]
+    lines = [f"# Mirrored Influence Hypothesis: {dataset}", "",
+             "Table 1 layout. Correlations over training points (convex; averaged over the queries) or over "
+             "groups (noisy).", "", markdown_table(header, rows), ""]
+    for setting, info in details.items():
+        lines.append(f"**{setting}**: " + ", ".join(f"{k}={_fmt(v)}" for k, v in info.items()
+                                                   if not isinstance(v, list)))
+        lines.append("")
+    secs = [[name, m.get("seconds", float("nan")), m.get("trainings", "-")] for name, m in methods.items()]
+    lines += [markdown_table(["method", "seconds", "trainings"], secs), ""]
+    if paper is None:
+        lines.append(f"The paper reports no numbers for {dataset}.")
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)

@@ -1,0 +1,342 @@
+"""Memorization: does Forward-INF find the training point a test prediction depends on?
+
+Ground truth is Feldman & Zhang's subsampling estimator (:class:`forwardinf.baselines.retraining.Downsampling`
+with ``metric="accuracy"``): ``--n-models`` K models, each trained on a random ``--subset-fraction``
+of the training set, give for every (training point i, test point z)
+
+    infl(i, z) = P[model correct on z | i in its subset] - P[correct on z | i not in it]
+
+and each training point's memorization ``mem(i) = infl(i, z_i)``. Per test point its most
+influential training point is the ground-truth top. Forward-INF (one update per query, on the
+model trained on all the data) retrieves its own top training point for every test point. Paper:
+section 4.3, Figure 4 (high-influence pairs, influence > 0.4).
+
+Reported: top-1 agreement, the ground-truth point's rank under each method (expected rank,
+random tie-break), the ground-truth influence of each method's pick, all over every test point and
+restricted to high-influence pairs; the split-half agreement of the ground truth itself (its two
+halves of K/2 models each) as the ceiling its noise allows; wall times of the ground truth
+(K trainings + evaluation) and of each method, and their ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+import forwardinf as fi
+from forwardinf.baselines.retraining import Downsampling
+from forwardinf.data.inputs import as_dataset, gather
+from forwardinf.data.loaders import subset
+from forwardinf.experiments.common import markdown_table, results_object, seed_everything, timer, write_outputs
+from forwardinf.experiments.setup import add_model_arguments, prepare_classifier
+from forwardinf.models import build_model
+from forwardinf.training import train_classifier
+
+HIGH_INFLUENCE = 0.4  # the paper's threshold for a high-influence pair
+
+FI_VARIANTS = {
+    "forward-inf": {},
+    "forward-inf-paper": {"preset": "paper"},
+    "forward-inf-authors": {"preset": "authors"},
+    "forward-inf-margin": {"score": "margin"},
+    "forward-inf-loss": {"score": "loss"},
+    "forward-inf-abs": {"score": "abs"},
+}
+
+
+@dataclass(frozen=True)
+class SubsetTrainer:
+    """``(data, seed) -> model``: the experiment's training recipe on a subset (picklable for workers)."""
+
+    model: str
+    input_shape: tuple[int, int, int]
+    n_classes: int
+    epochs: int
+    lr: float
+    batch_size: int = 64
+    optimizer: str = "sgd"
+    weight_decay: float = 0.0
+    width: int | None = None
+
+    def __call__(self, data: Dataset, seed: int) -> nn.Module:
+        kw = {"width": self.width} if self.width else {}
+        model = build_model(self.model, self.input_shape, self.n_classes, seed=seed, **kw)
+        x, y = gather(data, range(len(data)))[:2]
+        return train_classifier(model, (x, y), epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
+                                optimizer=self.optimizer, weight_decay=self.weight_decay, seed=seed)
+
+
+# ---------------------------------------------------------------------------------- metrics
+def expected_rank(scores: Tensor, targets: Tensor) -> Tensor:
+    """``[Q]`` 1-based rank of ``targets [Q]`` in ``scores [Q, N]``, ties counted as half (random tie-break)."""
+    t = scores.gather(1, targets[:, None])
+    greater = (scores > t).sum(1).double()
+    ties = (scores == t).sum(1).double() - 1
+    return 1 + greater + ties / 2
+
+
+def all_ranks(scores: Tensor) -> Tensor:
+    """``[Q, N]`` expected 1-based rank (descending, random tie-break) of every entry in its row."""
+    s = scores.double()
+    out = torch.empty_like(s)
+    for q in range(s.shape[0]):
+        vals, order = torch.sort(s[q], descending=True)
+        # Equal values share the average of the positions they occupy.
+        _, inverse, counts = torch.unique_consecutive(vals, return_inverse=True, return_counts=True)
+        mean_pos = torch.cumsum(counts, 0).double() - (counts.double() - 1) / 2
+        out[q, order] = mean_pos[inverse]
+    return out
+
+
+def nan_argmax(values: Tensor) -> tuple[Tensor, Tensor]:
+    """Row-wise ``(argmax [Q], max [Q])`` ignoring NaN (points in every subset or in none)."""
+    v = torch.nan_to_num(values.double(), nan=-float("inf"))
+    best, idx = v.max(1)
+    return idx, best
+
+
+def top_sets(values: Tensor) -> Tensor:
+    """``[Q, N]`` bool: the entries equal to their row's maximum (NaN ignored); a tie gives several."""
+    v = torch.nan_to_num(values.double(), nan=-float("inf"))
+    return v == v.max(1, keepdim=True).values
+
+
+def agreement(scores: Tensor, gt: Tensor, mask: Tensor | None = None) -> dict[str, float]:
+    """Compare ``scores [Q, N]`` (a method) with ground-truth influence ``gt [Q, N]`` on the rows in ``mask``.
+
+    ``top1``: the method's top point is the ground-truth top; ``mean_rank`` / ``median_rank``: the
+    ground-truth top's rank under the method; ``top5`` / ``top10``: it is among the first 5 / 10;
+    ``gt_influence_of_pick``: mean ground-truth influence of the method's top point. Ties on either
+    side (e.g. a test point every model gets right has influence 0 everywhere) count in expectation
+    over a random tie-break: each tied ground-truth top is equally likely to be "the" top.
+    """
+    if scores.shape != gt.shape:
+        raise ValueError(f"scores {tuple(scores.shape)} and ground truth {tuple(gt.shape)} differ in shape")
+    if mask is None:
+        mask = torch.ones(scores.shape[0], dtype=torch.bool)
+    n = int(mask.sum())
+    if n == 0:
+        return {"n": 0}
+    s, g = scores[mask].double(), gt[mask].double()
+    tops = top_sets(g).double()  # [n, N]
+    weight = tops / tops.sum(1, keepdim=True)  # uniform over each row's tied tops
+    ranks = all_ranks(s)
+    method_tops = top_sets(s).double()
+    method_weight = method_tops / method_tops.sum(1, keepdim=True)
+    top1 = (weight * method_weight).sum(1)  # P(random method top == random gt top)
+    rank = (weight * ranks).sum(1)
+    picked = (method_weight * torch.nan_to_num(g)).sum(1)
+    return {"n": n, "top1": float(top1.mean()), "top5": float((weight * (ranks <= 5)).sum(1).mean()),
+            "top10": float((weight * (ranks <= 10)).sum(1).mean()), "mean_rank": float(rank.mean()),
+            "median_rank": float(rank.median()), "gt_influence_of_pick": float(picked.mean())}
+
+
+def fz_influence(correct: Tensor, masks: Tensor) -> Tensor:
+    """Feldman-Zhang influence ``[Q, N]`` from ``correct [K, Q]`` (0/1) and subset ``masks [K, N]`` (bool).
+
+    ``mean_{k: i in S_k} correct[k, q] - mean_{k: i not in S_k} correct[k, q]``; NaN where a point
+    is in every subset or in none.
+    """
+    inside = masks.double()
+    outside = 1.0 - inside
+    mean_in = (correct.double().T @ inside) / inside.sum(0)
+    mean_out = (correct.double().T @ outside) / outside.sum(0)
+    bad = (inside.sum(0) == 0) | (outside.sum(0) == 0)
+    return (mean_in - mean_out).masked_fill(bad, float("nan"))
+
+
+def split_half(correct: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
+    """Ground truth from the first and the second half of the K models: two ``[Q, N]``."""
+    k = correct.shape[0] // 2
+    return fz_influence(correct[:k], masks[:k]), fz_influence(correct[k:2 * k], masks[k:2 * k])
+
+
+@torch.no_grad()
+def correctness(models: list[nn.Module], x: Tensor, y: Tensor, batch_size: int = 1024) -> Tensor:
+    """``[K, Q]`` 1.0 where model k classifies query q correctly."""
+    rows = []
+    for m in models:
+        m.eval()
+        preds = torch.cat([m(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+        rows.append((preds == y).double())
+    return torch.stack(rows)
+
+
+# ---------------------------------------------------------------------------------- methods
+def make_method(name: str, model: nn.Module, checkpoints: list, progress: bool) -> Any:
+    if name in FI_VARIANTS:
+        kw = dict(FI_VARIANTS[name])
+        preset = kw.pop("preset", "default")
+        return fi.ForwardINF.preset(preset, model, fi.ClassificationTask(), progress=progress, **kw)
+    from forwardinf.baselines.registry import METHODS, make_estimator
+
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join([*FI_VARIANTS, *METHODS[1:]])}")
+    return make_estimator(name, model, fi.ClassificationTask(), checkpoints=checkpoints)
+
+
+# ---------------------------------------------------------------------------------- CLI
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--n-models", type=int, default=100, help="K, models trained on random subsets (default: 100)")
+    p.add_argument("--subset-fraction", type=float, default=0.7,
+                   help="fraction of the training set each model sees (default: 0.7, as Feldman & Zhang)")
+    p.add_argument("--n-test", type=int, default=None, help="class-balanced test points used as queries (default: all)")
+    p.add_argument("--methods", default="forward-inf,forward-inf-paper",
+                   help="comma-separated: " + ", ".join(FI_VARIANTS) + " and baselines (grad-cos, tracin-last, if-exact, ...)")
+    p.add_argument("--workers", type=int, default=1, help="processes for the K trainings (default: 1)")
+    p.add_argument("--pairs", type=int, default=8, help="(test, ground-truth top, method top) rows in the figure")
+
+
+def run(args: argparse.Namespace) -> dict:
+    seed_everything(args.seed)
+    progress = not getattr(args, "quiet", False) and sys.stderr.isatty()
+    if args.n_models < 2:
+        raise ValueError(f"--n-models must be >= 2, got {args.n_models}")
+    if not 0 < args.subset_fraction < 1:
+        raise ValueError(f"--subset-fraction must be in (0, 1), got {args.subset_fraction}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise ValueError("--methods is empty")
+    prepared = prepare_classifier(args, progress=progress)
+    split, model = prepared.split, prepared.model
+    if args.n_test:
+        split = subset(split, n_test=args.n_test, seed=args.seed)
+    train, test = split.train(), split.test()
+    cfg = prepared.config
+    trainer = SubsetTrainer(model=cfg["model"], input_shape=tuple(split.input_shape), n_classes=split.n_classes,
+                            epochs=cfg["epochs"], lr=cfg["lr"], batch_size=cfg["batch_size"],
+                            optimizer=cfg["optimizer"], weight_decay=cfg["weight_decay"], width=cfg.get("width"))
+    print(f"memorization: {split.name}, {len(train[1])} training points, {len(test[1])} test queries, "
+          f"model {prepared.model_name} (test accuracy {prepared.accuracy:.3f}); ground truth from "
+          f"{args.n_models} models on {args.subset_fraction:.0%} subsets", flush=True)
+
+    # Ground truth: K subset trainings (cached per training under --out/cache), then evaluation.
+    gt_est = Downsampling(trainer, fi.ClassificationTask(), n_models=args.n_models, fraction=args.subset_fraction,
+                          metric="accuracy", seed=args.seed, workers=args.workers,
+                          cache_dir=Path(args.out) / "cache" / "downsampling", progress=progress)
+    with timer() as t_gt:
+        gt_est.fit(train)
+        gt = gt_est.influence(test)  # [Q, N]
+        mem = gt_est.self_influence()  # [N]
+    # Trainings found in the cache take no time; report the run that actually trained them.
+    t_gt["seconds"], gt_cached = _ground_truth_seconds(Path(args.out) / "cache", {**cfg, "n_models": args.n_models,
+                                                       "fraction": args.subset_fraction, "n_test": len(test[1])},
+                                                       t_gt["seconds"])
+    gt_top, gt_val = nan_argmax(gt)
+    high = gt_val > HIGH_INFLUENCE
+    defined = gt_val > 0  # some training point helps: rows of all-zero influence have no top
+    half_a, half_b = split_half(correctness(gt_est.models_, *test), gt_est.masks_)
+    ceiling = {"all": _half_agreement(half_a, half_b, defined), "high": _half_agreement(half_a, half_b, high)}
+    print(f"  ground truth {t_gt['seconds']:8.1f}s  {int(high.sum())} of {len(high)} test points have a training "
+          f"point with influence > {HIGH_INFLUENCE}; split-half top-1 agreement {_fmt(ceiling['all'])} (all), "
+          f"{_fmt(ceiling['high'])} (high)", flush=True)
+
+    results: dict[str, dict] = {}
+    best_scores: dict[str, Tensor] = {}
+    for name in methods:
+        est = make_method(name, model, prepared.checkpoints, progress)
+        with timer() as t:
+            scores = est.fit(train).influence(test)
+        best_scores[name] = scores
+        r = {"seconds": t["seconds"], "all": agreement(scores, gt, defined), "high": agreement(scores, gt, high),
+             "speedup_vs_ground_truth": t_gt["seconds"] / max(t["seconds"], 1e-9)}
+        r["top1"], r["top1_high"] = r["all"]["top1"], r["high"].get("top1")
+        results[name] = r
+        print(f"  {name:20s} {t['seconds']:8.2f}s  top-1 {r['top1']:.3f} (high {_fmt(r['top1_high'])})  "
+              f"median rank {r['all']['median_rank']:.0f} (high {_fmt(r['high'].get('median_rank'))})  "
+              f"x{r['speedup_vs_ground_truth']:.0f} faster", flush=True)
+    results["ground-truth"] = {"seconds": t_gt["seconds"], "seconds_from_cache_record": gt_cached,
+                               "n_models": args.n_models, "n_high": int(high.sum()), "n_defined": int(defined.sum()),
+                               "split_half_top1": ceiling["all"], "split_half_top1_high": ceiling["high"],
+                               "mean_top_influence": float(gt_val.mean()),
+                               "mean_memorization_of_top": float(torch.nan_to_num(mem[gt_top[defined]]).mean()) if defined.any() else None,
+                               "mean_memorization_of_top_high": float(torch.nan_to_num(mem[gt_top[high]]).mean())
+                               if high.any() else None}
+
+    rows = [[n, round(r["seconds"], 2), round(r["speedup_vs_ground_truth"], 1), r["all"]["top1"], r["all"]["median_rank"],
+             r["all"]["gt_influence_of_pick"], r["high"].get("top1", "-"), r["high"].get("median_rank", "-"),
+             r["high"].get("gt_influence_of_pick", "-")] for n, r in results.items() if n != "ground-truth"]
+    table = markdown_table(["method", "seconds", "GT time / method time", "top-1 (GT>0)", "median rank (GT>0)",
+                            "GT infl. of pick (GT>0)", f"top-1 (infl>{HIGH_INFLUENCE})", "median rank (high)",
+                            "GT infl. of pick (high)"], rows)
+    print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = _figures(out, split, gt, gt_top, gt_val, mem, best_scores[methods[0]], methods[0], args.pairs)
+    g = results["ground-truth"]
+    report = [f"# Memorization and influence ({split.name})", "", prepared.describe(), "",
+              f"Ground truth: Feldman-Zhang estimator from {args.n_models} models on random "
+              f"{args.subset_fraction:.0%} subsets ({t_gt['seconds']:.1f}s"
+              + (", recorded when its models were trained" if gt_cached else "") + f"). {g['n_defined']} of {len(high)} "
+              f"test points have a training point with positive influence (GT>0; the others, classified correctly by "
+              f"every model, have no top), {g['n_high']} one with influence > {HIGH_INFLUENCE}; mean memorization of the ground-truth top "
+              f"points {_fmt(g['mean_memorization_of_top'])} (all), {_fmt(g['mean_memorization_of_top_high'])} (high). "
+              f"The ground truth agrees with itself (top-1 of two halves of the models) on {_fmt(ceiling['all'])} of "
+              f"the GT>0 test points and {_fmt(ceiling['high'])} of the high-influence ones: the ceiling its noise allows.", "",
+              table, ""] + [f"![{f}]({f})" for f in figures]
+    config = {**cfg, "n_test": len(test[1]), "n_models": args.n_models, "subset_fraction": args.subset_fraction,
+              "methods": methods, "high_influence": HIGH_INFLUENCE, "seed": args.seed}
+    res = results_object("memorization", split.name, config, results)
+    write_outputs(out, res, "\n".join(report))
+    print(f"wrote {out}/results.json, report.md, " + ", ".join(figures))
+    return res
+
+
+def _ground_truth_seconds(cache: Path, key_config: dict, measured: float) -> tuple[float, bool]:
+    """``(seconds, from_record)``: the recorded wall time of the run that trained these models, if longer."""
+    import hashlib
+    import json
+
+    key = hashlib.sha256(json.dumps(key_config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = cache / f"ground-truth-seconds-{key}.json"
+    recorded = json.loads(path.read_text())["seconds"] if path.exists() else 0.0
+    if measured >= recorded:
+        cache.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"seconds": measured}) + "\n")
+        return measured, False
+    return float(recorded), True
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None or (isinstance(v, float) and v != v) else f"{v:.3g}"
+
+
+def _half_agreement(a: Tensor, b: Tensor, mask: Tensor) -> float | None:
+    """Expected top-1 agreement of the two halves (ties broken at random on both sides)."""
+    if not mask.any():
+        return None
+    ta, tb = top_sets(a[mask]).double(), top_sets(b[mask]).double()
+    return float(((ta * tb).sum(1) / (ta.sum(1) * tb.sum(1))).mean())
+
+
+def _figures(out: Path, split: Any, gt: Tensor, gt_top: Tensor, gt_val: Tensor, mem: Tensor, scores: Tensor,
+             method: str, n_pairs: int) -> list[str]:
+    """Figure 4-style triples (test, ground-truth top, method top) and an HTML page of the top-k."""
+    from forwardinf.experiments.report import save_query_grid, write_query_html
+
+    order = torch.argsort(gt_val, descending=True)[:n_pairs]  # the most influential pairs first
+    pick = scores.argmax(1)
+    idx = torch.stack([gt_top[order], pick[order]], 1)
+    vals = torch.stack([gt_val[order], torch.nan_to_num(gt.gather(1, pick[:, None])[:, 0])[order]], 1)
+    xq, yq = split.x_test[order], split.y_test[order]
+    save_query_grid(out / "pairs.png", xq, split.x_train, idx, vals, query_labels=yq, train_labels=split.y_train,
+                    denormalize=split.denormalize, class_names=split.classes, highlight=gt_top[order],
+                    max_queries=n_pairs,
+                    title=f"test point | ground-truth top | {method} top  (numbers: ground-truth influence; "
+                          f"memorization of GT top: " + ", ".join(f"{float(mem[i]):.2f}" for i in gt_top[order]) + ")")
+    top = scores[order].topk(min(5, scores.shape[1]), dim=1)
+    bot = scores[order].topk(min(3, scores.shape[1]), dim=1, largest=False)
+    write_query_html(out, "queries", xq, split.x_train, top.indices, top.values, query_labels=yq,
+                     train_labels=split.y_train, bottom_indices=bot.indices, bottom_scores=bot.values,
+                     denormalize=split.denormalize, class_names=split.classes, highlight=gt_top[order],
+                     max_queries=n_pairs, title=f"Memorization: {method} top-5 proponents and 3 opponents "
+                                                f"(green = Feldman-Zhang ground-truth top)")
+    return ["pairs.png", "queries.html"]

@@ -1,0 +1,344 @@
+"""Metrics every experiment uses: detection, ranking, correlation and the linear datamodeling score.
+
+Conventions:
+- ``scores`` are "higher = more influential" (the estimator contract), shaped ``[Q, N]`` (one row
+  per query, one column per training point) or ``[N]``.
+- Inputs may be torch tensors, numpy arrays or lists; results are Python floats (or numpy arrays
+  for curves).
+- **Ties** are resolved in expectation over a uniformly random tie-break, so no metric is
+  flattered (or penalised) by the order in which tied points happen to be stored: a target tied
+  with 3 others at the top counts 1/4 towards top-1.
+- NaN scores are refused with a ``ValueError``.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = [
+    "topk_detection_rate",
+    "precision_at_k",
+    "mean_reciprocal_rank",
+    "mrr",
+    "roc_auc",
+    "detection_curve",
+    "found_at",
+    "pearson",
+    "spearman",
+    "rankdata",
+    "rowwise_correlation",
+    "random_subsets",
+    "lds",
+]
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _np(x: Any, name: str, dtype: Any = np.float64) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor
+        x = x.detach().cpu().numpy()
+    arr = np.asarray(x, dtype=dtype)
+    if arr.dtype.kind == "f" and np.isnan(arr).any():
+        raise ValueError(f"{name} contains NaN")
+    return arr
+
+
+def _scores_2d(scores: Any) -> np.ndarray:
+    s = _np(scores, "scores")
+    if s.ndim == 1:
+        s = s[None]
+    if s.ndim != 2 or s.shape[1] == 0:
+        raise ValueError(f"scores must be [N] or [Q, N] with N > 0, got shape {s.shape}")
+    return s
+
+
+def _relevance_2d(relevant: Any, shape: tuple[int, int], name: str = "relevant") -> np.ndarray:
+    """A bool mask ``[Q, N]`` from a mask ``[Q, N]`` / ``[N]``, target indices ``[Q]``, or lists of index sets."""
+    q, n = shape
+    if hasattr(relevant, "detach"):
+        relevant = relevant.detach().cpu().numpy()
+    if isinstance(relevant, np.ndarray) and relevant.dtype == bool:
+        mask = relevant if relevant.ndim == 2 else relevant[None]
+        if mask.shape != (q, n):
+            raise ValueError(f"{name} mask has shape {relevant.shape}; expected {(q, n)}")
+        return mask
+    if isinstance(relevant, (int, np.integer)):
+        relevant = [relevant]
+    if isinstance(relevant, np.ndarray) and relevant.dtype.kind in "iu" and relevant.ndim == 1:
+        relevant = relevant.tolist()
+    if len(relevant) != q:
+        raise ValueError(f"{name} has {len(relevant)} entries for {q} queries")
+    mask = np.zeros((q, n), dtype=bool)
+    for row, targets in enumerate(relevant):
+        idx = np.atleast_1d(np.asarray(targets, dtype=np.int64))
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            raise ValueError(f"{name}[{row}] holds index {int(idx.max())} out of range for {n} training points")
+        mask[row, idx] = True
+    return mask
+
+
+def _expected_found(scores: np.ndarray, labels: np.ndarray, ks: np.ndarray) -> np.ndarray:
+    """Expected number of positives among the top ``k`` (random tie-break), for each ``k`` in ``ks``.
+
+    ``scores``, ``labels``: ``[N]``; ``ks``: int ``[K]`` in ``0..N``. Returns float ``[K]``.
+    """
+    order = np.argsort(-scores, kind="stable")
+    s, lab = scores[order], labels[order].astype(np.float64)
+    # Tie groups in sorted order: start position, size and positives of each group.
+    new = np.r_[True, s[1:] != s[:-1]]
+    starts = np.flatnonzero(new)
+    sizes = np.diff(np.r_[starts, len(s)])
+    pos = np.add.reduceat(lab, starts)
+    before = np.r_[0.0, np.cumsum(pos)[:-1]]  # positives in groups strictly above
+    ks = np.asarray(ks, dtype=np.int64)
+    out = np.zeros(len(ks))
+    nz = ks > 0
+    g = np.searchsorted(starts, ks[nz] - 1, side="right") - 1  # group holding position k-1
+    out[nz] = before[g] + (ks[nz] - starts[g]) * pos[g] / sizes[g]
+    return out
+
+
+# ----------------------------------------------------------------------------------- ranking
+def topk_detection_rate(scores: Any, targets: Any, k: int = 1) -> float:
+    """Fraction of queries whose target training point ranks within the top ``k``.
+
+    Args:
+        scores: ``[Q, N]`` (or ``[N]`` for one query), higher = more influential.
+        targets: ``[Q]`` index of each query's ground-truth training point (e.g. its leaked
+            duplicate), or per-query collections of acceptable indices (a hit if any is in the top
+            ``k``), or a bool mask ``[Q, N]``.
+        k: how many top-ranked points are inspected.
+
+    Returns the mean over queries of P(hit) (ties broken uniformly at random, in expectation).
+    """
+    _check_k(k)
+    s = _scores_2d(scores)
+    mask = _relevance_2d(targets, s.shape, "targets")
+    if not mask.any(axis=1).all():
+        raise ValueError("every query needs at least one target")
+    kk = min(k, s.shape[1])
+    return float(np.mean([_p_any_in_top(row, m, kk) for row, m in zip(s, mask)]))
+
+
+def _p_any_in_top(row: np.ndarray, mask: np.ndarray, k: int) -> float:
+    """P(at least one relevant point among the top ``k``) under a uniformly random tie-break."""
+    cut = np.sort(row)[::-1][k - 1]  # score of the k-th ranked point
+    if np.any(mask & (row > cut)):
+        return 1.0
+    slots = k - int(np.sum(row > cut))  # places left for the points tied at the cut
+    tied = int(np.sum(row == cut))
+    rel_tied = int(np.sum(mask & (row == cut)))
+    # P(no relevant among `slots` drawn from `tied`) = C(tied - rel, slots) / C(tied, slots)
+    p_none = 1.0
+    for j in range(slots):
+        p_none *= max(tied - rel_tied - j, 0) / (tied - j)
+    return 1.0 - p_none
+
+
+def precision_at_k(scores: Any, relevant: Any, k: int = 10) -> float:
+    """Mean over queries of (relevant points among the top ``k``) / ``k``.
+
+    ``scores`` ``[Q, N]``; ``relevant``: bool mask ``[Q, N]`` or per-query index collections.
+    """
+    _check_k(k)
+    s = _scores_2d(scores)
+    mask = _relevance_2d(relevant, s.shape)
+    kk = min(k, s.shape[1])
+    found = [_expected_found(row, m, np.array([kk]))[0] for row, m in zip(s, mask)]
+    return float(np.mean(found) / kk)
+
+
+def mean_reciprocal_rank(scores: Any, relevant: Any) -> float:
+    """Mean over queries of ``1 / rank`` of the first relevant training point (0 if none).
+
+    ``scores`` ``[Q, N]``; ``relevant``: bool mask ``[Q, N]`` or per-query index collections.
+    With ties the reciprocal rank is its expectation under a random tie-break.
+    """
+    s = _scores_2d(scores)
+    mask = _relevance_2d(relevant, s.shape)
+    return float(np.mean([_expected_rr(row, m) for row, m in zip(s, mask)]))
+
+
+mrr = mean_reciprocal_rank
+
+
+def _expected_rr(row: np.ndarray, mask: np.ndarray) -> float:
+    if not mask.any():
+        return 0.0
+    best = row[mask].max()
+    n_higher = int(np.sum(row > best))  # none of these is relevant
+    tied = int(np.sum(row == best))
+    r = int(np.sum(mask & (row == best)))
+    # First relevant among `tied` shuffled items sits at offset j with probability
+    # C(tied-1-j, r-1) / C(tied, r); computed as a running product to stay in floating range.
+    total, p = 0.0, r / tied  # P(j = 0)
+    for j in range(tied - r + 1):
+        total += p / (n_higher + j + 1)
+        # P(j+1) / P(j) = (tied - r - j) / (tied - 1 - j)
+        if j < tied - r:
+            p *= (tied - r - j) / (tied - 1 - j)
+    return total
+
+
+def _check_k(k: int) -> None:
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"invalid k={k!r}; expected a positive integer")
+
+
+# ---------------------------------------------------------------------------------- detection
+def _binary(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
+    s = _np(scores, "scores").reshape(-1)
+    y = _np(labels, "labels", dtype=np.float64).reshape(-1)
+    if s.shape != y.shape:
+        raise ValueError(f"scores has {s.size} entries but labels has {y.size}")
+    if s.size == 0:
+        raise ValueError("scores is empty")
+    if not np.isin(y, (0.0, 1.0)).all():
+        raise ValueError("labels must be 0/1 or bool (1 = the points to find, e.g. mislabeled)")
+    return s, y.astype(bool)
+
+
+def roc_auc(scores: Any, labels: Any) -> float:
+    """Area under the ROC curve of ``scores`` ``[N]`` for the positives ``labels`` ``[N]`` (bool/0-1).
+
+    Equals P(score of a random positive > score of a random negative), ties counting 1/2
+    (Mann-Whitney U / (n_pos n_neg)). Raises ``ValueError`` unless both classes are present.
+    """
+    s, y = _binary(scores, labels)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"roc_auc needs positives and negatives, got {n_pos} positives and {n_neg} negatives")
+    ranks = rankdata(s)
+    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def detection_curve(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Fraction of positives found vs fraction of the data inspected, highest scores first.
+
+    Returns ``(inspected [N+1], found [N+1])``: after inspecting ``k`` points (``inspected[k] =
+    k / N``), ``found[k]`` is the expected fraction of positives among them (random tie-break).
+    The curve of a random ranking is the diagonal; the paper's Figure 5 plots this.
+    """
+    s, y = _binary(scores, labels)
+    if not y.any():
+        raise ValueError("detection_curve needs at least one positive label")
+    n = s.size
+    ks = np.arange(n + 1)
+    return ks / n, _expected_found(s, y, ks) / y.sum()
+
+
+def found_at(scores: Any, labels: Any, fraction: float) -> float:
+    """Fraction of the positives found after inspecting the top ``fraction`` of the data.
+
+    ``round(fraction * N)`` points are inspected (e.g. ``found_at(s, flipped, 0.15)`` is the
+    mislabel experiment's ``found_at_15pct``).
+    """
+    if not 0.0 <= float(fraction) <= 1.0:
+        raise ValueError(f"invalid fraction={fraction!r}; expected a number in [0, 1]")
+    s, y = _binary(scores, labels)
+    if not y.any():
+        raise ValueError("found_at needs at least one positive label")
+    k = int(round(float(fraction) * s.size))
+    return float(_expected_found(s, y, np.array([k]))[0] / y.sum())
+
+
+# -------------------------------------------------------------------------------- correlation
+def rankdata(x: Any) -> np.ndarray:
+    """Ranks ``1..N`` of ``x`` ``[N]``, tied values sharing their average rank."""
+    a = _np(x, "x").reshape(-1)
+    order = np.argsort(a, kind="stable")
+    s = a[order]
+    new = np.r_[True, s[1:] != s[:-1]]
+    starts = np.flatnonzero(new)
+    ends = np.r_[starts[1:], len(s)]
+    avg = (starts + ends + 1) / 2.0  # mean of the 1-based ranks starts+1 .. ends
+    ranks = np.empty(len(a))
+    ranks[order] = np.repeat(avg, ends - starts)
+    return ranks
+
+
+def _pair(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
+    a, b = _np(x, "x").reshape(-1), _np(y, "y").reshape(-1)
+    if a.shape != b.shape:
+        raise ValueError(f"x has {a.size} values but y has {b.size}")
+    if a.size < 2:
+        raise ValueError("a correlation needs at least 2 pairs")
+    return a, b
+
+
+def pearson(x: Any, y: Any) -> float:
+    """Pearson correlation of two ``[N]`` vectors; NaN if either is constant."""
+    a, b = _pair(x, y)
+    a, b = a - a.mean(), b - b.mean()
+    den = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / den) if den > 0 else float("nan")
+
+
+def spearman(x: Any, y: Any) -> float:
+    """Spearman rank correlation (Pearson of average ranks) of two ``[N]`` vectors."""
+    a, b = _pair(x, y)
+    return pearson(rankdata(a), rankdata(b))
+
+
+def rowwise_correlation(x: Any, y: Any, method: str = "pearson") -> np.ndarray:
+    """Correlation of each row pair of ``x``, ``y`` ``[Q, N]`` -> ``[Q]`` (``"pearson"``/``"spearman"``)."""
+    fn = {"pearson": pearson, "spearman": spearman}.get(method)
+    if fn is None:
+        raise ValueError(f"invalid method={method!r}; expected one of ('pearson', 'spearman')")
+    a, b = _np(x, "x"), _np(y, "y")
+    if a.ndim == 1:
+        a, b = a[None], b[None]
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"x and y must both be [Q, N], got {a.shape} and {b.shape}")
+    return np.array([fn(r, t) for r, t in zip(a, b)])
+
+
+# ------------------------------------------------------------------------------------------ LDS
+def random_subsets(n: int, m: int, fraction: float = 0.5, seed: int = 0) -> np.ndarray:
+    """``m`` random subsets of ``round(fraction * n)`` of ``n`` training points: bool ``[m, n]``."""
+    if not 0.0 < float(fraction) <= 1.0:
+        raise ValueError(f"invalid fraction={fraction!r}; expected a number in (0, 1]")
+    if n < 1 or m < 1:
+        raise ValueError(f"need n >= 1 and m >= 1, got n={n}, m={m}")
+    rng = np.random.default_rng(seed)
+    size = max(1, int(round(float(fraction) * n)))
+    masks = np.zeros((m, n), dtype=bool)
+    for row in masks:
+        row[rng.choice(n, size, replace=False)] = True
+    return masks
+
+
+def lds(scores: Any, subsets: Any, outputs: Any) -> float:
+    """Linear datamodeling score (Park et al., TRAK): how well summed attributions predict retraining.
+
+    For each query ``q`` the attribution predicts the output of a model trained on subset ``S_m``
+    as ``g_m(q) = sum_{i in S_m} scores[q, i]``; LDS is the Spearman correlation over the ``M``
+    subsets between ``g_m(q)`` and the measured ``outputs[m, q]``, averaged over queries.
+
+    Args:
+        scores: ``[Q, N]`` attributions, higher = more support for the query.
+        subsets: bool ``[M, N]``, the training subsets the models were retrained on
+            (see :func:`random_subsets`, :class:`forwardinf.baselines.retraining.Downsampling`).
+        outputs: ``[M, Q]`` the measured output of each retrained model on each query (average over
+            seeds). It must *increase* with support: pass the negative loss or the correct-class
+            margin, not the loss.
+
+    Returns the mean over queries with a defined correlation (NaN rows, from constant outputs,
+    are skipped; NaN if none remains).
+    """
+    s = _scores_2d(scores)
+    masks = _np(subsets, "subsets", dtype=np.float64)
+    f = _np(outputs, "outputs")
+    if f.ndim == 1:
+        f = f[:, None]
+    if masks.ndim != 2 or masks.shape[1] != s.shape[1]:
+        raise ValueError(f"subsets must be [M, N={s.shape[1]}], got {masks.shape}")
+    if f.shape != (masks.shape[0], s.shape[0]):
+        raise ValueError(f"outputs must be [M={masks.shape[0]}, Q={s.shape[0]}], got {f.shape}")
+    if masks.shape[0] < 2:
+        raise ValueError("lds needs at least 2 subsets")
+    predicted = masks @ s.T  # [M, Q]
+    rho = np.array([spearman(predicted[:, q], f[:, q]) for q in range(s.shape[0])])
+    rho = rho[~np.isnan(rho)]
+    return float(rho.mean()) if rho.size else float("nan")

@@ -1,0 +1,180 @@
+"""What a score store was made from: fingerprints of the model, the data and the configuration.
+
+A store is only ever extended by a run that would have written the very same numbers, so its
+manifest records everything the scores depend on: the model's weights (and names/shapes), every
+example of the training set and of the queries, the estimator's configuration, the block layout
+and the library version. :func:`check_manifest` refuses anything else with a message naming what
+differs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from forwardinf.data.inputs import as_dataset, batches
+
+FORMAT = 1
+
+# Fields that must agree for a run to reuse a store, with the words used in error messages.
+CHECKED = {
+    "format": "store format",
+    "version": "forwardinf version",
+    "model": "model fingerprint",
+    "train": "training-set fingerprint",
+    "queries": "query-set fingerprint",
+    "n_train": "number of training examples",
+    "n_query": "number of queries",
+    "shard_size": "shard size",
+    "query_block": "query block size",
+    "config_hash": "configuration",
+}
+
+
+class StoreMismatchError(ValueError):
+    """A score store was made from a different model, data, configuration or library version."""
+
+
+def _hash_tensor(h: "hashlib._Hash", t: Any) -> None:
+    if not torch.is_tensor(t):
+        t = torch.as_tensor(np.asarray(t))
+    t = t.detach().cpu().contiguous()
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def _hash_leaves(h: "hashlib._Hash", obj: Any) -> None:
+    if isinstance(obj, dict):
+        for k in sorted(obj):
+            h.update(str(k).encode())
+            _hash_leaves(h, obj[k])
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _hash_leaves(h, v)
+    else:
+        _hash_tensor(h, obj)
+
+
+def fingerprint_module(model: nn.Module) -> str:
+    """SHA-256 (16 hex chars) of every parameter and buffer: names, dtypes, shapes and values."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        _hash_tensor(h, t)
+    return h.hexdigest()[:16]
+
+
+def fingerprint_data(data: Any, batch_size: int = 1024) -> str:
+    """SHA-256 (16 hex chars) of every example of ``data`` in order, read batch by batch.
+
+    Streaming: memory stays at one batch whatever the size of the dataset.
+    """
+    dataset = as_dataset(data, "data")
+    h = hashlib.sha256()
+    h.update(str(len(dataset)).encode())
+    for _, batch in batches(dataset, batch_size):
+        _hash_leaves(h, batch)
+    return h.hexdigest()[:16]
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """SHA-256 (16 hex chars) of the configuration's canonical JSON."""
+    return hashlib.sha256(canonical_json(config).encode()).hexdigest()[:16]
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(jsonable(obj), sort_keys=True, separators=(",", ":"))
+
+
+def jsonable(obj: Any, _depth: int = 0) -> Any:
+    """Plain JSON values for a configuration: tuples -> lists, objects -> their public settings.
+
+    Never an address (``<... at 0x...>``), so equal configurations always hash equal.
+    """
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v, _depth) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        items = [jsonable(v, _depth) for v in obj]
+        return sorted(items, key=repr) if isinstance(obj, (set, frozenset)) else items
+    if isinstance(obj, (bool, int, float, str)) or obj is None:
+        return obj
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    if torch.is_tensor(obj):
+        return obj.tolist() if obj.numel() <= 64 else f"tensor{tuple(obj.shape)}"
+    if isinstance(obj, (torch.dtype, torch.device)):
+        return str(obj)
+    if isinstance(obj, nn.Module):
+        return f"<{type(obj).__name__}>"  # the model itself is fingerprinted separately
+    if callable(obj) and hasattr(obj, "__qualname__"):
+        return f"{getattr(obj, '__module__', '')}.{obj.__qualname__}"
+    if hasattr(obj, "__dict__") and _depth < 4:
+        # e.g. a task wrapping another task: its public settings, never its memory address
+        fields = {k: jsonable(v, _depth + 1) for k, v in vars(obj).items() if not k.startswith("_")}
+        return {"class": type(obj).__name__, **fields}
+    return type(obj).__name__
+
+
+def make_manifest(*, model: str, train: str, queries: str, n_train: int, n_query: int, shard_size: int,
+                  query_block: int, config: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest of a store: fingerprints (strings from the functions above), layout and config."""
+    from forwardinf import __version__
+
+    return {
+        "format": FORMAT,
+        "version": __version__,
+        "model": model,
+        "train": train,
+        "queries": queries,
+        "n_train": int(n_train),
+        "n_query": int(n_query),
+        "shard_size": int(shard_size),
+        "query_block": int(query_block),
+        "dtype": "float32",
+        "config_hash": config_hash(config),
+        "config": jsonable(config),
+    }
+
+
+def check_manifest(saved: Mapping[str, Any], expected: Mapping[str, Any], where: str) -> None:
+    """Raise :class:`StoreMismatchError` naming every checked field on which the two differ."""
+    problems = []
+    for key, words in CHECKED.items():
+        if saved.get(key) != expected.get(key):
+            if key == "config_hash":
+                diff = _config_diff(saved.get("config", {}), expected.get("config", {}))
+                problems.append(f"{words} differs ({diff})" if diff else f"{words} differs")
+            else:
+                problems.append(f"{words}: store has {saved.get(key)!r}, this run has {expected.get(key)!r}")
+    if problems:
+        raise StoreMismatchError(
+            f"the score store at {where} was made from something else: " + "; ".join(problems)
+            + ". Use another store folder, or overwrite=True (--overwrite) to start it afresh.")
+
+
+def _config_diff(saved: Mapping[str, Any], expected: Mapping[str, Any]) -> str:
+    keys = sorted(set(saved) | set(expected))
+    parts = [f"{k}: store {saved.get(k, '<unset>')!r} != now {expected.get(k, '<unset>')!r}"
+             for k in keys if saved.get(k, "<unset>") != expected.get(k, "<unset>")]
+    return ", ".join(parts[:6]) + (" ..." if len(parts) > 6 else "")
+
+
+def config_of(estimator: Any) -> dict[str, Any]:
+    """The public configuration of an estimator-like object: its class, its task's class and
+    every constructor argument it stored (attributes not starting or ending with ``_``)."""
+    cfg = {k: v for k, v in vars(estimator).items()
+           if not k.startswith("_") and not k.endswith("_") and k not in ("model", "task", "progress")}
+    cfg["estimator"] = type(estimator).__name__
+    task = getattr(estimator, "task", None)
+    if task is not None:
+        cfg["task"] = jsonable(task)
+    return jsonable(cfg)
+
+
+__all__ = ["StoreMismatchError", "fingerprint_module", "fingerprint_data", "config_hash", "make_manifest",
+           "check_manifest", "config_of", "jsonable", "canonical_json"]

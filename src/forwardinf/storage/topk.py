@@ -1,0 +1,103 @@
+"""Streaming top-k over score blocks, and the top-k table written for users (CSV or Parquet)."""
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+class StreamingTopK:
+    """The ``k`` largest scores per row over column blocks seen one at a time.
+
+    Holds ``[n_rows, k]`` values and indices, never the whole ``[n_rows, n_cols]`` matrix. Ties
+    are broken towards the lower column index, so the result does not depend on the order in
+    which blocks arrive (hence the same on one process or many).
+    """
+
+    def __init__(self, n_rows: int, k: int) -> None:
+        if k < 1:
+            raise ValueError(f"StreamingTopK: invalid k={k!r}; expected a positive integer")
+        self.k = k
+        self.values = torch.empty(n_rows, 0, dtype=torch.float32)
+        self.indices = torch.empty(n_rows, 0, dtype=torch.long)
+
+    def update(self, scores: Tensor | np.ndarray, offset: int) -> None:
+        """Merge a block ``[n_rows, B]`` whose column ``j`` is global column ``offset + j``."""
+        block = torch.as_tensor(np.asarray(scores) if not torch.is_tensor(scores) else scores).float()
+        if block.ndim != 2 or block.shape[0] != self.values.shape[0]:
+            raise ValueError(f"StreamingTopK: block of shape {tuple(block.shape)} for {self.values.shape[0]} rows")
+        if torch.isnan(block).any():
+            raise ValueError("StreamingTopK: NaN score in the block at column offset "
+                             f"{offset + int(torch.isnan(block).nonzero()[0, 1])}")
+        cols = torch.arange(offset, offset + block.shape[1]).expand(block.shape[0], -1)
+        values = torch.cat([self.values, block], 1)
+        indices = torch.cat([self.indices, cols], 1)
+        # Sort by index, then stably by value: equal values keep the lower index first.
+        by_index = indices.argsort(dim=1, stable=True)
+        values, indices = values.gather(1, by_index), indices.gather(1, by_index)
+        order = values.argsort(dim=1, descending=True, stable=True)[:, :self.k]
+        self.values, self.indices = values.gather(1, order), indices.gather(1, order)
+
+    def result(self) -> tuple[Tensor, Tensor]:
+        """``(indices [n_rows, k'], values [n_rows, k'])`` best first, ``k' = min(k, columns seen)``."""
+        return self.indices, self.values
+
+
+FORMATS = ("csv", "parquet")
+
+
+def write_topk(path: str | os.PathLike, indices: Tensor, scores: Tensor, *, fmt: str = "csv",
+               query_ids: Sequence[Any] | None = None) -> Path:
+    """Write the long table ``query, rank, train_index, score`` (rank 1 = most influential).
+
+    ``indices``/``scores``: ``[Q, k]``. ``query_ids``: optional names of the queries (default
+    their positions). ``fmt="parquet"`` needs pyarrow. Written atomically.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"write_topk: invalid fmt={fmt!r}; expected one of {FORMATS}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    q, k = indices.shape
+    ids = list(range(q)) if query_ids is None else list(query_ids)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    if fmt == "parquet":
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError as e:
+            raise ValueError("Parquet output needs pyarrow: pip install 'forwardinf[parquet]' (or use CSV)") from e
+        table = pa.table({
+            "query": np.repeat(np.asarray(ids), k),
+            "rank": np.tile(np.arange(1, k + 1), q),
+            "train_index": indices.reshape(-1).numpy(),
+            "score": scores.reshape(-1).float().numpy(),
+        })
+        pq.write_table(table, tmp)
+    else:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["query", "rank", "train_index", "score"])
+            for i in range(q):
+                for r in range(k):
+                    w.writerow([ids[i], r + 1, int(indices[i, r]), repr(float(scores[i, r]))])
+    os.replace(tmp, path)
+    return path
+
+
+def read_topk_csv(path: str | os.PathLike) -> tuple[Tensor, Tensor]:
+    """Read a table written by :func:`write_topk` (CSV, positional query ids) back as
+    ``(indices [Q, k], scores [Q, k])``."""
+    rows: dict[int, list[tuple[int, int, float]]] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            rows.setdefault(int(row["query"]), []).append((int(row["rank"]), int(row["train_index"]), float(row["score"])))
+    q = sorted(rows)
+    ordered = [sorted(rows[i]) for i in q]
+    idx = torch.tensor([[r[1] for r in row] for row in ordered], dtype=torch.long)
+    val = torch.tensor([[r[2] for r in row] for row in ordered], dtype=torch.float32)
+    return idx, val

@@ -1,0 +1,211 @@
+"""Diffusion models: the denoising loss over a fixed, seeded set of timesteps and noise draws."""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from forwardinf.tasks.base import Task
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+class DiffusionTask(Task):
+    """Per-example denoising loss of a ``diffusers``-style noise predictor.
+
+    With ``M`` fixed pairs ``(t_j, ε_j)`` (``timesteps`` x ``noise_draws``), the loss of an
+    example ``x_i`` (image or latent, ``[C, H, W]``) is
+
+        ``L_i = 1/M Σ_j mean_pixels (f_θ(√ᾱ_{t_j} x_i + √(1-ᾱ_{t_j}) ε_j, t_j) - y_j)²``
+
+    with ``y_j = ε_j`` (``prediction_type="epsilon"``), ``√ᾱ ε_j - √(1-ᾱ) x_i``
+    (``"v_prediction"``) or ``x_i`` (``"sample"``), taken from ``scheduler.config``. The pairs come
+    from a generator seeded by ``seed``, never from the global RNG: every example and every model
+    (``θ`` and the updated ``θ_K``) sees the same timesteps and the same noise, so a Forward-INF
+    score ``L(θ_K, x_i) - L(θ, x_i)`` measures the change of the model and not a new noise draw
+    (the same model scores exactly 0). The loss has no value-dependent Python branches, so
+    estimators may ``vmap`` it.
+
+    Args (keyword):
+        scheduler: any ``diffusers`` scheduler with ``alphas_cumprod`` (DDPM, DDIM, PNDM, ...);
+            only read.
+        timesteps: an int ``n`` for ``n`` timesteps evenly spaced over ``[0, T)`` (centres of
+            ``n`` equal bins), or explicit timesteps.
+        noise_draws: noise draws per timestep; ``M = len(timesteps) * noise_draws``.
+        seed: seeds the noise.
+        input_key: where the images are in a dict batch (tuple batches: element 0; a tensor
+            batch is the images).
+        condition: model keyword -> batch element (tuple position or dict key), e.g.
+            ``{"class_labels": 1}`` for ``(images, labels)`` or ``{"encoder_hidden_states": 1}``.
+            Other batch elements (e.g. class labels of an unconditional model) are ignored.
+
+    Batches: ``images [B, C, H, W]``, a tuple ``(images, ...)`` or a dict. The model is called
+    as ``model(noisy [B*M, C, H, W], t [B*M], **condition)`` and may return a tensor, a tuple
+    or a ``diffusers`` output with ``.sample``. Cost: ``M`` forward passes per example.
+
+    Stable Diffusion (latent path; not run in this repository's tests). Encode once, then
+    attribute in latent space with the UNet alone::
+
+        pipe = StableDiffusionPipeline.from_pretrained(path)          # a local checkpoint
+        with torch.no_grad():
+            latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor  # [N, 4, 64, 64]
+            ids = pipe.tokenizer(captions, padding="max_length", truncation=True,
+                                 max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+            text = pipe.text_encoder(ids)[0]                          # [N, 77, 768]
+        task = DiffusionTask(scheduler=pipe.scheduler, timesteps=10, condition={"encoder_hidden_states": 1})
+        est = ForwardINF(pipe.unet, task, optimizer="adam", lr=1e-5, steps=3, score="loss",
+                         params="*attn2*", batch_size=4).fit((latents, text))
+        scores = est.influence((generated_latents, prompt_text), joint=True)   # [N]
+
+    ``params`` restricts the update (here to the cross-attention layers) to save memory. The
+    SD UNet has attention blocks: run ``vmap``-based estimators inside
+    :func:`forwardinf.models.diffusion.contiguous_group_norm`, and prefer ``score="loss"`` (the
+    fused attention kernel has no forward-mode derivative, which ``score="cosine"`` needs).
+    """
+
+    def __init__(
+        self,
+        scheduler: Any,
+        *,
+        timesteps: int | Sequence[int] = 8,
+        noise_draws: int = 1,
+        seed: int = 0,
+        input_key: str = "images",
+        condition: Mapping[str, int | str] | None = None,
+    ) -> None:
+        self.scheduler = scheduler
+        self.timesteps = timesteps
+        self.noise_draws = noise_draws
+        self.seed = seed
+        self.input_key = input_key
+        self.condition = condition
+
+    # -- the fixed pairs ---------------------------------------------------------------------
+    def plan(self) -> Tensor:
+        """The ``M`` timesteps ``[M]`` (int64), in the order of the noise draws."""
+        alphas = self._alphas_cumprod()
+        T = len(alphas)
+        if isinstance(self.timesteps, int) and not isinstance(self.timesteps, bool):
+            if not 1 <= self.timesteps <= T:
+                raise ValueError(f"DiffusionTask: timesteps={self.timesteps} must be in [1, {T}] (the scheduler has {T})")
+            ts = ((torch.arange(self.timesteps, dtype=torch.float64) + 0.5) * T / self.timesteps).long()
+        else:
+            ts = torch.as_tensor(list(self.timesteps), dtype=torch.long)
+            if ts.ndim != 1 or len(ts) == 0:
+                raise ValueError(f"DiffusionTask: timesteps must be an int or a non-empty sequence of ints, got {self.timesteps!r}")
+            if (ts < 0).any() or (ts >= T).any():
+                raise ValueError(f"DiffusionTask: timesteps must lie in [0, {T}), got {ts.tolist()}")
+        if not isinstance(self.noise_draws, int) or self.noise_draws < 1:
+            raise ValueError(f"DiffusionTask: noise_draws must be a positive int, got {self.noise_draws!r}")
+        return ts.repeat_interleave(self.noise_draws)
+
+    def noise(self, shape: Sequence[int], dtype: torch.dtype = torch.float32,
+              device: torch.device | str = "cpu") -> Tensor:
+        """The fixed noise ``[M, *shape]`` for examples of ``shape`` (``[C, H, W]``)."""
+        key = (tuple(shape), dtype, str(device))
+        cache = self.__dict__.setdefault("_noise_cache", {})
+        if key not in cache:
+            m = len(self.plan())
+            gen = torch.Generator(device="cpu").manual_seed(self.seed)
+            cache[key] = torch.randn((m, *shape), generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+        return cache[key]
+
+    def _alphas_cumprod(self) -> Tensor:
+        alphas = getattr(self.scheduler, "alphas_cumprod", None)
+        if alphas is None:
+            raise ValueError(f"DiffusionTask: the scheduler {type(self.scheduler).__name__} has no alphas_cumprod "
+                             "(use a DDPM-family scheduler such as DDPMScheduler, DDIMScheduler or PNDMScheduler)")
+        return torch.as_tensor(alphas, dtype=torch.float64).cpu()
+
+    def _prediction_type(self) -> str:
+        config = getattr(self.scheduler, "config", None)
+        kind = getattr(config, "prediction_type", None) or "epsilon"
+        if kind not in PREDICTION_TYPES:
+            raise ValueError(f"DiffusionTask: prediction_type={kind!r} is not supported; expected one of {PREDICTION_TYPES}")
+        return kind
+
+    # -- the loss ----------------------------------------------------------------------------
+    def images(self, batch: Any) -> Tensor:
+        """The images (or latents) ``[B, C, H, W]`` of a batch."""
+        if torch.is_tensor(batch):
+            return batch
+        if isinstance(batch, Mapping):
+            if self.input_key not in batch:
+                raise ValueError(f"DiffusionTask: dict batch has no key {self.input_key!r} (keys: {sorted(batch)}); set input_key")
+            return batch[self.input_key]
+        return batch[0]
+
+    def _condition(self, batch: Any, m: int) -> dict[str, Any]:
+        out = {}
+        for name, where in (self.condition or {}).items():
+            value = batch[where]
+            # Each example is evaluated at M (t, ε) pairs, laid out example-major.
+            out[name] = value.repeat_interleave(m, dim=0) if torch.is_tensor(value) else value
+        return out
+
+    def loss(self, model: Callable[..., Any], batch: Any) -> Tensor:
+        """``[B]`` denoising losses averaged over the fixed ``(t_j, ε_j)`` pairs."""
+        x = self.images(batch)
+        b, shape = x.shape[0], tuple(x.shape[1:])
+        ts = self.plan().to(x.device)
+        m = len(ts)
+        alphas = self._alphas_cumprod()[ts.cpu()]
+        view = (1, m) + (1,) * len(shape)
+        a = alphas.sqrt().to(x.device, x.dtype).view(view)
+        s = (1 - alphas).sqrt().to(x.device, x.dtype).view(view)
+        eps = self.noise(shape, x.dtype, x.device).unsqueeze(0)  # [1, M, C, H, W]
+        x0 = x.unsqueeze(1)  # [B, 1, C, H, W]
+        noisy = (a * x0 + s * eps).reshape(b * m, *shape)
+        out = model(noisy, ts.repeat(b), **self._condition(batch, m))
+        pred = _sample(out).reshape(b, m, -1)
+        kind = self._prediction_type()
+        if kind == "epsilon":
+            target = eps.expand(b, m, *shape)
+        elif kind == "sample":
+            target = x0.expand(b, m, *shape)
+        else:
+            target = a * eps - s * x0
+        return (pred - target.reshape(b, m, -1)).pow(2).mean(-1).mean(-1)
+
+    def validate(self, model: Callable[..., Any], batch: Any) -> None:
+        x = self.images(batch)
+        if not torch.is_tensor(x) or not x.is_floating_point():
+            raise ValueError(f"images must be a floating-point tensor [B, C, H, W], got {getattr(x, 'dtype', type(x))}")
+        if x.ndim < 2:
+            raise ValueError(f"images must have a batch dimension and at least one more, got shape {tuple(x.shape)}")
+        if not torch.isfinite(x).all():
+            raise ValueError("images contain NaN or inf")
+        ts = self.plan()
+        self._prediction_type()
+        for name, where in (self.condition or {}).items():
+            try:
+                value = batch[where]
+            except (KeyError, IndexError, TypeError) as e:
+                raise ValueError(f"condition {name!r}: the batch has no element {where!r}") from e
+            if torch.is_tensor(value) and value.shape[:1] != x.shape[:1]:
+                raise ValueError(f"condition {name!r} has {value.shape[0]} rows for {x.shape[0]} images")
+        one = _index(batch, 0)
+        with torch.no_grad():
+            out = _sample(model(self.images(one), ts[:1].to(x.device), **self._condition(one, 1)))
+        if tuple(out.shape) != (1, *x.shape[1:]):
+            raise ValueError(f"model output has shape {tuple(out.shape)}; expected the input's shape {(1, *x.shape[1:])}")
+
+
+def _sample(out: Any) -> Tensor:
+    if torch.is_tensor(out):
+        return out
+    if hasattr(out, "sample"):
+        return out.sample
+    return out[0]
+
+
+def _index(batch: Any, i: int) -> Any:
+    """Example ``i`` of a batch, keeping a batch dim of 1."""
+    if torch.is_tensor(batch):
+        return batch[i:i + 1]
+    if isinstance(batch, Mapping):
+        return {k: _index(v, i) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_index(v, i) for v in batch)
+    return batch

@@ -1,0 +1,256 @@
+"""ForwardINF: exact answers on small problems, the API contract, and refusal of bad input."""
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+import forwardinf as fi
+from forwardinf.core.params import fingerprint
+
+
+class SquaredLoss(fi.Task):
+    """``(x^T θ - y)^2`` for a bias-free linear model: the quadratic case of DESIGN.md."""
+
+    def loss(self, model, batch):
+        x, y = batch
+        return (model(x).squeeze(-1) - y) ** 2
+
+
+def linear_problem(n=30, d=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = torch.randn(n, generator=g, dtype=torch.float64)
+    model = nn.Linear(d, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(1, d, generator=g, dtype=torch.float64))
+    return model, x, y
+
+
+def test_exact_quadratic_case():
+    model, x, y = linear_problem()
+    theta = model.weight.detach()[0]
+    eta = 0.05
+    est = fi.ForwardINF(model, SquaredLoss(), optimizer="sgd", lr=eta, steps=1, score="loss").fit((x, y))
+    q = slice(3, 6)
+    scores = est.influence((x[q], y[q]))
+    resid = x @ theta - y
+    g = 2 * resid[:, None] * x  # per-example gradients [n, d]
+    for row, qi in enumerate(range(3, 6)):
+        gq = g[qi]
+        expected = eta * g @ gq + eta**2 / 2 * 2 * (x @ gq) ** 2  # η g_i·g_q + η²/2 g_qᵀ(2 x_i x_iᵀ)g_q
+        torch.testing.assert_close(scores[row], expected, rtol=1e-10, atol=1e-12)
+
+
+def test_small_step_tends_to_gradient_dot_product():
+    model, x, y = linear_problem(seed=1)
+    resid = x @ model.weight.detach()[0] - y
+    g = 2 * resid[:, None] * x
+    expected = g[:4] @ g.T
+    errors = []
+    for eta in (1e-2, 1e-3, 1e-4):
+        est = fi.ForwardINF(model, SquaredLoss(), optimizer="sgd", lr=eta, score="loss").fit((x, y))
+        errors.append((est.influence((x[:4], y[:4])) / eta - expected).abs().max().item())
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 1e-3 * expected.abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def digits_mlp():
+    from forwardinf.data.loaders import load_digits
+    from forwardinf.models import MLP
+    from forwardinf.training import train_classifier
+
+    split = load_digits()
+    model = MLP(split.input_shape, split.n_classes, hidden=(64,))
+    torch.manual_seed(0)
+    train_classifier(model, split.train(), epochs=15, lr=0.05, seed=0)
+    return model, split
+
+
+def test_cosine_score_finds_exact_duplicates(digits_mlp):
+    model, split = digits_mlp
+    x, y = split.train()
+    idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(3))[:25]
+    scores = fi.ForwardINF(model).fit((x, y)).influence((x[idx], y[idx]))
+    top1 = (scores.argmax(1) == idx).float().mean().item()
+    assert top1 >= 0.9, top1
+    # An exact duplicate's score is the cosine of its gradient with itself: ~1.
+    assert scores.gather(1, idx[:, None]).min() > 0.99
+
+
+def test_cosine_score_matches_exact_gradient_cosine(digits_mlp):
+    model, split = digits_mlp
+    x, y = split.train()
+    x, y = x[:200], y[:200]
+    task = fi.ClassificationTask()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def margin(p, xi, yi):
+        return task.score_loss(lambda inp: functional_call(model, p, (inp,)), (xi[None], yi[None])).sum()
+
+    g = vmap(grad(margin), in_dims=(None, 0, 0))(params, x, y)
+    g = torch.cat([t.flatten(1) for t in g.values()], 1).double()
+    exact = (g[:5] @ g.T) / (g[:5].norm(dim=1, keepdim=True) * g.norm(dim=1)[None])
+    est = fi.ForwardINF(model, lr=1e-4, n_directions=64).fit((x, y)).influence((x[:5], y[:5]))
+    # the estimated orthogonal component is noisy (~1/sqrt(n_directions)); the component along the update is exact
+    assert (est.double() - exact).abs().mean() < 0.05
+    assert torch.corrcoef(torch.stack([est.flatten().double(), exact.flatten()]))[0, 1] > 0.95
+
+
+def test_batched_queries_equal_one_at_a_time(digits_mlp):
+    model, split = digits_mlp
+    x, y = split.train()
+    train, q = (x[:300], y[:300]), (x[:7], y[:7])
+    for score in ("cosine", "loss"):
+        together = fi.ForwardINF(model, score=score, query_chunk=16).fit(train).influence(q)
+        alone = fi.ForwardINF(model, score=score, query_chunk=1).fit(train).influence(q)
+        torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("optimizer,score", [("nsgd", "cosine"), ("adam", "loss"), ("sgd", "abs")])
+def test_joint_on_one_query_equals_per_query(digits_mlp, optimizer, score):
+    model, split = digits_mlp
+    x, y = split.train()
+    est = fi.ForwardINF(model, optimizer=optimizer, score=score, lr=1e-3, steps=2).fit((x[:300], y[:300]))
+    per_query = est.influence((x[10:11], y[10:11]))[0]
+    joint = est.influence((x[10:11], y[10:11]), joint=True)
+    torch.testing.assert_close(joint, per_query, rtol=1e-4, atol=1e-6)
+
+
+def bn_cnn():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.1),
+                          nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
+    with torch.no_grad():  # non-trivial running statistics
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.parametrize("preset", ["default", "paper", "authors", "group"])
+@pytest.mark.parametrize("train_flag", [False, True])
+def test_model_untouched(digits_mlp, preset, train_flag):
+    _, split = digits_mlp
+    x, y = split.train()
+    model = bn_cnn()
+    model.train(train_flag)
+    before = fingerprint(model)
+    modes = [m.training for m in model.modules()]
+    est = fi.ForwardINF.preset(preset, model).fit((x[:100], y[:100]))
+    est.influence((x[:3], y[:3]))
+    est.influence((x[:3], y[:3]), joint=True)
+    est.top_k((x[:3], y[:3]), k=4)
+    est.self_influence()
+    est.tune((x[:2], y[:2]), [0, 1], lrs=[1e-3], steps=[1], scores=["loss"])
+    after = fingerprint(model)
+    assert [n for n, _ in before] == [n for n, _ in after]
+    for (name, a), (_, b) in zip(before, after):
+        assert torch.equal(a, b), name
+    assert [m.training for m in model.modules()] == modes
+
+
+def test_same_seed_same_scores(digits_mlp):
+    model, split = digits_mlp
+    x, y = split.train()
+    a = fi.ForwardINF(model, seed=5).fit((x[:200], y[:200])).influence((x[:4], y[:4]))
+    b = fi.ForwardINF(model, seed=5).fit((x[:200], y[:200])).influence((x[:4], y[:4]))
+    assert torch.equal(a, b)
+
+
+def test_top_k_and_shapes(digits_mlp):
+    model, split = digits_mlp
+    x, y = split.train()
+    est = fi.ForwardINF(model).fit((x[:200], y[:200]))
+    s = est.influence((x[:3], y[:3]))
+    assert s.shape == (3, 200)
+    assert est.influence((x[:3], y[:3]), joint=True).shape == (200,)
+    assert est.self_influence().shape == (200,)
+    top = est.top_k((x[:3], y[:3]), k=5)
+    assert isinstance(top, fi.TopK) and top.indices.shape == (3, 5) and top.scores.shape == (3, 5)
+    torch.testing.assert_close(top.scores, s.topk(5, dim=1).values)
+
+
+def test_params_subset_only_moves_those(digits_mlp):
+    model, split = digits_mlp
+    x, y = split.train()
+    head = [n for n, _ in model.named_parameters()][-2].rsplit(".", 1)[0]
+    est = fi.ForwardINF(model, params=head, optimizer="sgd", lr=0.1, score="loss").fit((x[:100], y[:100]))
+    scores = est.influence((x[:1], y[:1]))[0]
+    # by hand: one SGD ascent step on the head only
+    task = fi.ClassificationTask()
+    params = dict(model.named_parameters())
+    chosen = {k: v.detach() for k, v in params.items() if k.startswith(head + ".")}
+    g = grad(lambda p: task.loss(lambda inp: functional_call(model, p, (inp,), strict=False), (x[:1], y[:1])).mean())(chosen)
+    moved = {k: chosen[k] + 0.1 * g[k] for k in chosen}
+    with torch.no_grad():
+        after = task.loss(lambda inp: functional_call(model, moved, (inp,), strict=False), (x[:100], y[:100]))
+        before = task.loss(model, (x[:100], y[:100]))
+    torch.testing.assert_close(scores, after - before, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="matches no trainable parameter"):
+        fi.ForwardINF(model, params="nope.*").fit((x[:10], y[:10]))
+
+
+def test_descent_keeps_orientation(digits_mlp):
+    model, split = digits_mlp
+    x, y = split.train()
+    idx = torch.arange(0, 100, 10)
+    scores = fi.ForwardINF(model, direction="descent").fit((x[:100], y[:100])).influence((x[idx], y[idx]))
+    assert (scores.argmax(1) == idx).float().mean() >= 0.9
+
+
+def test_tune_picks_a_working_setting(digits_mlp):
+    model, split = digits_mlp
+    x, y = split.train()
+    idx = torch.arange(0, 300, 30)
+    est = fi.ForwardINF(model).fit((x[:300], y[:300]))
+    est.tune((x[idx], y[idx]), idx, lrs=[1e-3], steps=[1], scores=["loss", "cosine"])
+    assert est.score == "cosine"
+    assert {r["score"] for r in est.tune_results_} == {"loss", "cosine"}
+    best = max(r["top1"] for r in est.tune_results_)
+    assert best >= 0.9
+
+
+# -- bad input ---------------------------------------------------------------------------------
+def test_influence_before_fit(digits_mlp):
+    model, split = digits_mlp
+    x, y = split.train()
+    with pytest.raises(fi.NotFittedError, match="fit"):
+        fi.ForwardINF(model).influence((x[:2], y[:2]))
+
+
+def test_bad_input_refused(digits_mlp):
+    model, split = digits_mlp
+    x, y = split.train()
+    est = fi.ForwardINF(model).fit((x[:50], y[:50]))
+    with pytest.raises(ValueError, match="cannot run|shape"):
+        est.influence((torch.randn(2, 1, 9, 9), y[:2]))
+    with pytest.raises(ValueError, match="empty"):
+        est.influence((x[:0], y[:0]))
+    with pytest.raises(ValueError, match="empty"):
+        fi.ForwardINF(model).fit((x[:0], y[:0]))
+    with pytest.raises(ValueError, match="out of range"):
+        est.influence((x[:2], torch.tensor([1, 10])))
+    with pytest.raises(ValueError, match="out of range"):
+        fi.ForwardINF(model).fit((x[:5], torch.tensor([0, 1, 2, 3, 11])))
+    with pytest.raises(ValueError, match="out of range"):  # a bad label beyond the first batch
+        fi.ForwardINF(model, batch_size=8).fit((x[:40], torch.cat([y[:39], torch.tensor([-1])])))
+    bad = x[:2].clone()
+    bad[1, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        est.influence((bad, y[:2]))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        fi.ForwardINF(model).fit((bad, y[:2]))
+    with pytest.raises(ValueError, match="different lengths"):
+        fi.ForwardINF(model).fit((x[:5], y[:4]))
+    with pytest.raises(ValueError, match="invalid lr"):
+        fi.ForwardINF(model, lr=-1).fit((x[:5], y[:5]))
+    with pytest.raises(ValueError, match="invalid score"):
+        fi.ForwardINF(model, score="best").fit((x[:5], y[:5]))
+
+
+def test_diverging_update_refused(digits_mlp):
+    model, split = digits_mlp
+    x, y = split.train()
+    est = fi.ForwardINF(model, optimizer="sgd", lr=1e30, steps=3, score="loss").fit((x[:50], y[:50]))
+    with pytest.raises(FloatingPointError, match="diverg|non-finite"):
+        est.influence((x[:2], y[:2]))

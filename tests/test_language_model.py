@@ -1,0 +1,179 @@
+"""LanguageModelTask on tiny GPT-2 / T5 models: hand-computed losses, padding, vmap, Forward-INF."""
+import pytest
+import torch
+from torch.func import functional_call, grad, vmap
+
+pytest.importorskip("transformers")
+
+import forwardinf as fi  # noqa: E402
+from forwardinf.core.params import fingerprint  # noqa: E402
+from forwardinf.models.language import (build_language_model, build_tokenizer, load_language_model,  # noqa: E402
+                                        save_language_model, train_language_model)
+from forwardinf.tasks.language_model import IGNORE, DictDataset, LanguageModelTask, encode  # noqa: E402
+
+TEXTS = ["Paris is the capital of France .", "Berlin is the capital of Germany .",
+         "The currency of France is the Euro .", "Germany borders France and Poland .",
+         "Lyon is a city in France .", "Warsaw is the capital of Poland ."]
+PROMPTS = ["The capital of France is", "Germany borders", "The currency of", "Lyon is a city in"]
+TARGETS = ["Paris", "France and Poland", "France", "France"]
+SUFFIXES = [".", ".", "is the Euro .", "."]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer(TEXTS)
+
+
+@pytest.fixture(scope="module")
+def gpt2(tok):
+    return build_language_model("gpt2-tiny", tok, seed=0, n_embd=32, n_layer=2, n_head=2)
+
+
+@pytest.fixture(scope="module")
+def t5(tok):
+    return build_language_model("t5-tiny", tok, seed=0, d_model=32, d_kv=8, d_ff=64)
+
+
+def hand_causal_loss(model, tok, prompt, target, suffix):
+    """Mean NLL of the target words, from the logits of the unpadded sequence, one by one."""
+    head = [tok.bos_token_id] + tok.encode(prompt, add_special_tokens=False)
+    tgt = tok.encode(target, add_special_tokens=False)
+    seq = head + tgt + tok.encode(suffix, add_special_tokens=False) + [tok.eos_token_id]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([seq])).logits[0].double()
+    nll = [-(torch.log_softmax(logits[len(head) + j - 1], -1)[t]) for j, t in enumerate(tgt)]
+    return torch.stack(nll).mean()
+
+
+def test_causal_loss_equals_hand_computation(gpt2, tok):
+    task = LanguageModelTask.for_model(gpt2)
+    assert task.kind == "causal"
+    batch = encode(tok, PROMPTS, TARGETS, suffixes=SUFFIXES)
+    got = task.loss(gpt2, batch)
+    expected = torch.stack([hand_causal_loss(gpt2, tok, p, t, s) for p, t, s in zip(PROMPTS, TARGETS, SUFFIXES)])
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    # transformers' own loss (mean over labelled tokens) agrees for a single example
+    one = {k: v[1:2] for k, v in batch.items()}
+    hf = gpt2(input_ids=one["input_ids"], labels=one["labels"]).loss
+    torch.testing.assert_close(task.loss(gpt2, one)[0], hf, rtol=1e-5, atol=1e-5)
+
+
+def test_seq2seq_loss_equals_hand_computation(t5, tok):
+    task = LanguageModelTask.for_model(t5)
+    assert task.kind == "seq2seq" and task.decoder_start_token_id == tok.pad_token_id
+    prompts = ["<extra_id_0> is the capital of France .", "The currency of France is the <extra_id_0> ."]
+    targets = ["<extra_id_0> Paris", "<extra_id_0> Euro"]
+    batch = encode(tok, prompts, targets, kind="seq2seq")
+    got = task.loss(t5, batch)
+    for i, (p, t) in enumerate(zip(prompts, targets)):
+        enc = tok.encode(p, add_special_tokens=False) + [tok.eos_token_id]
+        lab = tok.encode(t, add_special_tokens=False) + [tok.eos_token_id]
+        dec = [tok.pad_token_id] + lab[:-1]
+        with torch.no_grad():
+            logits = t5(input_ids=torch.tensor([enc]), decoder_input_ids=torch.tensor([dec])).logits[0].double()
+        expected = torch.stack([-torch.log_softmax(logits[j], -1)[y] for j, y in enumerate(lab)]).mean()
+        torch.testing.assert_close(got[i].double(), expected, rtol=1e-5, atol=1e-5)
+        hf = t5(input_ids=torch.tensor([enc]), labels=torch.tensor([lab])).loss
+        torch.testing.assert_close(got[i], hf, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "t5"])
+@pytest.mark.parametrize("mask", ["4d", "2d"])
+def test_padding_changes_nothing(arch, mask, gpt2, t5, tok):
+    model = gpt2 if arch == "gpt2" else t5
+    task = LanguageModelTask.for_model(model, mask=mask)
+    kind = task.kind
+    prompts = PROMPTS if kind == "causal" else [p + " <extra_id_0>" for p in PROMPTS]
+    # each example alone (no padding at all) ...
+    alone = torch.cat([task.loss(model, encode(tok, [p], [t], kind=kind)) for p, t in zip(prompts, TARGETS)])
+    sides = ["right", "left"] if (kind == "seq2seq" or mask == "4d") else ["right"]
+    for side in sides:
+        batch = encode(tok, prompts, TARGETS, kind=kind, padding_side=side)
+        assert (batch["attention_mask"] == 0).any()  # there is padding to ignore
+        torch.testing.assert_close(task.loss(model, batch), alone, rtol=1e-5, atol=1e-5)
+        # ... and extra padding columns full of a real token id change nothing either
+        wide = {k: torch.nn.functional.pad(v, (0, 3) if side == "right" else (3, 0),
+                                           value={"input_ids": 7, "attention_mask": 0, "labels": IGNORE}[k])
+                for k, v in batch.items()}
+        if kind == "seq2seq":
+            wide["labels"] = batch["labels"]
+        torch.testing.assert_close(task.loss(model, wide), alone, rtol=1e-5, atol=1e-5)
+
+
+def test_labels_cover_only_the_target(tok):
+    b = encode(tok, ["The capital of France is"], ["Paris"], suffixes=["."])
+    labelled = b["input_ids"][b["labels"] != IGNORE]
+    assert labelled.tolist() == tok.encode("Paris", add_special_tokens=False)
+    with pytest.raises(ValueError, match="empty target"):
+        encode(tok, ["x"], [" "])
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "t5"])
+def test_vmap_per_example_gradients_match_a_loop(arch, gpt2, t5, tok):
+    model = gpt2 if arch == "gpt2" else t5
+    task = LanguageModelTask.for_model(model)
+    prompts = PROMPTS if task.kind == "causal" else [p + " <extra_id_0>" for p in PROMPTS]
+    batch = encode(tok, prompts, TARGETS, kind=task.kind)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def one(p, example):
+        ex = {k: v.unsqueeze(0) for k, v in example.items()}
+        return task.loss(lambda **kw: functional_call(model, p, (), kw), ex).sum()
+
+    batched = vmap(grad(one), in_dims=(None, 0))(params, batch)
+    for i in range(len(prompts)):
+        g = grad(one)(params, {k: v[i] for k, v in batch.items()})
+        for k in ("lm_head.weight",):
+            torch.testing.assert_close(batched[k][i], g[k], rtol=1e-4, atol=1e-6)
+
+
+def test_validate_names_the_problem(gpt2, tok):
+    task = LanguageModelTask.for_model(gpt2)
+    batch = encode(tok, PROMPTS[:2], TARGETS[:2])
+    with pytest.raises(ValueError, match="lacks"):
+        task.validate(gpt2, {"input_ids": batch["input_ids"]})
+    bad = dict(batch, labels=torch.full_like(batch["labels"], IGNORE))
+    with pytest.raises(ValueError, match="no target"):
+        task.validate(gpt2, bad)
+    with pytest.raises(ValueError, match="invalid kind"):
+        LanguageModelTask("encoder").validate(gpt2, batch)
+    with pytest.raises(ValueError, match="out of range"):
+        task.validate(gpt2, dict(batch, input_ids=batch["input_ids"] + 10_000))
+
+
+@pytest.mark.parametrize("score", ["cosine", "loss"])
+def test_forward_inf_traces_a_memorised_sentence(score, tok):
+    """A query that copies a training sentence ranks that sentence first, model untouched."""
+    torch.manual_seed(0)
+    model = build_language_model("gpt2-tiny", tok, seed=1, n_embd=32, n_layer=1, n_head=2)
+    task = LanguageModelTask.for_model(model)
+    prompts = ["Paris is the capital of", "Berlin is the capital of", "The currency of France is the",
+               "Germany borders", "Lyon is a city in", "Warsaw is the capital of"]
+    targets = ["France", "Germany", "Euro", "France and Poland", "France", "Poland"]
+    train = DictDataset(encode(tok, prompts, targets, suffixes=["."] * 6))
+    train_language_model(model, task, train, epochs=30, lr=1e-2, batch_size=6)
+    before = fingerprint(model)
+    mode = model.training
+    est = fi.ForwardINF(model, task, score=score, n_directions=8, lr=1e-3 if score == "cosine" else 1e-2,
+                        optimizer="nsgd").fit(train)
+    queries = DictDataset(encode(tok, [prompts[1], prompts[2], prompts[5]], [targets[1], targets[2], targets[5]],
+                                 suffixes=["."] * 3))
+    scores = est.influence(queries)
+    assert scores.shape == (3, 6)
+    assert scores.argmax(1).tolist() == [1, 2, 5]
+    assert model.training == mode
+    for (k, a), (_, b) in zip(before, fingerprint(model)):
+        assert torch.equal(a, b), k
+
+
+def test_save_and_load_round_trip(tmp_path, gpt2, tok):
+    save_language_model(gpt2, tok, tmp_path / "m")
+    model, tok2 = load_language_model(tmp_path / "m")
+    assert tok2.encode("Paris is the capital", add_special_tokens=False) == tok.encode("Paris is the capital", add_special_tokens=False)
+    batch = encode(tok, PROMPTS, TARGETS)
+    task = LanguageModelTask.for_model(gpt2)
+    torch.testing.assert_close(task.loss(model, batch), task.loss(gpt2, batch))
+    with pytest.raises(FileNotFoundError):
+        load_language_model(tmp_path / "nothing")
+    with pytest.raises(ValueError, match="unknown language model"):
+        build_language_model("gpt5", tok)
