@@ -118,5 +118,10 @@ def test_candidate_sets(geo):
         assert len(cand) == len(set(cand)) == 60
         assert set(props) <= set(cand) and set(props) == set(geo.proponents(q))
         target = split_cloze(q["inputs_pretokenized"], q["targets_pretokenized"])[1]
-        hard = [i for i in cand if i not in props and geo.abstracts[i]["targets_pretokenized"].endswith(" " + target)]
-        assert hard or q["predicate_id"] == "P36"  # same-answer distractors where the answer recurs
+        same = {i for i, a in enumerate(geo.abstracts)
+                if i not in props and a["targets_pretokenized"] == f"{SENTINEL} {target}"}
+        if same:  # hard distractors: other facts with the same answer
+            assert set(cand) & same
+        subject = {i for i, a in enumerate(geo.abstracts) if i not in props and q["sub_uri"] in a["facts"]}
+        if subject:  # and other facts about the same subject
+            assert set(cand) & subject

@@ -283,6 +283,10 @@ def test_recorder_refuses_other_optimizers_and_save_load_roundtrip(tmp_path):
     assert len(back) == 2 and back.steps_[1].weight == 1.0 and back.steps_[0].weight == 0.5
     assert back.steps_[0].hyper == rec.steps_[0].hyper
     assert torch.equal(back.steps_[1].state["weight"], rec.steps_[1].state["weight"])
+    sparse = TrajectoryRecorder(model, every=2)
+    for t in range(3):
+        sparse.record([t], lr=0.1)
+    assert sparse.steps_[1].state is sparse.steps_[0].state and sparse.steps_[2].state is not sparse.steps_[0].state
 
 
 # ------------------------------------------------------------------------------ the contract

@@ -1,6 +1,8 @@
 """Influence functions and the gradient core against exact answers (DESIGN.md "Exact answers")."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -174,8 +176,41 @@ def test_hessian_and_hvp_match_autograd():
     assert G.last_layer(model) == "2"
 
 
+def test_lanczos_finds_both_ends_of_an_indefinite_spectrum():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()  # untrained: indefinite H
+    x, y = torch.randn(9, 3, dtype=torch.float64), torch.randint(0, 2, (9,))
+    params = select_params(model)
+    loss_fn = G.functional_loss(model, ClassificationTask().loss)
+    h = G.hessian(loss_fn, params, TensorDataset(x, y), batch_size=9, device=torch.device("cpu"))
+    eig = torch.linalg.eigvalsh(h)
+    assert eig[0] < 0 < eig[-1]
+    lo, hi = G.lanczos_extremes(lambda v: G.batch_hvp(loss_fn, params, (x, y), v), h.shape[0], steps=40,
+                                dtype=torch.float64)
+    assert abs(lo - eig[0]) < 1e-8 and abs(hi - eig[-1]) < 1e-8  # D = 26 < 40 steps: exact
+
+
+def test_auto_damping_makes_the_system_positive_definite():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(30, 3, dtype=torch.float64), torch.randint(0, 3, (30,))
+    exact = InfluenceFunction(model, solver="exact", damping="auto").fit((x, y))
+    lo, hi = exact.spectrum_
+    assert lo < 0  # untrained net: negative curvature
+    assert exact.damping_ == pytest.approx(0.01 * hi - 2 * lo)
+    assert torch.linalg.eigvalsh(exact.hessian_)[0] > 0
+    cg = InfluenceFunction(model, solver="cg", damping="auto", tol=1e-10, depth=200).fit((x, y))
+    assert cg.damping_ > -lo  # Lanczos on all 30 points: close to the exact spectrum
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "not positive definite" warning
+        scores = cg.influence((x[:3], y[:3]))
+    same = InfluenceFunction(model, solver="exact", damping=cg.damping_).fit((x, y)).influence((x[:3], y[:3]))
+    assert _rel(scores, same) < 1e-6
+
+
 def test_bad_parameters_are_refused():
     model, x, y = _regression()
-    for kw in [{"solver": "newton"}, {"damping": -1.0}, {"depth": 0}, {"scale": -2.0}, {"params": "nope.*"}]:
+    for kw in [{"solver": "newton"}, {"damping": -1.0}, {"damping": "big"}, {"depth": 0}, {"scale": -2.0},
+               {"params": "nope.*"}]:
         with pytest.raises(ValueError):
             InfluenceFunction(model, SquaredLoss(), **kw).fit((x, y))

@@ -8,7 +8,7 @@ pytest.importorskip("transformers")
 import forwardinf as fi  # noqa: E402
 from forwardinf.core.params import fingerprint  # noqa: E402
 from forwardinf.models.language import (build_language_model, build_tokenizer, load_language_model,  # noqa: E402
-                                        save_language_model, train_language_model)
+                                        output_layer_name, save_language_model, train_language_model)
 from forwardinf.tasks.language_model import IGNORE, DictDataset, LanguageModelTask, encode  # noqa: E402
 
 TEXTS = ["Paris is the capital of France .", "Berlin is the capital of Germany .",
@@ -123,7 +123,7 @@ def test_vmap_per_example_gradients_match_a_loop(arch, gpt2, t5, tok):
     batched = vmap(grad(one), in_dims=(None, 0))(params, batch)
     for i in range(len(prompts)):
         g = grad(one)(params, {k: v[i] for k, v in batch.items()})
-        for k in ("lm_head.weight",):
+        for k in (output_layer_name(model), next(iter(params))):
             torch.testing.assert_close(batched[k][i], g[k], rtol=1e-4, atol=1e-6)
 
 

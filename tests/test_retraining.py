@@ -40,13 +40,13 @@ def problem():
     g = torch.Generator().manual_seed(0)
     idx = torch.randperm(len(d.y_train), generator=g)[:N_TRAIN]
     train = (d.x_train[idx], d.y_train[idx])
-    model, chol = solve_reference(train, 10, N_TRAIN, L2)
+    model, h_inv = solve_reference(train, 10, N_TRAIN, L2)
     test_losses = LossProbe((d.x_test, d.y_test))(model)
     q = torch.topk(test_losses, 4).indices
     queries = (d.x_test[q], d.y_test[q])
-    newton = NewtonLogistic(train, model.state_dict(), chol, n_ref=N_TRAIN, l2=L2)
-    if_scores = influence_scores(model, train, queries, N_TRAIN, L2, chol)  # [4, 100]
-    return dict(train=train, queries=queries, model=model, chol=chol, newton=newton, if_scores=if_scores, digits=d)
+    newton = NewtonLogistic(train, model.state_dict(), h_inv, n_ref=N_TRAIN, l2=L2)
+    if_scores = influence_scores(model, train, queries, N_TRAIN, L2, h_inv)  # [4, 100]
+    return dict(train=train, queries=queries, model=model, h_inv=h_inv, newton=newton, if_scores=if_scores, digits=d)
 
 
 def test_reference_is_the_exact_optimum(problem):

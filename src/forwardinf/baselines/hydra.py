@@ -91,12 +91,17 @@ class TrajectoryRecorder:
     For loops you do not own (e.g. :func:`forwardinf.training.train_classifier`), use
     :meth:`recording`, which watches which training examples each forward pass consumed.
 
-    Storage is ``O(p T)``: one copy of the trainable parameters per step (kept on ``device``).
-    ``buffers=True`` also keeps the buffers (BatchNorm statistics) of each step.
+    Storage is ``O(p T / every)``: a copy of the trainable parameters every ``every`` steps (kept
+    on ``device``); with ``every > 1`` the steps in between reuse the latest copy as their ``θ_{t-1}``
+    (an approximation, like TracIn's checkpoints, for models too big to snapshot every step).
+    ``buffers=True`` also keeps the buffers (BatchNorm statistics).
     """
 
-    def __init__(self, model: nn.Module, *, buffers: bool = False, device: str | torch.device = "cpu") -> None:
+    def __init__(self, model: nn.Module, *, every: int = 1, buffers: bool = False,
+                 device: str | torch.device = "cpu") -> None:
+        check_positive("TrajectoryRecorder", "every", every, integer=True)
         self.model = model
+        self.every = every
         self.buffers = buffers
         self.device = device
         self.steps_: list[Step] = []
@@ -127,9 +132,12 @@ class TrajectoryRecorder:
             fresh = len(self.steps_) == 0
             hyper = {n: (float(lr), float(momentum), float(dampening), float(weight_decay), bool(nesterov), fresh)
                      for n, _ in named}
-        state = {n: p.detach().to(self.device, copy=True) for n, p in named}
-        if self.buffers:
-            state.update({n: b.detach().to(self.device, copy=True) for n, b in self.model.named_buffers()})
+        if len(self.steps_) % self.every == 0:
+            state = {n: p.detach().to(self.device, copy=True) for n, p in named}
+            if self.buffers:
+                state.update({n: b.detach().to(self.device, copy=True) for n, b in self.model.named_buffers()})
+        else:
+            state = self.steps_[-1].state  # shared, not copied
         weight = 1.0 / idx.numel() if reduction == "mean" else 1.0
         self.steps_.append(Step(state, idx, weight, hyper))
 

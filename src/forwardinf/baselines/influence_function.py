@@ -99,14 +99,15 @@ class GradientEstimator(Estimator):
             return G.grad_matrix(loss_fn, params, dataset, self.batch_size, self._device(), self.progress, desc)
 
     def _train_grad_blocks(self, key: Any, loss_fn: G.LossFn, params: Params) -> Iterable[tuple[int, Tensor]]:
-        """``(start, G [b, D])`` over the training set; cached in memory when under ``cache_mb``."""
+        """``(start, G [b, D])`` over the training set; kept in memory while all cached gradients fit in ``cache_mb``."""
         cache = self._grad_cache_
         if key in cache:
             yield 0, cache[key]
             return
         n, d = len(self.train_), G.dim(params)
-        itemsize = next(iter(params.values())).element_size()
-        if n * d * itemsize <= self.cache_mb * 2**20:
+        size = n * d * next(iter(params.values())).element_size()
+        used = sum(t.numel() * t.element_size() for t in cache.values())
+        if used + size <= self.cache_mb * 2**20:  # the budget covers every cached matrix together
             cache[key] = self._grads(self.train_, loss_fn, params, "train gradients")
             yield 0, cache[key]
             return
@@ -152,12 +153,20 @@ class InfluenceFunction(GradientEstimator):
       as ``exact``/``cg``; Koh & Liang's own parameterisation
       ``h_j = v + (1 - d) h_{j-1} - H_j h_{j-1} / scale`` is the same recursion with
       ``d = damping / scale``. It converges when ``scale`` exceeds the largest eigenvalue of
-      ``H_j + λI``; ``scale=None`` estimates that in :meth:`fit` by power iteration (x1.5 margin,
-      kept in ``scale_``). The paper's IF-100 / IF-1000 / IF-10000 are ``depth`` 100 / 1000 / 10000.
+      ``H_j + λI`` and ``H + λI`` is positive definite; ``scale=None`` sets ``scale_`` to 1.5 x
+      the largest |eigenvalue| of ``H + λI`` (Lanczos, see below). The paper's IF-100 / IF-1000
+      / IF-10000 are ``depth`` 100 / 1000 / 10000.
+
+    Non-convex models have negative curvature: ``H + λI`` is then indefinite for small ``λ``,
+    LiSSA diverges and CG stops early (both warn or raise). ``damping="auto"`` estimates the
+    extreme eigenvalues ``θ_min, θ_max`` of ``H`` in :meth:`fit` (40 Lanczos steps on up to 1024
+    training points; exact eigenvalues for ``exact``) and uses
+    ``λ = 0.01 |θ_max| + 2 max(0, -θ_min)``: 1% relative damping, plus enough to make the
+    system positive definite. The values used are kept in ``damping_``, ``spectrum_``.
 
     Args (all keyword):
         solver: ``"exact"``, ``"cg"`` or ``"lissa"``.
-        damping: ``λ`` added to the Hessian's diagonal (keeps it invertible for non-convex models).
+        damping: ``λ`` added to the Hessian's diagonal, or ``"auto"`` (see above).
         depth: LiSSA recursion depth, or the CG iteration limit.
         scale: LiSSA scale; None estimates it.
         repeats: independent LiSSA runs averaged.
@@ -181,7 +190,7 @@ class InfluenceFunction(GradientEstimator):
         task: Task | None = None,
         *,
         solver: str = "cg",
-        damping: float = 0.01,
+        damping: float | str = 0.01,
         depth: int = 100,
         scale: float | None = None,
         repeats: int = 1,
@@ -211,7 +220,8 @@ class InfluenceFunction(GradientEstimator):
 
     # -- fit --------------------------------------------------------------------------------
     def fit(self, train: DataLike) -> "InfluenceFunction":
-        """Store the training set; ``exact``: factorise ``H + λI``; ``lissa``: pick ``scale``."""
+        """Store the training set and settle ``damping_`` (and, for ``exact``, factorise
+        ``H + λI``; for ``lissa``, pick ``scale_``)."""
         self._check_params()
         self.train_ = self._load_train(train)
         self._grad_cache_: dict[Any, Tensor] = {}
@@ -224,33 +234,49 @@ class InfluenceFunction(GradientEstimator):
                 raise ValueError(f"InfluenceFunction: solver='exact' needs a {d}x{d} Hessian (more than "
                                  f"{MAX_EXACT_DIM} parameters); pass params='last' (or other patterns) or use solver='cg'")
             with mode(self.model, False):
-                h = G.hessian(loss_fn, params, self.train_, self.batch_size, self._device(), progress=self.progress)
-            h = h.double() + self.damping * torch.eye(d, dtype=torch.float64, device=h.device)
+                h = G.hessian(loss_fn, params, self.train_, self.batch_size, self._device(), progress=self.progress).double()
+            eig = torch.linalg.eigvalsh(h)
+            self.spectrum_ = (float(eig[0]), float(eig[-1]))
+            self.damping_ = self._damping_from(*self.spectrum_)
+            h = h + self.damping_ * torch.eye(d, dtype=torch.float64, device=h.device)
             self.hessian_ = h
             factor, info = torch.linalg.cholesky_ex(h)
             if int(info) == 0:
                 self._solve_ = lambda b: torch.cholesky_solve(b, factor)
             else:
                 warnings.warn("InfluenceFunction: the damped Hessian is not positive definite "
-                              "(non-convex model); solving with LU. Consider a larger damping.", stacklevel=2)
+                              "(non-convex model); solving with LU. Use a larger damping or damping='auto'.", stacklevel=2)
                 lu, piv = torch.linalg.lu_factor(h)
                 self._solve_ = lambda b: torch.linalg.lu_solve(lu, piv, b)
-        elif self.solver == "lissa":
-            self.scale_ = float(self.scale) if self.scale is not None else self._estimate_scale(loss_fn, params)
+            return self
+        need_spectrum = self.damping == "auto" or (self.solver == "lissa" and self.scale is None)
+        self.spectrum_ = self._spectrum(loss_fn, params) if need_spectrum else None
+        self.damping_ = self._damping_from(*self.spectrum_) if self.damping == "auto" else float(self.damping)
+        if self.solver == "lissa":
+            if self.scale is not None:
+                self.scale_ = float(self.scale)
+            else:
+                lo, hi = self.spectrum_
+                self.scale_ = 1.5 * (max(abs(lo), abs(hi)) + self.damping_)
         return self
 
-    def _estimate_scale(self, loss_fn: G.LossFn, params: Params) -> float:
-        """1.5 x the largest |eigenvalue| of ``H + λI`` (power iteration on up to 1024 training points)."""
+    def _damping_from(self, lowest: float, highest: float) -> float:
+        """``damping="auto"``: 1% of the top eigenvalue, plus twice any negative curvature."""
+        if self.damping != "auto":
+            return float(self.damping)
+        return 0.01 * abs(highest) + 2.0 * max(0.0, -lowest)
+
+    def _spectrum(self, loss_fn: G.LossFn, params: Params) -> tuple[float, float]:
+        """Extreme eigenvalues of ``H`` by 40 Lanczos steps on up to 1024 training points."""
         n = len(self.train_)
         gen = torch.Generator().manual_seed(self.seed)
         idx = torch.randperm(n, generator=gen)[:1024].sort().values.tolist()
         sample = torch.utils.data.Subset(self.train_, idx)
         ref = next(iter(params.values()))
         with mode(self.model, False):
-            top = G.top_eigenvalue(
+            return G.lanczos_extremes(
                 lambda v: G.dataset_hvp(loss_fn, params, sample, v, self.batch_size, self._device()),
-                G.dim(params), iters=20, seed=self.seed, dtype=ref.dtype, device=ref.device)
-        return 1.5 * (abs(top) + self.damping)
+                G.dim(params), steps=40, seed=self.seed, dtype=ref.dtype, device=ref.device)
 
     # -- influence --------------------------------------------------------------------------
     def influence(self, queries: DataLike, joint: bool = False) -> Tensor:
@@ -295,7 +321,7 @@ class InfluenceFunction(GradientEstimator):
             hv = G.dataset_hvp(loss_fn, params, self.train_, v, self.batch_size, self._device())
         else:
             hv = G.batch_hvp(loss_fn, params, batch, v)
-        return hv + self.damping * v
+        return hv + self.damping_ * v
 
     def _cg(self, b: Tensor, params: Params, loss_fn: G.LossFn) -> Tensor:
         """Conjugate gradient, one independent system per row of ``b [K, D]``, vectorised."""
@@ -345,7 +371,7 @@ class InfluenceFunction(GradientEstimator):
                 h = v + h - self._hvp(h, params, loss_fn, batch) / self.scale_
                 if (j % 50 == 49 or j == self.depth - 1) and not torch.isfinite(h).all():
                     raise FloatingPointError(f"LiSSA diverged at step {j + 1} (scale={self.scale_:.4g}, "
-                                             f"damping={self.damping}); increase scale or damping")
+                                             f"damping={self.damping_:.4g}); increase scale or damping")
             total += h / self.scale_
         return total / self.repeats
 
@@ -353,9 +379,9 @@ class InfluenceFunction(GradientEstimator):
     def _check_params(self) -> None:
         name = type(self).__name__
         check_choice(name, "solver", self.solver, SOLVERS)
-        if not isinstance(self.damping, (int, float)) or isinstance(self.damping, bool) or self.damping < 0 \
-                or not math.isfinite(self.damping):
-            raise ValueError(f"{name}: invalid damping={self.damping!r}; expected a number >= 0")
+        if self.damping != "auto" and (not isinstance(self.damping, (int, float)) or isinstance(self.damping, bool)
+                                       or self.damping < 0 or not math.isfinite(self.damping)):
+            raise ValueError(f"{name}: invalid damping={self.damping!r}; expected a number >= 0 or 'auto'")
         check_positive(name, "depth", self.depth, integer=True)
         if self.scale is not None:
             check_positive(name, "scale", self.scale)

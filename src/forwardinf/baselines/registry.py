@@ -11,6 +11,10 @@
 | ``grad-cos`` | ``TracIn(normalize=True)`` on the final model (gradient cosine) |
 | ``representer`` | ``RepresenterPoint`` |
 
+Influence functions use ``damping="auto"`` (1% of the Hessian's top eigenvalue plus twice its
+most negative one, estimated by Lanczos): trained networks have negative curvature, on which a
+fixed small damping makes LiSSA diverge and CG stop early.
+
 Parameter subsets: influence functions use every trainable parameter up to
 ``LARGE_MODEL`` parameters and the last layer beyond (the usual shortcut for big networks,
 e.g. a ResNet-18's 11M); ``if-exact`` uses every parameter only up to ``EXACT_ALL`` (the
@@ -53,7 +57,7 @@ def make_estimator(name: str, model: nn.Module, task: Task | None = None, *,
         return ForwardINF(model, task, **kw)
     if key.startswith("if-"):
         solver = {"if-cg": "cg", "if-exact": "exact"}.get(key, "lissa")
-        defaults: dict[str, Any] = {"solver": solver}
+        defaults: dict[str, Any] = {"solver": solver, "damping": "auto"}
         if solver == "lissa":
             defaults["depth"] = int(key.split("-")[1])
         if solver == "exact":

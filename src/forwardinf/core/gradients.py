@@ -208,3 +208,39 @@ def top_eigenvalue(hvp: Callable[[Tensor], Tensor], d: int, iters: int = 20, see
             break
         v = w / norm
     return value
+
+
+def lanczos_extremes(hvp: Callable[[Tensor], Tensor], d: int, steps: int = 40, seed: int = 0,
+                     dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> tuple[float, float]:
+    """``(θ_min, θ_max)``: extreme Ritz values of a symmetric operator ``hvp([1, D]) -> [1, D]``.
+
+    ``steps`` Lanczos iterations with full reorthogonalisation (``steps`` products, ``steps x D``
+    memory). Ritz values lie inside the spectrum and approach its ends from within, much faster
+    than power iteration does for the smallest (possibly negative) eigenvalue.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.randn(d, generator=gen, dtype=torch.float64)
+    q = q / q.norm()
+    basis: list[Tensor] = []
+    alphas: list[float] = []
+    betas: list[float] = []
+    for _ in range(min(steps, d)):
+        basis.append(q)
+        w = hvp(q.to(device=device, dtype=dtype)[None])[0].double().cpu()
+        alpha = float(w @ q)
+        alphas.append(alpha)
+        qs = torch.stack(basis)
+        w = w - qs.T @ (qs @ w)  # full reorthogonalisation (twice is enough)
+        w = w - qs.T @ (qs @ w)
+        beta = float(w.norm())
+        if not beta > 1e-10 * max(1.0, abs(alpha)):
+            break  # an invariant subspace: the Ritz values are exact
+        betas.append(beta)
+        q = w / beta
+    k = len(alphas)
+    t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if k > 1:
+        off = torch.tensor(betas[:k - 1], dtype=torch.float64)
+        t = t + torch.diag(off, 1) + torch.diag(off, -1)
+    ritz = torch.linalg.eigvalsh(t)
+    return float(ritz[0]), float(ritz[-1])

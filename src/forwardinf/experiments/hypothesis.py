@@ -182,13 +182,13 @@ def run_convex(split: DataSplit, args: argparse.Namespace, cache: Path, progress
     n, l2 = len(yt), args.l2
 
     with timer() as t_fit:
-        model, chol = cvx.solve_reference(train, c, n, l2)
+        model, h_inv = cvx.solve_reference(train, c, n, l2)
     val_losses = LossProbe((xv.double(), y_val))(model)
     nq = min(args.n_queries, len(y_val))
     q = torch.topk(val_losses, nq).indices
     queries = TensorDataset(xv[q].double(), y_val[q])
     acc = float((model(xv).argmax(1) == y_val).double().mean())
-    train_fn = cvx.NewtonLogistic(train, model.state_dict(), chol, n_ref=n, l2=l2)
+    train_fn = cvx.NewtonLogistic(train, model.state_dict(), h_inv, n_ref=n, l2=l2)
     everyone = np.arange(n)
 
     with timer() as t_loo:
@@ -203,7 +203,7 @@ def run_convex(split: DataSplit, args: argparse.Namespace, cache: Path, progress
                             progress=progress, desc="convex add-the-query")
         t2t = res[0] - torch.stack(res[1:])  # [Q, N]: L(θ, z_i) - L(θ_{+q}, z_i)
     with timer() as t_if:
-        if_scores = cvx.influence_scores(model, train, queries, n, l2, chol)
+        if_scores = cvx.influence_scores(model, train, queries, n, l2, h_inv)
     with timer() as t_fi:
         fi_scores = _forward_inf(model, train, queries, joint=False, steps=1, lr=args.convex_fi_lr,
                                  weight_decay=0.0, progress=progress)

@@ -270,7 +270,7 @@ def run(args: argparse.Namespace) -> dict:
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    figures = _figures(out, split, gt, gt_top, gt_val, mem, best_scores[methods[0]], methods[0], args.pairs)
+    figures = _figures(out, split, gt, gt_top, gt_val, best_scores[methods[0]], methods[0], args.pairs)
     g = results["ground-truth"]
     report = [f"# Memorization and influence ({split.name})", "", prepared.describe(), "",
               f"Ground truth: Feldman-Zhang estimator from {args.n_models} models on random "
@@ -281,13 +281,23 @@ def run(args: argparse.Namespace) -> dict:
               f"points {_fmt(g['mean_memorization_of_top'])} (all), {_fmt(g['mean_memorization_of_top_high'])} (high). "
               f"The ground truth agrees with itself (top-1 of two halves of the models) on {_fmt(ceiling['all'])} of "
               f"the GT>0 test points and {_fmt(ceiling['high'])} of the high-influence ones: the ceiling its noise allows.", "",
-              table, ""] + [f"![{f}]({f})" for f in figures]
+              table, "", f"The {args.pairs} most influential pairs (rank = the ground-truth top's rank under each method):", "",
+              _pairs_table(gt_top, gt_val, mem, best_scores, args.pairs), ""] + [f"![{f}]({f})" for f in figures]
     config = {**cfg, "n_test": len(test[1]), "n_models": args.n_models, "subset_fraction": args.subset_fraction,
               "methods": methods, "high_influence": HIGH_INFLUENCE, "seed": args.seed}
     res = results_object("memorization", split.name, config, results)
     write_outputs(out, res, "\n".join(report))
     print(f"wrote {out}/results.json, report.md, " + ", ".join(figures))
     return res
+
+
+def _pairs_table(gt_top: Tensor, gt_val: Tensor, mem: Tensor, scores: dict[str, Tensor], n: int) -> str:
+    order = torch.argsort(gt_val, descending=True)[:n]
+    ranks = {name: expected_rank(s[order], gt_top[order]) for name, s in scores.items()}
+    rows = [[int(q), int(gt_top[q]), float(gt_val[q]), float(mem[gt_top[q]])]
+            + [float(ranks[name][j]) for name in scores] for j, q in enumerate(order)]
+    return markdown_table(["test point", "GT top", "GT influence", "memorization of GT top"]
+                          + [f"rank ({name})" for name in scores], rows)
 
 
 def _ground_truth_seconds(cache: Path, key_config: dict, measured: float) -> tuple[float, bool]:
@@ -317,7 +327,7 @@ def _half_agreement(a: Tensor, b: Tensor, mask: Tensor) -> float | None:
     return float(((ta * tb).sum(1) / (ta.sum(1) * tb.sum(1))).mean())
 
 
-def _figures(out: Path, split: Any, gt: Tensor, gt_top: Tensor, gt_val: Tensor, mem: Tensor, scores: Tensor,
+def _figures(out: Path, split: Any, gt: Tensor, gt_top: Tensor, gt_val: Tensor, scores: Tensor,
              method: str, n_pairs: int) -> list[str]:
     """Figure 4-style triples (test, ground-truth top, method top) and an HTML page of the top-k."""
     from forwardinf.experiments.report import save_query_grid, write_query_html
@@ -330,8 +340,8 @@ def _figures(out: Path, split: Any, gt: Tensor, gt_top: Tensor, gt_val: Tensor, 
     save_query_grid(out / "pairs.png", xq, split.x_train, idx, vals, query_labels=yq, train_labels=split.y_train,
                     denormalize=split.denormalize, class_names=split.classes, highlight=gt_top[order],
                     max_queries=n_pairs,
-                    title=f"test point | ground-truth top | {method} top  (numbers: ground-truth influence; "
-                          f"memorization of GT top: " + ", ".join(f"{float(mem[i]):.2f}" for i in gt_top[order]) + ")")
+                    title=f"test point | ground-truth top | {method} top\n(ground-truth influence under each; "
+                          f"green = the ground-truth top)")
     top = scores[order].topk(min(5, scores.shape[1]), dim=1)
     bot = scores[order].topk(min(3, scores.shape[1]), dim=1, largest=False)
     write_query_html(out, "queries", xq, split.x_train, top.indices, top.values, query_labels=yq,

@@ -194,7 +194,10 @@ def save_query_grid(path: str | os.PathLike, queries: Any, train_inputs: Any, to
         axes[0][2 + k].annotate("opponents (bottom-k)", (0, 1.45), xycoords="axes fraction",
                                 fontsize=7, color=_RED)
     if title:
-        fig.suptitle(title, fontsize=9)
+        import textwrap
+
+        width = max(30, int(14 * sum(widths)))  # characters that fit across the figure
+        fig.suptitle("\n".join(textwrap.fill(line, width) for line in title.splitlines()), fontsize=8)
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

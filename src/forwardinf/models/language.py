@@ -7,8 +7,9 @@ with the usual ``save_pretrained`` / :func:`load_language_model` (local folders 
 
 Choices that matter for attribution:
 - eager attention (vmap/jvp-friendly and bit-reproducible on CPU);
-- untied output layer (``lm_head``), so "the last layer" is its own parameter, as TracIn's
-  one-layer shortcut expects;
+- GPT-2's output layer (``lm_head``) is untied from the input embedding, so "the last layer" of
+  TracIn's one-layer shortcut is its own parameter (transformers always ties T5's: there the
+  last layer is ``shared.weight``; see :func:`output_layer_name`);
 - no dropout, so train and eval mode compute the same function.
 """
 from __future__ import annotations
@@ -84,13 +85,24 @@ def build_language_model(name: str, tokenizer: Any, *, seed: int = 0, **override
         elif arch == "t5":
             config = transformers.T5Config(
                 vocab_size=vocab, pad_token_id=ids["pad"], eos_token_id=ids["eos"],
-                decoder_start_token_id=ids["pad"], dropout_rate=0.0, tie_word_embeddings=False,
-                feed_forward_proj="relu", **cfg)
+                decoder_start_token_id=ids["pad"], dropout_rate=0.0, feed_forward_proj="relu", **cfg)
             config._attn_implementation = "eager"
             model = transformers.T5ForConditionalGeneration(config)
         else:  # pragma: no cover - guarded by LM_CONFIGS
             raise ValueError(f"unknown architecture {arch!r}")
     return model.eval()
+
+
+def output_layer_name(model: nn.Module) -> str:
+    """Name of the output layer's weight (``"lm_head.weight"``, or ``"shared.weight"`` when tied as
+    in transformers' T5): "the last layer" of TracIn's one-layer shortcut."""
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is None:
+        raise ValueError(f"{type(model).__name__} has no output embedding layer")
+    for name, p in model.named_parameters():
+        if p is out.weight:
+            return name
+    raise ValueError("the output layer's weight is not among the model's parameters")
 
 
 def is_seq2seq(model: nn.Module) -> bool:
@@ -124,7 +136,7 @@ def train_language_model(model: nn.Module, task: Any, dataset: Any, *, epochs: i
 
     ``dataset``: a map-style dataset of task batches (e.g. :class:`~forwardinf.tasks.language_model.DictDataset`).
     Returns the checkpoints taken after each epoch in ``checkpoint_epochs`` (1-based), each
-    ``{"epoch", "lr" (the step size in force then), "state_dict" (a copy)}``, for TracInCP.
+    ``{"epoch", "lr" (the mean step size of that epoch), "state_dict" (a copy)}``, for TracInCP.
     The model is left in eval mode; shuffling is seeded and the caller's RNG is left alone.
     """
     import math
@@ -149,7 +161,9 @@ def train_language_model(model: nn.Module, task: Any, dataset: Any, *, epochs: i
     model.train()
     for epoch in epoch_iter:
         order = torch.randperm(n, generator=gen)
+        lrs = []
         for start in range(0, n, batch_size):
+            lrs.append(opt.param_groups[0]["lr"])
             batch = gather(dataset, order[start:start + batch_size].tolist())
             loss = task.query_loss(model, batch)
             opt.zero_grad(set_to_none=True)
@@ -157,7 +171,7 @@ def train_language_model(model: nn.Module, task: Any, dataset: Any, *, epochs: i
             opt.step()
             sched.step()
         if epoch in wanted:
-            out.append({"epoch": epoch, "lr": opt.param_groups[0]["lr"],
+            out.append({"epoch": epoch, "lr": sum(lrs) / len(lrs),
                         "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()}})
     model.eval()
     return out

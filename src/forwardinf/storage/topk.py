@@ -52,11 +52,12 @@ FORMATS = ("csv", "parquet")
 
 
 def write_topk(path: str | os.PathLike, indices: Tensor, scores: Tensor, *, fmt: str = "csv",
-               query_ids: Sequence[Any] | None = None) -> Path:
+               query_ids: Sequence[Any] | None = None, train_ids: Sequence[Any] | None = None) -> Path:
     """Write the long table ``query, rank, train_index, score`` (rank 1 = most influential).
 
     ``indices``/``scores``: ``[Q, k]``. ``query_ids``: optional names of the queries (default
-    their positions). ``fmt="parquet"`` needs pyarrow. Written atomically.
+    their positions); ``train_ids``: optional names of all training points, added as a column
+    ``train_id``. ``fmt="parquet"`` needs pyarrow. Written atomically.
     """
     if fmt not in FORMATS:
         raise ValueError(f"write_topk: invalid fmt={fmt!r}; expected one of {FORMATS}")
@@ -71,33 +72,36 @@ def write_topk(path: str | os.PathLike, indices: Tensor, scores: Tensor, *, fmt:
             import pyarrow.parquet as pq
         except ImportError as e:
             raise ValueError("Parquet output needs pyarrow: pip install 'forwardinf[parquet]' (or use CSV)") from e
-        table = pa.table({
+        columns = {
             "query": np.repeat(np.asarray(ids), k),
             "rank": np.tile(np.arange(1, k + 1), q),
             "train_index": indices.reshape(-1).numpy(),
             "score": scores.reshape(-1).float().numpy(),
-        })
-        pq.write_table(table, tmp)
+        }
+        if train_ids is not None:
+            columns["train_id"] = np.asarray([str(train_ids[int(i)]) for i in indices.reshape(-1)])
+        pq.write_table(pa.table(columns), tmp)
     else:
         with open(tmp, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["query", "rank", "train_index", "score"])
+            w.writerow(["query", "rank", "train_index", "score"] + (["train_id"] if train_ids is not None else []))
             for i in range(q):
                 for r in range(k):
-                    w.writerow([ids[i], r + 1, int(indices[i, r]), repr(float(scores[i, r]))])
+                    j = int(indices[i, r])
+                    extra = [train_ids[j]] if train_ids is not None else []
+                    w.writerow([ids[i], r + 1, j, repr(float(scores[i, r]))] + extra)
     os.replace(tmp, path)
     return path
 
 
 def read_topk_csv(path: str | os.PathLike) -> tuple[Tensor, Tensor]:
-    """Read a table written by :func:`write_topk` (CSV, positional query ids) back as
-    ``(indices [Q, k], scores [Q, k])``."""
-    rows: dict[int, list[tuple[int, int, float]]] = {}
+    """Read a CSV written by :func:`write_topk` back as ``(indices [Q, k], scores [Q, k])``, queries
+    in file order."""
+    rows: dict[str, list[tuple[int, int, float]]] = {}
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
-            rows.setdefault(int(row["query"]), []).append((int(row["rank"]), int(row["train_index"]), float(row["score"])))
-    q = sorted(rows)
-    ordered = [sorted(rows[i]) for i in q]
+            rows.setdefault(row["query"], []).append((int(row["rank"]), int(row["train_index"]), float(row["score"])))
+    ordered = [sorted(r) for r in rows.values()]
     idx = torch.tensor([[r[1] for r in row] for row in ordered], dtype=torch.long)
     val = torch.tensor([[r[2] for r in row] for row in ordered], dtype=torch.float32)
     return idx, val

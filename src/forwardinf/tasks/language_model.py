@@ -81,7 +81,7 @@ class LanguageModelTask(Task):
     # -- losses -------------------------------------------------------------------------
     def token_losses(self, model: Callable[..., Any], batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """``(nll [B, L], is_target [B, L])``: per-token negative log-likelihood and target mask."""
-        logits, labels = self._logits_and_labels(model, batch)
+        logits, labels = self.logits_and_labels(model, batch)
         is_target = labels != IGNORE
         safe = torch.where(is_target, labels, torch.zeros_like(labels))
         logp = torch.log_softmax(logits.float(), dim=-1)
@@ -94,7 +94,8 @@ class LanguageModelTask(Task):
         return nll.sum(-1) / is_target.sum(-1).clamp_min(1)
 
     # -- model call ---------------------------------------------------------------------
-    def _logits_and_labels(self, model: Callable[..., Any], batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    def logits_and_labels(self, model: Callable[..., Any], batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """``(logits [B, L, V], labels [B, L])`` aligned: ``logits[:, t]`` predicts ``labels[:, t]``."""
         if self.kind not in KINDS:
             raise ValueError(f"LanguageModelTask: invalid kind={self.kind!r}; expected one of {KINDS}")
         ids, attn, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
@@ -159,8 +160,11 @@ class LanguageModelTask(Task):
         empty = (targets == IGNORE).all(-1)
         if empty.any():
             raise ValueError(f"example {int(empty.nonzero()[0])} has no target token (every label is -100)")
-        with torch.no_grad():
-            logits, _ = self._logits_and_labels(model, batch)
+        try:
+            with torch.no_grad():
+                logits, _ = self.logits_and_labels(model, batch)
+        except IndexError as e:  # the embedding lookup's complaint
+            raise ValueError(f"input_ids hold token {int(ids.max())}, out of range for the model's embedding ({e})") from e
         vocab = logits.shape[-1]
         if ids.numel() and (ids.min() < 0 or ids.max() >= vocab):
             raise ValueError(f"input_ids hold token {int(ids.max())} out of range for a vocabulary of {vocab}")

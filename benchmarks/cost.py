@@ -1,0 +1,228 @@
+"""What a Forward-INF query costs next to a plain inference sweep over the same training set.
+
+    python benchmarks/cost.py                      # Fashion-MNIST 60k, SmallCNN, 64 leaked queries
+    python benchmarks/cost.py --modes tail,tail-bf16 --n-queries 64
+
+Each mode runs in its own process (single-threaded), so peak memory (VmHWM, reset with
+/proc/self/clear_refs after data and model are loaded) belongs to that mode alone:
+
+- ``inference``: ``model(x)`` over the training set, no grad, batch 512 and 128 (times: the
+  faster of the two, best of 2 rounds; memory: batch 512, the library's default batch).
+- ``full``: ``fi.ForwardINF`` (default recipe), batch size chosen automatically so that
+  ``query_chunk`` stacked models x batch = the activations of an inference batch of 512.
+  Fit (base values + forward-mode sensitivities), then 1 query, then all queries.
+- ``tail``: ``fi.TailForwardINF(split="classifier")``: the conv prefix runs once in fit; each
+  query costs the update and the two fully connected layers over the cached features.
+- ``tail-bf16``: the same with the prefix in bfloat16 autocast and a bfloat16 cache.
+- ``full-bf16`` / ``full-fp16``: every training-set forward in reduced precision
+  (``ReducedPrecisionTask``), differences in float32.
+
+Queries are copies of random training points (the leakage setting): T-1 = the fraction of
+queries whose own training point ranks first. Ratios use CPU seconds (``time.process_time``):
+the machine's 2 cores are shared with other jobs, which inflates wall times unpredictably;
+wall seconds are recorded too.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+MODES = ("inference", "full", "tail", "tail-bf16", "full-bf16", "full-fp16")
+
+
+def rss_kb(field: str = "VmRSS") -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+
+
+class Clock:
+    def __enter__(self):
+        self.cpu, self.wall = time.process_time(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.cpu, self.wall = time.process_time() - self.cpu, time.perf_counter() - self.wall
+
+
+def problem(args):
+    from forwardinf.data.loaders import load_idx
+    from forwardinf.models import SmallCNN
+    from forwardinf.training import accuracy, train_or_load
+
+    data = load_idx(args.data_root)
+    x, y = data.x_train[:args.n_train], data.y_train[:args.n_train]
+    model = train_or_load(lambda: SmallCNN(data.input_shape, data.n_classes), (data.x_train, data.y_train),
+                          Path(args.cache) / "smallcnn-fmnist.pt", epochs=args.epochs, lr=0.02, seed=0).eval()
+    g = torch.Generator().manual_seed(1)
+    leaked = torch.randperm(len(y), generator=g)[:args.n_queries]
+    return data, model, (x, y), leaked, accuracy
+
+
+def inference_sweep(model, x, batch):
+    with torch.no_grad():
+        for s in range(0, len(x), batch):
+            model(x[s:s + batch])
+
+
+def child(args) -> dict:
+    import forwardinf as fi
+    from forwardinf.distributed import activation_bytes, auto_batch_size
+    from forwardinf.estimators.tail import ReducedPrecisionTask, TailForwardINF
+    from forwardinf.metrics import topk_detection_rate
+
+    torch.set_num_threads(1)
+    data, model, (x, y), leaked, accuracy = problem(args)
+    task = fi.ClassificationTask()
+    out = {"mode": args.child, "n_train": len(y), "n_queries": len(leaked)}
+    inference_sweep(model, x[:1024], 512)  # warm-up (allocator, kernels)
+    out["rss_before_mb"] = rss_kb() / 1024
+    if args.child == "inference":
+        reset_peak()
+        times = {}
+        for batch in (512, 128):
+            for _ in range(2):
+                with Clock() as c:
+                    inference_sweep(model, x, batch)
+                times.setdefault(batch, []).append((c.cpu, c.wall))
+            if batch == 512:
+                out["peak_mb"] = rss_kb("VmHWM") / 1024
+        best = min(min(t[0] for t in v) for v in times.values())
+        out.update(sweep_cpu=best, sweep_times={str(b): v for b, v in times.items()},
+                   test_accuracy=accuracy(model, data.test()))
+        return out
+
+    probe = (x[:8], y[:8])
+    budget = int(activation_bytes(model, task, probe) * 512)  # = one inference batch of 512
+    opts = dict(query_chunk=args.query_chunk)
+    if args.child.startswith("full"):
+        opts["batch_size"] = auto_batch_size(model, task, probe, n_models=max(args.query_chunk, 16), budget_bytes=budget)
+        t = task if args.child == "full" else ReducedPrecisionTask(task, {"full-bf16": "bfloat16", "full-fp16": "float16"}[args.child])
+        est = fi.ForwardINF(model, t, **opts)
+    else:
+        opts["batch_size"] = 512
+        est = TailForwardINF(model, task, split="classifier", precision="bfloat16" if args.child == "tail-bf16" else "float32",
+                             **opts)
+    out["batch_size"] = opts["batch_size"]
+    reset_peak()
+    with Clock() as fit:
+        est.fit((x, y))
+    first = (x[leaked[:1]], y[leaked[:1]])
+    with Clock() as one:
+        est.influence(first)
+    queries = (x[leaked], y[leaked])
+    with Clock() as many:
+        scores = est.influence(queries)
+    out["peak_mb"] = rss_kb("VmHWM") / 1024
+    with Clock() as ref:
+        inference_sweep(model, x, 128)  # a paired reference under the same contention
+    out.update(
+        fit_cpu=fit.cpu, fit_wall=fit.wall, one_cpu=one.cpu, one_wall=one.wall, many_cpu=many.cpu,
+        many_wall=many.wall, per_query_cpu=min(one.cpu, many.cpu / len(leaked)),
+        paired_inference_cpu=ref.cpu, paired_inference_wall=ref.wall,
+        top1=topk_detection_rate(scores, leaked, 1), top5=topk_detection_rate(scores, leaked, 5),
+    )
+    return out
+
+
+def run_child(mode: str, args) -> dict:
+    tmp = Path(args.cache) / f"cost-{mode}.json"
+    cmd = [sys.executable, __file__, "--child", mode, "--json", str(tmp), "--n-train", str(args.n_train),
+           "--n-queries", str(args.n_queries), "--query-chunk", str(args.query_chunk), "--cache", args.cache,
+           "--epochs", str(args.epochs)] + (["--data-root", args.data_root] if args.data_root else [])
+    print(f"[{time.strftime('%H:%M:%S')}] {mode} ...", flush=True)
+    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return json.loads(tmp.read_text())
+
+
+def report(results: dict, args) -> str:
+    inf = results.get("inference")
+    base = min([inf["sweep_cpu"]] + [r["paired_inference_cpu"] for r in results.values() if "paired_inference_cpu" in r]) if inf else None
+    rows = []
+    for mode, r in results.items():
+        if mode == "inference":
+            rows.append(f"| inference sweep | - | {r['sweep_cpu']:.1f} | 1.00 | - | - | - | {r['peak_mb']:.0f} | 1.00 | - |")
+            continue
+        per_q = r["per_query_cpu"]
+        e2e = (r["fit_cpu"] + r["many_cpu"]) / (r["fit_cpu"] + r["one_cpu"])
+        rows.append(
+            f"| {mode} | {r['batch_size']} | {per_q:.2f} | {per_q / base:.3f} | {r['fit_cpu'] / base:.2f} | "
+            f"{r['many_cpu'] / r['one_cpu']:.1f} / {e2e:.2f} | {r['top1']:.3f} | {r['peak_mb']:.0f} | "
+            f"{r['peak_mb'] / inf['peak_mb']:.2f} | {r['top5']:.3f} |")
+    lines = [
+        "# Cost of a Forward-INF query vs a plain inference sweep",
+        "",
+        f"SmallCNN (paper's CNN, 455k parameters, test accuracy {inf['test_accuracy']:.3f}) on Fashion-MNIST, "
+        f"{inf['n_train']:,} training images, {args.n_queries} leaked queries (copies of random training images), "
+        f"query_chunk {args.query_chunk}. One thread per process. Times are CPU seconds; the 2-core machine was "
+        "shared with other jobs (load average ~15-19), so wall times are longer and noisy; ratios use the fastest "
+        "inference sweep measured (batch 512 or 128, in the inference process or paired after each mode).",
+        "",
+        "| mode | batch | s / query | ÷ inference sweep | fit ÷ sweep | 64 vs 1 query: marginal / end-to-end | "
+        "T-1 | peak MB | ÷ inference peak | T-5 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        "- *s / query*: the marginal CPU seconds of one query after fit (update + scoring sweep), best of the "
+        "1-query call and the all-queries call divided by their number.",
+        "- *64 vs 1 query*: time of scoring all queries ÷ time of one, after fit (marginal), and including fit "
+        "(end-to-end: fit + queries).",
+        "- *peak MB*: VmHWM during fit + queries (data, model and library included; the same ~"
+        f"{inf['rss_before_mb']:.0f} MB baseline of data + torch in every process), vs the inference sweep's at "
+        "batch 512.",
+        "",
+        f"Command: `python benchmarks/cost.py --n-train {args.n_train} --n-queries {args.n_queries} "
+        f"--modes {','.join(results)}`",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--modes", default="inference,full,tail,tail-bf16")
+    p.add_argument("--n-train", type=int, default=60000)
+    p.add_argument("--n-queries", type=int, default=64)
+    p.add_argument("--query-chunk", type=int, default=16)
+    p.add_argument("--epochs", type=int, default=2, help="training epochs of the SmallCNN (cached)")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--cache", default="/tmp/forwardinf-bench")
+    p.add_argument("--tag", default="", help="suffix of the result files (cost<tag>.md/json)")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--json", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    Path(args.cache).mkdir(parents=True, exist_ok=True)
+    if args.child:
+        Path(args.json).write_text(json.dumps(child(args), indent=2))
+        return
+    modes = [m for m in args.modes.split(",") if m]
+    bad = set(modes) - set(MODES)
+    if bad:
+        raise SystemExit(f"unknown modes {sorted(bad)}; choose from {MODES}")
+    if "inference" not in modes:
+        modes.insert(0, "inference")
+    path = RESULTS / f"cost{args.tag}.json"
+    results = json.loads(path.read_text())["modes"] if path.is_file() else {}
+    for mode in modes:
+        results[mode] = run_child(mode, args)
+        RESULTS.mkdir(exist_ok=True)
+        path.write_text(json.dumps({"command": " ".join(sys.argv), "modes": results}, indent=2) + "\n")
+        (RESULTS / f"cost{args.tag}.md").write_text(report(results, args))
+    print(report(results, args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Leakage detection (paper Table 2) with every baseline next to Forward-INF, timed in the same run.
+
+    .venv/bin/python benchmarks/leakage_baselines.py [--only digits,digits-cnn,fashion-mnist,fashion-mnist-cnn]
+                                                     [--methods a,b,...] [--out benchmarks/results/leakage_baselines]
+
+For each setting the classifier is trained exactly as ``forwardinf leakage`` trains it (5
+checkpoints along training, cached under ``runs/bench-leakage-baselines/<setting>``), the same
+``--n-queries`` training points are copied into the query set, and every method's ``fit`` +
+``influence`` is timed; T-1/T-5/T-10 say whether the copied point ranks first / in the top 5 / 10.
+Unlike the CLI, a method that fails (e.g. LiSSA diverging at a small fixed damping) is recorded
+as failed instead of ending the run, and ``name@damping`` runs an IF variant at a fixed damping
+(``if-1000@0.01``: Koh & Liang's usual value, the regime in which the paper's IF-N were run).
+
+Writes ``<out>.md`` (tables, command, machine) and ``<out>.json`` after every method.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+import forwardinf as fi
+from forwardinf.baselines.registry import make_estimator
+from forwardinf.cli import build_parser
+from forwardinf.experiments.common import markdown_table, timer
+from forwardinf.experiments.leakage import FORWARD_INF_VARIANTS, detection, leaked_queries, make_method
+from forwardinf.experiments.setup import prepare_classifier
+
+BASELINES = ("if-exact", "if-cg", "if-100", "if-1000", "if-10000", "if-100@0.01", "if-1000@0.01", "if-10000@0.01",
+             "tracin-1", "tracin-3", "tracin-5", "tracin-last", "grad-cos", "representer")
+METHODS = ("forward-inf", "forward-inf-paper", *BASELINES)
+SETTINGS = {
+    # name: (CLI arguments of `forwardinf leakage`, methods skipped there and why)
+    "digits": (["--dataset", "digits", "--n-queries", "30"], {}),
+    "digits-cnn": (["--dataset", "digits", "--model", "cnn", "--n-train", "300", "--epochs", "20",
+                    "--n-queries", "10"], {}),
+    "fashion-mnist": (["--dataset", "fashion-mnist", "--model", "mlp", "--n-train", "2000", "--epochs", "20",
+                       "--n-queries", "20"], {}),
+    "fashion-mnist-cnn": (["--dataset", "fashion-mnist", "--n-train", "1000", "--epochs", "10", "--n-queries", "10"],
+                          {"if-10000": "about an hour of CPU per run on this machine (455k parameters)",
+                           "if-10000@0.01": "as if-10000"}),
+}
+
+
+def build(name: str, model: torch.nn.Module, checkpoints: list) -> fi.Estimator:
+    if name in FORWARD_INF_VARIANTS:
+        return make_method(name, model, checkpoints, progress=False)
+    base, _, damping = name.partition("@")
+    kw = {"damping": float(damping)} if damping else {}
+    return make_estimator(base, model, fi.ClassificationTask(), checkpoints=checkpoints, **kw)
+
+
+def run_setting(setting: str, methods: list[str], log: dict) -> None:
+    cli_args, skipped = SETTINGS[setting]
+    args = build_parser().parse_args(["leakage", *cli_args, "--out", f"runs/bench-leakage-baselines/{setting}",
+                                      "--quiet"])
+    prepared = prepare_classifier(args)
+    split, model = prepared.split, prepared.model
+    idx, xq, yq = leaked_queries(split, args.n_queries, args.seed, near=False)
+    n_params = sum(p.numel() for p in model.parameters())
+    entry = log.setdefault(setting, {})
+    entry["setup"] = {"command": "forwardinf leakage " + " ".join(cli_args), "dataset": split.name,
+                      "model": prepared.model_name, "parameters": n_params, "n_train": len(split.y_train),
+                      "n_queries": len(idx), "test_accuracy": round(prepared.accuracy, 4)}
+    entry.setdefault("methods", {})
+    print(f"[{setting}] {entry['setup']}", flush=True)
+    # Untimed warm-up: one-time costs (lazy kernel and autograd initialisation) are not billed to
+    # whichever method happens to run first.
+    make_estimator("tracin-1", model, fi.ClassificationTask(), checkpoints=prepared.checkpoints) \
+        .fit((split.x_train[:8], split.y_train[:8])).influence((xq[:2], yq[:2]))
+    build("forward-inf", model, prepared.checkpoints).fit((split.x_train[:8], split.y_train[:8])).influence((xq[:2], yq[:2]))
+    for name in methods:
+        if name in skipped:
+            entry["methods"][name] = {"skipped": skipped[name]}
+            continue
+        record: dict = {}
+        try:
+            est = build(name, model, prepared.checkpoints)
+            with timer() as t:
+                est.fit(split.train())
+                scores = est.influence((xq, yq))
+            record = {**detection(scores, idx), "seconds": t["seconds"]}
+            for attr in ("damping_", "scale_", "spectrum_", "n_params_"):
+                if getattr(est, attr, None) is not None:
+                    record[attr.rstrip("_")] = getattr(est, attr)
+        except (FloatingPointError, ValueError, RuntimeError) as e:
+            record = {"failed": f"{type(e).__name__}: {e}".splitlines()[0][:200]}
+            traceback.print_exc(limit=2)
+        entry["methods"][name] = record
+        print(f"[{setting}] {name:16s} {record}", flush=True)
+        yield
+
+
+def report(log: dict, command: str) -> str:
+    lines = ["# Leakage detection: every baseline next to Forward-INF", "",
+             "Exact copies of training points are the queries; T-k = fraction of queries whose copy ranks in the "
+             "top k of the method's scores (ties count against). `seconds` = fit + influence for all queries, "
+             "training excluded; `x FI` = seconds / Forward-INF's seconds in the same run. Timings come from a "
+             "shared 2-core CPU machine under heavy contention from other jobs (load average 10-20), one torch "
+             "thread: compare ratios, not absolute values.", "",
+             f"Command: `{command}`  ", f"Machine: {platform.platform()}, torch {torch.__version__}, "
+             f"{os.cpu_count()} CPUs", ""]
+    for setting, entry in log.items():
+        s = entry["setup"]
+        lines += [f"## {setting}", "",
+                  f"`{s['command']}`: {s['dataset']}, {s['model']} ({s['parameters']:,} parameters), "
+                  f"{s['n_train']} training points, test accuracy {s['test_accuracy']:.3f}, {s['n_queries']} queries.", ""]
+        fi_seconds = (entry["methods"].get("forward-inf") or {}).get("seconds")
+        rows = []
+        for name, r in entry["methods"].items():
+            if "seconds" in r:
+                ratio = f"{r['seconds'] / fi_seconds:.1f}" if fi_seconds else ""
+                note = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else
+                                 f"{k} ({v[0]:.3g}, {v[1]:.3g})" if isinstance(v, (tuple, list)) else f"{k} {v}"
+                                 for k, v in r.items() if k in ("damping", "scale", "spectrum", "n_params"))
+                rows.append([name, round(r["seconds"], 2), ratio, r["top1"], r["top5"], r["top10"],
+                             round(r["mean_rank"], 1), note])
+            else:
+                rows.append([name, "", "", "", "", "", "", r.get("failed") and f"failed: {r['failed']}"
+                             or f"skipped: {r.get('skipped')}"])
+        lines += [markdown_table(["method", "seconds", "x FI", "T-1", "T-5", "T-10", "mean rank", "notes"], rows), ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default=",".join(SETTINGS), help="settings, comma-separated")
+    ap.add_argument("--methods", default=",".join(METHODS), help="methods, comma-separated")
+    ap.add_argument("--out", default="benchmarks/results/leakage_baselines", help="output path without suffix")
+    args = ap.parse_args()
+    torch.set_num_threads(1)  # a shared machine: one thread per job
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log: dict = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
+    command = "python " + " ".join(sys.argv)
+    methods = [m for m in args.methods.split(",") if m]
+    for setting in args.only.split(","):
+        log.pop(setting, None)  # a setting is always re-run as a whole
+        start = time.perf_counter()
+        for _ in run_setting(setting, methods, log):
+            out.with_suffix(".json").write_text(json.dumps(log, indent=1, default=float))
+            out.with_suffix(".md").write_text(report(log, command))
+        print(f"[{setting}] done in {time.perf_counter() - start:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

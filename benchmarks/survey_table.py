@@ -1,0 +1,282 @@
+"""Shapley values and HyDRA beside Forward-INF on digits, and the survey's complexity table measured.
+
+    # leakage + mislabel detection on all of digits (1,347 training points)
+    python benchmarks/survey_table.py detect
+    # a 200-point subset, with TMC-Shapley (last-layer retraining) and HyDRA's Hessian form included
+    python benchmarks/survey_table.py detect --n-train 200 --n-queries 20 --tmc --permutations 20 --hessian
+    # the survey's Table 1 (full and incremental time) measured on one setting
+    python benchmarks/survey_table.py complexity
+
+``detect`` uses the library's own experiment pieces (``leaked_queries``/``detection`` of the leakage
+experiment, ``flip_labels``/``detection_metrics``/``rank_scores`` of the mislabel experiment), so its
+numbers compare with ``forwardinf leakage`` / ``forwardinf mislabel``. Each model is trained once
+with ``train_classifier`` under a :class:`TrajectoryRecorder` (HyDRA needs the trajectory):
+
+- leakage: the leakage experiment's digits recipe (MLP 64-128-10, SGD lr 0.05, momentum 0.9, batch
+  64, 30 epochs); training points copied as queries; T-1/T-5/T-10 = the copy ranks first / in the
+  top 5 / top 10 (ties count against).
+- mislabel: 20% of the labels flipped, the same MLP trained 100 epochs (the mislabel experiment's
+  digits recipe, so the noisy labels are fitted); points inspected by decreasing self-influence
+  (Forward-INF: lowest support first, as ``forwardinf mislabel`` does).
+
+``complexity`` times every estimator on the leakage setting: *full* = ``fit`` + the first query,
+*incremental* = each further query (mean over 10 asked together). Retraining-based methods (LOO,
+Downsampling) are projected from one measured training of the same recipe.
+
+All runs are single-threaded on a shared 2-core machine, under heavy contention from other jobs:
+seconds are indicative and comparable only within one output file. Writes
+``benchmarks/results/shapley_hydra_<setting>.md`` and ``survey_complexity_<setting>.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+import forwardinf as fi
+from forwardinf.baselines.hydra import HyDRA, TrajectoryRecorder
+from forwardinf.baselines.shapley import KNNShapley, LastLayerTrainer, TMCShapley
+from forwardinf.data.loaders import load_digits, subset
+from forwardinf.experiments.common import markdown_table
+from forwardinf.experiments.leakage import detection, leaked_queries
+from forwardinf.experiments.mislabel import detection_metrics, flip_labels, rank_scores
+from forwardinf.models import build_model
+from forwardinf.training import accuracy, train_classifier
+
+RESULTS = Path(__file__).parent / "results"
+CONTENTION = ("Single-threaded on a shared 2-core machine under heavy contention from other jobs (load average "
+              "~15-20 during the runs): seconds are indicative and comparable only within this file.")
+
+
+def train_recorded(split: Any, y: torch.Tensor, epochs: int, seed: int) -> tuple[torch.nn.Module, TrajectoryRecorder, float]:
+    """The MLP trained by ``train_classifier`` (SGD lr 0.05, momentum 0.9, batch 64), every step recorded."""
+    model = build_model("mlp", split.input_shape, split.n_classes, seed=seed)
+    rec = TrajectoryRecorder(model)
+    start = time.perf_counter()
+    with rec.recording((split.x_train, y)) as watched:
+        train_classifier(model, watched, epochs=epochs, lr=0.05, batch_size=64, seed=seed)
+    return model.eval(), rec, time.perf_counter() - start
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------------------ detect
+def leakage(split: Any, args: argparse.Namespace) -> tuple[str, dict]:
+    model, rec, train_s = train_recorded(split, split.y_train, 30, args.seed)
+    train = split.train()
+    n_q = min(args.n_queries, len(split.y_train))
+    idx, xq, yq = leaked_queries(split, n_q, args.seed, near=False)
+    task = fi.ClassificationTask()
+    methods: dict[str, Callable[[], torch.Tensor]] = {
+        "forward-inf": lambda: fi.ForwardINF(model, task).fit(train).influence((xq, yq)),
+        "knn-shapley (K=10, penultimate)": lambda: KNNShapley(model, task, k=10).fit(train).influence((xq, yq)),
+        "knn-shapley (K=1, penultimate)": lambda: KNNShapley(model, task, k=1).fit(train).influence((xq, yq)),
+        "knn-banzhaf (K=10, penultimate)": lambda: KNNShapley(model, task, k=10, weighting="banzhaf").fit(train).influence((xq, yq)),
+        "hydra (fast, all layers)": lambda: HyDRA(model, task, trajectory=rec).fit(train).influence((xq, yq)),
+        "hydra (fast, last layer)": lambda: HyDRA(model, task, trajectory=rec, params="last").fit(train).influence((xq, yq)),
+    }
+    if args.hessian:
+        methods["hydra (Hessian, last layer)"] = lambda: HyDRA(model, task, trajectory=rec, params="last",
+                                                               hessian=True).fit(train).influence((xq, yq))
+    tmc = TMCShapley(LastLayerTrainer(model), task, permutations=args.permutations, truncation=0.05, seed=args.seed)
+    if args.tmc:
+        methods[f"tmc-shapley (last layer, {args.permutations} perms, trunc 0.05)"] = lambda: tmc.fit(train).influence((xq, yq))
+    rows, out = [], {}
+    for name, fn in methods.items():
+        scores, seconds = timed(fn)
+        m = detection(scores.double(), idx)
+        out[name] = {**m, "seconds": seconds}
+        rows.append([name, round(seconds, 2), m["top1"], m["top5"], m["top10"], round(m["mean_rank"], 1)])
+        print(f"  leakage {name:40s} {seconds:8.2f}s  T-1 {m['top1']:.3f}  T-5 {m['top5']:.3f}  T-10 {m['top10']:.3f}", flush=True)
+    text = (f"## Leakage detection\n\nMLP trained 30 epochs ({len(rec)} recorded SGD steps, {train_s:.1f}s; test "
+            f"accuracy {accuracy(model, split.test()):.3f}); {n_q} training points copied as queries.\n\n"
+            + markdown_table(["method", "seconds", "T-1", "T-5", "T-10", "mean rank"], rows) + "\n"
+            + _tmc_note(tmc))
+    return text, out
+
+
+def mislabel(split: Any, args: argparse.Namespace) -> tuple[str, dict]:
+    noisy, flipped = flip_labels(split.y_train, 0.2, split.n_classes, seed=args.seed)
+    model, rec, train_s = train_recorded(split, noisy, 100, args.seed)
+    train = (split.x_train, noisy)
+    task = fi.ClassificationTask()
+    methods: dict[str, Callable[[], torch.Tensor]] = {
+        "forward-inf (support order)": lambda: rank_scores("forward-inf", model, train, [], args.seed),
+        "loss": lambda: rank_scores("loss", model, train, [], args.seed),
+        "random": lambda: rank_scores("random", model, train, [], args.seed),
+        "knn-shapley self (K=10, penultimate)": lambda: KNNShapley(model, task, k=10).fit(train).self_influence(),
+        "knn-shapley self (K=10, inputs)": lambda: KNNShapley(model, task, k=10, embedding="inputs").fit(train).self_influence(),
+        "hydra self (fast, all layers)": lambda: HyDRA(model, task, trajectory=rec).fit(train).self_influence(),
+        "hydra self (fast, last layer)": lambda: HyDRA(model, task, trajectory=rec, params="last").fit(train).self_influence(),
+    }
+    if args.hessian:
+        methods["hydra self (Hessian, last layer)"] = lambda: HyDRA(model, task, trajectory=rec, params="last",
+                                                                    hessian=True).fit(train).self_influence()
+    tmc = TMCShapley(LastLayerTrainer(model), task, permutations=args.permutations, seed=args.seed)
+    if args.tmc:
+        methods[f"tmc-shapley self (last layer, {args.permutations} perms)"] = lambda: tmc.fit(train).self_influence()
+    rows, out = [], {}
+    for name, fn in methods.items():
+        scores, seconds = timed(fn)
+        m = detection_metrics(scores, flipped)
+        out[name] = {**m, "seconds": seconds}
+        rows.append([name, round(seconds, 2), m["found_at_15pct"], m["auc"], m["inspect_for_80pct"]])
+        print(f"  mislabel {name:40s} {seconds:8.2f}s  found@15% {m['found_at_15pct']:.3f}  AUC {m['auc']:.3f}", flush=True)
+    text = (f"## Mislabel detection\n\n{int(flipped.sum())} of {len(noisy)} labels flipped; MLP trained 100 epochs on "
+            f"the noisy labels ({len(rec)} recorded steps, {train_s:.1f}s), fitting {accuracy(model, train):.3f} of "
+            f"them; clean test accuracy {accuracy(model, split.test()):.3f}. found@15% is at most 0.75 "
+            "(20% flipped).\n\n"
+            + markdown_table(["method", "seconds", "found@15%", "AUC", "inspected for 80%"], rows) + "\n"
+            + _tmc_note(tmc))
+    return text, out
+
+
+def _tmc_note(tmc: TMCShapley) -> str:
+    d = getattr(tmc, "diagnostics_", None)
+    if d is None:
+        return ""
+    return (f"\nTMC-Shapley diagnostics: {d['permutations']} permutations, {d['trainings']} head fits, relative "
+            f"standard error {d['relative_stderr']:.3f}, split R-hat max {d['rhat_max']:.3f} / mean "
+            f"{d['rhat_mean']:.3f} (4 chains), mean truncation point {d['mean_truncated_at']:.2f} of the "
+            "permutation.\n")
+
+
+def detect(args: argparse.Namespace, split: Any, tag: str) -> None:
+    command = " ".join(["python benchmarks/survey_table.py detect",
+                        *( [f"--n-train {args.n_train}"] if args.n_train else []),
+                        f"--n-queries {args.n_queries}",
+                        *(["--tmc", f"--permutations {args.permutations}"] if args.tmc else []),
+                        *(["--hessian"] if args.hessian else []),
+                        f"--parts {args.parts}"])
+    md = [f"# Shapley values and HyDRA on digits ({len(split.y_train)} training points)", "",
+          f"Command: `{command}`", "", CONTENTION, ""]
+    parts = [s.strip() for s in args.parts.split(",") if s.strip()]
+    if "leakage" in parts:
+        md.append(leakage(split, args)[0])
+    if "mislabel" in parts:
+        md.append(mislabel(split, args)[0])
+    path = RESULTS / f"shapley_hydra_{tag}.md"
+    path.write_text("\n".join(md))
+    print(f"wrote {path}")
+
+
+# -------------------------------------------------------------------------------- complexity
+SURVEY = {  # survey Table 1: (full, incremental, storage)
+    "LOO": ("O(nT)", "O(n)", "O(np)"),
+    "Downsampling": ("O(KT)", "O(K)", "O(Kp)"),
+    "Shapley": ("O(2^n T)", "O(2^n)", "O(2^n p)"),
+    "Inf. func.": ("O(np)", "O(np)", "0"),
+    "Rep. pt.": ("O(n)", "O(n)", "0"),
+    "TracIn": ("O(npT)", "O(npT)", "O(pT)"),
+    "HyDRA": ("O(npT)", "O(np)", "O(pT + np)"),
+    "Forward-INF": ("O(n) fwd + K bwd", "O(n) fwd + K bwd", "0"),
+}
+
+
+def complexity(args: argparse.Namespace, split: Any, tag: str) -> None:
+    from forwardinf.baselines.registry import make_estimator
+
+    model, rec, train_s = train_recorded(split, split.y_train, 30, args.seed)
+    train = split.train()
+    n, p, steps = len(split.y_train), sum(q.numel() for q in model.parameters()), len(rec)
+    idx, xq, yq = leaked_queries(split, 11, args.seed, near=False)
+    first, rest = (xq[:1], yq[:1]), (xq[1:], yq[1:])
+    task = fi.ClassificationTask()
+    # Five checkpoints at every 6th epoch: the states before steps T/5, 2T/5, ... and the final model.
+    cuts = [round(steps * c / 5) for c in range(1, 5)]
+    checkpoints = [rec.steps_[c].state for c in cuts] + [{k: v.detach().clone() for k, v in model.state_dict().items()}]
+    lrs = [0.05] * 5
+    rows = []
+
+    def measure(label: str, family: str, make: Callable[[], Any], note: str = "") -> None:
+        est = make()
+        _, fit_s = timed(lambda: est.fit(train))
+        _, q1 = timed(lambda: est.influence(first))
+        _, q10 = timed(lambda: est.influence(rest))
+        full, inc = fit_s + q1, q10 / 10
+        theory = SURVEY[family]
+        rows.append([family, label, theory[0], theory[1], round(full, 3), round(inc, 4), theory[2], note])
+        print(f"  {label:34s} full {full:9.3f}s  incremental {inc:9.4f}s/query", flush=True)
+
+    measure("forward-inf (default)", "Forward-INF", lambda: fi.ForwardINF(model, task))
+    measure("if-100 (LiSSA depth 100)", "Inf. func.", lambda: make_estimator("if-100", model, task))
+    measure("if-cg (≤100 CG iterations)", "Inf. func.", lambda: make_estimator("if-cg", model, task))
+    measure("representer", "Rep. pt.", lambda: make_estimator("representer", model, task))
+    measure("tracin-5 (5 checkpoints)", "TracIn", lambda: make_estimator("tracin-5", model, task, checkpoints=checkpoints, lrs=lrs))
+    measure("hydra (fast, all layers)", "HyDRA", lambda: HyDRA(model, task, trajectory=rec),
+            f"{steps} steps; hypergradients n x p = {n * p * 4 / 2**20:.0f} MB")
+    measure("hydra (fast, last layer)", "HyDRA", lambda: HyDRA(model, task, trajectory=rec, params="last"))
+    measure("knn-shapley (K=10, penultimate)", "Shapley", lambda: KNNShapley(model, task, k=10),
+            "exact for the KNN surrogate: O(n log n) per query")
+    measure(f"tmc-shapley (last layer, {args.permutations} perm, trunc 0.05)", "Shapley",
+            lambda: TMCShapley(LastLayerTrainer(model), task, permutations=args.permutations, truncation=0.05),
+            "TMC is O(P n T): P permutations of up to n trainings; truncation stopped this one early. "
+            "Queries asked together share the trainings; a later query reruns them")
+
+    # Retraining ground truth: one measured training of the same recipe, times the count needed.
+    fresh = build_model("mlp", split.input_shape, split.n_classes, seed=args.seed + 1)
+    _, t_train = timed(lambda: train_classifier(fresh, train, epochs=30, lr=0.05, batch_size=64, seed=args.seed))
+    with torch.no_grad():
+        _, t_fwd = timed(lambda: [fresh(xq[:1]) for _ in range(100)])
+    t_fwd /= 100
+    head = LastLayerTrainer(model)
+    _, t_head = timed(lambda: head(train, 0))
+    perms = 100
+    rows.append(["Shapley", f"tmc-shapley, last layer, P={perms}, no truncation (projected)", *SURVEY["Shapley"][:2],
+                 round(perms * (n - 1) * t_head, 1), round(perms * (n - 1) * t_fwd, 4), SURVEY["Shapley"][2],
+                 f"{perms} x {n - 1} head fits x {t_head:.3f}s measured (full-data fit); a new query re-evaluates "
+                 "the same trainings if their models are kept"])
+    rows.append(["Shapley", "tmc-shapley, whole MLP, P=100 (projected)", *SURVEY["Shapley"][:2],
+                 round(perms * (n - 1) * t_train, 1), "-", SURVEY["Shapley"][2],
+                 f"{perms} x {n - 1} trainings x {t_train:.2f}s measured"])
+    k = 100
+    rows.append(["LOO", "leave-one-out (projected)", *SURVEY["LOO"][:2], round((n + 1) * t_train, 1),
+                 round((n + 1) * t_fwd, 4), SURVEY["LOO"][2],
+                 f"{n + 1} trainings x {t_train:.2f}s measured; stored models: {(n + 1) * p * 4 / 2**20:.0f} MB"])
+    rows.append(["Downsampling", f"Downsampling K={k} (projected)", *SURVEY["Downsampling"][:2], round(k * t_train, 1),
+                 round(k * t_fwd, 4), SURVEY["Downsampling"][2], f"{k} trainings x {t_train:.2f}s measured"])
+    table = markdown_table(["survey family", "estimator (this run)", "survey full", "survey incremental",
+                            "full s (fit + 1st query)", "incremental s/query", "survey storage", "note"], rows)
+    command = f"python benchmarks/survey_table.py complexity --permutations {args.permutations}"
+    md = [f"# The survey's complexity table, measured ({tag}: n = {n}, p = {p}, T = {steps})", "",
+          f"Command: `{command}`", "",
+          "Setting: digits, MLP 64-128-10 trained with `train_classifier` (SGD lr 0.05, momentum 0.9, batch 64, "
+          f"30 epochs = {steps} steps, {train_s:.1f}s with the trajectory recorded); queries are copies of training "
+          "points. *Full* = `fit` + the first query; *incremental* = each further query (10 asked together, "
+          "divided by 10). Survey columns are Table 1 of Hammoudeh & Lowd (n training points, p parameters, "
+          "T iterations, K models).", "", CONTENTION, "", table, ""]
+    path = RESULTS / f"survey_complexity_{tag}.md"
+    path.write_text("\n".join(md))
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("what", choices=("detect", "complexity"))
+    p.add_argument("--n-train", type=int, default=None, help="class-balanced digits subset (default: all 1,347)")
+    p.add_argument("--n-queries", type=int, default=50)
+    p.add_argument("--tmc", action="store_true", help="detect: include TMC-Shapley (last-layer retraining)")
+    p.add_argument("--permutations", type=int, default=20, help="TMC-Shapley permutations")
+    p.add_argument("--hessian", action="store_true", help="detect: include HyDRA's Hessian form on the last layer")
+    p.add_argument("--parts", default="leakage,mislabel")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    split = load_digits()
+    if args.n_train:
+        split = subset(split, n_train=args.n_train, seed=args.seed)
+    tag = f"digits{args.n_train or ''}"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (detect if args.what == "detect" else complexity)(args, split, tag)
+
+
+if __name__ == "__main__":
+    main()

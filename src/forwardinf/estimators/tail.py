@@ -1,0 +1,347 @@
+"""Tail-only Forward-INF, and reduced-precision forward sweeps.
+
+Tail-only mode: only the last layers (the *tail*, from module ``split`` on) are updated on the
+queries, so everything the forward computes before them (the *prefix*) is the same for every
+query. The prefix runs once over the training set and its output is cached; every query then
+costs a forward pass of the tail alone. The scores are those of ``fi.ForwardINF(model, task,
+params=<the tail's parameters>)``, the full engine restricted to the tail, computed with far
+less work.
+
+The split is found with ``torch.fx``: the model's forward is traced into a graph, cut before the
+first call into module ``split``, and every value the tail reads from the prefix (one tensor for
+a sequential model; several across a skip connection) becomes part of the cache, flattened to
+one ``[N, D]`` matrix.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+from torch.utils.data import Dataset, TensorDataset
+
+from forwardinf.core.params import mode
+from forwardinf.data.inputs import DataLike, batch_len, batches, to_device
+from forwardinf.estimators.base import Estimator, TopK, check_choice
+from forwardinf.estimators.forward_inf import ForwardINF
+from forwardinf.tasks.base import Task
+
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ------------------------------------------------------------------------------------ the split
+@dataclass
+class TailSplit:
+    """A model cut in two: ``tail(features) == model(x)`` with ``features = flatten(prefix(x))``.
+
+    ``prefix``: ``x -> tuple`` of the values the tail reads; ``tail``: ``features [B, D] -> output``
+    sharing the model's own submodules (and parameters, under their original names).
+    ``shapes``/``dtypes``: per-example shape and dtype of each prefix value; ``width``: ``D``.
+    """
+
+    prefix: fx.GraphModule
+    tail: fx.GraphModule
+    shapes: list[tuple[int, ...]]
+    dtypes: list[torch.dtype]
+
+    @property
+    def width(self) -> int:
+        return sum(math.prod(s) for s in self.shapes)
+
+    def features(self, x: Any) -> Tensor:
+        """``[B, D]``: the prefix's outputs on ``x``, each flattened, concatenated."""
+        return torch.cat([v.flatten(1) for v in self.prefix(x)], 1)
+
+
+def _in_module(target: str, split: str) -> bool:
+    return target == split or target.startswith(split + ".")
+
+
+def split_model(model: nn.Module, split: str, example: Tensor) -> TailSplit:
+    """Cut ``model`` before its first call into module ``split`` (e.g. ``"fc"``, ``"classifier"``,
+    ``"stages.3"``); ``example``: a batch of inputs ``[B, ...]`` to learn the cached shapes from.
+
+    The tail is that module and everything the forward computes after it. Raises ``ValueError``
+    if the forward cannot be traced, ``split`` is never called, a cached value is not a
+    per-example tensor, or a parameter is used on both sides (tied weights: the prefix would no
+    longer be frozen).
+    """
+    try:
+        traced = fx.symbolic_trace(model)
+    except Exception as e:  # noqa: BLE001 - any tracing failure is the user's model
+        raise ValueError(f"tail mode needs a model torch.fx can trace (no data-dependent control flow): {e}") from e
+    nodes = list(traced.graph.nodes)
+    first = next((i for i, n in enumerate(nodes)
+                  if n.op in ("call_module", "get_attr") and _in_module(str(n.target), split)), None)
+    if first is None:
+        names = [n for n, _ in model.named_children()]
+        raise ValueError(f"split={split!r} is not a module the forward calls; top-level modules are {names}")
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise ValueError(f"tail mode needs a model with one input; its forward takes {len(placeholders)}")
+    prefix_nodes, tail_nodes = nodes[:first], nodes[first:]
+    if any(n.op == "placeholder" for n in tail_nodes):
+        raise ValueError("tail mode: the input placeholder must come before the split")
+    _check_no_shared_parameters(traced, prefix_nodes, tail_nodes, split)
+
+    in_prefix = set(prefix_nodes)
+    frontier: list[fx.Node] = []
+    for n in tail_nodes:
+        for a in n.all_input_nodes:
+            if a in in_prefix and a not in frontier:
+                frontier.append(a)
+    if not frontier:
+        raise ValueError(f"split={split!r}: the tail reads nothing from the input; nothing to cache")
+
+    pg = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for n in prefix_nodes:
+        env[n] = pg.node_copy(n, lambda a: env[a])
+    pg.output(tuple(env[f] for f in frontier))
+    prefix = fx.GraphModule(traced, pg, class_name="Prefix")
+
+    with torch.no_grad(), mode(model, False):
+        values = prefix(example)
+    shapes, dtypes = [], []
+    for f, v in zip(frontier, values):
+        if not torch.is_tensor(v) or v.ndim == 0 or v.shape[0] != example.shape[0]:
+            raise ValueError(f"tail mode: the tail reads {f.name!r} from before the split, which is not a "
+                             "per-example tensor (e.g. x.size(0)); split elsewhere or use torch.flatten")
+        shapes.append(tuple(v.shape[1:]))
+        dtypes.append(v.dtype)
+
+    tg = fx.Graph()
+    features = tg.placeholder("features")
+    env = {}
+    offset = 0
+    for f, shape, dtype in zip(frontier, shapes, dtypes):
+        width = math.prod(shape)
+        v = tg.call_function(torch.narrow, (features, 1, offset, width))
+        v = tg.call_method("reshape", (v, (-1, *shape)))
+        env[f] = tg.call_method("to", (v, dtype))  # the cache may be in reduced precision
+        offset += width
+    for n in tail_nodes:
+        if n.op == "output":
+            tg.output(fx.map_arg(n.args[0], lambda a: env[a]))
+        else:
+            env[n] = tg.node_copy(n, lambda a: env[a])
+    tail = fx.GraphModule(traced, tg, class_name="Tail")
+    return TailSplit(prefix, tail, shapes, dtypes)
+
+
+def _used_tensors(root: nn.Module, nodes: Iterable[fx.Node]) -> dict[int, str]:
+    used: dict[int, str] = {}
+    for n in nodes:
+        if n.op == "call_module":
+            for name, t in root.get_submodule(str(n.target)).named_parameters():
+                used[id(t)] = f"{n.target}.{name}"
+        elif n.op == "get_attr":
+            t = root
+            for part in str(n.target).split("."):
+                t = getattr(t, part)
+            if torch.is_tensor(t):
+                used[id(t)] = str(n.target)
+    return used
+
+
+def _check_no_shared_parameters(root: nn.Module, prefix: list[fx.Node], tail: list[fx.Node], split: str) -> None:
+    before, after = _used_tensors(root, prefix), _used_tensors(root, tail)
+    shared = sorted(after[i] for i in set(before) & set(after))
+    if shared:
+        raise ValueError(f"split={split!r}: parameter(s) {shared} are used before and after the split (tied "
+                         "weights), so updating the tail would change the cached prefix; split earlier")
+
+
+# ----------------------------------------------------------------------- reduced precision
+class ReducedPrecisionTask(Task):
+    """Another task whose forward sweeps run in ``bfloat16``/``float16`` autocast.
+
+    Sweeps over the training set (gradient disabled: base values, directional derivatives,
+    scoring) run the model in reduced precision and return float32 per-example values, so every
+    difference ``m(θ_q, z_i) - m(θ, z_i)`` and anything summed afterwards is float32. The query
+    update (gradient enabled) runs in float32 as usual.
+    """
+
+    def __init__(self, task: Task, dtype: str = "bfloat16") -> None:
+        self.task = task
+        self.dtype = dtype
+
+    def _run(self, fn: Callable[[Any, Any], Tensor], model: Any, batch: Any) -> Tensor:
+        if torch.is_grad_enabled():
+            return fn(model, batch)
+        check_choice(type(self).__name__, "dtype", self.dtype, ("bfloat16", "float16"))
+        with torch.autocast(_device_type(batch), dtype=PRECISIONS[self.dtype]):
+            out = fn(model, batch)
+        return out.float()
+
+    def loss(self, model: Any, batch: Any) -> Tensor:
+        return self._run(self.task.loss, model, batch)
+
+    def score_loss(self, model: Any, batch: Any) -> Tensor:
+        return self._run(self.task.score_loss, model, batch)
+
+    def query_loss(self, model: Any, batch: Any) -> Tensor:
+        return self.task.query_loss(model, batch)
+
+    def validate(self, model: Any, batch: Any) -> None:
+        self.task.validate(model, batch)
+
+
+def _device_type(batch: Any) -> str:
+    leaves = [batch] if torch.is_tensor(batch) else (list(batch.values()) if isinstance(batch, dict) else list(batch))
+    for t in leaves:
+        if torch.is_tensor(t):
+            return t.device.type
+    return "cpu"
+
+
+# ----------------------------------------------------------------------------- the estimator
+class TailForwardINF(Estimator):
+    """Forward-INF that updates only the model's tail, on a cached pass of the frozen prefix.
+
+    ``fi.TailForwardINF(model, task, split="fc")`` gives the scores of
+    ``fi.ForwardINF(model, task, params="fc")`` (the tail's parameters) but runs the prefix once
+    over the training set in :meth:`fit`; each query then costs the update and one forward of
+    the tail over the cached features ``[n_train, D]``.
+
+    Args (all keyword):
+        split: name of the module where the tail begins (``"fc"``, ``"classifier"``,
+            ``"stages.3"``). The tail is that module and everything the forward does after it.
+        precision: ``"float32"``, or ``"bfloat16"``/``"float16"``: the prefix runs in autocast
+            and the cache is stored in that dtype (half the memory). The tail, its update and
+            every score difference stay float32, so base and updated models see the very same
+            features.
+        options: any :class:`ForwardINF` keyword (``steps``, ``lr``, ``optimizer``, ``score``,
+            ``params`` (patterns within the tail), ``batch_size``, ``query_chunk``, ...).
+            ``fitted_fallback`` is refused: it perturbs inputs the tail never sees.
+
+    The model must take one input: the first element (or ``"inputs"``) of every batch.
+    """
+
+    def __init__(self, model: nn.Module, task: Task | None = None, *, split: str,
+                 precision: str = "float32", **options: Any) -> None:
+        super().__init__(model, task)
+        self.split = split
+        self.precision = precision
+        self.options = options
+
+    # -- fit --------------------------------------------------------------------------------
+    def fit(self, train: DataLike) -> "TailForwardINF":
+        """Cut the model, cache the prefix over ``train``, fit the tail's ForwardINF on the cache."""
+        name = type(self).__name__
+        check_choice(name, "precision", self.precision, PRECISIONS)
+        if not isinstance(self.split, str) or not self.split:
+            raise ValueError(f"{name}: invalid split={self.split!r}; expected a module name such as 'fc'")
+        if self.options.get("fitted_fallback"):
+            raise ValueError(f"{name}: fitted_fallback perturbs the query's inputs, which the tail never sees; "
+                             "use ForwardINF for it")
+        dataset = self._dataset(train, "train")
+        first = next(batches(dataset, min(self._batch_size(), 8)))[1]
+        self.split_ = split_model(self.model, self.split, to_device(_inputs(first), self._device()))
+        try:
+            self.estimator_ = ForwardINF(self.split_.tail, self.task, **self.options)
+        except TypeError as e:
+            raise ValueError(f"{name}: {e} (options are ForwardINF keywords)") from e
+        self.features_ = self.features(dataset, "train")
+        self.estimator_.fit(self.features_)
+        self.train_ = dataset
+        return self
+
+    def _batch_size(self) -> int:
+        return int(self.options.get("batch_size", 512))
+
+    def features(self, data: DataLike, name: str = "data") -> Dataset:
+        """``data`` with each batch's inputs replaced by the prefix's features ``[N, D]``.
+
+        Runs the prefix once, in eval mode (it is frozen), in the configured precision.
+        """
+        self._check_split()
+        dataset = self._dataset(data, name)
+        n, dtype, device = len(dataset), PRECISIONS[self.precision], self._device()
+        out = torch.empty(n, self.split_.width, dtype=dtype)
+        rest: list[list[Any]] = []
+        keys: list[str] | None = None
+        with torch.no_grad(), mode(self.model, False):
+            for start, batch in batches(dataset, self._batch_size()):
+                x = to_device(_inputs(batch), device)
+                if dtype == torch.float32:
+                    f = self.split_.features(x)
+                else:
+                    with torch.autocast(device.type, dtype=dtype):
+                        f = self.split_.features(x)
+                out[start:start + batch_len(batch)] = f.to(dtype).cpu()
+                fields, keys = _other_fields(batch)
+                rest.append(fields)
+        if not torch.isfinite(out.float() if dtype != torch.float32 else out).all():
+            raise ValueError(f"{name}: the prefix produced non-finite features")
+        others = [torch.cat([r[j] for r in rest]) for j in range(len(rest[0]))] if rest else []
+        if keys is None:
+            return TensorDataset(out, *others)
+        return _DictDataset(out, dict(zip(keys, others)))
+
+    def _check_split(self) -> None:
+        if not hasattr(self, "split_"):
+            self._check_fitted()
+
+    # -- contract ---------------------------------------------------------------------------
+    def influence(self, queries: DataLike, joint: bool = False) -> Tensor:
+        """Scores ``[n_query, n_train]`` (or ``[n_train]`` if ``joint``), as :meth:`ForwardINF.influence`."""
+        self._check_fitted()
+        return self.estimator_.influence(self.features(queries, "queries"), joint=joint)
+
+    def self_influence(self) -> Tensor:
+        """``[n_train]``: one joint update of the tail on the whole training set, as ForwardINF's."""
+        self._check_fitted()
+        return self.estimator_.self_influence()
+
+    def top_k(self, queries: DataLike, k: int = 10) -> TopK:
+        return super().top_k(queries, k)
+
+    @property
+    def base_losses_(self) -> Tensor:
+        """``[n_train]`` losses of the unchanged model."""
+        self._check_fitted()
+        return self.estimator_.base_losses_
+
+    def tune(self, queries: DataLike, targets: Any, **grid: Any) -> "TailForwardINF":
+        """:meth:`ForwardINF.tune` on the tail; the chosen ``lr``/``steps``/``score`` go into ``options``."""
+        self._check_fitted()
+        self.estimator_.tune(self.features(queries, "queries"), targets, **grid)
+        for key in ("lr", "steps", "score"):
+            self.options[key] = getattr(self.estimator_, key)
+        self.tune_results_ = self.estimator_.tune_results_
+        return self
+
+
+def _inputs(batch: Any) -> Tensor:
+    if torch.is_tensor(batch):
+        return batch
+    if isinstance(batch, dict):
+        if "inputs" not in batch:
+            raise ValueError("tail mode: dict batches must hold the model's input under 'inputs'")
+        return batch["inputs"]
+    return batch[0]
+
+
+def _other_fields(batch: Any) -> tuple[list[Any], list[str] | None]:
+    """Everything in a batch but the model's input (targets, ...); dict keys if it is a dict."""
+    if torch.is_tensor(batch):
+        return [], None
+    if isinstance(batch, dict):
+        keys = [k for k in batch if k != "inputs"]
+        return [batch[k] for k in keys], keys
+    return list(batch[1:]), None
+
+
+class _DictDataset(Dataset):
+    def __init__(self, features: Tensor, others: dict[str, Tensor]) -> None:
+        self.features, self.others = features, others
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {"inputs": self.features[i], **{k: v[i] for k, v in self.others.items()}}

@@ -1,0 +1,433 @@
+"""Forward-INF on your own model and data: a score store on disk and a top-k table.
+
+    forwardinf score --model mypkg.nets:build --train train.npz --queries queries/ --out runs/score
+    torchrun --standalone --nproc-per-node 4 -m forwardinf.cli score ...   (ranks share the shards)
+
+--model: ``module:callable`` (or ``file.py:callable``) returning an nn.Module; a TorchScript
+file; or a state-dict checkpoint with --arch ``module:callable`` building the architecture
+(read with ``torch.load(weights_only=True)``, never unpickling code).
+--train / --queries: an image folder (one sub-folder per class; queries may be a flat folder,
+then each is explained for the model's predicted class), an .npz file (arrays ``inputs`` and
+``targets``, ``x`` and ``y``, or ``x_<split>``/``y_<split>`` picked with ``file.npz:<split>``), a
+built-in dataset ``NAME:train|test`` (digits, fashion-mnist, mnist, cifar10), or
+``module:callable`` returning a Dataset or ``(inputs, targets)`` tensors.
+With neither --model nor --train it trains a small CNN on scikit-learn's digits and explains 16
+test digits.
+
+Writes into --out: ``store/`` (the score matrix as memory-mapped blocks with a manifest; an
+interrupted run resumes from it, and a store made from another model, data or configuration is
+refused), ``topk.csv`` (or ``.parquet``: query, rank, train_index, score), results.json and
+report.md.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset, TensorDataset
+
+import forwardinf as fi
+from forwardinf.data.inputs import as_dataset, gather
+from forwardinf.distributed import auto_batch_size, init_distributed, score_to_store, shard_dataset
+from forwardinf.estimators.forward_inf import PRESETS, SCORES
+from forwardinf.estimators.tail import PRECISIONS, ReducedPrecisionTask, TailForwardINF
+from forwardinf.experiments.common import markdown_table, results_object, write_outputs
+from forwardinf.storage import write_topk
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default=None, help="module:callable, file.py:callable, a TorchScript file, or a "
+                   "state-dict checkpoint (with --arch)")
+    g.add_argument("--arch", default=None, help="module:callable building the architecture of a state-dict checkpoint")
+    g.add_argument("--train", default=None, help="training data: image folder, .npz[:split], NAME:train|test, or module:callable")
+    g.add_argument("--queries", default=None, help="query data (same forms as --train)")
+    g.add_argument("--task", default=None, help="module:callable returning a forwardinf Task (default: classification)")
+    g.add_argument("--n-train", type=int, default=None, help="use only the first N training examples")
+    g.add_argument("--n-queries", type=int, default=None, help="use only the first N queries")
+    g.add_argument("--mean", type=float, nargs="+", default=None, help="per-channel mean subtracted from image inputs")
+    g.add_argument("--std", type=float, nargs="+", default=None, help="per-channel std dividing image inputs")
+    g.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"), help="resize folder images")
+
+    g = p.add_argument_group("Forward-INF")
+    g.add_argument("--preset", default="default", choices=sorted(PRESETS), help="named recipe (default: default)")
+    g.add_argument("--steps", type=int, default=None, help="update steps K on each query")
+    g.add_argument("--lr", type=float, default=None, help="update step size")
+    g.add_argument("--optimizer", default=None, choices=("nsgd", "sgd", "adam"))
+    g.add_argument("--direction", default=None, choices=("ascent", "descent"))
+    g.add_argument("--score", default=None, choices=SCORES)
+    g.add_argument("--params", nargs="+", default=None, help="parameter name patterns to update (default: all)")
+    g.add_argument("--tail", default=None, metavar="MODULE",
+                   help="tail-only mode: update only MODULE and what follows it; the frozen prefix runs once")
+    g.add_argument("--precision", default="float32", choices=sorted(PRECISIONS),
+                   help="forward sweeps in reduced precision (differences stay float32)")
+
+    g = p.add_argument_group("scale")
+    g.add_argument("--batch-size", default="auto", help="training examples per forward batch, or 'auto' (default)")
+    g.add_argument("--memory-budget", type=float, default=256.0,
+                   help="MiB of activations per forward batch for --batch-size auto (default: 256)")
+    g.add_argument("--query-chunk", type=int, default=16, help="queries updated and scored in one sweep (default: 16)")
+    g.add_argument("--query-block", type=int, default=64, help="queries per stored block (default: 64)")
+    g.add_argument("--shard-size", type=int, default=65536, help="training examples per shard (default: 65536)")
+    g.add_argument("--k", type=int, default=10, help="training points kept per query in the table (default: 10)")
+    g.add_argument("--store", default=None, help="score store folder (default: OUT/store)")
+    g.add_argument("--overwrite", action="store_true", help="delete a store made from anything else and start again")
+    g.add_argument("--format", default="csv", choices=("csv", "parquet"), help="top-k table format")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+    g.add_argument("--device", default="cpu", help="device (cpu, cuda, cuda:1); under torchrun+nccl each rank its own GPU")
+
+
+# ------------------------------------------------------------------------------------ loading
+def load_object(spec: str, what: str) -> Any:
+    """The object named by ``module:attr`` or ``path/to/file.py:attr`` (``attr`` may be dotted)."""
+    if ":" not in spec:
+        raise ValueError(f"{what} {spec!r}: expected module:callable (or file.py:callable), or an existing file")
+    mod_name, attr = spec.rsplit(":", 1)
+    if mod_name.endswith(".py"):
+        path = Path(mod_name)
+        if not path.is_file():
+            raise FileNotFoundError(f"{what} {spec!r}: {path} not found")
+        module_spec = importlib.util.spec_from_file_location(f"_forwardinf_user_{path.stem}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_spec.name] = module
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(mod_name)
+        except ModuleNotFoundError as e:
+            raise ValueError(f"{what} {spec!r}: cannot import module {mod_name!r} ({e}); is it on PYTHONPATH?") from e
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"{what} {spec!r}: module {mod_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def _call(spec: str, what: str) -> Any:
+    fn = load_object(spec, what)
+    return fn() if callable(fn) and not isinstance(fn, (nn.Module, Dataset)) else fn
+
+
+class ScriptedModule(nn.Module):
+    """A TorchScript module that torch.func can run with other parameters.
+
+    ``functional_call`` cannot swap a ScriptModule's parameters, so this wrapper owns copies of
+    them (same dotted names, in holder submodules) and hands the current ones to the script
+    before each call; ``grad``/``vmap``/``jvp`` see through the script's ops.
+    """
+
+    def __init__(self, script: torch.jit.ScriptModule) -> None:
+        super().__init__()
+        object.__setattr__(self, "script", script)  # not a submodule: its tensors are the ones below
+        self._names: list[tuple[str, str]] = []
+        for kind, named in (("param", script.named_parameters()), ("buffer", script.named_buffers())):
+            for name, t in named:
+                holder = self._holder(name)
+                leaf = name.rsplit(".", 1)[-1]
+                if kind == "param":
+                    holder.register_parameter(leaf, nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad))
+                else:
+                    holder.register_buffer(leaf, t.detach().clone())
+                self._names.append((name, leaf))
+        self.train(script.training)
+
+    def _holder(self, name: str) -> nn.Module:
+        holder: nn.Module = self
+        for part in name.split(".")[:-1]:
+            if part not in holder._modules:
+                holder.add_module(part, nn.Module())
+            holder = holder._modules[part]
+        return holder
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        for name, leaf in self._names:
+            holder, target = self, self.script
+            for part in name.split(".")[:-1]:
+                holder, target = holder._modules[part], getattr(target, part)
+            target._c.setattr(leaf, getattr(holder, leaf))
+        if self.script.training != self.training:
+            self.script.train(self.training)
+        return self.script(*args, **kwargs)
+
+
+def load_model(args: argparse.Namespace, device: torch.device) -> nn.Module:
+    spec = args.model
+    path = Path(spec)
+    if path.is_file() and path.suffix != ".py":
+        if args.arch:
+            model = _call(args.arch, "--arch")
+            if not isinstance(model, nn.Module):
+                raise ValueError(f"--arch {args.arch!r} returned {type(model).__name__}, not an nn.Module")
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - pickles with code are refused by weights_only
+                raise ValueError(f"--model {spec}: not a state-dict checkpoint loadable with weights_only=True ({e})") from e
+            if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+                state = state["state_dict"]
+            if not isinstance(state, dict):
+                raise ValueError(f"--model {spec}: expected a state dict, got {type(state).__name__}")
+            try:
+                model.load_state_dict(state)
+            except RuntimeError as e:
+                raise ValueError(f"--model {spec} does not fit --arch {args.arch}: {e}") from e
+            return model.to(device).eval()
+        try:
+            script = torch.jit.load(str(path), map_location=device)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"--model {spec} is not a TorchScript file; for a state-dict checkpoint also give "
+                             f"--arch module:callable that builds the model ({e})") from e
+        return ScriptedModule(script).eval()
+    model = _call(spec, "--model")
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"--model {spec!r} returned {type(model).__name__}, not an nn.Module")
+    return model.to(device)
+
+
+class ImageFolder(Dataset):
+    """Images under ``root/<class>/...`` (classes in sorted order) as ``(float [C, H, W], label)``.
+
+    Loaded lazily, one image per ``__getitem__`` (memory does not grow with the folder). Pixels
+    in [0, 1], then ``(x - mean) / std``; every image is converted to the mode of the first
+    (grey or RGB) and must have the same size unless ``size`` resizes them. A folder without
+    sub-folders gives label -1 (unlabelled).
+    """
+
+    def __init__(self, root: str | Path, mean: list[float] | None = None, std: list[float] | None = None,
+                 size: tuple[int, int] | None = None) -> None:
+        from PIL import Image
+
+        self.root = Path(root)
+        classes = sorted(d.name for d in self.root.iterdir() if d.is_dir())
+        self.classes = classes
+        if classes:
+            self.files = [(f, i) for i, c in enumerate(classes) for f in sorted((self.root / c).rglob("*"))
+                          if f.suffix.lower() in IMAGE_EXTENSIONS]
+        else:
+            self.files = [(f, -1) for f in sorted(self.root.iterdir()) if f.suffix.lower() in IMAGE_EXTENSIONS]
+        if not self.files:
+            raise ValueError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
+        with Image.open(self.files[0][0]) as im:
+            self.mode = "L" if im.mode in ("L", "1", "I", "I;16", "F") else "RGB"
+            self.size = tuple(size) if size else (im.size[1], im.size[0])
+        channels = 1 if self.mode == "L" else 3
+        self.mean = torch.tensor(mean if mean else [0.0] * channels, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std if std else [1.0] * channels, dtype=torch.float32).view(-1, 1, 1)
+        if self.mean.numel() not in (1, channels) or self.std.numel() not in (1, channels):
+            raise ValueError(f"--mean/--std need 1 or {channels} values for {self.mode} images")
+        self.resize = size is not None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        from PIL import Image
+
+        path, label = self.files[i]
+        with Image.open(path) as im:
+            im = im.convert(self.mode)
+            if self.resize:
+                im = im.resize((self.size[1], self.size[0]))
+            elif (im.size[1], im.size[0]) != self.size:
+                raise ValueError(f"{path}: size {im.size[1]}x{im.size[0]} differs from {self.size[0]}x{self.size[1]} "
+                                 "of the first image; pass --image-size H W")
+            arr = np.asarray(im, dtype=np.float32) / 255.0
+        x = torch.from_numpy(arr).reshape(self.size[0], self.size[1], -1).permute(2, 0, 1).contiguous()
+        return (x - self.mean) / self.std, torch.tensor(label, dtype=torch.long)
+
+    def names(self) -> list[str]:
+        return [str(f.relative_to(self.root)) for f, _ in self.files]
+
+
+def _npz(spec: str, mean: list[float] | None, std: list[float] | None) -> Dataset:
+    path_str, _, split = spec.partition(".npz")
+    path = Path(path_str + ".npz")
+    split = split.lstrip(":")
+    with np.load(path, allow_pickle=False) as d:
+        files = set(d.files)
+        for xk, yk in ((f"x_{split}", f"y_{split}"), ("inputs", "targets"), ("x", "y"), ("X", "y")):
+            if (not split or xk.endswith(split)) and xk in files and yk in files:
+                x, y = d[xk], d[yk]
+                break
+        else:
+            want = f"x_{split}/y_{split}" if split else "inputs/targets or x/y"
+            raise ValueError(f"{path}: no arrays {want}; it holds {sorted(files)}")
+    if len(x) != len(y):
+        raise ValueError(f"{path}: {len(x)} inputs but {len(y)} targets")
+    xt = torch.from_numpy(np.ascontiguousarray(x))
+    if x.dtype == np.uint8:  # images: [0, 255] -> [0, 1], channels first
+        xt = xt.float() / 255.0
+        if xt.ndim == 3:
+            xt = xt[:, None]
+        elif xt.ndim == 4 and xt.shape[-1] in (1, 3) and xt.shape[1] not in (1, 3):
+            xt = xt.permute(0, 3, 1, 2).contiguous()
+    elif xt.is_floating_point():
+        xt = xt.float()
+    if mean or std:
+        c = xt.shape[1]
+        m = torch.tensor(mean or [0.0]).view(1, -1, *([1] * (xt.ndim - 2)))
+        s = torch.tensor(std or [1.0]).view(1, -1, *([1] * (xt.ndim - 2)))
+        if m.shape[1] not in (1, c) or s.shape[1] not in (1, c):
+            raise ValueError(f"--mean/--std need 1 or {c} values")
+        xt = (xt - m) / s
+    return TensorDataset(xt, torch.from_numpy(np.asarray(y)).long())
+
+
+def load_data(spec: str, args: argparse.Namespace, what: str) -> Dataset:
+    """A Dataset from one of the accepted data specs (see the module doc)."""
+    from forwardinf.data.loaders import LOADERS, load_dataset
+
+    path = Path(spec)
+    if path.is_dir():
+        return ImageFolder(path, args.mean, args.std, tuple(args.image_size) if args.image_size else None)
+    if ".npz" in spec and Path(spec.partition(".npz")[0] + ".npz").is_file():
+        return _npz(spec, args.mean, args.std)
+    name, _, split = spec.partition(":")
+    if name.lower() in LOADERS or name.lower().replace("_", "-") in LOADERS:
+        if split not in ("train", "test"):
+            raise ValueError(f"{what} {spec!r}: give the split, {name}:train or {name}:test")
+        data = load_dataset(name, args.data_root)
+        return TensorDataset(*(data.train() if split == "train" else data.test()))
+    if path.suffix in (".npz",) or (path.suffix and ":" not in spec):
+        raise FileNotFoundError(f"{what} {spec}: file not found")
+    return as_dataset(_call(spec, what), what)
+
+
+def _first(dataset: Dataset, n: int | None, what: str) -> Dataset:
+    if n is None:
+        return dataset
+    if n < 1:
+        raise ValueError(f"{what}: must be a positive integer, got {n}")
+    return shard_dataset(dataset, 0, min(n, len(dataset)))
+
+
+def _label_by_prediction(queries: Dataset, model: nn.Module, device: torch.device) -> Dataset:
+    """Unlabelled queries (label -1) get the model's predicted class: explain what it predicts."""
+    x, y = gather(queries, range(len(queries)))[:2]
+    if not (y < 0).any():
+        return queries
+    with torch.no_grad():
+        was = model.training
+        model.eval()
+        pred = model(x.to(device)).argmax(-1).cpu()
+        model.train(was)
+    return TensorDataset(x, torch.where(y < 0, pred, y))
+
+
+def _default_model(args: argparse.Namespace, device: torch.device) -> nn.Module:
+    from forwardinf.data.loaders import load_digits
+    from forwardinf.models import build_model
+    from forwardinf.training import train_or_load
+
+    data = load_digits()
+    # Seeded init: every torchrun rank must build the very same model.
+    return train_or_load(lambda: build_model("cnn", data.input_shape, data.n_classes, seed=args.seed, width=16), data.train(),
+                         Path(args.out) / "model.pt", epochs=10, lr=0.05, seed=args.seed).to(device)
+
+
+# --------------------------------------------------------------------------------- estimator
+def build_estimator(args: argparse.Namespace, model: nn.Module, task: fi.Task, train: Dataset) -> Any:
+    """The estimator template described by the command line, with its batch size resolved."""
+    overrides = {k: getattr(args, k) for k in ("steps", "lr", "optimizer", "direction", "score")
+                 if getattr(args, k) is not None}
+    if args.params:
+        overrides["params"] = args.params
+    options = {**PRESETS[args.preset], **overrides, "query_chunk": args.query_chunk, "seed": args.seed}
+    if args.batch_size == "auto":
+        probe = gather(train, range(min(8, len(train))))
+        score = options.get("score", "cosine")
+        # in flight at once: the stacked query models, or the vmapped directional tangents (+ primal)
+        n_models = max(args.query_chunk, 2 * min(8, options.get("n_directions", 16)) if score == "cosine" else 1)
+        options["batch_size"] = auto_batch_size(model, task, probe, n_models=n_models,
+                                                budget_bytes=int(args.memory_budget * 2**20))
+    else:
+        try:
+            options["batch_size"] = int(args.batch_size)
+        except ValueError:
+            raise ValueError(f"--batch-size must be a positive integer or 'auto', got {args.batch_size!r}") from None
+    if args.tail:
+        return TailForwardINF(model, task, split=args.tail, precision=args.precision, **options)
+    if args.precision != "float32":
+        task = ReducedPrecisionTask(task, args.precision)
+    return fi.ForwardINF(model, task, **options)
+
+
+# -------------------------------------------------------------------------------------- run
+def run(args: argparse.Namespace) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ctx = init_distributed()
+    try:
+        return _run(args, ctx)
+    finally:
+        ctx.close()
+
+
+def _run(args: argparse.Namespace, ctx: Any) -> dict:
+    start = time.perf_counter()
+    device = ctx.device if ctx.backend == "nccl" else torch.device(args.device)
+    out = Path(args.out)
+    if args.model is None and args.train is None:
+        model = _default_model(args, device)
+        args.train, args.queries = "digits:train", args.queries or "digits:test"
+        args.n_queries = args.n_queries or 16
+        dataset_name = "digits"
+    else:
+        if args.model is None or args.train is None or args.queries is None:
+            raise ValueError("give --model, --train and --queries (or none of them for the built-in demo)")
+        model = load_model(args, device)
+        dataset_name = args.train
+    if args.queries is None:
+        raise ValueError("--queries is required")
+    train = _first(load_data(args.train, args, "--train"), args.n_train, "--n-train")
+    queries = _first(load_data(args.queries, args, "--queries"), args.n_queries, "--n-queries")
+    query_names = queries.names() if isinstance(queries, ImageFolder) else None
+    train_names = train.names() if isinstance(train, ImageFolder) else None
+    if isinstance(train, ImageFolder) and not train.classes:
+        raise ValueError(f"--train {args.train}: training images must sit in one sub-folder per class")
+    queries = _label_by_prediction(queries, model, device) if isinstance(queries, ImageFolder) else queries
+    task = _call(args.task, "--task") if args.task else fi.ClassificationTask()
+    if not isinstance(task, fi.Task):
+        raise ValueError(f"--task {args.task!r} returned {type(task).__name__}, not a forwardinf Task")
+
+    estimator = build_estimator(args, model, task, train)
+    store_path = Path(args.store) if args.store else out / "store"
+    progress = not args.quiet and ctx.is_main
+    result = score_to_store(estimator, train, queries, store_path, shard_size=args.shard_size,
+                            query_block=args.query_block, k=args.k, overwrite=args.overwrite, ctx=ctx,
+                            progress=progress)
+    seconds = time.perf_counter() - start
+    config = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("quiet",)}
+    config.update(world_size=ctx.world_size, batch_size_used=estimator.options["batch_size"]
+                  if isinstance(estimator, TailForwardINF) else estimator.batch_size)
+    method = {"seconds": seconds, "n_train": len(train), "n_query": len(queries), "blocks": result.store.n_query_blocks
+              * result.store.n_shards, "blocks_written_rank0": result.stats.written,
+              "blocks_reused_rank0": result.stats.reused, "store": str(store_path)}
+    results = results_object("score", dataset_name, config, {"forward-inf": method})
+    if not ctx.is_main:
+        return results
+    table = out / f"topk.{args.format}"
+    write_topk(table, result.indices, result.scores, fmt=args.format, query_ids=query_names, train_ids=train_names)
+    method["topk"] = str(table)
+    rows = []
+    for q in range(min(len(queries), 10)):
+        tops = ", ".join(f"{int(i)} ({float(s):.3g})" for i, s in zip(result.indices[q, :5], result.scores[q, :5]))
+        rows.append([query_names[q] if query_names else q, tops])
+    report = (f"# forwardinf score\n\n{len(queries)} queries x {len(train)} training examples, "
+              f"{ctx.world_size} process(es), {seconds:.1f} s; store: `{store_path}`; table: `{table}`\n\n"
+              + markdown_table(["query", "most influential training indices (score)"], rows) + "\n")
+    results = results_object("score", dataset_name, config, {"forward-inf": method})
+    write_outputs(out, results, report)
+    if not args.quiet:
+        print(report)
+    return results
