@@ -40,7 +40,7 @@ SETTINGS = {
     # name: (CLI arguments of `forwardinf leakage`, methods skipped there and why)
     "digits": (["--dataset", "digits", "--n-queries", "30"], {}),
     "digits-cnn": (["--dataset", "digits", "--model", "cnn", "--n-train", "300", "--epochs", "20",
-                    "--n-queries", "10"], {}),
+                    "--n-queries", "10"], {"if-10000@0.01": "CPU budget (IF-10000 is run once, at the registry's damping)"}),
     "fashion-mnist": (["--dataset", "fashion-mnist", "--model", "mlp", "--n-train", "2000", "--epochs", "20",
                        "--n-queries", "20"], {}),
     "fashion-mnist-cnn": (["--dataset", "fashion-mnist", "--n-train", "1000", "--epochs", "10", "--n-queries", "10"],

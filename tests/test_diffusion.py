@@ -67,6 +67,19 @@ def test_every_example_sees_the_same_noise():
     assert task.noise((1, 8, 8)).shape == (6, 1, 8, 8)
 
 
+def test_first_call_may_come_from_inside_vmap():
+    """The noise is drawn without torch's RNG, which vmap refuses."""
+    from torch.func import functional_call, vmap
+
+    unet = tiny_unet()
+    params = {k: v.detach().unsqueeze(0).expand(2, *v.shape) for k, v in unet.named_parameters()}
+    task = DiffusionTask(build_scheduler(100), timesteps=2)
+    x = images(3)
+    with torch.no_grad():
+        out = vmap(lambda p: task.loss(lambda *a: functional_call(unet, p, a), x))(params)
+        torch.testing.assert_close(out[1], task.loss(unet, x), rtol=1e-5, atol=1e-6)
+
+
 def test_plan_spreads_timesteps_over_bins():
     task = DiffusionTask(build_scheduler(1000), timesteps=4, noise_draws=3)
     assert task.plan().tolist() == [125] * 3 + [375] * 3 + [625] * 3 + [875] * 3

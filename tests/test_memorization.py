@@ -97,3 +97,13 @@ def test_pipeline_tiny(tmp_path):
     assert (tmp_path / "queries.html").read_text().count("<table>") == 3
     assert res["methods"]["forward-inf"]["top1"] == saved["methods"]["forward-inf"]["top1"]
     assert "memorization of GT top" in (tmp_path / "report.md").read_text()
+
+
+def test_unknown_method_fails_fast(tmp_path):
+    parser = argparse.ArgumentParser()
+    memorization.add_arguments(parser)
+    args = parser.parse_args(["--methods", "forward-inf,bogus"])
+    args.dataset, args.data_root, args.out, args.seed, args.quiet = "digits", None, str(tmp_path), 0, True
+    with pytest.raises(ValueError, match="bogus"):
+        memorization.run(args)
+    assert not (tmp_path / "cache").exists()  # nothing trained

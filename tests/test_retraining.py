@@ -128,6 +128,11 @@ def test_downsampling_memorization_finds_flipped_labels(problem):
     assert mem.shape == (60,)
     assert M.roc_auc(mem, flipped) > 0.9
     assert mem[flipped].mean() > 0.5 > mem[~flipped].mean()
+    torch.testing.assert_close(ds.memorization(), mem)
+    # the in/out contrast by hand for one point
+    inside = ds.masks_[:, 5]
+    correct = torch.stack([(m(x[5:6]).argmax(1) == y[5:6]).double()[0] for m in ds.models_])
+    assert float(mem[5]) == pytest.approx(float(correct[inside].mean() - correct[~inside].mean()))
     infl = ds.influence((x[:3], y[:3]))
     assert infl.shape == (3, 60)
     # a flipped point is its own strongest supporter

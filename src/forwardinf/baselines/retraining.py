@@ -630,11 +630,23 @@ class Downsampling(_Retraining):
     def self_influence(self) -> Tensor:
         """``[n_train]``: each point's influence on itself (memorization with ``metric="accuracy"``)."""
         self._check_fitted()
-        values = self._metric(self.train_)  # [K, N]
+        return self._own(self._metric(self.train_), self.metric)
+
+    def memorization(self) -> Tensor:
+        """``[n_train]`` Feldman-Zhang memorization: P(correct on z_i | i in S) - P(correct on z_i | i not in S).
+
+        Always measured with accuracy (classification ``(inputs, targets)`` data), whatever ``metric``.
+        """
+        self._check_fitted()
+        probe = AccuracyProbe(self.train_, self.task, self.batch_size)
+        return self._own(torch.stack([probe(m) for m in self.models_]).double(), "accuracy")
+
+    def _own(self, values: Tensor, metric: str) -> Tensor:
+        """``values [K, N]`` on the training points themselves -> ``[N]`` in-vs-out contrast."""
         inside = self.masks_.double()
         outside = 1.0 - inside
         own_in = (values * inside).sum(0) / inside.sum(0)
         own_out = (values * outside).sum(0) / outside.sum(0)
-        diff = own_out - own_in if self.metric == "loss" else own_in - own_out
+        diff = own_out - own_in if metric == "loss" else own_in - own_out
         counts = self.masks_.sum(0)
         return diff.masked_fill((counts == 0) | (counts == self.n_models), float("nan"))

@@ -16,6 +16,11 @@ random tie-break), the ground-truth influence of each method's pick, all over ev
 restricted to high-influence pairs; the split-half agreement of the ground truth itself (its two
 halves of K/2 models each) as the ceiling its noise allows; wall times of the ground truth
 (K trainings + evaluation) and of each method, and their ratio.
+
+The paper's recipe (``forward-inf-paper``: raw loss change after one Adam ascent step) is listed
+first by default: a memorized training point is an atypical, high-gradient one, which the raw loss
+change ranks first and the library's normalised default score (``"cosine"``) divides away; see
+``benchmarks/results/memorization.md``.
 """
 from __future__ import annotations
 
@@ -189,7 +194,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subset-fraction", type=float, default=0.7,
                    help="fraction of the training set each model sees (default: 0.7, as Feldman & Zhang)")
     p.add_argument("--n-test", type=int, default=None, help="class-balanced test points used as queries (default: all)")
-    p.add_argument("--methods", default="forward-inf,forward-inf-paper",
+    p.add_argument("--methods", default="forward-inf-paper,forward-inf,tracin-5",
                    help="comma-separated: " + ", ".join(FI_VARIANTS) + " and baselines (grad-cos, tracin-last, if-exact, ...)")
     p.add_argument("--workers", type=int, default=1, help="processes for the K trainings (default: 1)")
     p.add_argument("--pairs", type=int, default=8, help="(test, ground-truth top, method top) rows in the figure")
@@ -205,6 +210,11 @@ def run(args: argparse.Namespace) -> dict:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
         raise ValueError("--methods is empty")
+    from forwardinf.baselines.registry import METHODS
+
+    unknown = [m for m in methods if m not in FI_VARIANTS and m not in METHODS]
+    if unknown:  # before the K trainings, not after
+        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join([*FI_VARIANTS, *METHODS[1:]])}")
     prepared = prepare_classifier(args, progress=progress)
     split, model = prepared.split, prepared.model
     if args.n_test:
@@ -270,7 +280,7 @@ def run(args: argparse.Namespace) -> dict:
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    figures = _figures(out, split, gt, gt_top, gt_val, best_scores[methods[0]], methods[0], args.pairs)
+    figures = _figures(out, split, gt, gt_top, gt_val, best_scores, args.pairs)
     g = results["ground-truth"]
     report = [f"# Memorization and influence ({split.name})", "", prepared.describe(), "",
               f"Ground truth: Feldman-Zhang estimator from {args.n_models} models on random "
@@ -327,26 +337,27 @@ def _half_agreement(a: Tensor, b: Tensor, mask: Tensor) -> float | None:
     return float(((ta * tb).sum(1) / (ta.sum(1) * tb.sum(1))).mean())
 
 
-def _figures(out: Path, split: Any, gt: Tensor, gt_top: Tensor, gt_val: Tensor, scores: Tensor,
-             method: str, n_pairs: int) -> list[str]:
-    """Figure 4-style triples (test, ground-truth top, method top) and an HTML page of the top-k."""
+def _figures(out: Path, split: Any, gt: Tensor, gt_top: Tensor, gt_val: Tensor, scores: dict[str, Tensor],
+             n_pairs: int) -> list[str]:
+    """Figure 4-style rows (test point, ground-truth top, each method's top) and an HTML page of the top-k."""
     from forwardinf.experiments.report import save_query_grid, write_query_html
 
     order = torch.argsort(gt_val, descending=True)[:n_pairs]  # the most influential pairs first
-    pick = scores.argmax(1)
-    idx = torch.stack([gt_top[order], pick[order]], 1)
-    vals = torch.stack([gt_val[order], torch.nan_to_num(gt.gather(1, pick[:, None])[:, 0])[order]], 1)
+    picks = [s.argmax(1) for s in scores.values()]
+    idx = torch.stack([gt_top[order]] + [p[order] for p in picks], 1)
+    vals = torch.stack([gt_val[order]] + [torch.nan_to_num(gt.gather(1, p[:, None])[:, 0])[order] for p in picks], 1)
     xq, yq = split.x_test[order], split.y_test[order]
     save_query_grid(out / "pairs.png", xq, split.x_train, idx, vals, query_labels=yq, train_labels=split.y_train,
                     denormalize=split.denormalize, class_names=split.classes, highlight=gt_top[order],
                     max_queries=n_pairs,
-                    title=f"test point | ground-truth top | {method} top\n(ground-truth influence under each; "
-                          f"green = the ground-truth top)")
-    top = scores[order].topk(min(5, scores.shape[1]), dim=1)
-    bot = scores[order].topk(min(3, scores.shape[1]), dim=1, largest=False)
+                    title="columns: test point | ground-truth top | top of " + " | ".join(scores)
+                          + "\nnumbers: ground-truth influence; green: the ground-truth top")
+    first, s = next(iter(scores.items()))
+    top = s[order].topk(min(5, s.shape[1]), dim=1)
+    bot = s[order].topk(min(3, s.shape[1]), dim=1, largest=False)
     write_query_html(out, "queries", xq, split.x_train, top.indices, top.values, query_labels=yq,
                      train_labels=split.y_train, bottom_indices=bot.indices, bottom_scores=bot.values,
                      denormalize=split.denormalize, class_names=split.classes, highlight=gt_top[order],
-                     max_queries=n_pairs, title=f"Memorization: {method} top-5 proponents and 3 opponents "
+                     max_queries=n_pairs, title=f"Memorization: {first} top-5 proponents and 3 opponents "
                                                 f"(green = Feldman-Zhang ground-truth top)")
     return ["pairs.png", "queries.html"]

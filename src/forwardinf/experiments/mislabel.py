@@ -72,7 +72,7 @@ FI_VARIANTS: dict[str, dict[str, Any]] = {
 }
 BASELINES = ("if-exact", "if-100", "if-1000", "if-cg", "tracin-1", "tracin-3", "tracin-5", "tracin-last",
              "loss", "random")
-DEFAULT_METHODS = "forward-inf,forward-inf-cp,forward-inf-paper,if-exact,tracin-5,loss,random"
+DEFAULT_METHODS = "forward-inf,forward-inf-cp,forward-inf-paper,if-exact,tracin-1,tracin-5,loss,random"
 
 # The sweep behind the default (--sweep): every score x update rule, both orders, final model.
 SWEEP_RULES = (("nsgd", 1e-4), ("nsgd", 1e-3), ("nsgd", 1e-2), ("adam", 5e-3), ("adam", 5e-2), ("sgd", 0.1))

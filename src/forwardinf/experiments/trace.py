@@ -34,7 +34,7 @@ METHODS = ("forward-inf", "tracin-single", "tracin-multi", "bm25")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="t5-tiny", help="model config: t5-tiny (seq2seq, as the paper's mT5), gpt2-tiny, gpt2-small (default: t5-tiny)")
+    p.add_argument("--model", default="gpt2-tiny", help="model config: gpt2-tiny, gpt2-small, t5-tiny (default: gpt2-tiny)")
     p.add_argument("--checkpoint", default=None,
                    help="a local folder with a saved model + tokenizer (e.g. OUT/model of an earlier run): skip fine-tuning")
     p.add_argument("--epochs", type=int, default=20, help="fine-tuning epochs (default: 20)")
@@ -52,8 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the one layer TracIn takes gradients of: a parameter name pattern, or 'output' for the output "
                         "layer (lm_head; T5's tied shared embedding) (default: output)")
     p.add_argument("--tracin-checkpoints", type=int, default=3, help="checkpoints of TracIn (multi) (default: 3)")
-    p.add_argument("--fi-lr", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2, 3e-2],
-                   help="Forward-INF learning rates tried on the tuning queries (default: 1e-3 3e-3 1e-2 3e-2)")
+    p.add_argument("--fi-lr", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
+                   help="Forward-INF learning rates tried on the tuning queries (default: 1e-4 3e-4 1e-3 3e-3 1e-2)")
     p.add_argument("--fi-optimizer", default="nsgd", help="Forward-INF optimizer (default: nsgd)")
     p.add_argument("--fi-steps", type=int, default=1, help="Forward-INF update steps (default: 1)")
     p.add_argument("--fi-score", default="loss", help="Forward-INF score: loss or abs (default: loss)")
@@ -75,15 +75,21 @@ def load_facts(args: argparse.Namespace) -> tuple[Any, str]:
 
 
 def encode_records(tokenizer: Any, records: list[dict], kind: str) -> dict[str, torch.Tensor]:
-    """FTRACE records -> a task batch: causal models see ``prefix target suffix``, seq2seq the masked input."""
-    from forwardinf.data.facts import split_cloze
+    """FTRACE records -> a task batch.
+
+    seq2seq: the masked sentence in, ``<extra_id_0> entity`` out (FTRACE's own format).
+    causal: the same pair as a completion, ``[bos] masked sentence <extra_id_0> entity [eos]``
+    with only the entity labelled, so the model sees the whole sentence before the answer as a
+    seq2seq model does (a plain left-to-right reading could not predict a sentence's first entity).
+    """
+    from forwardinf.data.facts import SENTINEL
     from forwardinf.tasks.language_model import encode
 
+    inputs = [r["inputs_pretokenized"] for r in records]
     if kind == "seq2seq":
-        return encode(tokenizer, [r["inputs_pretokenized"] for r in records],
-                      [r["targets_pretokenized"] for r in records], kind="seq2seq")
-    parts = [split_cloze(r["inputs_pretokenized"], r["targets_pretokenized"]) for r in records]
-    return encode(tokenizer, [p[0] for p in parts], [p[1] for p in parts], suffixes=[p[2] for p in parts])
+        return encode(tokenizer, inputs, [r["targets_pretokenized"] for r in records], kind="seq2seq")
+    targets = [r["targets_pretokenized"].replace(SENTINEL, "").strip() for r in records]
+    return encode(tokenizer, [f"{x} {SENTINEL}" for x in inputs], targets)
 
 
 def prepare_model(args: argparse.Namespace, facts: Any, progress: bool) -> dict[str, Any]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -107,8 +108,10 @@ class DiffusionTask(Task):
         cache = self.__dict__.setdefault("_noise_cache", {})
         if key not in cache:
             m = len(self.plan())
-            gen = torch.Generator(device="cpu").manual_seed(self.seed)
-            cache[key] = torch.randn((m, *shape), generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+            # NumPy's generator, not torch.randn: random ops are refused inside vmap, and the
+            # first call may come from a vmapped update or sweep.
+            draws = np.random.default_rng(self.seed).standard_normal((m, *shape), dtype=np.float32)
+            cache[key] = torch.from_numpy(draws).to(device=device, dtype=dtype)
         return cache[key]
 
     def _alphas_cumprod(self) -> Tensor:

@@ -1,0 +1,251 @@
+"""Forward-INF beside the peer libraries, on the same model, data and leaked queries, in one run.
+
+    pip install captum dattri && pip install --no-deps kronfluence   # the peers (never another torch)
+    python benchmarks/peers.py --n-train 2000 --n-queries 16
+
+The model is the SmallCNN of benchmarks/cost.py (trained on all 60,000 Fashion-MNIST images,
+cached). The training set is a seeded random subset of ``--n-train`` of those images, sized so
+that every peer finishes on a shared 2-core CPU; the queries are exact copies of ``--n-queries``
+of them (leakage: a method finds a leak when the copied image ranks first, T-1). Every method
+scores the whole subset for every query with all of the model's parameters, and ranks by its
+library's "most helpful / proponent" score. Seconds are wall and CPU time of the method alone
+(setup + scoring; the model is trained once, outside). Missing peers are reported, not faked.
+
+| name | what |
+|---|---|
+| forward-inf | ``fi.ForwardINF`` defaults |
+| forward-inf-tail | ``fi.TailForwardINF(split="classifier")`` |
+| captum-tracincp | captum ``TracInCP``, the final model as its one checkpoint |
+| dattri-if-cg | dattri ``IFAttributorCG`` (conjugate gradient, 10 iterations, damping 1e-3) |
+| dattri-if-lissa | dattri ``IFAttributorLiSSA`` (depth 100, batch 32, damping 1e-3, scaling 50) |
+| dattri-trak | dattri ``TRAKAttributor`` (one checkpoint, projection to 512 dims) |
+| kronfluence-ekfac | kronfluence EK-FAC factors + pairwise scores |
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+METHODS = ("forward-inf", "forward-inf-tail", "captum-tracincp", "dattri-if-cg", "dattri-if-lissa", "dattri-trak",
+           "kronfluence-ekfac")
+
+
+def problem(args):
+    from forwardinf.data.loaders import load_idx
+    from forwardinf.models import SmallCNN
+    from forwardinf.training import train_or_load
+
+    data = load_idx(args.data_root)
+    model = train_or_load(lambda: SmallCNN(data.input_shape, data.n_classes), (data.x_train, data.y_train),
+                          Path(args.cache) / "smallcnn-fmnist.pt", epochs=args.epochs, lr=0.02, seed=0).eval()
+    g = torch.Generator().manual_seed(args.seed)
+    subset = torch.randperm(len(data.y_train), generator=g)[:args.n_train].sort().values
+    x, y = data.x_train[subset].contiguous(), data.y_train[subset].contiguous()
+    leaked = torch.randperm(args.n_train, generator=g)[:args.n_queries]
+    return model, (x, y), (x[leaked].clone(), y[leaked].clone()), leaked
+
+
+# ------------------------------------------------------------------------------------- methods
+def forward_inf(model, train, queries, args, tail=False):
+    import forwardinf as fi
+    from forwardinf.estimators.tail import TailForwardINF
+
+    if tail:
+        est = TailForwardINF(model, fi.ClassificationTask(), split="classifier", batch_size=256)
+    else:
+        est = fi.ForwardINF(model, fi.ClassificationTask(), batch_size=32, query_chunk=16)
+    return est.fit(train).influence(queries)
+
+
+def captum_tracincp(model, train, queries, args):
+    from captum.influence import TracInCP
+
+    work = copy.deepcopy(model)
+    ckpt = Path(args.tmp) / "final.pt"
+    torch.save(work.state_dict(), ckpt)
+
+    def load(m: nn.Module, path: str) -> float:
+        m.load_state_dict(torch.load(path, weights_only=True))
+        return 1.0  # the learning rate weighting this checkpoint (one checkpoint: a constant)
+
+    tracin = TracInCP(work, TensorDataset(*train), [str(ckpt)], load, loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+                      batch_size=64, sample_wise_grads_per_batch=True)
+    return tracin.influence(queries, show_progress=False)  # [Q, N], proponents positive
+
+
+def _dattri_task(model):
+    from dattri.task import AttributionTask
+
+    def loss(params, data):  # one (image, label) under dattri's vmap over examples, or a batch (Hessian)
+        x, y = data[0], data[1].long()  # dattri's LiSSA sampler hands labels over as floats
+        if y.ndim == 0:
+            x, y = x.unsqueeze(0), y.unsqueeze(0)
+        return nn.functional.cross_entropy(torch.func.functional_call(model, params, (x,)), y)
+
+    return AttributionTask(loss_func=loss, model=model, checkpoints=model.state_dict())
+
+
+def dattri_if(model, train, queries, args, solver):
+    from dattri.algorithm.influence_function import IFAttributorCG, IFAttributorLiSSA
+
+    task = _dattri_task(model)
+    if solver == "cg":
+        att = IFAttributorCG(task, max_iter=10, regularization=1e-3, device="cpu")
+    else:
+        att = IFAttributorLiSSA(task, recursion_depth=100, batch_size=32, damping=1e-3, scaling=50.0, device="cpu")
+    loader = DataLoader(TensorDataset(*train), batch_size=256, shuffle=False)
+    att.cache(loader)
+    scores = att.attribute(loader, DataLoader(TensorDataset(*queries), batch_size=len(queries[0]), shuffle=False))
+    return scores.T  # dattri: [N, Q], larger = the training point helps the query more
+
+
+def dattri_trak(model, train, queries, args):
+    from dattri.algorithm.trak import TRAKAttributor
+
+    task = _dattri_task(model)
+
+    def correct_probability(params, sample):  # dattri passes the parameter dict, one example at a time
+        x, y = sample
+        logits = torch.func.functional_call(model, params, (x.unsqueeze(0),))
+        return torch.exp(-nn.functional.cross_entropy(logits, y.unsqueeze(0)))
+
+    att = TRAKAttributor(task, correct_probability, projector_kwargs={"proj_dim": 512, "device": "cpu"}, device="cpu")
+    att.cache(DataLoader(TensorDataset(*train), batch_size=64, shuffle=False))
+    return att.attribute(DataLoader(TensorDataset(*queries), batch_size=len(queries[0]), shuffle=False)).T
+
+
+def kronfluence_ekfac(model, train, queries, args):
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments
+    from kronfluence.task import Task
+
+    class CE(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            x, y = batch
+            logits = model(x)
+            if sample:  # the true Fisher: labels sampled from the model
+                with torch.no_grad():
+                    y = torch.multinomial(torch.softmax(logits.detach(), -1), 1).flatten()
+            return nn.functional.cross_entropy(logits, y, reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            x, y = batch
+            return nn.functional.cross_entropy(model(x), y, reduction="sum")
+
+    work = prepare_model(copy.deepcopy(model), CE())
+    analyzer = Analyzer("peers", work, CE(), cpu=True, disable_tqdm=True, output_dir=str(Path(args.tmp) / "kron"))
+    analyzer.fit_all_factors("ekfac", TensorDataset(*train), per_device_batch_size=256,
+                             factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True)
+    analyzer.compute_pairwise_scores("scores", "ekfac", TensorDataset(*queries), TensorDataset(*train),
+                                     per_device_query_batch_size=len(queries[0]), per_device_train_batch_size=256,
+                                     overwrite_output_dir=True)
+    return analyzer.load_pairwise_scores("scores")["all_modules"]  # [Q, N], positive = helpful
+
+
+RUNNERS = {
+    "forward-inf": lambda *a: forward_inf(*a),
+    "forward-inf-tail": lambda *a: forward_inf(*a, tail=True),
+    "captum-tracincp": captum_tracincp,
+    "dattri-if-cg": lambda *a: dattri_if(*a, solver="cg"),
+    "dattri-if-lissa": lambda *a: dattri_if(*a, solver="lissa"),
+    "dattri-trak": dattri_trak,
+    "kronfluence-ekfac": kronfluence_ekfac,
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--n-train", type=int, default=2000)
+    p.add_argument("--n-queries", type=int, default=16)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--cache", default="/tmp/forwardinf-bench")
+    p.add_argument("--tag", default="")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    Path(args.cache).mkdir(parents=True, exist_ok=True)
+    from forwardinf.metrics import topk_detection_rate
+
+    model, train, queries, leaked = problem(args)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    results: dict = {}
+    for name in [m for m in args.methods.split(",") if m]:
+        print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            args.tmp = tmp
+            cpu, wall = time.process_time(), time.perf_counter()
+            try:
+                scores = RUNNERS[name](model, train, queries, args).detach().float().cpu()
+            except ImportError as e:
+                results[name] = {"error": f"not installed ({e.name})"}
+                continue
+            except Exception as e:  # noqa: BLE001 - a peer failing is a result too
+                traceback.print_exc()
+                results[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+                continue
+            cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        assert scores.shape == (args.n_queries, args.n_train), (name, scores.shape)
+        results[name] = {"seconds": wall, "cpu_seconds": cpu, "top1": topk_detection_rate(scores, leaked, 1),
+                         "top5": topk_detection_rate(scores, leaked, 5)}
+        print(f"    {results[name]}", flush=True)
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()), f"{name} changed the model"
+    write(results, args)
+
+
+def write(results: dict, args) -> None:
+    import importlib.metadata as md
+
+    def version(pkg: str) -> str:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return "-"
+
+    rows = []
+    for name, r in results.items():
+        if "error" in r:
+            rows.append(f"| {name} | - | - | - | - | {r['error']} |")
+        else:
+            rows.append(f"| {name} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {r['top1']:.3f} | {r['top5']:.3f} | |")
+    text = "\n".join([
+        "# Forward-INF vs peer libraries: seconds and leakage detection on the same model, data, queries",
+        "",
+        f"SmallCNN (455k parameters) trained on Fashion-MNIST (60k); a random subset of {args.n_train:,} training "
+        f"images is the training set to score; {args.n_queries} queries are exact copies of some of them. All "
+        "parameters, every query against every training image. One thread; the 2-core machine was shared with "
+        "other jobs, so wall seconds are inflated (CPU seconds are this process's own).",
+        "",
+        "| method | wall s | CPU s | T-1 | T-5 | note |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+        f"Versions: torch {version('torch')}, captum {version('captum')}, dattri {version('dattri')}, "
+        f"kronfluence {version('kronfluence')}.",
+        "",
+        f"Command: `python benchmarks/peers.py --n-train {args.n_train} --n-queries {args.n_queries} "
+        f"--methods {','.join(results)}`",
+    ]) + "\n"
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"peers{args.tag}.md").write_text(text)
+    (RESULTS / f"peers{args.tag}.json").write_text(json.dumps({"command": " ".join(sys.argv), "config": {
+        "n_train": args.n_train, "n_queries": args.n_queries, "seed": args.seed}, "methods": results}, indent=2) + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
