@@ -107,7 +107,9 @@ def dattri_if(model, train, queries, args, solver):
         att = IFAttributorLiSSA(task, recursion_depth=100, batch_size=32, damping=1e-3, scaling=50.0, device="cpu")
     loader = DataLoader(TensorDataset(*train), batch_size=256, shuffle=False)
     att.cache(loader)
-    scores = att.attribute(loader, DataLoader(TensorDataset(*queries), batch_size=len(queries[0]), shuffle=False))
+    # One query per batch: dattri vmaps its solver over a batch's queries, and LiSSA's 100 steps
+    # for 16 queries at once ran out of memory (12 GB) on this model.
+    scores = att.attribute(loader, DataLoader(TensorDataset(*queries), batch_size=1, shuffle=False))
     return scores.T  # dattri: [N, Q], larger = the training point helps the query more
 
 

@@ -207,3 +207,58 @@ def test_contiguous_group_norm_lets_vmap_run_attention_unets():
     assert not any(m._forward_pre_hooks for m in unet.modules())
     with torch.no_grad():
         assert math.isfinite(float(task.loss(unet, x).sum()))
+
+
+def test_score_loss_is_the_log_loss_and_max_timestep_narrows_the_plan():
+    sched = build_scheduler(1000)
+    task = DiffusionTask(sched, timesteps=5, max_timestep=50)
+    assert task.plan().tolist() == [5, 15, 25, 35, 45]
+    with pytest.raises(ValueError, match="max_timestep"):
+        DiffusionTask(sched, timesteps=5, max_timestep=2000).plan()
+    x = images(3)
+    unet = tiny_unet()
+    with torch.no_grad():
+        torch.testing.assert_close(task.score_loss(unet, x), task.loss(unet, x).log())
+
+
+# -- the experiment ----------------------------------------------------------------------------
+def test_candidate_sets_hold_exemplars_nearest_and_random():
+    from forwardinf.experiments.diffusion import candidate_sets
+
+    g = torch.Generator().manual_seed(0)
+    pool = torch.randn(200, 1, 4, 4, generator=g)
+    exemplars = pool[:3] + 0.01  # the first three pool images are the nearest by construction
+    sets = candidate_sets(exemplars, pool, [20, 103], torch.Generator().manual_seed(1))
+    for size, idx in sets.items():
+        assert len(idx) == size and len(set(idx.tolist())) == size
+        assert idx[:3].tolist() == [0, 1, 2]
+        n_near = (size - 3) // 2
+        dist = torch.cdist(pool.flatten(1), exemplars.flatten(1)).min(1).values
+        near = idx[3:3 + n_near] - 3
+        assert torch.equal(dist[near].sort().values, dist.sort().values[:n_near])
+        assert {0, 1, 2} <= set(near.tolist())
+
+
+def test_experiment_end_to_end_tiny(tmp_path):
+    """The CLI path on a toy budget: outputs, schema, the pre-training cache (not the quality)."""
+    import json
+
+    from forwardinf.cli import build_parser
+
+    argv = ["diffusion", "--out", str(tmp_path), "--quiet", "--pretrain-steps", "3", "--finetune-steps", "2",
+            "--sets", "2", "--sizes", "6,12", "--channels", "8,16", "--timesteps", "5,10", "--noise-draws", "1",
+            "--sample-steps", "2", "--generated", "2", "--exemplars", "2", "--methods", "forward-inf,pixel-l2"]
+    args = build_parser().parse_args(argv)
+    results = args._module.run(args)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["experiment"] == "diffusion" and saved["dataset"] == "digits"
+    assert set(saved["methods"]) == {"forward-inf@6", "forward-inf@12", "pixel-l2@6", "pixel-l2@12"}
+    for m in saved["methods"].values():
+        assert 0 <= m["top1"] <= 1 and m["seconds"] >= 0 and 1 <= m["mean_rank"] <= m["candidates"]
+    assert (tmp_path / "diffusion.png").is_file() and (tmp_path / "report.md").is_file()
+    assert not results["config"]["pretrain_cached"]
+    again = build_parser().parse_args(argv)
+    assert again._module.run(again)["config"]["pretrain_cached"]
+    bad = build_parser().parse_args(argv + ["--score", "nope"])
+    with pytest.raises(ValueError, match="forward-inf"):
+        bad._module.run(bad)

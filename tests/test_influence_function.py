@@ -116,6 +116,54 @@ def test_cg_and_lissa_converge_to_exact_on_logistic_regression():
     assert averaged < 0.06 and averaged < one
 
 
+def _fit_regularised(x, y, weights, lam, init):
+    """``argmin_θ (1/n) Σ_i w_i CE_i + (λ/2)||θ||²`` by L-BFGS to ``||∇|| < 1e-10`` (float64)."""
+    model = init
+    opt = torch.optim.LBFGS(model.parameters(), max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = (weights * F.cross_entropy(model(x), y, reduction="none")).sum() / len(x) \
+            + lam / 2 * sum(p.pow(2).sum() for p in model.parameters())
+        loss.backward()
+        return loss
+
+    for _ in range(5):
+        opt.step(closure)
+    return model
+
+
+def test_exact_if_predicts_leave_one_out_retraining():
+    """Strongly convex: L2 weight λ on every parameter, so ``damping = λ`` makes ``H + λI`` the
+    Hessian of the training objective; retraining without z_i (to convergence, from the optimum)
+    changes a query's loss by ≈ score_i / n. Pearson over the training points > 0.99 (measured:
+    0.9991, 0.9982, 0.9966 for the three queries)."""
+    import copy
+
+    g = torch.Generator().manual_seed(3)
+    n, d, c, lam = 80, 4, 3, 0.05
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = (x @ torch.randn(d, c, generator=g, dtype=torch.float64)
+         + 0.8 * torch.randn(n, c, generator=g, dtype=torch.float64)).argmax(1)
+    torch.manual_seed(0)
+    model = _fit_regularised(x, y, torch.ones(n, dtype=torch.float64), lam, nn.Linear(d, c).double())
+    xq, yq = x[:3] + 0.3, y[:3]
+    scores = InfluenceFunction(model, solver="exact", damping=lam).fit((x, y)).influence((xq, yq))  # [3, n]
+    with torch.no_grad():
+        base = F.cross_entropy(model(xq), yq, reduction="none")
+    loo = torch.empty(3, n, dtype=torch.float64)
+    for i in range(n):
+        w = torch.ones(n, dtype=torch.float64)
+        w[i] = 0
+        refit = _fit_regularised(x, y, w, lam, copy.deepcopy(model))
+        with torch.no_grad():
+            loo[:, i] = F.cross_entropy(refit(xq), yq, reduction="none") - base
+    for q in range(3):
+        r = torch.corrcoef(torch.stack([scores[q] / n, loo[q]]))[0, 1]
+        assert r > 0.99, f"query {q}: Pearson {r:.4f}"
+
+
 def test_lissa_with_too_small_scale_diverges_loudly():
     model, x, y = _logistic()
     est = InfluenceFunction(model, solver="lissa", depth=400, scale=0.01, lissa_batch_size=len(x)).fit((x, y))

@@ -108,7 +108,10 @@ class TracIn(GradientEstimator):
         total = None
         for c, (state, lr) in enumerate(zip(self.states_, self.lrs_)):
             params, loss_fn = self._checkpoint(state)
-            value = torch.ones(len(self.train_), dtype=next(iter(params.values())).dtype) if self.normalize else self._train_norms(c, loss_fn, params) ** 2
+            if self.normalize:
+                value = torch.ones(len(self.train_), dtype=next(iter(params.values())).dtype)
+            else:
+                value = self._train_norms(c, loss_fn, params) ** 2
             total = lr * value if total is None else total + lr * value
         return total
 

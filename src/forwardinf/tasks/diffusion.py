@@ -31,8 +31,13 @@ class DiffusionTask(Task):
     Args (keyword):
         scheduler: any ``diffusers`` scheduler with ``alphas_cumprod`` (DDPM, DDIM, PNDM, ...);
             only read.
-        timesteps: an int ``n`` for ``n`` timesteps evenly spaced over ``[0, T)`` (centres of
-            ``n`` equal bins), or explicit timesteps.
+        timesteps: an int ``n`` for ``n`` timesteps evenly spaced over ``[0, max_timestep)``
+            (centres of ``n`` equal bins), or explicit timesteps. Memorisation of individual
+            training images shows at low noise: for attribution, low timesteps (a few percent
+            of ``T``) carry the signal and high ones mostly add noise (see the ``diffusion``
+            experiment, which uses ``2, 5, 10, 20, 35, 50`` of 1000).
+        max_timestep: upper end of the spread for an int ``timesteps`` (default ``T``, the
+            scheduler's ``num_train_timesteps``).
         noise_draws: noise draws per timestep; ``M = len(timesteps) * noise_draws``.
         seed: seeds the noise.
         input_key: where the images are in a dict batch (tuple batches: element 0; a tensor
@@ -55,14 +60,16 @@ class DiffusionTask(Task):
                                  max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
             text = pipe.text_encoder(ids)[0]                          # [N, 77, 768]
         task = DiffusionTask(scheduler=pipe.scheduler, timesteps=10, condition={"encoder_hidden_states": 1})
-        est = ForwardINF(pipe.unet, task, optimizer="adam", lr=1e-5, steps=3, score="loss",
+        est = ForwardINF(pipe.unet, task, optimizer="adam", lr=1e-5, steps=3, score="margin",
                          params="*attn2*", batch_size=4).fit((latents, text))
         scores = est.influence((generated_latents, prompt_text), joint=True)   # [N]
 
     ``params`` restricts the update (here to the cross-attention layers) to save memory. The
-    SD UNet has attention blocks: run ``vmap``-based estimators inside
-    :func:`forwardinf.models.diffusion.contiguous_group_norm`, and prefer ``score="loss"`` (the
-    fused attention kernel has no forward-mode derivative, which ``score="cosine"`` needs).
+    SD UNet has attention blocks: run estimators inside
+    :func:`forwardinf.models.diffusion.contiguous_group_norm` (they ``vmap`` over parameters),
+    and use ``score="margin"`` or ``"loss"`` (the fused attention kernel has no forward-mode
+    derivative, which ``score="cosine"`` needs). ``"margin"`` scores the relative change of the
+    loss (see :meth:`score_loss`); it worked best in the ``diffusion`` experiment.
     """
 
     def __init__(
@@ -70,6 +77,7 @@ class DiffusionTask(Task):
         scheduler: Any,
         *,
         timesteps: int | Sequence[int] = 8,
+        max_timestep: int | None = None,
         noise_draws: int = 1,
         seed: int = 0,
         input_key: str = "images",
@@ -77,6 +85,7 @@ class DiffusionTask(Task):
     ) -> None:
         self.scheduler = scheduler
         self.timesteps = timesteps
+        self.max_timestep = max_timestep
         self.noise_draws = noise_draws
         self.seed = seed
         self.input_key = input_key
@@ -88,9 +97,12 @@ class DiffusionTask(Task):
         alphas = self._alphas_cumprod()
         T = len(alphas)
         if isinstance(self.timesteps, int) and not isinstance(self.timesteps, bool):
-            if not 1 <= self.timesteps <= T:
-                raise ValueError(f"DiffusionTask: timesteps={self.timesteps} must be in [1, {T}] (the scheduler has {T})")
-            ts = ((torch.arange(self.timesteps, dtype=torch.float64) + 0.5) * T / self.timesteps).long()
+            top = T if self.max_timestep is None else self.max_timestep
+            if not 1 <= top <= T:
+                raise ValueError(f"DiffusionTask: max_timestep={top} must be in [1, {T}] (the scheduler has {T} timesteps)")
+            if not 1 <= self.timesteps <= top:
+                raise ValueError(f"DiffusionTask: timesteps={self.timesteps} must be in [1, {top}]")
+            ts = ((torch.arange(self.timesteps, dtype=torch.float64) + 0.5) * top / self.timesteps).long()
         else:
             ts = torch.as_tensor(list(self.timesteps), dtype=torch.long)
             if ts.ndim != 1 or len(ts) == 0:
@@ -170,6 +182,15 @@ class DiffusionTask(Task):
         else:
             target = a * eps - s * x0
         return (pred - target.reshape(b, m, -1)).pow(2).mean(-1).mean(-1)
+
+    def score_loss(self, model: Callable[..., Any], batch: Any) -> Tensor:
+        """``[B]`` log denoising losses: Forward-INF's ``"margin"``/``"cosine"`` scores see relative changes.
+
+        Same gradient direction as :meth:`loss` per example. Denoising losses span orders of
+        magnitude (memorised images have tiny ones, forgotten ones large), and a raw change is
+        dominated by the large ones; ``log L(θ_K) - log L(θ)`` is not.
+        """
+        return self.loss(model, batch).log()
 
     def validate(self, model: Callable[..., Any], batch: Any) -> None:
         x = self.images(batch)
