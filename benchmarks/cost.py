@@ -121,6 +121,9 @@ def child(args) -> dict:
     reset_peak()
     with Clock() as fit:
         est.fit((x, y))
+    if args.child.startswith("full"):
+        leaked = leaked[:args.n_queries_full]  # each query is one sweep over the training set
+        out["n_queries"] = len(leaked)
     first = (x[leaked[:1]], y[leaked[:1]])
     with Clock() as one:
         est.influence(first)
@@ -135,6 +138,7 @@ def child(args) -> dict:
         many_wall=many.wall, per_query_cpu=min(one.cpu, many.cpu / len(leaked)),
         paired_inference_cpu=ref.cpu, paired_inference_wall=ref.wall,
         top1=topk_detection_rate(scores, leaked, 1), top5=topk_detection_rate(scores, leaked, 5),
+        top1_first=topk_detection_rate(scores[:args.n_queries_full], leaked[:args.n_queries_full], 1),
     )
     return out
 
@@ -142,7 +146,7 @@ def child(args) -> dict:
 def run_child(mode: str, args) -> dict:
     tmp = Path(args.cache) / f"cost-{mode}.json"
     cmd = [sys.executable, __file__, "--child", mode, "--json", str(tmp), "--n-train", str(args.n_train),
-           "--n-queries", str(args.n_queries), "--query-chunk", str(args.query_chunk), "--cache", args.cache,
+           "--n-queries", str(args.n_queries), "--n-queries-full", str(args.n_queries_full), "--query-chunk", str(args.query_chunk), "--cache", args.cache,
            "--epochs", str(args.epochs)] + (["--data-root", args.data_root] if args.data_root else [])
     print(f"[{time.strftime('%H:%M:%S')}] {mode} ...", flush=True)
     subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -155,14 +159,14 @@ def report(results: dict, args) -> str:
     rows = []
     for mode, r in results.items():
         if mode == "inference":
-            rows.append(f"| inference sweep | - | {r['sweep_cpu']:.1f} | 1.00 | - | - | - | {r['peak_mb']:.0f} | 1.00 | - |")
+            rows.append(f"| inference sweep | 512 / 128 | {r['sweep_cpu']:.1f} | 1.00 | - | - | - | - | {r['peak_mb']:.0f} | 1.00 |")
             continue
         per_q = r["per_query_cpu"]
         e2e = (r["fit_cpu"] + r["many_cpu"]) / (r["fit_cpu"] + r["one_cpu"])
         rows.append(
             f"| {mode} | {r['batch_size']} | {per_q:.2f} | {per_q / base:.3f} | {r['fit_cpu'] / base:.2f} | "
-            f"{r['many_cpu'] / r['one_cpu']:.1f} / {e2e:.2f} | {r['top1']:.3f} | {r['peak_mb']:.0f} | "
-            f"{r['peak_mb'] / inf['peak_mb']:.2f} | {r['top5']:.3f} |")
+            f"{r['n_queries']} vs 1: {r['many_cpu'] / r['one_cpu']:.1f} / {e2e:.2f} | {r['top1']:.3f} ({r['n_queries']}) | "
+            f"{r['top1_first']:.3f} | {r['peak_mb']:.0f} | {r['peak_mb'] / inf['peak_mb']:.2f} |")
     lines = [
         "# Cost of a Forward-INF query vs a plain inference sweep",
         "",
@@ -172,20 +176,22 @@ def report(results: dict, args) -> str:
         "shared with other jobs (load average ~15-19), so wall times are longer and noisy; ratios use the fastest "
         "inference sweep measured (batch 512 or 128, in the inference process or paired after each mode).",
         "",
-        "| mode | batch | s / query | ÷ inference sweep | fit ÷ sweep | 64 vs 1 query: marginal / end-to-end | "
-        "T-1 | peak MB | ÷ inference peak | T-5 |",
+        "| mode | batch | CPU s / query | ÷ inference sweep | fit ÷ sweep | Q vs 1 query: marginal / end-to-end | "
+        f"T-1 (queries) | T-1 first {args.n_queries_full} | peak MB | ÷ inference peak |",
         "|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
         "- *s / query*: the marginal CPU seconds of one query after fit (update + scoring sweep), best of the "
         "1-query call and the all-queries call divided by their number.",
-        "- *64 vs 1 query*: time of scoring all queries ÷ time of one, after fit (marginal), and including fit "
-        "(end-to-end: fit + queries).",
+        "- *Q vs 1 query*: time of scoring all Q queries ÷ time of one, after fit (marginal), and including fit "
+        "(end-to-end: fit + queries). Full-model modes score fewer queries (each is a sweep over all images).",
+        "- *T-1 first N*: T-1 on the queries every mode scored, for a side-by-side comparison.",
         "- *peak MB*: VmHWM during fit + queries (data, model and library included; the same ~"
         f"{inf['rss_before_mb']:.0f} MB baseline of data + torch in every process), vs the inference sweep's at "
         "batch 512.",
         "",
         f"Command: `python benchmarks/cost.py --n-train {args.n_train} --n-queries {args.n_queries} "
+        f"--n-queries-full {args.n_queries_full} "
         f"--modes {','.join(results)}`",
     ]
     return "\n".join(lines) + "\n"
@@ -196,6 +202,8 @@ def main() -> None:
     p.add_argument("--modes", default="inference,full,tail,tail-bf16")
     p.add_argument("--n-train", type=int, default=60000)
     p.add_argument("--n-queries", type=int, default=64)
+    p.add_argument("--n-queries-full", type=int, default=16,
+                   help="queries in the full-model modes (each costs a sweep over the training set)")
     p.add_argument("--query-chunk", type=int, default=16)
     p.add_argument("--epochs", type=int, default=2, help="training epochs of the SmallCNN (cached)")
     p.add_argument("--data-root", default=None)

@@ -156,8 +156,14 @@ def test_mismatched_store_is_refused_by_the_cli(user, capsys):
 def test_bad_specs_fail_clearly(user, capsys):
     tmp, _ = user
     assert cli_main(_args(tmp, tmp / "bad1", "--model", str(tmp / "weights.pt"))) == 2
-    assert "not a TorchScript file" in capsys.readouterr().err and True
+    assert "not a TorchScript file" in capsys.readouterr().err
     assert cli_main(_args(tmp, tmp / "bad2", "--model", "no_such_module_xyz:build")) == 2
     assert "cannot import module 'no_such_module_xyz'" in capsys.readouterr().err
     assert cli_main(["score", "--model", f"{tmp / 'net.py'}:trained", "--out", str(tmp / "bad3")]) == 2
     assert "give --model, --train and --queries" in capsys.readouterr().err
+    assert cli_main(_args(tmp, tmp / "bad4", "--model", f"{tmp / 'net.py'}:trained", "--train",
+                          str(tmp / "nothing.npz"))) == 2
+    assert "nothing.npz: no such file or folder" in capsys.readouterr().err
+    np.savez(tmp / "odd.npz", a=np.zeros(3))
+    assert cli_main(_args(tmp, tmp / "bad5", "--model", f"{tmp / 'net.py'}:trained", "--train", str(tmp / "odd.npz"))) == 2
+    assert "no arrays inputs/targets or x/y or X/y; it holds ['a']" in capsys.readouterr().err

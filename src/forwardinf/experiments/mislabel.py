@@ -356,7 +356,9 @@ def _curve_figure(path: Path, curves: dict, fraction: float, dataset: str) -> No
     fig, ax = plt.subplots(figsize=(5.2, 4.2))
     xs = np.linspace(0, 1, 201)
     ax.plot(xs, np.minimum(1, xs / fraction), color="0.6", ls=":", label="perfect")
-    colors = plt.get_cmap("tab10").colors
+    # tab10 and tab20's dark half without the greys: grey is reserved for "random".
+    colors = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 7]
+    colors += [c for i, c in enumerate(plt.get_cmap("tab20").colors) if i % 2 and i not in (15,)]
     for j, (name, (inspected, found)) in enumerate(curves.items()):
         style = "-" if name.startswith("forward-inf") else "--"
         color = "0.45" if name == "random" else colors[j % len(colors)]

@@ -253,15 +253,13 @@ def _npz(spec: str, mean: list[float] | None, std: list[float] | None) -> Datase
     path_str, _, split = spec.partition(".npz")
     path = Path(path_str + ".npz")
     split = split.lstrip(":")
+    candidates = [(f"x_{split}", f"y_{split}")] if split else [("inputs", "targets"), ("x", "y"), ("X", "y")]
     with np.load(path, allow_pickle=False) as d:
-        files = set(d.files)
-        for xk, yk in ((f"x_{split}", f"y_{split}"), ("inputs", "targets"), ("x", "y"), ("X", "y")):
-            if (not split or xk.endswith(split)) and xk in files and yk in files:
-                x, y = d[xk], d[yk]
-                break
-        else:
-            want = f"x_{split}/y_{split}" if split else "inputs/targets or x/y"
-            raise ValueError(f"{path}: no arrays {want}; it holds {sorted(files)}")
+        found = next(((xk, yk) for xk, yk in candidates if xk in d.files and yk in d.files), None)
+        if found is None:
+            want = " or ".join(f"{xk}/{yk}" for xk, yk in candidates)
+            raise ValueError(f"{path}: no arrays {want}; it holds {sorted(d.files)}")
+        x, y = d[found[0]], d[found[1]]
     if len(x) != len(y):
         raise ValueError(f"{path}: {len(x)} inputs but {len(y)} targets")
     xt = torch.from_numpy(np.ascontiguousarray(x))
@@ -298,8 +296,8 @@ def load_data(spec: str, args: argparse.Namespace, what: str) -> Dataset:
             raise ValueError(f"{what} {spec!r}: give the split, {name}:train or {name}:test")
         data = load_dataset(name, args.data_root)
         return TensorDataset(*(data.train() if split == "train" else data.test()))
-    if path.suffix in (".npz",) or (path.suffix and ":" not in spec):
-        raise FileNotFoundError(f"{what} {spec}: file not found")
+    if ":" not in spec:
+        raise FileNotFoundError(f"{what} {spec}: no such file or folder (nor a module:callable)")
     return as_dataset(_call(spec, what), what)
 
 
