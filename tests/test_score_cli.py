@@ -109,7 +109,7 @@ def test_scripted_module_runs_under_torch_func(user):
 
 def test_tail_mode_and_params_give_the_same_table(user):
     tmp, _ = user
-    model = ["--model", f"{tmp / 'net.py'}:trained"]
+    model = ["--model", f"{tmp / 'net.py'}:trained", "--batch-size", "64"]  # (auto would size them differently)
     assert cli_main(_args(tmp, tmp / "run_tail", *model, "--tail", "4")) == 0
     assert cli_main(_args(tmp, tmp / "run_params", *model, "--params", "4", "6")) == 0
     assert (tmp / "run_tail" / "topk.csv").read_text() == (tmp / "run_params" / "topk.csv").read_text()

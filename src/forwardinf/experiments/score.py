@@ -35,10 +35,10 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 
 import forwardinf as fi
-from forwardinf.data.inputs import as_dataset, gather
-from forwardinf.distributed import auto_batch_size, init_distributed, score_to_store, shard_dataset
+from forwardinf.data.inputs import as_dataset, gather, to_device
+from forwardinf.distributed import activation_bytes, auto_batch_size, init_distributed, score_to_store, shard_dataset
 from forwardinf.estimators.forward_inf import PRESETS, SCORES
-from forwardinf.estimators.tail import PRECISIONS, ReducedPrecisionTask, TailForwardINF
+from forwardinf.estimators.tail import PRECISIONS, ReducedPrecisionTask, TailForwardINF, split_model
 from forwardinf.experiments.common import markdown_table, results_object, write_outputs
 from forwardinf.storage import write_topk
 
@@ -322,6 +322,11 @@ def _label_by_prediction(queries: Dataset, model: nn.Module, device: torch.devic
     return TensorDataset(x, torch.where(y < 0, pred, y))
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def _default_model(args: argparse.Namespace, device: torch.device) -> nn.Module:
     from forwardinf.data.loaders import load_digits
     from forwardinf.models import build_model
@@ -342,12 +347,19 @@ def build_estimator(args: argparse.Namespace, model: nn.Module, task: fi.Task, t
         overrides["params"] = args.params
     options = {**PRESETS[args.preset], **overrides, "query_chunk": args.query_chunk, "seed": args.seed}
     if args.batch_size == "auto":
-        probe = gather(train, range(min(8, len(train))))
+        probe = to_device(gather(train, range(min(8, len(train)))), _device_of(model))
         score = options.get("score", "cosine")
         # in flight at once: the stacked query models, or the vmapped directional tangents (+ primal)
         n_models = max(args.query_chunk, 2 * min(8, options.get("n_directions", 16)) if score == "cosine" else 1)
-        options["batch_size"] = auto_batch_size(model, task, probe, n_models=n_models,
-                                                budget_bytes=int(args.memory_budget * 2**20))
+        budget = int(args.memory_budget * 2**20)
+        if args.tail:
+            # The prefix runs one model; only the (smaller) tail runs n_models at once.
+            split = split_model(model, args.tail, probe[0])
+            tail_probe = (split.features(probe[0]).detach(), *probe[1:])
+            per_example = max(activation_bytes(model, task, probe), n_models * activation_bytes(split.tail, task, tail_probe))
+            options["batch_size"] = int(max(1, min(1024, budget // per_example)))
+        else:
+            options["batch_size"] = auto_batch_size(model, task, probe, n_models=n_models, budget_bytes=budget)
     else:
         try:
             options["batch_size"] = int(args.batch_size)
@@ -372,7 +384,6 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _run(args: argparse.Namespace, ctx: Any) -> dict:
-    start = time.perf_counter()
     device = ctx.device if ctx.backend == "nccl" else torch.device(args.device)
     out = Path(args.out)
     if args.model is None and args.train is None:
@@ -385,8 +396,7 @@ def _run(args: argparse.Namespace, ctx: Any) -> dict:
             raise ValueError("give --model, --train and --queries (or none of them for the built-in demo)")
         model = load_model(args, device)
         dataset_name = args.train
-    if args.queries is None:
-        raise ValueError("--queries is required")
+    start = time.perf_counter()  # "seconds" excludes training the demo's model
     train = _first(load_data(args.train, args, "--train"), args.n_train, "--n-train")
     queries = _first(load_data(args.queries, args, "--queries"), args.n_queries, "--n-queries")
     query_names = queries.names() if isinstance(queries, ImageFolder) else None
