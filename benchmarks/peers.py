@@ -1,7 +1,7 @@
 """Forward-INF beside the peer libraries, on the same model, data and leaked queries, in one run.
 
     pip install captum dattri && pip install --no-deps kronfluence   # the peers (never another torch)
-    python benchmarks/peers.py --n-train 2000 --n-queries 16
+    python benchmarks/peers.py --n-train 1000 --n-queries 16
 
 The model is the SmallCNN of benchmarks/cost.py (trained on all 60,000 Fashion-MNIST images,
 cached). The training set is a seeded random subset of ``--n-train`` of those images, sized so
@@ -107,9 +107,10 @@ def dattri_if(model, train, queries, args, solver):
         att = IFAttributorLiSSA(task, recursion_depth=100, batch_size=32, damping=1e-3, scaling=50.0, device="cpu")
     loader = DataLoader(TensorDataset(*train), batch_size=256, shuffle=False)
     att.cache(loader)
-    # One query per batch: dattri vmaps its solver over a batch's queries, and LiSSA's 100 steps
-    # for 16 queries at once ran out of memory (12 GB) on this model.
-    scores = att.attribute(loader, DataLoader(TensorDataset(*queries), batch_size=1, shuffle=False))
+    # LiSSA: one query per batch; dattri vmaps its 100 recursion steps over a batch's queries,
+    # which ran out of memory (12 GB) for 16 queries on this model. CG solves them together.
+    per_batch = 1 if solver == "lissa" else len(queries[0])
+    scores = att.attribute(loader, DataLoader(TensorDataset(*queries), batch_size=per_batch, shuffle=False))
     return scores.T  # dattri: [N, Q], larger = the training point helps the query more
 
 
@@ -170,7 +171,7 @@ RUNNERS = {
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--n-train", type=int, default=2000)
+    p.add_argument("--n-train", type=int, default=1000)
     p.add_argument("--n-queries", type=int, default=16)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)

@@ -262,3 +262,24 @@ def test_experiment_end_to_end_tiny(tmp_path):
     bad = build_parser().parse_args(argv + ["--score", "nope"])
     with pytest.raises(ValueError, match="forward-inf"):
         bad._module.run(bad)
+
+
+def test_latent_text_conditioned_path_as_documented_for_stable_diffusion():
+    """The docstring's SD recipe on a tiny cross-attention UNet built from a config."""
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8, norm_num_groups=4, attention_head_dim=2)
+    before = fingerprint(unet)
+    latents, text = torch.randn(5, 4, 8, 8), torch.randn(5, 3, 8)  # [N, 4, H, W], [N, tokens, dim]
+    task = DiffusionTask(diffusers.PNDMScheduler(num_train_timesteps=100), timesteps=2, max_timestep=20,
+                         condition={"encoder_hidden_states": 1})
+    with contiguous_group_norm(unet):
+        est = fi.ForwardINF(unet, task, optimizer="adam", lr=1e-3, steps=2, score="margin", params="*attn2*",
+                            batch_size=4).fit((latents, text))
+        joint = est.influence((latents[:2], text[:2]), joint=True)
+        each = est.influence((latents[:2], text[:2]))
+    assert joint.shape == (5,) and set(joint.topk(2).indices.tolist()) == {0, 1}
+    assert each.argmax(1).tolist() == [0, 1]  # each query's own duplicate ranks first
+    assert same_state(before, fingerprint(unet))

@@ -34,8 +34,7 @@ from forwardinf.estimators.base import Estimator
 from forwardinf.tasks.base import Task
 
 METHODS = ("forward-inf", "if-100", "if-1000", "if-10000", "if-cg", "if-exact",
-           "tracin-1", "tracin-3", "tracin-5", "tracin-last", "grad-cos", "representer",
-           "knn-shapley", "tmc-shapley", "hydra", "hydra-last")
+           "tracin-1", "tracin-3", "tracin-5", "tracin-last", "grad-cos", "representer")
 
 LARGE_MODEL = 1_000_000  # trainable parameters above which influence functions use the last layer
 EXACT_ALL = 2_000  # if-exact uses all parameters only up to this many
@@ -80,16 +79,4 @@ def make_estimator(name: str, model: nn.Module, task: Task | None = None, *,
         chosen_lrs = list(lrs)[-want:] if lrs is not None and ckpts else None
         defaults = {"checkpoints": chosen, "lrs": chosen_lrs, "params": "last" if key == "tracin-last" else None}
         return TracIn(model, task, **{**defaults, **kw})
-    if key == "knn-shapley":
-        from forwardinf.baselines.shapley import KNNShapley
-        return KNNShapley(model, task, **{"k": 10, **kw})
-    if key == "tmc-shapley":
-        from forwardinf.baselines.shapley import LastLayerTrainer, TMCShapley
-        train_fn = kw.pop("train_fn", None) or LastLayerTrainer(model)
-        return TMCShapley(train_fn, task, **{"permutations": 20, "truncation": 0.05, **kw})
-    if key in ("hydra", "hydra-last"):
-        from forwardinf.baselines.hydra import HyDRA
-        if kw.get("trajectory") is None:
-            raise ValueError(f"{name} needs trajectory=: a TrajectoryRecorder of the model's training run")
-        return HyDRA(model, task, **{"params": "last" if key == "hydra-last" else None, **kw})
     return RepresenterPoint(model, task, **kw)

@@ -131,6 +131,9 @@ def run(args: argparse.Namespace) -> dict:
     pool = x[~held]  # the pre-training set
     if args.sets < 1 or args.exemplars < 1 or args.generated < 1:
         raise ValueError("--sets, --exemplars and --generated must be positive")
+    smallest = min(int((y == c).sum()) for c in concepts)
+    if args.exemplars > smallest:
+        raise ValueError(f"--exemplars {args.exemplars}: a held-out concept has only {smallest} images")
     if sizes[0] <= args.exemplars or sizes[-1] > args.exemplars + len(pool):
         raise ValueError(f"--sizes must lie in {args.exemplars + 1}..{args.exemplars + len(pool)} "
                          f"(exemplars + {len(pool)} pre-training images), got {sizes}")

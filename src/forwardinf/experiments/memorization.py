@@ -30,14 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 import forwardinf as fi
 from forwardinf.baselines.retraining import Downsampling
-from forwardinf.data.inputs import as_dataset, gather
+from forwardinf.data.inputs import gather
 from forwardinf.data.loaders import subset
 from forwardinf.experiments.common import markdown_table, results_object, seed_everything, timer, write_outputs
 from forwardinf.experiments.setup import add_model_arguments, prepare_classifier

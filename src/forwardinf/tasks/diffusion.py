@@ -21,8 +21,8 @@ class DiffusionTask(Task):
         ``L_i = 1/M Σ_j mean_pixels (f_θ(√ᾱ_{t_j} x_i + √(1-ᾱ_{t_j}) ε_j, t_j) - y_j)²``
 
     with ``y_j = ε_j`` (``prediction_type="epsilon"``), ``√ᾱ ε_j - √(1-ᾱ) x_i``
-    (``"v_prediction"``) or ``x_i`` (``"sample"``), taken from ``scheduler.config``. The pairs come
-    from a generator seeded by ``seed``, never from the global RNG: every example and every model
+    (``"v_prediction"``) or ``x_i`` (``"sample"``), taken from ``scheduler.config``. The noise comes
+    from a NumPy generator seeded by ``seed``, never from torch's global RNG: every example and every model
     (``θ`` and the updated ``θ_K``) sees the same timesteps and the same noise, so a Forward-INF
     score ``L(θ_K, x_i) - L(θ, x_i)`` measures the change of the model and not a new noise draw
     (the same model scores exactly 0). The loss has no value-dependent Python branches, so
@@ -59,14 +59,15 @@ class DiffusionTask(Task):
             ids = pipe.tokenizer(captions, padding="max_length", truncation=True,
                                  max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
             text = pipe.text_encoder(ids)[0]                          # [N, 77, 768]
-        task = DiffusionTask(scheduler=pipe.scheduler, timesteps=10, condition={"encoder_hidden_states": 1})
-        est = ForwardINF(pipe.unet, task, optimizer="adam", lr=1e-5, steps=3, score="margin",
-                         params="*attn2*", batch_size=4).fit((latents, text))
-        scores = est.influence((generated_latents, prompt_text), joint=True)   # [N]
+        task = DiffusionTask(pipe.scheduler, timesteps=8, max_timestep=100, condition={"encoder_hidden_states": 1})
+        with contiguous_group_norm(pipe.unet):   # forwardinf.models.diffusion; see below
+            est = ForwardINF(pipe.unet, task, optimizer="adam", lr=1e-5, steps=3, score="margin",
+                             params="*attn2*", batch_size=4).fit((latents, text))
+            scores = est.influence((generated_latents, prompt_text), joint=True)   # [N]
 
     ``params`` restricts the update (here to the cross-attention layers) to save memory. The
-    SD UNet has attention blocks: run estimators inside
-    :func:`forwardinf.models.diffusion.contiguous_group_norm` (they ``vmap`` over parameters),
+    SD UNet has attention blocks, hence :func:`forwardinf.models.diffusion.contiguous_group_norm`
+    (estimators ``vmap`` over parameters, which GroupNorm after attention refuses without it),
     and use ``score="margin"`` or ``"loss"`` (the fused attention kernel has no forward-mode
     derivative, which ``score="cosine"`` needs). ``"margin"`` scores the relative change of the
     loss (see :meth:`score_loss`); it worked best in the ``diffusion`` experiment.
