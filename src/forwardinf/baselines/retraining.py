@@ -288,7 +288,9 @@ def run_trainings(
         jobs: ``(indices, seed)`` pairs: train on ``pool[indices]`` with ``seed``.
         probe: what to keep of each trained model, e.g. :class:`LossProbe`; None keeps the model.
             Keeping only a small probe result is what makes thousands of retrainings cheap to store.
-        workers: worker processes (spawned); 1 trains in this process.
+        workers: worker processes (spawned); 1 trains in this process. Spawned workers re-import
+            the main script, so a script calling this with ``workers > 1`` must guard its entry
+            point with ``if __name__ == "__main__":`` (the ``forwardinf`` command does).
         cache_dir: folder for one file per finished training; None disables caching.
         config: what identifies ``train_fn``'s recipe in the cache key (default: ``train_fn``'s own
             content, see :func:`fingerprint`). Pass it when ``train_fn`` holds state that does not

@@ -14,15 +14,17 @@ import argparse
 import copy
 import hashlib
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from forwardinf.experiments.common import markdown_table, results_object, seed_everything, timer, write_outputs
+from forwardinf.experiments.common import markdown_table, results_object, seed_everything, write_outputs
 
 # Per dataset: the held-out concepts (class indices) and the recipe.
 DATASETS: dict[str, dict[str, Any]] = {
@@ -153,35 +155,38 @@ def run(args: argparse.Namespace) -> dict:
     recipe = dict(channels=channels, steps=args.pretrain_steps, lr=args.pretrain_lr, batch_size=64, seed=args.seed,
                   concepts=concepts)
     out_dir = Path(args.out)
-    pretrained, pretrain_seconds, cached = _pretrain(pool, recipe, scheduler, out_dir, name, progress)
+    pretrained, pretrain_time, cached = _pretrain(pool, recipe, scheduler, out_dir, name, progress)
     print(f"diffusion: {name}, {len(pool)} pre-training images at {IMAGE_SIZE}x{IMAGE_SIZE}, held-out concepts "
           f"{[classes[c] for c in concepts]}; UNet {channels} "
           f"({sum(p.numel() for p in pretrained.parameters()):,} parameters), pre-trained "
-          + ("(cached)" if cached else f"in {pretrain_seconds:.0f}s"))
+          + ("(cached)" if cached else f"in {pretrain_time['seconds']:.0f}s"))
 
-    stats = {(m, s): {"hits": 0, "seconds": 0.0, "ranks": []} for m in methods_wanted for s in sizes}
-    shown, finetune_seconds = [], 0.0
+    stats = {(m, s): {"hits": 0, "seconds": 0.0, "cpu_seconds": 0.0, "ranks": []} for m in methods_wanted for s in sizes}
+    shown, finetune_seconds, finetune_cpu = [], 0.0, 0.0
+    wall0, cpu0 = time.perf_counter(), time.process_time()
     for k in tqdm(range(args.sets), desc="exemplar sets", disable=not progress):
         concept = concepts[k % len(concepts)]
         gen = torch.Generator().manual_seed(args.seed * 100_003 + k)
         members = (y == concept).nonzero().squeeze(1)
         exemplars = x[members[torch.randperm(len(members), generator=gen)[:args.exemplars]]]
-        with timer() as t:
+        with _clock() as t:
             model = copy.deepcopy(pretrained)
             train_denoiser(model, scheduler, exemplars, steps=args.finetune_steps, batch_size=len(exemplars),
                            lr=args.finetune_lr, seed=args.seed + k)
             generated = generate(model, scheduler, args.generated, steps=args.sample_steps, seed=args.seed + k)
         finetune_seconds += t["seconds"]
+        finetune_cpu += t["cpu_seconds"]
         everything = torch.cat([exemplars, pool])
         sets = candidate_sets(exemplars, pool, sizes, gen)
         for size in sizes:
             cands = everything[sets[size]]
-            for method, scores, seconds in _score_all(model, task, variants, methods_wanted, cands, generated):
+            for method, scores, clock in _score_all(model, task, variants, methods_wanted, cands, generated):
                 order = scores.argsort(descending=True)
                 is_ex = order < len(exemplars)
                 st = stats[method, size]
                 st["hits"] += int(is_ex[0])
-                st["seconds"] += seconds
+                st["seconds"] += clock["seconds"]
+                st["cpu_seconds"] += clock["cpu_seconds"]
                 st["ranks"].append(int(is_ex.nonzero()[0]) + 1)
                 if method == methods_wanted[0] and size == sizes[-1] and len(shown) < 4:
                     shown.append((classes[concept], exemplars[0], generated[0], cands[order[:args.k]],
@@ -191,6 +196,7 @@ def run(args: argparse.Namespace) -> dict:
                   + "; ".join(f"{m} " + ", ".join(f"{stats[m, s]['ranks'][-1]}/{s}" for s in sizes)
                               for m in methods_wanted), flush=True)
 
+    sets_seconds, sets_cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     methods, rows = {}, []
     for method in methods_wanted:
         for size in sizes:
@@ -198,27 +204,30 @@ def run(args: argparse.Namespace) -> dict:
             ranks = torch.tensor(st["ranks"], dtype=torch.float)
             methods[f"{method}@{size}"] = {
                 "top1": st["hits"] / args.sets, "seconds": st["seconds"], "seconds_per_set": st["seconds"] / args.sets,
+                "cpu_seconds_per_set": st["cpu_seconds"] / args.sets,
                 "candidates": size, "sets": args.sets, "mean_rank": float(ranks.mean()), "max_rank": int(ranks.max()),
                 **({"settings": variants[method]} if method in variants else {})}
             rows.append([method, size, st["hits"] / args.sets, round(st["seconds"] / args.sets, 2),
-                         float(ranks.mean()), int(ranks.max())])
-    table = markdown_table(["method", "candidates", "top-1", "seconds per set", "mean rank of best exemplar",
-                            "worst rank"], rows)
+                         round(st["cpu_seconds"] / args.sets, 2), float(ranks.mean()), int(ranks.max())])
+    table = markdown_table(["method", "candidates", "top-1", "seconds per set", "CPU seconds per set",
+                            "mean rank of best exemplar", "worst rank"], rows)
     print(table)
     config = {"dataset": name, "concepts": concepts, "sets": args.sets, "sizes": sizes, "exemplars": args.exemplars,
               "generated": args.generated, "unet_channels": channels, "pretrain_steps": args.pretrain_steps,
               "pretrain_lr": args.pretrain_lr, "pretrain_images": len(pool), "finetune_steps": args.finetune_steps,
               "finetune_lr": args.finetune_lr, "sample_steps": args.sample_steps, "methods": methods_wanted,
-              "variants": variants,
-              "timesteps": timesteps, "noise_draws": args.noise_draws, "seed": args.seed,
-              "pretrain_seconds": pretrain_seconds, "pretrain_cached": cached, "finetune_and_sample_seconds": finetune_seconds}
+              "variants": variants, "timesteps": timesteps, "noise_draws": args.noise_draws, "seed": args.seed,
+              "threads": torch.get_num_threads(), "pretrain_cached": cached,
+              "pretrain_seconds": pretrain_time["seconds"], "pretrain_cpu_seconds": pretrain_time["cpu_seconds"],
+              "finetune_and_sample_seconds": finetune_seconds, "finetune_and_sample_cpu_seconds": finetune_cpu,
+              "sets_seconds": sets_seconds, "sets_cpu_seconds": sets_cpu}
     results = results_object("diffusion", name, config, methods)
     report = (f"# Diffusion attribution ({name})\n\n"
               f"{len(pool)} pre-training images ({IMAGE_SIZE}x{IMAGE_SIZE}), held-out concepts "
               f"{[classes[c] for c in concepts]}, {args.sets} exemplar sets of {args.exemplars} exemplars, "
               f"{args.generated} generated images each. Forward-INF variants: {variants}; loss over timesteps "
               f"{timesteps} x {args.noise_draws} noise draws. Seconds per set: the method alone (fit + influence; "
-              f"not pre-training or fine-tuning).\n\n{table}\n")
+              f"not pre-training or fine-tuning), wall clock and CPU time of this process.\n\n{table}\n")
     out = write_outputs(out_dir, results, report)
     _figure(out / "diffusion.png", shown)
     print(f"wrote {out}/results.json, report.md, diffusion.png")
@@ -227,7 +236,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def _score_all(model: torch.nn.Module, task: Any, variants: dict, methods: list[str], cands: Tensor,
                generated: Tensor) -> list[tuple[str, Tensor, float]]:
-    """``(method, scores [n_cand], seconds)`` per method.
+    """``(method, scores [n_cand], {"seconds", "cpu_seconds"})`` per method.
 
     The Forward-INF variants share one fitted estimator (its settings are switched between
     calls, as ``ForwardINF.tune`` does), so each kind of base loss is swept once. Seconds are
@@ -235,29 +244,29 @@ def _score_all(model: torch.nn.Module, task: Any, variants: dict, methods: list[
     """
     from forwardinf.estimators.forward_inf import ForwardINF
 
-    out, est, fit_seconds, kinds = [], None, 0.0, set()
+    out, est, fit, kinds = [], None, {"seconds": 0.0, "cpu_seconds": 0.0}, set()
     for method in methods:
         if method == "pixel-l2":
-            with timer() as t:
+            with _clock() as t:
                 scores = -torch.cdist(cands.flatten(1), generated.flatten(1)).min(1).values
-            out.append((method, scores, t["seconds"]))
+            out.append((method, scores, t))
             continue
         kw = variants[method]
         kind = "loss" if kw["score"] in ("loss", "abs") else "log loss"
-        base = 0.0
+        base = {"seconds": 0.0, "cpu_seconds": 0.0}
         if est is None:
-            with timer() as t:
+            with _clock() as t:
                 est = ForwardINF(model, task, batch_size=256, **kw).fit((cands,))
-            fit_seconds = base = t["seconds"]
+            fit = base = t
         else:
             for key, value in {"n_directions": 16, **kw}.items():
                 setattr(est, key, value)
             if kind in kinds:  # swept before: count the sweep this method would have paid alone
-                base = fit_seconds
+                base = fit
         kinds.add(kind)
-        with timer() as t:
+        with _clock() as t:
             scores = est.influence((generated,), joint=True)  # a new kind's base sweep happens in here
-        out.append((method, scores, base + t["seconds"]))
+        out.append((method, scores, {k: base[k] + t[k] for k in t}))
     return out
 
 
@@ -273,7 +282,7 @@ def _check_variants(model: torch.nn.Module, task: Any, variants: dict, x: Tensor
 
 
 def _pretrain(pool: Tensor, recipe: dict, scheduler: Any, out_dir: Path, name: str,
-              progress: bool) -> tuple[torch.nn.Module, float, bool]:
+              progress: bool) -> tuple[torch.nn.Module, dict, bool]:
     """The pre-trained UNet, loaded from ``out_dir`` when the recipe and the data match."""
     from forwardinf.models.diffusion import build_unet, train_denoiser
 
@@ -285,15 +294,15 @@ def _pretrain(pool: Tensor, recipe: dict, scheduler: Any, out_dir: Path, name: s
     if path.is_file():
         try:
             unet.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            return unet.eval(), 0.0, True
+            return unet.eval(), {"seconds": 0.0, "cpu_seconds": 0.0}, True
         except Exception:  # a stale or foreign file is replaced
             pass
-    with timer() as t:
+    with _clock() as t:
         train_denoiser(unet, scheduler, pool, steps=recipe["steps"], batch_size=recipe["batch_size"], lr=recipe["lr"],
                        seed=recipe["seed"], warmup=min(100, recipe["steps"] // 10), progress=progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.save(unet.state_dict(), path)
-    return unet.eval(), t["seconds"], False
+    return unet.eval(), t, False
 
 
 def _figure(path: Path, shown: list) -> None:
@@ -333,3 +342,16 @@ def _ints(text: str, flag: str) -> list[int]:
     if not values:
         raise ValueError(f"{flag} is empty")
     return values
+
+
+@contextmanager
+def _clock() -> Iterator[dict]:
+    """``{"seconds", "cpu_seconds"}`` of the block: wall time, and this process's CPU time
+    (on a machine shared with other jobs the wall time inflates, the CPU time much less)."""
+    t: dict = {}
+    wall, cpu = time.perf_counter(), time.process_time()
+    try:
+        yield t
+    finally:
+        t["seconds"] = time.perf_counter() - wall
+        t["cpu_seconds"] = time.process_time() - cpu
