@@ -107,6 +107,21 @@ def test_batched_queries_equal_one_at_a_time(digits_mlp):
         torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("score", ["cosine", "loss"])
+def test_indices_score_a_subset_of_one_fit(digits_mlp, score):
+    model, split = digits_mlp
+    x, y = split.train()
+    train, q = (x[:300], y[:300]), (x[:4], y[:4])
+    est = fi.ForwardINF(model, score=score).fit(train)
+    full, full_joint = est.influence(q), est.influence(q, joint=True)
+    rows = torch.tensor([250, 3, 17, 0, 120])
+    torch.testing.assert_close(est.influence(q, indices=rows), full[:, rows], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(est.influence(q, joint=True, indices=rows.tolist()), full_joint[rows], rtol=1e-5, atol=1e-6)
+    for bad, words in [([], "non-empty"), ([[1, 2]], "1-D"), ([0.5], "integer"), ([300], r"\[0, 300\)"), ([-1], r"\[0, 300\)")]:
+        with pytest.raises(ValueError, match=words):
+            est.influence(q, indices=bad)
+
+
 @pytest.mark.parametrize("optimizer,score", [("nsgd", "cosine"), ("adam", "loss"), ("sgd", "abs")])
 def test_joint_on_one_query_equals_per_query(digits_mlp, optimizer, score):
     model, split = digits_mlp

@@ -55,6 +55,13 @@ def gather(dataset: Dataset, indices: Sequence[int]) -> Any:
     return default_collate([dataset[int(i)] for i in indices])
 
 
+def subset(dataset: Dataset, indices: Tensor) -> Dataset:
+    """The examples at ``indices`` (``[n]`` long) as a dataset, in that order."""
+    if isinstance(dataset, TensorDataset):
+        return TensorDataset(*(t[indices] for t in dataset.tensors))
+    return Subset(dataset, indices.tolist())
+
+
 def batches(dataset: Dataset, batch_size: int) -> Iterator[tuple[int, Any]]:
     """``(start, batch)`` over ``dataset`` in order."""
     n = len(dataset)

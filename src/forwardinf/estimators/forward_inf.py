@@ -11,7 +11,7 @@ from torch.func import grad, jvp, vmap
 from forwardinf.core.params import Params, bind, buffers_of, flat_norm, mode, select_params, stack
 from forwardinf.core.sweep import sweep
 from forwardinf.core.update import OPTIMIZERS, UpdateRule
-from forwardinf.data.inputs import DataLike, batches, check_finite, gather, repeat, to_device, unsqueeze
+from forwardinf.data.inputs import DataLike, batches, check_finite, gather, repeat, subset, to_device, unsqueeze
 from forwardinf.estimators.base import Estimator, TopK, check_choice, check_positive
 from forwardinf.tasks.base import Task
 
@@ -177,15 +177,18 @@ class ForwardINF(Estimator):
         gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + chunk)
         return {k: torch.randn((m, *p.shape), generator=gen).to(p.device, p.dtype) for k, p in params.items()}
 
-    def _cosine(self, delta: Tensor, moved: Params) -> Tensor:
-        """``[Q, n_train]`` cosine between each ``∇m(θ, z_i)`` and each update ``moved[q] = θ_q - θ``.
+    def _cosine(self, delta: Tensor, moved: Params, directional: Tensor) -> Tensor:
+        """``[Q, n]`` cosine between each ``∇m(θ, z_i)`` and each update ``moved[q] = θ_q - θ``.
+
+        ``delta [Q, n]``: the change of ``m`` per point; ``directional [n, M]``: its cached
+        forward-mode derivatives along the fixed directions.
 
         ``a = Δm / ||θ_q - θ||`` is the gradient's component along the update (from the sweep).
         Only the orthogonal rest ``||∇m_i||² - a²`` is estimated from the random directions, with
         each direction projected off the update first: a duplicate of the query has no orthogonal
         rest and scores 1 whatever the estimator's noise.
         """
-        jv = self._cache_["directional"].double()  # [N, M]
+        jv = directional.double()  # [n, M]
         params = select_params(self.model, self.params)
         b = torch.zeros(delta.shape[0], 0, dtype=torch.float64)
         norm = flat_norm(moved, stacked=True).double().cpu().clamp_min(1e-30)  # [Q]
@@ -199,19 +202,39 @@ class ForwardINF(Estimator):
         return (a / (a.pow(2) + perp.clamp_min(0)).sqrt().clamp_min(1e-30)).float()
 
     # -- influence --------------------------------------------------------------------------
-    def influence(self, queries: DataLike, joint: bool = False) -> Tensor:
-        """Scores ``[n_query, n_train]`` (one update per query) or ``[n_train]`` (``joint``: one update on all)."""
+    def influence(self, queries: DataLike, joint: bool = False, indices: Any = None) -> Tensor:
+        """Scores ``[n_query, n]`` (one update per query) or ``[n]`` (``joint``: one update on all).
+
+        ``indices``: training positions ``[n]`` to score (default: all ``n_train``). Only those
+        points are swept; their base values come from the fit, so a large pool is fitted once
+        and each query scores its own candidates (e.g. a retrieval shortlist).
+        """
         self._check_fitted()
+        rows_of = self._train_indices(indices)
         qset = self._dataset(queries, "queries")
         all_queries = gather(qset, range(len(qset)))
         self._validate(all_queries, "queries")
         if joint:
-            return self._score(self._update_joint(qset))[0]
+            return self._score(self._update_joint(qset), rows_of)[0]
         rows = []
         for start in range(0, len(qset), self.query_chunk):
             idx = range(start, min(start + self.query_chunk, len(qset)))
-            rows.append(self._score(self._update_each(gather(qset, idx), len(idx))))
+            rows.append(self._score(self._update_each(gather(qset, idx), len(idx)), rows_of))
         return torch.cat(rows, 0)
+
+    def _train_indices(self, indices: Any) -> Tensor | None:
+        """``indices`` as a checked ``[n]`` long tensor (None: the whole training set)."""
+        if indices is None:
+            return None
+        idx = torch.as_tensor(indices)
+        if idx.ndim != 1 or idx.numel() == 0 or idx.is_floating_point() or idx.dtype == torch.bool:
+            raise ValueError(f"indices must be a non-empty 1-D sequence of integer training positions, "
+                             f"got shape {tuple(idx.shape)} of {idx.dtype}")
+        idx = idx.long()
+        n = len(self.train_)
+        if idx.min() < 0 or idx.max() >= n:
+            raise ValueError(f"indices must lie in [0, {n}) (the fitted training set), got {int(idx.min())}..{int(idx.max())}")
+        return idx
 
     def self_influence(self) -> Tensor:
         """``[n_train]``: the paper's self mode (D_tst = D_trn): one joint update on the training set."""
@@ -308,11 +331,12 @@ class ForwardINF(Estimator):
         return {k: v.unsqueeze(0) for k, v in p.items()}, buffers, False
 
     # -- scoring ----------------------------------------------------------------------------
-    def _score(self, update: tuple[Params, Params, bool]) -> Tensor:
-        """``[Q, n_train]`` scores of updated parameters ``[Q, ...]`` against the cached base values.
+    def _score(self, update: tuple[Params, Params, bool], rows: Tensor | None = None) -> Tensor:
+        """``[Q, n]`` scores of updated parameters ``[Q, ...]`` against the cached base values.
 
         ``update = (params, buffers, stacked_buffers)``: buffers carry the query dim too when the
-        update ran in train mode (each query's own running statistics).
+        update ran in train mode (each query's own running statistics). ``rows``: the training
+        positions ``[n]`` to score (None: all of them).
         """
         params, buffers, stacked_buffers = update
         cache = self._ensure_cache(self.score)
@@ -331,15 +355,17 @@ class ForwardINF(Estimator):
             return vmap(per_model, in_dims=in_dims)(params, buffers, batch)  # [Q, B]
 
         with mode(self.model, False):
-            values = sweep(batch_scores, self.train_, self.batch_size, self._device(), self.progress, desc="score")
+            train = self.train_ if rows is None else subset(self.train_, rows)
+            values = sweep(batch_scores, train, self.batch_size, self._device(), self.progress, desc="score")
         if not torch.isfinite(values).all():
             raise FloatingPointError("non-finite loss on the training set after the update (diverging update: lower lr or steps)")
-        delta = values - cache[kind]
+        pick = (lambda t: t) if rows is None else (lambda t: t[rows])
+        delta = values - pick(cache[kind])
         sign = 1.0 if self.direction == "ascent" else -1.0
         if self.score == "abs":
             return delta.abs()
         if self.score == "cosine":
-            return sign * self._cosine(delta, {k: params[k] - base[k] for k in params})
+            return sign * self._cosine(delta, {k: params[k] - base[k] for k in params}, pick(cache["directional"]))
         return sign * delta
 
     # -- tuning -----------------------------------------------------------------------------
