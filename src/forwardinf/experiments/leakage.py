@@ -48,9 +48,9 @@ def leaked_queries(split: Any, n: int, seed: int, near: bool) -> tuple[torch.Ten
     idx = torch.randperm(len(split.y_train), generator=g)[:n]
     x = split.x_train[idx].clone()
     if near:
-        from forwardinf.data.augment import near_duplicates
+        from forwardinf.data.augment import flip_is_sensible, near_duplicates
 
-        x = near_duplicates(x, kind="mix", seed=seed)
+        x = near_duplicates(x, kind="mix", seed=seed, allow_flip=flip_is_sensible(split.name))
     return idx, x, split.y_train[idx].clone()
 
 
@@ -113,17 +113,21 @@ def run(args: argparse.Namespace) -> dict:
     out = write_outputs(args.out, results_object("leakage", split.name, config, results),
                         f"# Leakage detection ({split.name})\n\n{prepared.describe()}\n\n{table}\n")
     _figure(out, split, xe, ye, best[methods[0]], eval_idx, methods[0], args.k)
-    print(f"wrote {out}/results.json, report.md")
+    print(f"wrote {out}/results.json, report.md, queries.png, queries.html")
     return results_object("leakage", split.name, config, results)
 
 
 def _figure(out: Any, split: Any, xq: torch.Tensor, yq: torch.Tensor, scores: torch.Tensor,
             truth: torch.Tensor, method: str, k: int) -> None:
+    """``queries.png`` (top-k per query) and ``queries.html`` (top-k proponents and opponents)."""
     try:
-        from forwardinf.experiments.report import save_query_grid
-    except ImportError:
+        from forwardinf.experiments.report import save_query_grid, write_query_html
+    except ImportError:  # matplotlib missing: the numbers are still written
         return
-    top = scores.topk(min(k, scores.shape[1]), dim=1)
-    save_query_grid(out / "queries.png", xq, split.x_train, top.indices, top.values, query_labels=yq,
-                    train_labels=split.y_train, denormalize=split.denormalize, class_names=split.classes,
-                    highlight=truth)
+    k = min(k, scores.shape[1])
+    top, bottom = scores.topk(k, dim=1), scores.topk(k, dim=1, largest=False)
+    common = dict(query_labels=yq, train_labels=split.y_train, denormalize=split.denormalize,
+                  class_names=split.classes, highlight=truth)
+    save_query_grid(out / "queries.png", xq, split.x_train, top.indices, top.values, **common)
+    write_query_html(out, "queries", xq, split.x_train, top.indices, top.values, bottom_indices=bottom.indices,
+                     bottom_scores=bottom.values, title=f"Leakage ({split.name}): {method}", **common)
