@@ -11,7 +11,7 @@ from torch.func import grad, jvp, vmap
 from forwardinf.core.params import Params, bind, buffers_of, flat_norm, mode, select_params, stack
 from forwardinf.core.sweep import sweep
 from forwardinf.core.update import OPTIMIZERS, UpdateRule
-from forwardinf.data.inputs import DataLike, batches, check_finite, gather, repeat, subset, to_device, unsqueeze
+from forwardinf.data.inputs import DataLike, batch_len, batches, check_finite, gather, repeat, subset, to_device, unsqueeze
 from forwardinf.estimators.base import Estimator, TopK, check_choice, check_positive
 from forwardinf.tasks.base import Task
 
@@ -322,7 +322,7 @@ class ForwardINF(Estimator):
                 total = {k: torch.zeros_like(v) for k, v in params.items()}
                 for _, b in batches(qset, self.batch_size):
                     b = to_device(repeat(b, self.query_repeat) if self.query_repeat > 1 else b, device)
-                    weight = _batch_len(b) / (n * self.query_repeat)
+                    weight = batch_len(b) / (n * self.query_repeat)
                     g = grad(lambda q, bufs, data: self._objective(bind(self.model, q, bufs), data))(p, buffers, b)
                     total = {k: total[k] + weight * g[k] for k in total}
                 p = rule.step(p, total, stacked=False)
@@ -446,14 +446,6 @@ def _index(batch: Any, i: int) -> Any:
     if isinstance(batch, dict):
         return {k: _index(v, i) for k, v in batch.items()}
     return type(batch)(_index(v, i) for v in batch)
-
-
-def _batch_len(batch: Any) -> int:
-    if torch.is_tensor(batch):
-        return batch.shape[0]
-    if isinstance(batch, dict):
-        return _batch_len(next(iter(batch.values())))
-    return _batch_len(batch[0])
 
 
 def _lr_grid(optimizer: str, lr: float) -> list[float]:
