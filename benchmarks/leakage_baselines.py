@@ -34,7 +34,8 @@ from forwardinf.experiments.leakage import FORWARD_INF_VARIANTS, detection, leak
 from forwardinf.experiments.setup import prepare_classifier
 
 BASELINES = ("if-exact", "if-cg", "if-100", "if-1000", "if-10000", "if-100@0.01", "if-1000@0.01", "if-10000@0.01",
-             "tracin-1", "tracin-3", "tracin-5", "tracin-last", "grad-cos", "representer")
+             "tracin-1", "tracin-3", "tracin-5", "tracin-last", "grad-cos", "representer",
+             "knn-shapley", "tmc-shapley", "hydra", "hydra-last")
 METHODS = ("forward-inf", "forward-inf-paper", *BASELINES)
 SETTINGS = {
     # name: (CLI arguments of `forwardinf leakage`, methods skipped there and why)
@@ -49,24 +50,35 @@ SETTINGS = {
 }
 
 
-def build(name: str, model: torch.nn.Module, checkpoints: list) -> fi.Estimator:
+BENCH_COMMAND = ""
+# The paper's Table 2 (CIFAR-10, ResNet-18; GPU minutes): the bar the ratios above are read against.
+PAPER = ["Paper (Table 2, CIFAR-10 ResNet-18, minutes / T-1): Forward-INF 0.3 / 100%; IF-100 10 / 30%; "
+         "IF-1000 15 / 45%; IF-10000 72 / 0%; TracIn-1 12 / 2%; TracIn-5 60 / 6%, i.e. Forward-INF 33x / 50x / "
+         "240x faster than IF-100 / -1000 / -10000 and 40x / 200x faster than TracIn-1 / -5. The paper has no "
+         "Shapley, HyDRA, representer or grad-cos row."]
+
+
+def build(name: str, model: torch.nn.Module, checkpoints: list, trajectory: object = None) -> fi.Estimator:
     if name in FORWARD_INF_VARIANTS:
         return make_method(name, model, checkpoints, progress=False)
     base, _, damping = name.partition("@")
     kw = {"damping": float(damping)} if damping else {}
-    return make_estimator(base, model, fi.ClassificationTask(), checkpoints=checkpoints, **kw)
+    return make_estimator(base, model, fi.ClassificationTask(), checkpoints=checkpoints, trajectory=trajectory, **kw)
 
 
 def run_setting(setting: str, methods: list[str], log: dict) -> None:
     cli_args, skipped = SETTINGS[setting]
+    # --methods tells prepare_classifier what to keep from training (the trajectory, for HyDRA).
+    names = ",".join(m.partition("@")[0] for m in methods)
     args = build_parser().parse_args(["leakage", *cli_args, "--out", f"runs/bench-leakage-baselines/{setting}",
-                                      "--quiet"])
+                                      "--quiet", "--methods", names])
     prepared = prepare_classifier(args)
     split, model = prepared.split, prepared.model
     idx, xq, yq = leaked_queries(split, args.n_queries, args.seed, near=False)
     n_params = sum(p.numel() for p in model.parameters())
     entry = log.setdefault(setting, {})
-    entry["setup"] = {"command": "forwardinf leakage " + " ".join(cli_args), "dataset": split.name,
+    entry["setup"] = {"command": "forwardinf leakage " + " ".join(cli_args), "bench_command": BENCH_COMMAND,
+                      "load_average": round(os.getloadavg()[0], 1), "dataset": split.name,
                       "model": prepared.model_name, "parameters": n_params, "n_train": len(split.y_train),
                       "n_queries": len(idx), "test_accuracy": round(prepared.accuracy, 4)}
     entry.setdefault("methods", {})
@@ -82,11 +94,12 @@ def run_setting(setting: str, methods: list[str], log: dict) -> None:
             continue
         record: dict = {}
         try:
-            est = build(name, model, prepared.checkpoints)
+            est = build(name, model, prepared.checkpoints, prepared.trajectory)
+            cpu = time.process_time()
             with timer() as t:
                 est.fit(split.train())
                 scores = est.influence((xq, yq))
-            record = {**detection(scores, idx), "seconds": t["seconds"]}
+            record = {**detection(scores, idx), "seconds": t["seconds"], "cpu_seconds": time.process_time() - cpu}
             for attr in ("damping_", "scale_", "spectrum_", "n_params_"):
                 if getattr(est, attr, None) is not None:
                     record[attr.rstrip("_")] = getattr(est, attr)
@@ -102,17 +115,22 @@ def report(log: dict, command: str) -> str:
     lines = ["# Leakage detection: every baseline next to Forward-INF", "",
              "Exact copies of training points are the queries; T-k = fraction of queries whose copy ranks in the "
              "top k of the method's scores (ties count against). `seconds` = fit + influence for all queries, "
-             "training excluded; `x FI` = seconds / Forward-INF's seconds in the same run. Timings come from a "
-             "shared 2-core CPU machine under heavy contention from other jobs (load average 10-20), one torch "
-             "thread: compare ratios, not absolute values.", "",
-             f"Command: `{command}`  ", f"Machine: {platform.platform()}, torch {torch.__version__}, "
-             f"{os.cpu_count()} CPUs", ""]
+             "training excluded; `x FI` = seconds / Forward-INF's seconds in the same run. `CPU s` = CPU time of "
+             "the process for the same call (`time.process_time`; one torch thread), `x FI (CPU)` its ratio: "
+             "steadier than wall time on a shared 2-core machine under contention from other jobs (the load "
+             "average when each setting started is given). Compare ratios, not absolute values.", "",
+             f"Last command: `{command}` (each setting names the command that produced it)  ",
+             f"Machine: {platform.platform()}, torch {torch.__version__}, {os.cpu_count()} CPUs", "",
+             *PAPER, ""]
     for setting, entry in log.items():
         s = entry["setup"]
         lines += [f"## {setting}", "",
                   f"`{s['command']}`: {s['dataset']}, {s['model']} ({s['parameters']:,} parameters), "
-                  f"{s['n_train']} training points, test accuracy {s['test_accuracy']:.3f}, {s['n_queries']} queries.", ""]
+                  f"{s['n_train']} training points, test accuracy {s['test_accuracy']:.3f}, {s['n_queries']} queries."
+                  + (f" Run by `{s['bench_command']}`, load average {s['load_average']} at the start." if "bench_command" in s
+                     else ""), ""]
         fi_seconds = (entry["methods"].get("forward-inf") or {}).get("seconds")
+        fi_cpu = (entry["methods"].get("forward-inf") or {}).get("cpu_seconds")
         rows = []
         for name, r in entry["methods"].items():
             if "seconds" in r:
@@ -120,12 +138,15 @@ def report(log: dict, command: str) -> str:
                 note = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else
                                  f"{k} ({v[0]:.3g}, {v[1]:.3g})" if isinstance(v, (tuple, list)) else f"{k} {v}"
                                  for k, v in r.items() if k in ("damping", "scale", "spectrum", "n_params"))
-                rows.append([name, round(r["seconds"], 2), ratio, r["top1"], r["top5"], r["top10"],
+                cpu = round(r["cpu_seconds"], 2) if "cpu_seconds" in r else "-"
+                cpu_ratio = f"{r['cpu_seconds'] / fi_cpu:.1f}" if fi_cpu and "cpu_seconds" in r else "-"
+                rows.append([name, round(r["seconds"], 2), ratio, cpu, cpu_ratio, r["top1"], r["top5"], r["top10"],
                              round(r["mean_rank"], 1), note])
             else:
-                rows.append([name, "", "", "", "", "", "", r.get("failed") and f"failed: {r['failed']}"
+                rows.append([name, "", "", "", "", "", "", "", "", r.get("failed") and f"failed: {r['failed']}"
                              or f"skipped: {r.get('skipped')}"])
-        lines += [markdown_table(["method", "seconds", "x FI", "T-1", "T-5", "T-10", "mean rank", "notes"], rows), ""]
+        lines += [markdown_table(["method", "seconds", "x FI", "CPU s", "x FI (CPU)", "T-1", "T-5", "T-10", "mean rank",
+                                  "notes"], rows), ""]
     return "\n".join(lines)
 
 
@@ -140,6 +161,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     log: dict = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
     command = "python " + " ".join(sys.argv)
+    global BENCH_COMMAND
+    BENCH_COMMAND = command
     methods = [m for m in args.methods.split(",") if m]
     for setting in args.only.split(","):
         log.pop(setting, None)  # a setting is always re-run as a whole

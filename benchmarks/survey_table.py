@@ -48,8 +48,11 @@ from forwardinf.models import build_model
 from forwardinf.training import accuracy, train_classifier
 
 RESULTS = Path(__file__).parent / "results"
-CONTENTION = ("Single-threaded on a shared 2-core machine under heavy contention from other jobs (load average "
-              "~15-20 during the runs): seconds are indicative and comparable only within this file.")
+def contention() -> str:
+    """The machine's state, measured now (1-minute load average)."""
+    return (f"Single-threaded on a shared {os.cpu_count()}-core machine under contention from other jobs (load average "
+            f"{os.getloadavg()[0]:.1f} when this file was written): seconds are indicative and comparable only within "
+            "this file.")
 
 
 def train_recorded(split: Any, y: torch.Tensor, epochs: int, seed: int) -> tuple[torch.nn.Module, TrajectoryRecorder, float]:
@@ -66,6 +69,14 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     start = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - start
+
+
+def timed_cpu(fn: Callable[[], Any]) -> tuple[Any, float, float]:
+    """``(result, wall seconds, CPU seconds of this process)``: on a contended machine the CPU time
+    is the steadier measure of the work done (single-threaded here)."""
+    start, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - start, time.process_time() - cpu
 
 
 # ------------------------------------------------------------------------------------ detect
@@ -157,7 +168,7 @@ def detect(args: argparse.Namespace, split: Any, tag: str) -> None:
                         *(["--hessian"] if args.hessian else []),
                         f"--parts {args.parts}"])
     md = [f"# Shapley values and HyDRA on digits ({len(split.y_train)} training points)", "",
-          f"Command: `{command}`", "", CONTENTION, ""]
+          f"Command: `{command}`", "", contention(), ""]
     parts = [s.strip() for s in args.parts.split(",") if s.strip()]
     if "leakage" in parts:
         md.append(leakage(split, args)[0])
@@ -195,31 +206,40 @@ def complexity(args: argparse.Namespace, split: Any, tag: str) -> None:
     checkpoints = [rec.steps_[c].state for c in cuts] + [{k: v.detach().clone() for k, v in model.state_dict().items()}]
     lrs = [0.05] * 5
     rows = []
+    measured: dict[str, dict] = {}
 
     def measure(label: str, family: str, make: Callable[[], Any], note: str = "") -> None:
         est = make()
-        _, fit_s = timed(lambda: est.fit(train))
-        _, q1 = timed(lambda: est.influence(first))
-        _, q10 = timed(lambda: est.influence(rest))
-        full, inc = fit_s + q1, q10 / 10
+        _, fit_s, fit_c = timed_cpu(lambda: est.fit(train))
+        _, q1, q1_c = timed_cpu(lambda: est.influence(first))
+        _, q10, q10_c = timed_cpu(lambda: est.influence(rest))
+        full, inc, full_c, inc_c = fit_s + q1, q10 / 10, fit_c + q1_c, q10_c / 10
+        if isinstance(est, TMCShapley):
+            d = est.diagnostics_
+            note = (f"{note} Last call: {d['permutations']} permutations, {d['trainings']} head fits, truncated at "
+                    f"{d['mean_truncated_at']:.2f} of the permutation on average.").strip()
         theory = SURVEY[family]
-        rows.append([family, label, theory[0], theory[1], round(full, 3), round(inc, 4), theory[2], note])
-        print(f"  {label:34s} full {full:9.3f}s  incremental {inc:9.4f}s/query", flush=True)
+        measured[label] = {"full_s": full, "incremental_s": inc, "full_cpu_s": full_c, "incremental_cpu_s": inc_c}
+        rows.append([family, label, theory[0], theory[1], round(full, 3), round(full_c, 3), round(inc, 4),
+                     round(inc_c, 4), theory[2], note])
+        print(f"  {label:34s} full {full:9.3f}s ({full_c:.3f} CPU)  incremental {inc:9.4f}s/query "
+              f"({inc_c:.4f} CPU)", flush=True)
 
-    measure("forward-inf (default)", "Forward-INF", lambda: fi.ForwardINF(model, task))
+    # The registry's names and defaults: the estimators `forwardinf leakage --methods ...` runs.
+    measure("forward-inf", "Forward-INF", lambda: make_estimator("forward-inf", model, task))
     measure("if-100 (LiSSA depth 100)", "Inf. func.", lambda: make_estimator("if-100", model, task))
     measure("if-cg (≤100 CG iterations)", "Inf. func.", lambda: make_estimator("if-cg", model, task))
     measure("representer", "Rep. pt.", lambda: make_estimator("representer", model, task))
     measure("tracin-5 (5 checkpoints)", "TracIn", lambda: make_estimator("tracin-5", model, task, checkpoints=checkpoints, lrs=lrs))
-    measure("hydra (fast, all layers)", "HyDRA", lambda: HyDRA(model, task, trajectory=rec),
+    measure("hydra (fast, all layers)", "HyDRA", lambda: make_estimator("hydra", model, task, trajectory=rec),
             f"{steps} steps; hypergradients n x p = {n * p * 4 / 2**20:.0f} MB")
-    measure("hydra (fast, last layer)", "HyDRA", lambda: HyDRA(model, task, trajectory=rec, params="last"))
-    measure("knn-shapley (K=10, penultimate)", "Shapley", lambda: KNNShapley(model, task, k=10),
+    measure("hydra-last (fast, last layer)", "HyDRA", lambda: make_estimator("hydra-last", model, task, trajectory=rec))
+    measure("knn-shapley (K=10, penultimate)", "Shapley", lambda: make_estimator("knn-shapley", model, task),
             "exact for the KNN surrogate: O(n log n) per query")
-    measure(f"tmc-shapley (last layer, {args.permutations} perm, trunc 0.05)", "Shapley",
-            lambda: TMCShapley(LastLayerTrainer(model), task, permutations=args.permutations, truncation=0.05),
-            "TMC is O(P n T): P permutations of up to n trainings; truncation stopped this one early. "
-            "Queries asked together share the trainings; a later query reruns them")
+    measure(f"tmc-shapley (last layer, {args.permutations} perms, trunc 0.05)", "Shapley",
+            lambda: make_estimator("tmc-shapley", model, task, permutations=args.permutations),
+            "TMC is O(P n T): P permutations of up to n trainings (here T = one L-BFGS head fit). "
+            "Queries asked together share the trainings; a later query reruns them.")
 
     # Retraining ground truth: one measured training of the same recipe, times the count needed.
     fresh = build_model("mlp", split.input_shape, split.n_classes, seed=args.seed + 1)
@@ -243,8 +263,16 @@ def complexity(args: argparse.Namespace, split: Any, tag: str) -> None:
                  f"{n + 1} trainings x {t_train:.2f}s measured; stored models: {(n + 1) * p * 4 / 2**20:.0f} MB"])
     rows.append(["Downsampling", f"Downsampling K={k} (projected)", *SURVEY["Downsampling"][:2], round(k * t_train, 1),
                  round(k * t_fwd, 4), SURVEY["Downsampling"][2], f"{k} trainings x {t_train:.2f}s measured"])
+    for row in rows[len(measured):]:  # projections: wall seconds only
+        row[5:5] = ["-"]
+        row[7:7] = ["-"]
     table = markdown_table(["survey family", "estimator (this run)", "survey full", "survey incremental",
-                            "full s (fit + 1st query)", "incremental s/query", "survey storage", "note"], rows)
+                            "full s (fit + 1st query)", "full CPU s", "incremental s/query", "incremental CPU s/query",
+                            "survey storage", "note"], rows)
+    fi_full, fi_inc = measured["forward-inf"]["full_cpu_s"], measured["forward-inf"]["incremental_cpu_s"]
+    ratios = markdown_table(["estimator", "full CPU / Forward-INF's", "incremental CPU / Forward-INF's"],
+                            [[k, round(v["full_cpu_s"] / fi_full, 2), round(v["incremental_cpu_s"] / max(fi_inc, 1e-9), 2)]
+                             for k, v in measured.items() if k != "forward-inf"])
     command = f"python benchmarks/survey_table.py complexity --permutations {args.permutations}"
     md = [f"# The survey's complexity table, measured ({tag}: n = {n}, p = {p}, T = {steps})", "",
           f"Command: `{command}`", "",
@@ -252,7 +280,10 @@ def complexity(args: argparse.Namespace, split: Any, tag: str) -> None:
           f"30 epochs = {steps} steps, {train_s:.1f}s with the trajectory recorded); queries are copies of training "
           "points. *Full* = `fit` + the first query; *incremental* = each further query (10 asked together, "
           "divided by 10). Survey columns are Table 1 of Hammoudeh & Lowd (n training points, p parameters, "
-          "T iterations, K models).", "", CONTENTION, "", table, ""]
+          "T iterations, K models). Estimators are built by the method registry with its defaults "
+          "(`make_estimator(name, ...)`, what `forwardinf leakage --methods NAME` runs). Wall seconds and CPU "
+          "seconds (`time.process_time`, one thread) of the same call.", "", contention(), "", table, "",
+          "## Cost relative to Forward-INF (CPU seconds, same run)", "", ratios, ""]
     path = RESULTS / f"survey_complexity_{tag}.md"
     path.write_text("\n".join(md))
     print(f"wrote {path}")

@@ -10,6 +10,17 @@
 | ``tracin-last`` | ``TracIn(params="last")`` over the last (up to) 5 checkpoints, or the model |
 | ``grad-cos`` | ``TracIn(normalize=True)`` on the final model (gradient cosine) |
 | ``representer`` | ``RepresenterPoint`` |
+| ``knn-shapley`` | ``KNNShapley(k=10)`` on the penultimate-layer embedding (exact, closed form) |
+| ``tmc-shapley`` | ``TMCShapley(train_fn, permutations=20, truncation=0.05)``; ``train_fn`` defaults to ``LastLayerTrainer(model)`` |
+| ``hydra`` / ``hydra-last`` | ``HyDRA`` (fast form) over the recorded ``trajectory``, all layers / last layer |
+
+What a method needs beyond the model (:func:`requirements`): ``"checkpoints"`` (TracIn-1/3/5:
+saved training snapshots), ``"trajectory"`` (HyDRA: a :class:`TrajectoryRecorder` of the
+model's SGD training, or the path it was saved to). ``tmc-shapley`` retrains: it takes a
+``train_fn(data, seed) -> nn.Module`` and falls back to re-fitting the model's last layer. The
+experiments read :func:`requirements` to record only what the chosen methods use, and pass it
+all in as ``make_estimator(name, model, task, checkpoints=..., trajectory=..., train_fn=...)``;
+a user does the same from Python.
 
 Influence functions use ``damping="auto"`` (1% of the Hessian's top eigenvalue plus twice its
 most negative one, estimated by Lanczos): trained networks have negative curvature, on which a
@@ -23,6 +34,7 @@ TracIn-CP, except ``tracin-last``. Any keyword overrides these defaults.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 from torch import nn
@@ -34,22 +46,43 @@ from forwardinf.estimators.base import Estimator
 from forwardinf.tasks.base import Task
 
 METHODS = ("forward-inf", "if-100", "if-1000", "if-10000", "if-cg", "if-exact",
-           "tracin-1", "tracin-3", "tracin-5", "tracin-last", "grad-cos", "representer")
+           "tracin-1", "tracin-3", "tracin-5", "tracin-last", "grad-cos", "representer",
+           "knn-shapley", "tmc-shapley", "hydra", "hydra-last")
+
+# What each method needs beyond the model and task; absent = nothing.
+REQUIREMENTS: dict[str, frozenset[str]] = {
+    **{f"tracin-{c}": frozenset({"checkpoints"}) for c in (1, 3, 5)},
+    "hydra": frozenset({"trajectory"}),
+    "hydra-last": frozenset({"trajectory"}),
+}
 
 LARGE_MODEL = 1_000_000  # trainable parameters above which influence functions use the last layer
 EXACT_ALL = 2_000  # if-exact uses all parameters only up to this many
 
 
+def requirements(name: str) -> frozenset[str]:
+    """What method ``name`` needs from the training run: a subset of ``{"checkpoints", "trajectory"}``."""
+    key = name.lower()
+    if key not in METHODS:
+        raise ValueError(f"unknown method {name!r}; expected one of {METHODS}")
+    return REQUIREMENTS.get(key, frozenset())
+
+
 def make_estimator(name: str, model: nn.Module, task: Task | None = None, *,
-                   checkpoints: Sequence[Any] | None = None, **kw: Any) -> Estimator:
+                   checkpoints: Sequence[Any] | None = None, trajectory: Any = None,
+                   train_fn: Any = None, **kw: Any) -> Estimator:
     """A fresh, unfitted estimator called ``name`` (one of :data:`METHODS`).
 
     ``checkpoints``: saved training checkpoints (state dicts or paths), oldest first, for the
     TracIn variants; ``lrs=`` may be given for all of them (it is sliced alongside).
+    ``trajectory``: for HyDRA, the :class:`~forwardinf.baselines.hydra.TrajectoryRecorder` that
+    recorded ``model``'s training (``model`` is its end point), or a path it was saved to.
+    ``train_fn``: for TMC-Shapley, ``train_fn(data, seed) -> nn.Module`` (default: re-fit the
+    last layer, :class:`~forwardinf.baselines.shapley.LastLayerTrainer`).
+    Each argument is ignored by the methods that do not use it, so one call site serves all.
     """
     key = name.lower()
-    if key not in METHODS:
-        raise ValueError(f"unknown method {name!r}; expected one of {METHODS}")
+    requirements(key)  # refuses unknown names
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if key == "forward-inf":
         from forwardinf.estimators.forward_inf import ForwardINF  # lazy: the baselines do not need it
@@ -79,4 +112,22 @@ def make_estimator(name: str, model: nn.Module, task: Task | None = None, *,
         chosen_lrs = list(lrs)[-want:] if lrs is not None and ckpts else None
         defaults = {"checkpoints": chosen, "lrs": chosen_lrs, "params": "last" if key == "tracin-last" else None}
         return TracIn(model, task, **{**defaults, **kw})
+    if key == "knn-shapley":
+        from forwardinf.baselines.shapley import KNNShapley
+
+        return KNNShapley(model, task, **{"k": 10, **kw})
+    if key == "tmc-shapley":
+        from forwardinf.baselines.shapley import LastLayerTrainer, TMCShapley
+
+        fn = train_fn if train_fn is not None else LastLayerTrainer(model)
+        return TMCShapley(fn, task, **{"permutations": 20, "truncation": 0.05, **kw})
+    if key in ("hydra", "hydra-last"):
+        from forwardinf.baselines.hydra import HyDRA, TrajectoryRecorder
+
+        if trajectory is None:
+            raise ValueError(f"{name} needs trajectory=: a TrajectoryRecorder of the model's SGD training "
+                             "(or the path TrajectoryRecorder.save wrote)")
+        if isinstance(trajectory, (str, os.PathLike)):
+            trajectory = TrajectoryRecorder.load(trajectory, model)
+        return HyDRA(model, task, **{"trajectory": trajectory, "params": "last" if key == "hydra-last" else None, **kw})
     return RepresenterPoint(model, task, **kw)

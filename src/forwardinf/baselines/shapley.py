@@ -55,6 +55,7 @@ __all__ = [
     "knn_coefficients",
     "knn_values",
     "split_rhat",
+    "check_data",
     "KNNShapley",
     "LastLayerTrainer",
     "TMCShapley",
@@ -255,7 +256,7 @@ class KNNShapley(Estimator):
     def fit(self, train: DataLike) -> "KNNShapley":
         """Embed the training set (``features_ [n, d]``, ``labels_ [n]``) and precompute the recursion."""
         self._check_params()
-        for attr in ("train_", "features_", "labels_", "coefficients_"):  # a refit may change the embedding
+        for attr in ("train_", "features_", "labels_", "coefficients_", "shapes_"):  # a refit may change the embedding
             self.__dict__.pop(attr, None)
         dataset = self._dataset(train, "train")
         features, labels = self.embed(dataset, "train")
@@ -266,13 +267,20 @@ class KNNShapley(Estimator):
     def embed(self, data: DataLike, name: str = "data") -> tuple[Tensor, Tensor]:
         """``(features [m, d], labels [m])`` of ``data`` on the chosen embedding (eval mode, no grad)."""
         dataset = as_dataset(data, name)
+        uses_model = self.model is not None and not callable(self.embedding) and self.embedding != "inputs"
+        shapes = check_data(dataset, name, self.model if uses_model else None, self.task,
+                            getattr(self, "shapes_", None), self.batch_size)
         feats, labels = [], []
         device = self._device()
         for _, batch in batches(dataset, self.batch_size):
             inputs, targets = _inputs_targets(batch, name)
+            if targets.numel() and int(targets.min()) < 0:
+                raise ValueError(f"{name}: negative label {int(targets.min())}")
             feats.append(self._features(to_device(inputs, device)).detach().flatten(1).to("cpu", torch.float64))
             labels.append(torch.as_tensor(targets).to("cpu", torch.long))
         out, y = torch.cat(feats), torch.cat(labels)
+        if not hasattr(self, "shapes_"):
+            self.shapes_ = shapes
         if not torch.isfinite(out).all():
             raise ValueError(f"{name}: the embedding contains NaN or inf")
         if hasattr(self, "features_") and out.shape[1] != self.features_.shape[1]:
@@ -378,6 +386,47 @@ def _inputs_targets(batch: Any, name: str) -> tuple[Any, Any]:
     return inputs, t
 
 
+def _feature_shapes(batch: Any) -> list[tuple[int, ...]]:
+    leaves = [batch] if torch.is_tensor(batch) else list(batch.values() if isinstance(batch, dict) else batch)
+    return [tuple(t.shape[1:]) for t in leaves if torch.is_tensor(t) and t.is_floating_point()]
+
+
+def check_data(data: Any, name: str, model: nn.Module | None, task: Task | None,
+               shapes: list[tuple[int, ...]] | None = None, batch_size: int = 1024) -> list[tuple[int, ...]]:
+    """Refuse bad data with a ``ValueError`` naming it; return the per-example feature shapes.
+
+    Every batch: finite inputs, the same per-example shapes throughout (and as ``shapes``, the
+    training data's, when given), and, with a ``model`` and ``task``, ``task.validate`` in eval
+    mode (labels in range, the model runs on the inputs).
+    """
+    dataset = as_dataset(data, name)
+    if len(dataset) == 0:
+        raise ValueError(f"{name} is empty")
+    seen = None
+    for start, batch in batches(dataset, batch_size):
+        here = _feature_shapes(batch)
+        if seen is None:
+            seen = here
+            if shapes is not None and here != shapes:
+                raise ValueError(f"{name}: per-example shapes {here} do not match the training data's {shapes}")
+        elif here != seen:
+            raise ValueError(f"{name}: examples from {start} on have shapes {here}, earlier ones {seen}")
+        if model is not None and task is not None:
+            with mode(model, False):
+                try:
+                    task.validate(model, to_device(batch, _device_of(model)))
+                except ValueError as e:
+                    raise ValueError(f"{name}: {e}") from e
+                except (RuntimeError, IndexError) as e:  # e.g. a shape mismatch inside the model
+                    raise ValueError(f"{name}: the model cannot run on these inputs: {e}") from e
+        else:
+            leaves = [batch] if torch.is_tensor(batch) else (batch.values() if isinstance(batch, dict) else batch)
+            for t in leaves:
+                if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all():
+                    raise ValueError(f"{name} contains NaN or inf values")
+    return seen or []
+
+
 # ------------------------------------------------------------------------------ TMC-Shapley
 class LastLayerTrainer:
     """A training function ``(data, seed) -> model`` that re-fits only the model's last layer.
@@ -416,6 +465,9 @@ class LastLayerTrainer:
             with torch.no_grad():
                 for _, batch in batches(as_dataset(data, "data"), self.batch_size):
                     inputs, targets = _inputs_targets(batch, "data")
+                    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= head.out_features):
+                        raise ValueError(f"LastLayerTrainer: labels must lie in [0, {head.out_features}), got "
+                                         f"[{int(targets.min())}, {int(targets.max())}]")
                     self.model(to_device(inputs, _device_of(self.model)))
                     feats.append(seen.pop().flatten(1))
                     labels.append(targets.to(feats[-1].device))
@@ -605,9 +657,12 @@ class TMCShapley(Estimator):
         """Train the full model ``A(D)`` (``full_model_``) once; returns self."""
         self._check_params()
         train = as_dataset(train, "train")
+        shapes = check_data(train, "train", None, None, batch_size=self.batch_size)
         model = self.train_fn(subset_of(train, np.arange(len(train))), int(self.train_seed))
         if not isinstance(model, nn.Module):
             raise ValueError(f"TMCShapley: train_fn must return an nn.Module, got {type(model).__name__}")
+        check_data(train, "train", model, self.task, shapes, self.batch_size)  # e.g. labels the model has no class for
+        self.shapes_ = shapes
         self.train_ = train
         self.full_model_ = model
         return self
@@ -616,6 +671,7 @@ class TMCShapley(Estimator):
         """``[n_query, n_train]`` values (float64), or ``[n_train]`` for the mean utility (``joint``)."""
         self._check_fitted()
         qset = as_dataset(queries, "queries")
+        check_data(qset, "queries", self.full_model_, self.task, self.shapes_, self.batch_size)
         values = self._run(qset, diag=False)  # [n, Q]
         return values.mean(1) if joint else values.T.contiguous()
 

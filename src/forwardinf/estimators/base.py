@@ -60,12 +60,13 @@ class Estimator:
         raise NotImplementedError(f"{type(self).__name__} has no self-influence")
 
     def top_k(self, queries: DataLike, k: int = 10) -> TopK:
-        """The ``k`` highest-scoring training points per query, best first."""
+        """The ``k`` highest-scoring training points per query, best first; equal scores in
+        training-index order (a stable sort: ``torch.topk`` leaves the order of ties unspecified)."""
         check_positive(type(self).__name__, "k", k, integer=True)
         scores = self.influence(queries)
         k = min(k, scores.shape[-1])
-        values, indices = torch.topk(scores, k, dim=-1)
-        return TopK(indices, values)
+        values, indices = torch.sort(scores, dim=-1, descending=True, stable=True)
+        return TopK(indices[..., :k], values[..., :k])
 
     # -- helpers for subclasses -----------------------------------------------------
     def _check_fitted(self) -> None:

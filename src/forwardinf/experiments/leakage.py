@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default="forward-inf,forward-inf-paper",
                    help="comma-separated methods: " + ", ".join(FORWARD_INF_VARIANTS)
                    + ", and the baselines (if-100, if-1000, if-10000, if-cg, tracin-1, tracin-3, tracin-5, "
-                     "tracin-last, grad-cos, representer, ...)")
+                     "tracin-last, grad-cos, representer, knn-shapley, tmc-shapley, hydra, hydra-last, ...)")
     p.add_argument("--near", action="store_true", help="queries are augmented copies (shift, noise, ...) instead of exact ones")
     p.add_argument("--tune", action="store_true",
                    help="tune lr, steps and score of Forward-INF on 20%% of the queries (the paper's split); report the rest")
@@ -62,14 +62,14 @@ def detection(scores: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
             "top10": float((ranks <= 10).float().mean()), "mean_rank": float(ranks.float().mean())}
 
 
-def make_method(name: str, model: torch.nn.Module, checkpoints: list, progress: bool) -> Any:
+def make_method(name: str, model: torch.nn.Module, checkpoints: list, progress: bool, trajectory: Any = None) -> Any:
     if name in FORWARD_INF_VARIANTS:
         kw = dict(FORWARD_INF_VARIANTS[name])
         preset = kw.pop("preset", "default")
         return fi.ForwardINF.preset(preset, model, fi.ClassificationTask(), progress=progress, **kw)
     from forwardinf.baselines.registry import make_estimator
 
-    return make_estimator(name, model, fi.ClassificationTask(), checkpoints=checkpoints)
+    return make_estimator(name, model, fi.ClassificationTask(), checkpoints=checkpoints, trajectory=trajectory)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> dict:
 
     results, rows, best = {}, [], {}
     for name in methods:
-        est = make_method(name, model, prepared.checkpoints, progress)
+        est = make_method(name, model, prepared.checkpoints, progress, trajectory=prepared.trajectory)
         with timer() as t:
             est.fit(train)
             tuned = None

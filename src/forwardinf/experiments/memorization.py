@@ -174,7 +174,7 @@ def correctness(models: list[nn.Module], x: Tensor, y: Tensor, batch_size: int =
 
 
 # ---------------------------------------------------------------------------------- methods
-def make_method(name: str, model: nn.Module, checkpoints: list, progress: bool) -> Any:
+def make_method(name: str, model: nn.Module, checkpoints: list, progress: bool, trajectory: Any = None) -> Any:
     if name in FI_VARIANTS:
         kw = dict(FI_VARIANTS[name])
         preset = kw.pop("preset", "default")
@@ -183,7 +183,7 @@ def make_method(name: str, model: nn.Module, checkpoints: list, progress: bool) 
 
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join([*FI_VARIANTS, *METHODS[1:]])}")
-    return make_estimator(name, model, fi.ClassificationTask(), checkpoints=checkpoints)
+    return make_estimator(name, model, fi.ClassificationTask(), checkpoints=checkpoints, trajectory=trajectory)
 
 
 # ---------------------------------------------------------------------------------- CLI
@@ -251,7 +251,7 @@ def run(args: argparse.Namespace) -> dict:
     results: dict[str, dict] = {}
     best_scores: dict[str, Tensor] = {}
     for name in methods:
-        est = make_method(name, model, prepared.checkpoints, progress)
+        est = make_method(name, model, prepared.checkpoints, progress, trajectory=prepared.trajectory)
         with timer() as t:
             scores = est.fit(train).influence(test)
         best_scores[name] = scores

@@ -14,8 +14,11 @@ that signal with each point's own gradient norm and ranks far worse (see the swe
 (the authors' ``|change|``) and ``forward-inf-paper`` literally as the paper says (self-influence
 sorted in descending order). ``forward-inf-cp`` averages the standardised support over the saved
 training checkpoints, as TracIn-CP does with gradients. Influence functions and TracIn rank by
-their self-influence ``g_i^T H^-1 g_i`` / ``sum_c eta_c ||g_i(c)||^2`` (descending); ``loss`` by the
-final training loss (descending); ``random`` is a seeded shuffle.
+their self-influence ``g_i^T H^-1 g_i`` / ``sum_c eta_c ||g_i(c)||^2`` (descending); ``hydra`` by
+how much removing a point would raise its own loss (over the recorded training trajectory),
+``knn-shapley`` / ``tmc-shapley`` by each point's Shapley value in the game of its own loss
+(descending: a point only it supports); ``loss`` by the final training loss (descending);
+``random`` is a seeded shuffle.
 
 Metrics per method: ``found_at_15pct`` (fraction of flipped points among the first 15% inspected;
 at most ``0.15 / fraction``, e.g. 0.75 with 20% flipped), ``auc`` (ROC AUC of the ranking: the
@@ -26,6 +29,7 @@ as many points as were flipped), ``inspect_for_80pct`` (fraction of the data ins
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import hashlib
 import json
@@ -71,7 +75,7 @@ FI_VARIANTS: dict[str, dict[str, Any]] = {
     "forward-inf-authors": dict(kw={"preset": "authors"}, order="magnitude"),
 }
 BASELINES = ("if-exact", "if-100", "if-1000", "if-cg", "tracin-1", "tracin-3", "tracin-5", "tracin-last",
-             "loss", "random")
+             "knn-shapley", "tmc-shapley", "hydra", "hydra-last", "loss", "random")
 DEFAULT_METHODS = "forward-inf,forward-inf-cp,forward-inf-paper,if-exact,tracin-1,tracin-5,loss,random"
 
 # The sweep behind the default (--sweep): every score x update rule, both orders, final model.
@@ -139,43 +143,56 @@ def oracle_found_at(fraction_flipped: float, inspect: float) -> float:
 
 # ---------------------------------------------------------------------------------- training
 def train_noisy(split: DataSplit, noisy: Tensor, recipe: dict, seed: int, n_checkpoints: int,
-                progress: bool = False) -> tuple[nn.Module, list[dict]]:
-    """Train ``recipe["model"]`` on ``(x_train, noisy)``; return it and ``n_checkpoints`` state dicts.
+                progress: bool = False, record: bool = False) -> tuple[nn.Module, list[dict], Any]:
+    """Train ``recipe["model"]`` on ``(x_train, noisy)``; return it, ``n_checkpoints`` state dicts and
+    the recorded SGD trajectory (a ``TrajectoryRecorder``, for HyDRA; None unless ``record``).
 
     Training runs in ``n_checkpoints`` equal stages (the last snapshot is the final model), each
     with its own seed, so TracIn and ``forward-inf-cp`` can use the trajectory.
     """
+    from forwardinf.experiments.setup import trajectory_recorder
+
     kw = {"width": recipe["width"]} if recipe.get("width") else {}
     model = build_model(recipe["model"], split.input_shape, split.n_classes, seed=seed, **kw)
     epochs = recipe["epochs"]
     bounds = np.linspace(0, epochs, n_checkpoints + 1).round().astype(int)[1:]
     done, checkpoints = 0, []
-    for stage, until in enumerate(bounds):
-        if until > done:
-            train_classifier(model, (split.x_train, noisy), epochs=int(until - done), lr=recipe["lr"],
-                             batch_size=recipe["batch_size"], weight_decay=recipe["weight_decay"],
-                             seed=seed * 1000 + stage, schedule="constant", progress=progress)
-            done = int(until)
-        checkpoints.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-    return model.eval(), checkpoints
+    recorder = trajectory_recorder(model, len(noisy), epochs, recipe["batch_size"]) if record else None
+    with (recorder.recording((split.x_train, noisy)) if recorder is not None
+          else contextlib.nullcontext((split.x_train, noisy))) as data:
+        for stage, until in enumerate(bounds):
+            if until > done:
+                train_classifier(model, data, epochs=int(until - done), lr=recipe["lr"],
+                                 batch_size=recipe["batch_size"], weight_decay=recipe["weight_decay"],
+                                 seed=seed * 1000 + stage, schedule="constant", progress=progress)
+                done = int(until)
+            checkpoints.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    return model.eval(), checkpoints, recorder
 
 
-def _cached_training(cache_dir: Path, config: dict, make: Callable[[], tuple[nn.Module, list[dict]]],
-                     build: Callable[[], nn.Module]) -> tuple[nn.Module, list[dict], float]:
-    """Train via ``make`` or load the result saved under a hash of ``config``; also the seconds spent."""
+def _cached_training(cache_dir: Path, config: dict, make: Callable[[bool], tuple[nn.Module, list[dict], Any]],
+                     build: Callable[[], nn.Module], trajectory: bool = False) -> tuple[nn.Module, list[dict], float, Any]:
+    """Train via ``make(trajectory)`` or load the result saved under a hash of ``config``; also the
+    seconds spent and the recorded trajectory (``trajectory``: needed; a cache without one retrains)."""
+    from forwardinf.baselines.hydra import TrajectoryRecorder
+
     key = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = cache_dir / f"mislabel-{key}.pt"
-    if path.exists():
+    traj_path = cache_dir / f"mislabel-{key}-trajectory.pt"
+    if path.exists() and (traj_path.exists() or not trajectory):
         saved = torch.load(path, map_location="cpu", weights_only=True)
         model = build()
         model.load_state_dict(saved["checkpoints"][-1])
-        return model.eval(), saved["checkpoints"], float(saved["seconds"])
+        rec = TrajectoryRecorder.load(traj_path, model) if trajectory else None
+        return model.eval(), saved["checkpoints"], float(saved["seconds"]), rec
     start = time.perf_counter()
-    model, checkpoints = make()
+    model, checkpoints, rec = make(trajectory)
     seconds = time.perf_counter() - start
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"checkpoints": checkpoints, "seconds": seconds}, path)
-    return model, checkpoints, seconds
+    if rec is not None:
+        rec.save(traj_path)
+    return model, checkpoints, seconds, rec
 
 
 # ---------------------------------------------------------------------------------- methods
@@ -201,7 +218,7 @@ def _standardise(s: Tensor) -> Tensor:
 
 
 def rank_scores(name: str, model: nn.Module, train: tuple[Tensor, Tensor], checkpoints: list[dict],
-                seed: int, progress: bool = False) -> Tensor:
+                seed: int, progress: bool = False, trajectory: Any = None) -> Tensor:
     """``[N]`` scores of method ``name`` whose **descending** order is the order of inspection."""
     if name in FI_VARIANTS:
         spec = FI_VARIANTS[name]
@@ -222,7 +239,7 @@ def rank_scores(name: str, model: nn.Module, train: tuple[Tensor, Tensor], check
     if name in BASELINES:
         from forwardinf.baselines.registry import make_estimator
 
-        est = make_estimator(name, model, fi.ClassificationTask(), checkpoints=checkpoints)
+        est = make_estimator(name, model, fi.ClassificationTask(), checkpoints=checkpoints, trajectory=trajectory)
         return est.fit(train).self_influence()
     raise ValueError(f"unknown method {name!r}; choose from {', '.join([*FI_VARIANTS, *BASELINES])}")
 
@@ -291,10 +308,13 @@ def run(args: argparse.Namespace) -> dict:
     config = {"dataset": split.name, **recipe, "n_train": len(noisy), "fraction": args.fraction,
               "n_flipped": int(flipped.sum()), "checkpoints": args.checkpoints, "seed": args.seed}
     kw = {"width": recipe["width"]} if recipe.get("width") else {}
-    model, checkpoints, train_seconds = _cached_training(
+    from forwardinf.baselines.registry import METHODS as REGISTERED, requirements
+
+    record = any(m in REGISTERED and "trajectory" in requirements(m) for m in methods)
+    model, checkpoints, train_seconds, trajectory = _cached_training(
         Path(args.out) / "cache", config,
-        lambda: train_noisy(split, noisy, recipe, args.seed, args.checkpoints, progress),
-        lambda: build_model(recipe["model"], split.input_shape, split.n_classes, **kw))
+        lambda rec: train_noisy(split, noisy, recipe, args.seed, args.checkpoints, progress, record=rec),
+        lambda: build_model(recipe["model"], split.input_shape, split.n_classes, **kw), trajectory=record)
     test_acc = accuracy(model, split.test())
     fit_noisy = accuracy(model, train)
     fit_flipped = accuracy(model, (split.x_train[flipped], noisy[flipped]))
@@ -306,7 +326,7 @@ def run(args: argparse.Namespace) -> dict:
     oracle = oracle_found_at(float(flipped.float().mean()), 0.15)
     for name in methods:
         with timer() as t:
-            scores = rank_scores(name, model, train, checkpoints, args.seed, progress)
+            scores = rank_scores(name, model, train, checkpoints, args.seed, progress, trajectory=trajectory)
         if not torch.isfinite(scores).all():
             raise FloatingPointError(f"{name}: non-finite scores")
         m = detection_metrics(scores, flipped)

@@ -1,7 +1,15 @@
-"""Shared experiment set-up: a dataset, and a classifier trained on it (or loaded from cache)."""
+"""Shared experiment set-up: a dataset, and a classifier trained on it (or loaded from cache).
+
+Training keeps what the baselines need, cached beside the model under ``--out/cache``:
+``N_CHECKPOINTS`` snapshots (TracIn) and, when a requested method needs it (HyDRA, see
+``registry.requirements``), the recorded SGD trajectory (:class:`TrajectoryRecorder`). A model
+loaded with ``--checkpoint`` comes with its trajectory from ``--trajectory`` (a file written by
+``TrajectoryRecorder.save`` during the user's own training).
+"""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -22,6 +30,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "cifar10": dict(model="cnn", epochs=15, lr=0.01, batch_size=64, optimizer="sgd", weight_decay=5e-4),
 }
 N_CHECKPOINTS = 5
+TRAJECTORY_MB = 1024  # parameter snapshots beyond this are thinned (TrajectoryRecorder's ``every``)
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,6 +41,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-lr", type=float, default=None, help="training learning rate (default: per dataset)")
     p.add_argument("--checkpoint", default=None,
                    help="model checkpoint to load instead of training (saved state dict; weights_only)")
+    p.add_argument("--trajectory", default=None,
+                   help="with --checkpoint: the model's recorded SGD training (TrajectoryRecorder.save), for HyDRA")
 
 
 @dataclass
@@ -43,14 +54,27 @@ class Prepared:
     checkpoints: list = field(default_factory=list)  # state dicts along training, for TracIn
     config: dict = field(default_factory=dict)
     train_seconds: float = 0.0
+    trajectory: Any = None  # TrajectoryRecorder of the training run, for HyDRA (when a method needs it)
 
     def describe(self) -> str:
         return (f"Model `{self.model_name}` trained on {len(self.split.y_train)} points "
                 f"({self.config.get('epochs')} epochs, {self.train_seconds:.1f}s), test accuracy {self.accuracy:.3f}.")
 
 
+def needs_trajectory(args: argparse.Namespace) -> bool:
+    """Whether a method in ``args.methods`` (comma-separated) needs the recorded trajectory."""
+    from forwardinf.baselines.registry import METHODS, requirements
+
+    names = [m.strip().lower() for m in str(getattr(args, "methods", "") or "").split(",")]
+    return any(m in METHODS and "trajectory" in requirements(m) for m in names)
+
+
 def prepare_classifier(args: argparse.Namespace, progress: bool = False) -> Prepared:
-    """Load ``args.dataset`` (digits by default), then train a classifier or load it from ``--out`` cache."""
+    """Load ``args.dataset`` (digits by default), then train a classifier or load it from ``--out`` cache.
+
+    Records the training trajectory too when :func:`needs_trajectory`; a cached model without one
+    is trained again with the recorder on (training is deterministic: the same model results).
+    """
     import time
 
     name = args.dataset or "digits"
@@ -69,40 +93,85 @@ def prepare_classifier(args: argparse.Namespace, progress: bool = False) -> Prep
 
     start = time.perf_counter()
     checkpoints: list = []
+    trajectory = None
+    want_trajectory = needs_trajectory(args)
+    if getattr(args, "trajectory", None) and not args.checkpoint:
+        raise ValueError("--trajectory goes with --checkpoint (the model it recorded); without one the "
+                         "model is trained here and its trajectory recorded")
     if args.checkpoint:
         load_checkpoint(args.checkpoint, model)
+        if getattr(args, "trajectory", None):
+            from forwardinf.baselines.hydra import TrajectoryRecorder
+
+            trajectory = TrajectoryRecorder.load(args.trajectory, model)
+        elif want_trajectory:
+            raise ValueError("HyDRA needs the model's training trajectory: pass --trajectory FILE "
+                             "(TrajectoryRecorder.save of the run that produced --checkpoint)")
     else:
         key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
         cache = Path(args.out) / "cache" / f"model-{key}.pt"
-        if cache.exists():
+        traj_file = cache.parent / f"model-{key}-trajectory.pt"
+        if cache.exists() and (traj_file.exists() or not want_trajectory):
             meta = load_checkpoint(cache, model)
             checkpoints = [_load_state(cache.parent / f) for f in meta.get("checkpoints", [])]
+            if want_trajectory:
+                from forwardinf.baselines.hydra import TrajectoryRecorder
+
+                trajectory = TrajectoryRecorder.load(traj_file, model)
         else:
-            checkpoints = _train_with_checkpoints(model, split, recipe, args.seed, progress)
+            checkpoints, trajectory = _train_with_checkpoints(model, split, recipe, args.seed, progress,
+                                                              record=want_trajectory)
             cache.parent.mkdir(parents=True, exist_ok=True)
             names = []
             for i, state in enumerate(checkpoints):
                 names.append(f"model-{key}-ckpt{i}.pt")
                 torch.save(state, cache.parent / names[-1])
+            if trajectory is not None:
+                trajectory.save(traj_file)
             save_checkpoint(model, cache, checkpoints=names, config=json.dumps(config, sort_keys=True))
     model.eval()
     seconds = time.perf_counter() - start
     acc = accuracy(model, split.test())
-    return Prepared(split, model, model_name, acc, checkpoints, config, seconds)
+    return Prepared(split, model, model_name, acc, checkpoints, config, seconds, trajectory)
 
 
-def _train_with_checkpoints(model: torch.nn.Module, split: DataSplit, recipe: dict, seed: int, progress: bool) -> list:
-    """Train in ``N_CHECKPOINTS`` stages, keeping a copy of the weights after each (TracIn uses them)."""
+def _train_with_checkpoints(model: torch.nn.Module, split: DataSplit, recipe: dict, seed: int, progress: bool,
+                            record: bool = False) -> tuple[list, Any]:
+    """Train in ``N_CHECKPOINTS`` stages, keeping a copy of the weights after each (TracIn uses them).
+
+    With ``record``, every SGD step is recorded for HyDRA; returns ``(checkpoints, recorder or None)``.
+    """
     epochs = recipe["epochs"]
     stages = [e for e in torch.linspace(0, epochs, N_CHECKPOINTS + 1).round().int().tolist()[1:]]
     done, checkpoints = 0, []
     kw = {k: recipe[k] for k in ("lr", "batch_size", "optimizer", "weight_decay")}
-    for stage, until in enumerate(stages):
-        if until > done:
-            train_classifier(model, split.train(), epochs=until - done, seed=seed + stage, progress=progress, **kw)
-            done = until
-        checkpoints.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-    return checkpoints
+    recorder, train = None, split.train()
+    context: Any = contextlib.nullcontext(train)
+    if record:
+        recorder = trajectory_recorder(model, len(split.y_train), epochs, recipe["batch_size"])
+        context = recorder.recording(train)
+    with context as data:
+        for stage, until in enumerate(stages):
+            if until > done:
+                train_classifier(model, data, epochs=until - done, seed=seed + stage, progress=progress, **kw)
+                done = until
+            checkpoints.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    return checkpoints, recorder
+
+
+def trajectory_recorder(model: torch.nn.Module, n: int, epochs: int, batch_size: int,
+                        budget_mb: float = TRAJECTORY_MB) -> Any:
+    """A :class:`TrajectoryRecorder` for ``epochs`` of SGD on ``n`` points, snapshotting the
+    parameters every step, or every ``k``-th step if all snapshots would exceed ``budget_mb``."""
+    from forwardinf.baselines.hydra import TrajectoryRecorder
+
+    steps = epochs * -(-n // batch_size)
+    size = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    every = max(1, -(-steps * size // int(budget_mb * 2**20)))
+    if every > 1:
+        print(f"trajectory: {steps} steps x {size / 2**20:.1f} MB; parameters snapshotted every {every} steps "
+              f"(HyDRA reuses a snapshot for the steps in between)", flush=True)
+    return TrajectoryRecorder(model, every=every)
 
 
 def _load_state(path: Path) -> dict:
