@@ -118,6 +118,27 @@ def test_shapes_and_model_untouched(name):
     assert _flags(model) == flags, f"{name} changed a train/eval flag"
 
 
+# Self-influence that is NOT the diagonal of influence(train), by definition.
+SELF_NOT_DIAGONAL = {
+    "forward-inf": "the paper's self mode: ONE joint update on the whole training set, not one per point",
+    "tmc-shapley": "each point's value in the game of its own loss, never truncated; the diagonal of "
+                   "influence(train) comes from the joint game of all n queries, truncated",
+}
+
+
+@pytest.mark.parametrize("name", [m for m in METHODS if m not in SELF_NOT_DIAGONAL])
+def test_self_influence_is_the_diagonal(name):
+    model = _model(name)
+    train = _data(N_TRAIN, 0)
+    est = _make(name, model).fit(train)
+    try:
+        own = est.self_influence()
+    except NotImplementedError:
+        pytest.skip(f"{name} has no self-influence")
+    diagonal = est.influence(train).diagonal()
+    torch.testing.assert_close(own.double(), diagonal.double(), rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", METHODS)
 def test_deterministic(name):
     model = _model(name)

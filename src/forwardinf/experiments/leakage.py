@@ -98,6 +98,7 @@ def run(args: argparse.Namespace) -> dict:
             scores = est.influence((xe, ye))
         metrics = detection(scores, eval_idx)
         metrics["seconds"] = t["seconds"]
+        metrics["cpu_seconds"] = t["cpu_seconds"]
         metrics["seconds_per_query"] = t["seconds"] / len(eval_idx)
         if tuned:
             metrics["tuned"] = tuned

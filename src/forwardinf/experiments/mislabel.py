@@ -331,6 +331,7 @@ def run(args: argparse.Namespace) -> dict:
             raise FloatingPointError(f"{name}: non-finite scores")
         m = detection_metrics(scores, flipped)
         m["seconds"] = t["seconds"]
+        m["cpu_seconds"] = t["cpu_seconds"]
         results[name] = m
         curves[name] = detection_curve(scores.double().numpy(), flipped.numpy())
         print(f"  {name:20s} {t['seconds']:8.2f}s  found@15% {m['found_at_15pct']:.3f} (max {oracle:.2f})  "
