@@ -81,7 +81,7 @@ def test_seq2seq_loss_equals_hand_computation(t5, tok):
 @pytest.mark.parametrize("mask", ["4d", "2d"])
 def test_padding_changes_nothing(arch, mask, gpt2, t5, tok):
     model = gpt2 if arch == "gpt2" else t5
-    task = LanguageModelTask.for_model(model, mask=mask)
+    task = LanguageModelTask.for_model(model, mask=mask, trim_padding=False)  # the masks alone must do it
     kind = task.kind
     prompts = PROMPTS if kind == "causal" else [p + " <extra_id_0>" for p in PROMPTS]
     # each example alone (no padding at all) ...
@@ -98,6 +98,30 @@ def test_padding_changes_nothing(arch, mask, gpt2, t5, tok):
         if kind == "seq2seq":
             wide["labels"] = batch["labels"]
         torch.testing.assert_close(task.loss(model, wide), alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "t5"])
+def test_trim_cuts_padding_columns_and_changes_nothing(arch, gpt2, t5, tok):
+    model = gpt2 if arch == "gpt2" else t5
+    task, plain = LanguageModelTask.for_model(model), LanguageModelTask.for_model(model, trim_padding=False)
+    prompts = PROMPTS if task.kind == "causal" else [p + " <extra_id_0>" for p in PROMPTS]
+    for side in ("right", "left"):
+        batch = encode(tok, prompts, TARGETS, kind=task.kind, padding_side=side)
+        fill = {"input_ids": 7, "attention_mask": 0, "labels": IGNORE}
+        wide = {k: torch.nn.functional.pad(v, (0, 3) if side == "right" or (k == "labels" and task.kind == "seq2seq")
+                                           else (3, 0), value=fill[k]) for k, v in batch.items()}
+        cut = task.trim(wide)
+        if side == "right" or task.kind == "causal":
+            assert cut["input_ids"].shape == batch["input_ids"].shape
+        assert cut["labels"].shape == batch["labels"].shape
+        torch.testing.assert_close(task.loss(model, wide), plain.loss(model, batch), rtol=1e-5, atol=1e-5)
+        # a float mask, as some collators give, is accepted and means the same
+        task.validate(model, dict(wide, attention_mask=wide["attention_mask"].float()))
+        torch.testing.assert_close(task.loss(model, dict(wide, attention_mask=wide["attention_mask"].float())),
+                                   plain.loss(model, batch), rtol=1e-5, atol=1e-5)
+    # inside vmap over examples the widths are not concrete: no trim, same losses
+    per_example = vmap(lambda ex: task.loss(model, {k: v[None] for k, v in ex.items()})[0])(wide)
+    torch.testing.assert_close(per_example, plain.loss(model, batch), rtol=1e-5, atol=1e-5)
 
 
 def test_labels_cover_only_the_target(tok):
@@ -135,6 +159,8 @@ def test_validate_names_the_problem(gpt2, tok):
     bad = dict(batch, labels=torch.full_like(batch["labels"], IGNORE))
     with pytest.raises(ValueError, match="no target"):
         task.validate(gpt2, bad)
+    with pytest.raises(ValueError, match="attention_mask must hold only 0"):
+        task.validate(gpt2, dict(batch, attention_mask=batch["attention_mask"] * 2))
     with pytest.raises(ValueError, match="invalid kind"):
         LanguageModelTask("encoder").validate(gpt2, batch)
     with pytest.raises(ValueError, match="out of range"):

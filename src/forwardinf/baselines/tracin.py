@@ -1,16 +1,17 @@
 """TracIn / TracInCP (Pruthi et al. 2020; survey section 5.2.1), grad-dot and grad-cosine."""
 from __future__ import annotations
 
+import fnmatch
 import os
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from forwardinf.baselines.influence_function import GradientEstimator
 from forwardinf.core import gradients as G
-from forwardinf.core.params import Params
-from forwardinf.data.inputs import DataLike
+from forwardinf.core.params import Params, mode
+from forwardinf.data.inputs import DataLike, batches, gather, to_device
 from forwardinf.estimators.base import check_positive
 from forwardinf.tasks.base import Task
 
@@ -28,6 +29,12 @@ class TracIn(GradientEstimator):
     Checkpoints are loaded into functional parameter dicts, never into the user's model; a
     checkpoint may omit buffers (the model's own are used) but must hold every selected parameter.
 
+    Tied weights (GPT-2/T5's shared input embedding and ``lm_head``: one tensor under several
+    names) are one parameter: ``params`` may name any alias (``"lm_head"``, ``"last"``), its
+    gradient is the tied tensor's full gradient (both uses), and a checkpoint's copies of the
+    aliases must agree. Data may also be a mapping of equal-length tensors (``encode``'s dict, a
+    ``transformers`` ``BatchEncoding``): one example per row.
+
     Args (all keyword):
         checkpoints: list of state dicts or paths (``torch.save(model.state_dict(), path)``); a
             dict with a ``"state_dict"`` or ``"model"`` entry is unwrapped. None/empty: the model.
@@ -40,6 +47,10 @@ class TracIn(GradientEstimator):
 
     ``joint=True`` scores the mean query gradient (for dot products, the mean of the per-query
     rows). ``self_influence()`` is ``Σ_c η_c ||∇ℓ(z_i; θ_c)||²`` (``Σ_c η_c`` when normalised).
+
+    ``influence(queries, indices=idx)`` scores only the training positions ``idx``: from the
+    cached gradients when the whole training set's fit in ``cache_mb`` (computed once, reused by
+    every later call), otherwise by computing the gradients of just those points.
     """
 
     def __init__(
@@ -76,17 +87,23 @@ class TracIn(GradientEstimator):
         if len(lrs) != len(self.states_):
             raise ValueError(f"TracIn: {len(lrs)} lrs for {len(self.states_)} checkpoints")
         self.lrs_ = lrs
-        own = {k: v.detach() for k, v in self.model.state_dict().items()}
+        aliases = _aliases(self.model)
+        own = _untie({k: v.detach() for k, v in self.model.state_dict().items()}, aliases, "the model")
         for c, state in enumerate(self.states_):
             if state is not None:
+                state = _untie(state, aliases, f"checkpoint {c}")
                 self._select(state)  # every checkpoint must hold the selected parameters
                 # Buffers (and unselected parameters) a checkpoint lacks come from the model.
                 self.states_[c] = {**own, **state}
         return self
 
-    def influence(self, queries: DataLike, joint: bool = False) -> Tensor:
-        """``[n_query, n_train]`` TracInCP scores, or ``[n_train]`` for the mean query gradient (``joint``)."""
+    def influence(self, queries: DataLike, joint: bool = False, indices: Any = None) -> Tensor:
+        """``[n_query, n]`` TracInCP scores, or ``[n]`` for the mean query gradient (``joint``).
+
+        ``indices``: training positions ``[n]`` to score (default: all ``n_train``).
+        """
         self._check_fitted()
+        rows = _train_indices(indices, len(self.train_))
         qset, _ = self._load_queries(queries)
         total = None
         for c, (state, lr) in enumerate(zip(self.states_, self.lrs_)):
@@ -96,9 +113,15 @@ class TracIn(GradientEstimator):
                 gq = gq.mean(0, keepdim=True)
             if self.normalize:
                 gq = gq / gq.norm(dim=1, keepdim=True).clamp_min(1e-30)
-            dots = self._dot_train(gq, c, loss_fn, params)
+            if rows is None:
+                dots = self._dot_train(gq, c, loss_fn, params)
+                norms = self._train_norms(c, loss_fn, params) if self.normalize else None
+            else:
+                g = self._train_rows(rows, c, loss_fn, params)  # [n, D]
+                dots = (gq @ g.T).cpu()
+                norms = g.norm(dim=1).cpu() if self.normalize else None
             if self.normalize:
-                dots = dots / self._train_norms(c, loss_fn, params)[None, :].clamp_min(1e-30)
+                dots = dots / norms[None, :].clamp_min(1e-30)
             total = lr * dots if total is None else total + lr * dots
         return total[0] if joint else total
 
@@ -116,6 +139,73 @@ class TracIn(GradientEstimator):
         return total
 
     # -- helpers ----------------------------------------------------------------------------
+    def _train_rows(self, rows: Tensor, c: int, loss_fn: G.LossFn, params: Params) -> Tensor:
+        """``[n, D]`` gradients of the training points ``rows`` at checkpoint ``c``."""
+        blocks = list(self._train_grad_blocks(c, loss_fn, params)) if c in self._grad_cache_ or self._fits_cache(params) else None
+        if blocks is not None:  # the whole training set's gradients are (now) cached
+            return blocks[0][1][rows.to(blocks[0][1].device)]
+        unique, inverse = torch.unique(rows, return_inverse=True)
+        subset = torch.utils.data.Subset(self.train_, unique.tolist())
+        return self._grads(subset, loss_fn, params, "train gradients")[inverse.to(self._device())]
+
+    def _grads(self, dataset: Any, loss_fn: G.LossFn, params: Params, desc: str) -> Tensor:
+        """``[n, D]`` per-example gradients; each batch first goes through ``task.trim`` when the task
+        has one (e.g. dropping padding columns, which it cannot do inside the per-example ``vmap``)."""
+        trim = getattr(self.task, "trim", None)
+        if not callable(trim):
+            return super()._grads(dataset, loss_fn, params, desc)
+        device, out = self._device(), []
+        with mode(self.model, False):
+            for _, batch in batches(dataset, self.batch_size):
+                out.append(G.per_example_grads(loss_fn, params, to_device(trim(batch), device)))
+        return torch.cat(out, 0)
+
+    def _fits_cache(self, params: Params) -> bool:
+        size = len(self.train_) * G.dim(params) * next(iter(params.values())).element_size()
+        used = sum(t.numel() * t.element_size() for t in self._grad_cache_.values())
+        return used + size <= self.cache_mb * 2**20
+
+    def _patterns(self) -> str | list[str] | None:
+        """``params`` resolved to canonical parameter names, tied aliases included.
+
+        ``named_parameters()`` lists a tied tensor once (``transformer.wte.weight``), so a pattern
+        naming its other alias (``lm_head``, or ``"last"`` on GPT-2) would match nothing.
+        """
+        patterns = super()._patterns()
+        if patterns is None:
+            return None
+        patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+        trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        chosen: list[str] = []
+        for alias, name in _aliases(self.model).items():
+            if name in trainable and name not in chosen and any(
+                    fnmatch.fnmatchcase(alias, pat) or fnmatch.fnmatchcase(alias, pat + ".*") for pat in patterns):
+                chosen.append(name)
+        return chosen or patterns  # nothing matched: select_params reports the patterns
+
+    def _dataset(self, data: DataLike, name: str) -> Any:
+        if isinstance(data, Mapping) and data and all(torch.is_tensor(v) for v in data.values()):
+            from forwardinf.tasks.language_model import DictDataset
+
+            try:
+                data = DictDataset(dict(data))
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from e
+        return super()._dataset(data, name)
+
+    def _load_queries(self, queries: DataLike) -> tuple[Any, Any]:
+        """As the base check, but dict batches (``transformers`` inputs) may be padded to another
+        length than the training data: they must have the same keys and tensor ranks."""
+        qset = self._dataset(queries, "queries")
+        batch = gather(qset, range(len(qset)))
+        if not isinstance(batch, Mapping):
+            return super()._load_queries(queries)
+        ours, theirs = _signature(batch), _signature(gather(self.train_, [0]))
+        if ours != theirs:
+            raise ValueError(f"queries: fields {ours} (name: per-example rank) do not match the training data's {theirs}")
+        self._validate(batch, "queries")
+        return qset, batch
+
     def _checkpoint(self, state: dict[str, Tensor] | None) -> tuple[Params, G.LossFn]:
         return self._select(state), self._loss_fn(state)
 
@@ -156,3 +246,56 @@ def _load_state(checkpoint: Checkpoint, device: torch.device) -> dict[str, Tenso
         raise ValueError("TracIn: each checkpoint must be a state dict of tensors or a path to one")
     # Copies: a live module's tensors must not change under us if its owner keeps training.
     return {k: v.detach().to(device, copy=True) for k, v in checkpoint.items()}
+
+
+def _aliases(module: nn.Module) -> dict[str, str]:
+    """``{name: canonical name}`` for every parameter and buffer name, tied aliases included.
+
+    The canonical name is the one ``named_parameters()`` / ``named_buffers()`` report.
+    """
+    out: dict[str, str] = {}
+    for named in (module.named_parameters, module.named_buffers):
+        first = {}
+        for n, t in named():
+            first.setdefault(id(t), n)
+        for n, t in named(remove_duplicate=False):
+            out[n] = first[id(t)]
+    return out
+
+
+def _untie(state: dict[str, Tensor], aliases: dict[str, str], owner: str) -> dict[str, Tensor]:
+    """``state`` with each tied tensor under its canonical name only.
+
+    ``torch.func.functional_call`` refuses two values for one tied tensor; a state dict of a tied
+    model holds every alias (equal copies). Differing copies cannot be one tied tensor: an error.
+    """
+    out: dict[str, Tensor] = {}
+    source: dict[str, str] = {}
+    for k, v in state.items():
+        name = aliases.get(k, k)
+        if name in out:
+            if out[name].shape != v.shape or not torch.equal(out[name], v):
+                raise ValueError(f"TracIn: {owner} holds different values for {source[name]!r} and {k!r}, "
+                                 "which the model ties (one shared tensor)")
+            continue
+        out[name], source[name] = v, k
+    return out
+
+
+def _signature(batch: Mapping[str, Any]) -> dict[str, int]:
+    """``{key: per-example rank}`` of a dict batch's tensors."""
+    return {k: v.ndim - 1 for k, v in batch.items() if torch.is_tensor(v)}
+
+
+def _train_indices(indices: Any, n: int) -> Tensor | None:
+    """``indices`` as a checked ``[k]`` long tensor (None: the whole training set)."""
+    if indices is None:
+        return None
+    idx = torch.as_tensor(indices)
+    if idx.ndim != 1 or idx.numel() == 0 or idx.is_floating_point() or idx.dtype == torch.bool:
+        raise ValueError(f"TracIn: indices must be a non-empty 1-D sequence of integer training positions, "
+                         f"got shape {tuple(idx.shape)} of {idx.dtype}")
+    idx = idx.long()
+    if idx.min() < 0 or idx.max() >= n:
+        raise ValueError(f"TracIn: indices must lie in [0, {n}) (the fitted training set), got {int(idx.min())}..{int(idx.max())}")
+    return idx

@@ -2,7 +2,8 @@
 
 A batch is a dict of tensors with a leading batch dim (what :func:`encode` produces):
 
-- ``input_ids [B, T]``, ``attention_mask [B, T]`` (1 = real token, 0 = padding);
+- ``input_ids [B, T]``, ``attention_mask [B, T]`` (1 = real token, 0 = padding; integer, bool
+  or float);
 - ``labels``: causal models ``[B, T]``, aligned with ``input_ids`` (the token at position ``t``
   is predicted from positions ``< t``); seq2seq models ``[B, T_dec]``, the decoder's targets.
   ``-100`` marks every position that is not a target (prompt, context, padding);
@@ -52,15 +53,21 @@ class LanguageModelTask(Task):
             padding changes nothing either. Turn off for models without a ``position_ids`` input.
         decoder_start_token_id: seq2seq only: first decoder input (T5: the pad id, 0).
         pad_token_id: seq2seq only: replaces ``-100`` in the shifted decoder inputs.
+        trim_padding: before the model runs, drop the columns that are padding in every row of the
+            batch (:meth:`trim`): a batch of short sentences costs what they need, not the width
+            of the longest sentence in the dataset. Skipped where the values are not concrete
+            (inside ``vmap`` over examples); estimators that vmap per example call :meth:`trim`
+            on the batch first.
     """
 
     def __init__(self, kind: str = "causal", *, mask: str = "4d", position_ids: bool = True,
-                 decoder_start_token_id: int = 0, pad_token_id: int = 0) -> None:
+                 decoder_start_token_id: int = 0, pad_token_id: int = 0, trim_padding: bool = True) -> None:
         self.kind = kind
         self.mask = mask
         self.position_ids = position_ids
         self.decoder_start_token_id = decoder_start_token_id
         self.pad_token_id = pad_token_id
+        self.trim_padding = trim_padding
 
     @classmethod
     def for_model(cls, model: Any, **overrides: Any) -> "LanguageModelTask":
@@ -98,6 +105,11 @@ class LanguageModelTask(Task):
         """``(logits [B, L, V], labels [B, L])`` aligned: ``logits[:, t]`` predicts ``labels[:, t]``."""
         if self.kind not in KINDS:
             raise ValueError(f"LanguageModelTask: invalid kind={self.kind!r}; expected one of {KINDS}")
+        if self.trim_padding:
+            try:
+                batch = self.trim(batch)
+            except RuntimeError:  # vmapped over examples: column counts are not concrete values here
+                pass
         ids, attn, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         if self.kind == "causal":
             kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": self._causal_mask(attn)}
@@ -114,6 +126,38 @@ class LanguageModelTask(Task):
         if dec_attn is not None:
             kwargs["decoder_attention_mask"] = self._causal_mask(dec_attn) if self.mask == "4d" else dec_attn
         return _logits(model(**kwargs)), labels
+
+    def trim(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The batch without the columns that are padding in every row; the losses are unchanged.
+
+        Encoder/causal inputs keep the span from the first to the last column any row attends to
+        or (causal) labels; leading columns are cut only when positions are counted over real
+        tokens (``position_ids=True``), since otherwise they shift the default positions. Seq2seq
+        labels lose trailing all-``-100`` columns when the decoder inputs are derived from them.
+        Needs concrete values (not usable inside ``vmap`` over examples: raises ``RuntimeError``).
+        """
+        attn, labels = batch["attention_mask"], batch["labels"]
+        if attn.ndim != 2 or attn.shape[1] == 0:
+            return batch
+        used = attn.bool().any(0)
+        aligned = self.kind == "causal"
+        if aligned and labels.shape == attn.shape:
+            used = used | (labels != IGNORE).any(0)
+        cols = used.nonzero()
+        if cols.numel() == 0:
+            return batch
+        first = int(cols.min()) if aligned and self.position_ids else 0
+        last = int(cols.max()) + 1
+        out = dict(batch)
+        if first > 0 or last < attn.shape[1]:
+            keys = ("input_ids", "attention_mask") + (("labels",) if aligned else ())
+            for k in keys:
+                out[k] = batch[k][:, first:last]
+        if self.kind == "seq2seq" and "decoder_input_ids" not in batch and "decoder_attention_mask" not in batch:
+            lab = (labels != IGNORE).any(0).nonzero()
+            if lab.numel():
+                out["labels"] = labels[:, :int(lab.max()) + 1]
+        return out
 
     def shift_right(self, labels: Tensor) -> Tensor:
         """Decoder inputs ``[B, T_dec]``: ``decoder_start_token_id`` then ``labels[:, :-1]`` (-100 -> pad)."""
@@ -149,9 +193,11 @@ class LanguageModelTask(Task):
         if missing:
             raise ValueError(f"batch lacks {missing}; expected input_ids, attention_mask and labels (see forwardinf.tasks.language_model.encode)")
         ids, attn, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        for name, t in (("input_ids", ids), ("attention_mask", attn), ("labels", labels)):
-            if t.is_floating_point():
+        for name, t in (("input_ids", ids), ("labels", labels)):
+            if t.is_floating_point() or t.dtype == torch.bool:
                 raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
+        if attn.numel() and not ((attn == 0) | (attn == 1)).all():  # int, bool or float 0/1, as transformers take
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
         if attn.shape != ids.shape:
             raise ValueError(f"attention_mask has shape {tuple(attn.shape)} but input_ids has {tuple(ids.shape)}")
         if self.kind == "causal" and labels.shape != ids.shape:
