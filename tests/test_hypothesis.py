@@ -5,14 +5,17 @@ import numpy as np
 import pytest
 import torch
 
+from forwardinf import metrics as M
 from forwardinf.cli import main
 from forwardinf.data.loaders import load_digits
 from forwardinf.experiments.hypothesis import group_ratios, make_groups, split_train_val
 
 TINY_NOISY = ["--setting", "noisy", "--n-train", "60", "--groups", "4", "--runs", "2", "--epochs", "1",
               "--val-size", "40", "--width", "4", "--quiet"]
+# Strong L2 (l2=1 on 100 points): removing or adding one point is then a small perturbation, where
+# both retraining answers must equal the influence function in value, not only in ranking.
 TINY_CONVEX = ["--setting", "convex", "--n-train", "100", "--val-size", "60", "--n-queries", "3",
-               "--l2", "0.1", "--quiet"]
+               "--l2", "1.0", "--quiet"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -72,6 +75,17 @@ def test_tiny_convex_run_end_to_end(tmp_path):
     for m in res["methods"].values():
         assert {"pearson", "spearman", "seconds"} <= set(m)
     assert res["config"]["details"]["convex"]["max_grad"] < 1e-10
+    # the command's own leave-one-out and add-the-query arrays (signs, indexing) against the
+    # influence function, which both equal to first order here: per query, and in value
+    arr = torch.load(out / "hypothesis_convex_scores.pt")
+    assert arr["loo"].shape == arr["t2t"].shape == arr["if"].shape == (3, 100)
+    for name in ("loo", "t2t"):
+        assert M.rowwise_correlation(arr[name], arr["if"]).min() > 0.98, name
+        err = (arr[name] - arr["if"]).abs().max() / arr["if"].abs().max()
+        assert err < 0.15, (name, float(err))
+    # one small SGD step of Forward-INF is the gradient dot product to first order
+    assert res["methods"]["convex/forward-inf"]["vs_gradient_dot"] > 0.99
+    assert res["methods"]["convex/retraining"]["cpu_seconds"] > 0
     assert (out / "hypothesis_convex.png").stat().st_size > 10_000
     assert "Pearson" in (out / "report.md").read_text()
 
@@ -87,6 +101,7 @@ def test_resumed_noisy_run_equals_uninterrupted_run(tmp_path):
     kept = {f: f.stat().st_mtime_ns for f in files[1::2]}
     resumed, out = _run(tmp_path, "resumed", TINY_NOISY, cache)
     assert all(f.stat().st_mtime_ns == t for f, t in kept.items())  # finished trainings not redone
+    assert len(list(cache.glob("*.pt"))) == len(files)  # the missing ones were trained again
     fresh, _ = _run(tmp_path, "fresh", TINY_NOISY, tmp_path / "other-cache")
     for name in ("noisy/retraining", "noisy/forward-inf"):
         for key in ("pearson", "spearman"):
@@ -102,6 +117,8 @@ def test_bad_options_are_refused(tmp_path, capsys):
     assert main(["hypothesis", "--out", str(tmp_path), "--runs", "0", "--quiet"]) == 2
     assert "--runs" in capsys.readouterr().err
     assert main(["hypothesis", "--out", str(tmp_path), "--mislabel-ratio", "1.5", "--quiet"]) == 2
+    assert main(["hypothesis", "--out", str(tmp_path), "--loo-points", "2", "--quiet"]) == 2
+    assert "--loo-points" in capsys.readouterr().err
     assert main(["hypothesis", "--out", str(tmp_path), "--setting", "noisy", "--n-train", "5000", "--quiet"]) == 2
 
 

@@ -370,3 +370,20 @@ def influence_scores(model: LinearSoftmax, train: Any, queries: Any, n_ref: int,
     gq = torch.einsum("qc,qd->qcd", residuals(q1, yq), q1).reshape(len(xq), -1)  # [Q, P]
     s = (gq @ h_inv).reshape(len(xq), c, d1)  # H⁻¹ ∇ℓ_q (H symmetric)
     return torch.einsum("qcd,nd,nc->qn", s, x1, residuals(x1, yt)) / n_ref
+
+
+def gradient_dot(model: LinearSoftmax, train: Any, queries: Any) -> Tensor:
+    """``[n_query, n_train]`` dot products ``∇ℓ_q(θ̂)ᵀ ∇ℓ_i(θ̂)`` of per-example cross-entropy gradients.
+
+    The influence function without its inverse Hessian (TracIn at one checkpoint, up to the step
+    size). One plain SGD ascent step of Forward-INF with a small lr scores ``≈ lr`` times this.
+    """
+    xt, yt = xy(train)
+    xq, yq = xy(queries)
+    theta = _theta(model)
+    c = theta.shape[0]
+    x1, q1 = _augment(xt), _augment(xq)
+    rt = torch.softmax(x1 @ theta.T, -1) - F.one_hot(yt, c).to(theta.dtype)  # [n, C]
+    rq = torch.softmax(q1 @ theta.T, -1) - F.one_hot(yq, c).to(theta.dtype)  # [Q, C]
+    # (r_q ⊗ x̃_q) · (r_i ⊗ x̃_i) = (r_q · r_i)(x̃_q · x̃_i)
+    return (rq @ rt.T) * (q1 @ x1.T)

@@ -24,10 +24,12 @@ paper's Inf(->) and Inf(<-) negated; correlations are unaffected and the plots u
 from __future__ import annotations
 
 import argparse
+import resource
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -40,7 +42,7 @@ from forwardinf.baselines.retraining import LossProbe, concat, group_mean, run_t
 from forwardinf.data.inputs import gather
 from forwardinf.data.loaders import DataSplit, balanced_indices, load_dataset
 from forwardinf.experiments import convex as cvx
-from forwardinf.experiments.common import markdown_table, results_object, seed_everything, timer, write_outputs
+from forwardinf.experiments.common import markdown_table, results_object, seed_everything, write_outputs
 from forwardinf.tasks.classification import ClassificationTask
 
 SETTINGS = ("convex", "noisy", "both")
@@ -71,6 +73,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("convex setting")
     g.add_argument("--n-queries", type=int, default=10, help="highest-loss validation points used (default: 10)")
     g.add_argument("--l2", type=float, default=1e-3, help="L2 strength on the mean loss (default: 1e-3)")
+    g.add_argument("--loo-points", type=int, default=None,
+                   help="leave out only this many random training points (default: all, the paper); the "
+                        "correlations are then over those points, the model is still trained on all")
     g.add_argument("--features", choices=("auto", "pixels", "pool2"), default="auto",
                    help="logistic-regression inputs; auto pools 2x2 when the model would exceed 10k parameters")
     g.add_argument("--convex-fi-lr", type=float, default=1e-3,
@@ -92,6 +97,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fi-weight-decay", type=float, default=1e-3, help="Forward-INF weight decay (default: 1e-3)")
 
 
+@contextmanager
+def _clock() -> Iterator[dict]:
+    """``t["seconds"]`` (wall) and ``t["cpu_seconds"]``: this process plus finished worker processes.
+
+    The machine may be shared: wall time then overstates the cost, CPU time does not.
+    """
+    def cpu() -> float:
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return time.process_time() + kids.ru_utime + kids.ru_stime
+
+    t: dict = {}
+    w, c = time.perf_counter(), cpu()
+    try:
+        yield t
+    finally:
+        t["seconds"], t["cpu_seconds"] = time.perf_counter() - w, cpu() - c
+
+
 # ------------------------------------------------------------------------------------ data
 def _check_args(args: argparse.Namespace) -> None:
     for name in ("val_size", "workers", "n_queries", "groups", "runs", "batch_size", "width", "fi_steps"):
@@ -103,6 +126,8 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if not 0.0 <= args.mislabel_ratio <= 1.0:
         raise ValueError(f"--mislabel-ratio must be in [0, 1], got {args.mislabel_ratio}")
+    if args.loo_points is not None and args.loo_points < 3:
+        raise ValueError(f"--loo-points must be at least 3 (a correlation needs points), got {args.loo_points}")
     if args.n_train is not None and args.n_train < 2:
         raise ValueError(f"--n-train must be at least 2, got {args.n_train}")
     if args.epochs is not None and args.epochs < 1:
@@ -181,7 +206,7 @@ def run_convex(split: DataSplit, args: argparse.Namespace, cache: Path, progress
     train = TensorDataset(xt.double(), yt)
     n, l2 = len(yt), args.l2
 
-    with timer() as t_fit:
+    with _clock() as t_fit:
         model, h_inv = cvx.solve_reference(train, c, n, l2)
     val_losses = LossProbe((xv.double(), y_val))(model)
     nq = min(args.n_queries, len(y_val))
@@ -190,23 +215,28 @@ def run_convex(split: DataSplit, args: argparse.Namespace, cache: Path, progress
     acc = float((model(xv).argmax(1) == y_val).double().mean())
     train_fn = cvx.NewtonLogistic(train, model.state_dict(), h_inv, n_ref=n, l2=l2)
     everyone = np.arange(n)
+    # The points whose leave-one-out is computed (all by default). A uniform random subset keeps
+    # the problem (model, conditioning) the paper's and estimates the same correlations.
+    k = n if args.loo_points is None else min(args.loo_points, n)
+    points = everyone if k == n else np.sort(np.random.default_rng(args.seed).choice(n, k, replace=False))
 
-    with timer() as t_loo:
-        jobs = [(everyone, 0)] + [(np.delete(everyone, i), 0) for i in range(n)]
+    with _clock() as t_loo:
+        jobs = [(everyone, 0)] + [(np.delete(everyone, i), 0) for i in points]
         res = run_trainings(train_fn, train, jobs, LossProbe(queries), workers=args.workers, cache_dir=cache,
                             progress=progress, desc="convex leave-one-out")
-        loo = torch.stack(res[1:]).T - res[0][:, None]  # [Q, N]: L(θ_{-i}, q) - L(θ, q)
-    with timer() as t_add:
+        loo = torch.stack(res[1:]).T - res[0][:, None]  # [Q, K]: L(θ_{-i}, q) - L(θ, q)
+    with _clock() as t_add:
         pool = concat(train, queries)
         jobs = [(everyone, 0)] + [(np.append(everyone, n + j), 0) for j in range(nq)]
         res = run_trainings(train_fn, pool, jobs, LossProbe(train), workers=args.workers, cache_dir=cache,
                             progress=progress, desc="convex add-the-query")
-        t2t = res[0] - torch.stack(res[1:])  # [Q, N]: L(θ, z_i) - L(θ_{+q}, z_i)
-    with timer() as t_if:
-        if_scores = cvx.influence_scores(model, train, queries, n, l2, h_inv)
-    with timer() as t_fi:
+        t2t = (res[0] - torch.stack(res[1:]))[:, points]  # [Q, K]: L(θ, z_i) - L(θ_{+q}, z_i)
+    with _clock() as t_if:
+        if_scores = cvx.influence_scores(model, train, queries, n, l2, h_inv)[:, points]
+    with _clock() as t_fi:
         fi_scores = _forward_inf(model, train, queries, joint=False, steps=1, lr=args.convex_fi_lr,
-                                 weight_decay=0.0, progress=progress)
+                                 weight_decay=0.0, progress=progress)[:, points]
+    dot = cvx.gradient_dot(model, train, queries)[:, points]
 
     def corr(a: Tensor, b: Tensor) -> dict:
         p, s = M.rowwise_correlation(a, b, "pearson"), M.rowwise_correlation(a, b, "spearman")
@@ -216,20 +246,27 @@ def run_convex(split: DataSplit, args: argparse.Namespace, cache: Path, progress
     hyp = corr(loo, t2t)
     methods = {
         "convex/retraining": {**hyp, "seconds": t_loo["seconds"] + t_add["seconds"],
+                              "cpu_seconds": t_loo["cpu_seconds"] + t_add["cpu_seconds"],
                               "compares": "leave-one-out (train->test) vs add-the-query (test->train)",
-                              "trainings": n + nq + 2},
+                              "trainings": k + nq + 2},
         "convex/influence-function": {**corr(if_scores, loo), "seconds": t_if["seconds"],
+                                      "cpu_seconds": t_if["cpu_seconds"],
                                       "compares": "influence function vs leave-one-out",
                                       "vs_test_to_train": corr(if_scores, t2t)["pearson"]},
-        "convex/forward-inf": {**corr(fi_scores, t2t), "seconds": t_fi["seconds"],
+        "convex/forward-inf": {**corr(fi_scores, t2t), "seconds": t_fi["seconds"], "cpu_seconds": t_fi["cpu_seconds"],
                                "compares": "Forward-INF vs add-the-query (test->train)",
-                               "vs_leave_one_out": corr(fi_scores, loo)["pearson"]},
+                               "vs_leave_one_out": corr(fi_scores, loo)["pearson"],
+                               # one plain SGD step is, to first order, the gradient dot product
+                               # (TracIn-like, no inverse Hessian): these two show why it trails the IF
+                               "vs_gradient_dot": corr(fi_scores, dot)["pearson"],
+                               "gradient_dot_vs_test_to_train": corr(dot, t2t)["pearson"]},
     }
-    info = {"n_train": n, "n_queries": nq, "val_size": len(y_val), "features": features,
+    info = {"n_train": n, "loo_points": k, "n_queries": nq, "val_size": len(y_val), "features": features,
             "n_params": int((xt.shape[1] + 1) * c), "l2": l2, "val_accuracy": acc,
             "query_losses": val_losses[q].tolist(), "fit_seconds": t_fit["seconds"],
+            "fit_cpu_seconds": t_fit["cpu_seconds"],
             "max_grad": cvx.max_gradient(model, train, n, l2)}
-    arrays = {"loo": loo, "t2t": t2t, "if": if_scores, "fi": fi_scores}
+    arrays = {"loo": loo, "t2t": t2t, "if": if_scores, "fi": fi_scores, "points": torch.from_numpy(points)}
     return {"methods": methods, "info": info, "arrays": arrays}
 
 
@@ -285,23 +322,26 @@ def run_noisy(split: DataSplit, args: argparse.Namespace, cache: Path, progress:
     everyone = np.arange(n)
     probe = LossProbe(pool)
 
-    with timer() as t_ret:
+    with _clock() as t_ret:
         base_models = run_trainings(train_fn, pool, [(everyone, r) for r in runs], None, workers=args.workers,
                                     cache_dir=cache, progress=progress, desc="noisy base models")
         base = torch.stack([probe(m) for m in base_models]).double()  # [R, n + nv]
-        jobs = [(np.setdiff1d(everyone, m), r) for m in members for r in runs]
-        jobs += [(np.arange(n + nv), r) for r in runs]
+        # Run-major order: an interrupted run leaves whole runs finished, so a rerun with fewer
+        # --runs finds all of its trainings in the cache (the cache key ignores the order).
+        g = len(members)
+        jobs = [job for r in runs
+                for job in [(np.setdiff1d(everyone, m), r) for m in members] + [(np.arange(n + nv), r)]]
         res = run_trainings(train_fn, pool, jobs, probe, workers=args.workers, cache_dir=cache,
                             progress=progress, desc="noisy retraining")
-        res = torch.stack(res).double()
-        left_out = res[:len(members) * len(runs)].view(len(members), len(runs), -1)  # [G, R, n + nv]
-        added = res[len(members) * len(runs):]  # [R, n + nv]
+        res = torch.stack(res).double().view(len(runs), g + 1, -1)  # [R, G + 1, n + nv]
+        left_out = res[:, :g].transpose(0, 1)  # [G, R, n + nv]
+        added = res[:, g]  # [R, n + nv]
         # train -> test (proponent-oriented): L(A(D \ D_g), D_tst) - L(A(D), D_tst), mean over runs
         train_to_test = (left_out[:, :, n:].mean(-1) - base[None, :, n:].mean(-1)).mean(1)  # [G]
         # test -> train (proponent-oriented): L(A(D), D_g) - L(A(D ∪ D_tst), D_g)
         t2t_points = (base[:, :n] - added[:, :n]).mean(0)  # [n]
         test_to_train = group_mean(t2t_points, members)  # [G]
-    with timer() as t_fi:
+    with _clock() as t_fi:
         fi_runs = [_forward_inf(m, train, val, joint=True, steps=args.fi_steps, lr=args.fi_lr,
                                 weight_decay=args.fi_weight_decay, progress=progress) for m in base_models]
         forward_inf = group_mean(torch.stack(fi_runs).mean(0), members)  # [G]
@@ -312,9 +352,11 @@ def run_noisy(split: DataSplit, args: argparse.Namespace, cache: Path, progress:
     accs = [float((m(x_val).argmax(1) == y_val).double().mean()) for m in base_models]
     methods = {
         "noisy/retraining": {**corr(train_to_test, test_to_train), "seconds": t_ret["seconds"],
+                             "cpu_seconds": t_ret["cpu_seconds"],
                              "compares": "remove group (train->test) vs add D_tst (test->train)",
                              "trainings": len(runs) * (len(members) + 2)},
         "noisy/forward-inf": {**corr(forward_inf, test_to_train), "seconds": t_fi["seconds"] / len(runs),
+                              "cpu_seconds": t_fi["cpu_seconds"] / len(runs),
                               "compares": "Forward-INF (joint, per run, averaged) vs add D_tst (test->train)",
                               "vs_train_to_test": corr(forward_inf, train_to_test)},
     }
@@ -387,10 +429,10 @@ def run(args: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     for setting in settings:
-        with timer() as t:
+        with _clock() as t:
             result = (run_convex if setting == "convex" else run_noisy)(split, args, cache, progress)
         methods.update(result["methods"])
-        details[setting] = {**result["info"], "wall_seconds": t["seconds"]}
+        details[setting] = {**result["info"], "wall_seconds": t["seconds"], "cpu_seconds": t["cpu_seconds"]}
         plot = _plot_convex if setting == "convex" else _plot_noisy
         plot(result["arrays"], out / f"hypothesis_{setting}.png", f"{split.name}, {setting} setting")
         torch.save({k: v.cpu() for k, v in result["arrays"].items()}, out / f"hypothesis_{setting}_scores.pt")
@@ -433,8 +475,10 @@ def _report(dataset: str, methods: dict, details: dict, args: argparse.Namespace
         lines.append(f"**{setting}**: " + ", ".join(f"{k}={_fmt(v)}" for k, v in info.items()
                                                    if not isinstance(v, list)))
         lines.append("")
-    secs = [[name, m.get("seconds", float("nan")), m.get("trainings", "-")] for name, m in methods.items()]
-    lines += [markdown_table(["method", "seconds", "trainings"], secs), ""]
+    secs = [[name, m.get("seconds", float("nan")), m.get("cpu_seconds", float("nan")), m.get("trainings", "-")]
+            for name, m in methods.items()]
+    lines += [markdown_table(["method", "wall seconds", "CPU seconds", "trainings"], secs), "",
+              "Seconds of a rerun that found its trainings in the cache measure only the loading."]
     if paper is None:
         lines.append(f"The paper reports no numbers for {dataset}.")
     return "\n".join(lines)
