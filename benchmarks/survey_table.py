@@ -241,38 +241,46 @@ def complexity(args: argparse.Namespace, split: Any, tag: str) -> None:
             "TMC is O(P n T): P permutations of up to n trainings (here T = one L-BFGS head fit). "
             "Queries asked together share the trainings; a later query reruns them.")
 
-    # Retraining ground truth: one measured training of the same recipe, times the count needed.
+    # Retraining ground truth: one measured training of the same recipe, times the count needed
+    # (wall and CPU seconds projected alike).
     fresh = build_model("mlp", split.input_shape, split.n_classes, seed=args.seed + 1)
-    _, t_train = timed(lambda: train_classifier(fresh, train, epochs=30, lr=0.05, batch_size=64, seed=args.seed))
+    _, t_train, c_train = timed_cpu(lambda: train_classifier(fresh, train, epochs=30, lr=0.05, batch_size=64,
+                                                             seed=args.seed))
     with torch.no_grad():
-        _, t_fwd = timed(lambda: [fresh(xq[:1]) for _ in range(100)])
-    t_fwd /= 100
+        _, t_fwd, c_fwd = timed_cpu(lambda: [fresh(xq[:1]) for _ in range(100)])
+    t_fwd, c_fwd = t_fwd / 100, c_fwd / 100
     head = LastLayerTrainer(model)
-    _, t_head = timed(lambda: head(train, 0))
-    perms = 100
-    rows.append(["Shapley", f"tmc-shapley, last layer, P={perms}, no truncation (projected)", *SURVEY["Shapley"][:2],
-                 round(perms * (n - 1) * t_head, 1), round(perms * (n - 1) * t_fwd, 4), SURVEY["Shapley"][2],
-                 f"{perms} x {n - 1} head fits x {t_head:.3f}s measured (full-data fit); a new query re-evaluates "
-                 "the same trainings if their models are kept"])
-    rows.append(["Shapley", "tmc-shapley, whole MLP, P=100 (projected)", *SURVEY["Shapley"][:2],
-                 round(perms * (n - 1) * t_train, 1), "-", SURVEY["Shapley"][2],
-                 f"{perms} x {n - 1} trainings x {t_train:.2f}s measured"])
-    k = 100
-    rows.append(["LOO", "leave-one-out (projected)", *SURVEY["LOO"][:2], round((n + 1) * t_train, 1),
-                 round((n + 1) * t_fwd, 4), SURVEY["LOO"][2],
-                 f"{n + 1} trainings x {t_train:.2f}s measured; stored models: {(n + 1) * p * 4 / 2**20:.0f} MB"])
-    rows.append(["Downsampling", f"Downsampling K={k} (projected)", *SURVEY["Downsampling"][:2], round(k * t_train, 1),
-                 round(k * t_fwd, 4), SURVEY["Downsampling"][2], f"{k} trainings x {t_train:.2f}s measured"])
-    for row in rows[len(measured):]:  # projections: wall seconds only
-        row[5:5] = ["-"]
-        row[7:7] = ["-"]
+    _, t_head, c_head = timed_cpu(lambda: [head(train, 0) for _ in range(3)])
+    t_head, c_head = t_head / 3, c_head / 3
+    perms, k = 100, 100
+    projections: dict[str, float] = {}
+
+    def projected(family: str, label: str, count: int, wall: float, cpu: float, inc: tuple | None, note: str) -> None:
+        theory = SURVEY[family]
+        inc_w, inc_c = (round(inc[0], 4), round(inc[1], 4)) if inc else ("-", "-")
+        rows.append([family, label, theory[0], theory[1], round(count * wall, 1), round(count * cpu, 1), inc_w, inc_c,
+                     theory[2], note])
+        projections[label] = count * cpu
+
+    projected("Shapley", f"tmc-shapley, last layer, P={perms}, no truncation (projected)", perms * (n - 1), t_head, c_head,
+              (perms * (n - 1) * t_fwd, perms * (n - 1) * c_fwd),
+              f"{perms} x {n - 1} head fits x {t_head:.3f}s ({c_head:.3f} CPU s) measured (full-data fit); a new query "
+              "re-evaluates the same trainings if their models are kept")
+    projected("Shapley", "tmc-shapley, whole MLP, P=100 (projected)", perms * (n - 1), t_train, c_train, None,
+              f"{perms} x {n - 1} trainings x {t_train:.2f}s ({c_train:.2f} CPU s) measured")
+    projected("LOO", "leave-one-out (projected)", n + 1, t_train, c_train, ((n + 1) * t_fwd, (n + 1) * c_fwd),
+              f"{n + 1} trainings x {t_train:.2f}s ({c_train:.2f} CPU s) measured; stored models: "
+              f"{(n + 1) * p * 4 / 2**20:.0f} MB")
+    projected("Downsampling", f"Downsampling K={k} (projected)", k, t_train, c_train, (k * t_fwd, k * c_fwd),
+              f"{k} trainings x {t_train:.2f}s ({c_train:.2f} CPU s) measured")
     table = markdown_table(["survey family", "estimator (this run)", "survey full", "survey incremental",
                             "full s (fit + 1st query)", "full CPU s", "incremental s/query", "incremental CPU s/query",
                             "survey storage", "note"], rows)
     fi_full, fi_inc = measured["forward-inf"]["full_cpu_s"], measured["forward-inf"]["incremental_cpu_s"]
     ratios = markdown_table(["estimator", "full CPU / Forward-INF's", "incremental CPU / Forward-INF's"],
                             [[k, round(v["full_cpu_s"] / fi_full, 2), round(v["incremental_cpu_s"] / max(fi_inc, 1e-9), 2)]
-                             for k, v in measured.items() if k != "forward-inf"])
+                             for k, v in measured.items() if k != "forward-inf"]
+                            + [[k, round(v / fi_full, 1), "-"] for k, v in projections.items()])
     command = f"python benchmarks/survey_table.py complexity --permutations {args.permutations}"
     md = [f"# The survey's complexity table, measured ({tag}: n = {n}, p = {p}, T = {steps})", "",
           f"Command: `{command}`", "",

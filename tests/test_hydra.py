@@ -341,3 +341,42 @@ def test_bad_input_is_refused(digits_run):
     with pytest.warns(UserWarning, match="never appear"):
         HyDRA(model, trajectory=[Step(rec.steps_[0].state, torch.tensor([0, 1]), 0.5,
                                       rec.steps_[0].hyper)]).fit((x, y))
+
+
+# ------------------------------------------------------------------------------ the experiments
+def test_experiments_record_cache_and_load_the_trajectory(tmp_path):
+    """``prepare_classifier`` records the SGD trajectory only when a method needs it, caches it beside
+    the model, and recording does not change training; a loaded ``--checkpoint`` takes ``--trajectory``."""
+    from forwardinf.baselines.registry import make_estimator
+    from forwardinf.cli import build_parser
+    from forwardinf.experiments.setup import prepare_classifier
+    from forwardinf.training import save_checkpoint
+
+    def args(*extra):
+        return build_parser().parse_args(["leakage", "--n-train", "60", "--epochs", "2", "--quiet",
+                                          "--out", str(tmp_path / "run"), *extra])
+
+    plain = prepare_classifier(args("--methods", "forward-inf,tracin-5"))
+    assert plain.trajectory is None and len(plain.checkpoints) == 5
+    recorded = prepare_classifier(args("--methods", "forward-inf,hydra"))  # cache lacks it: trains again, recorded
+    assert len(recorded.trajectory) == 2 * 1  # 60 points, batch 64: one step per epoch
+    assert all(torch.equal(a, b) for a, b in zip(plain.model.state_dict().values(), recorded.model.state_dict().values()))
+    again = prepare_classifier(args("--methods", "hydra-last"))  # from the cache now
+    assert len(again.trajectory) == 2 and torch.equal(again.trajectory.steps_[1].indices, recorded.trajectory.steps_[1].indices)
+    x, y = recorded.split.train()
+    scores = make_estimator("hydra", recorded.model, trajectory=recorded.trajectory).fit((x, y)).influence((x[:3], y[:3]))
+    assert scores.shape == (3, 60) and torch.isfinite(scores).all()
+
+    # A user's own model: --checkpoint with the trajectory file its training loop saved.
+    ckpt, traj = tmp_path / "model.pt", tmp_path / "trajectory.pt"
+    save_checkpoint(recorded.model, ckpt)
+    recorded.trajectory.save(traj)
+    loaded = prepare_classifier(args("--methods", "hydra", "--checkpoint", str(ckpt), "--trajectory", str(traj)))
+    torch.testing.assert_close(make_estimator("hydra", loaded.model, trajectory=loaded.trajectory).fit((x, y))
+                               .influence((x[:3], y[:3])), scores)
+    torch.testing.assert_close(make_estimator("hydra", loaded.model, trajectory=str(traj)).fit((x, y))
+                               .influence((x[:3], y[:3])), scores)  # or just the path
+    with pytest.raises(ValueError, match="--trajectory"):
+        prepare_classifier(args("--methods", "hydra", "--checkpoint", str(ckpt)))
+    with pytest.raises(ValueError, match="--checkpoint"):
+        prepare_classifier(args("--methods", "hydra", "--trajectory", str(traj)))
