@@ -113,6 +113,8 @@ def test_tail_mode_and_params_give_the_same_table(user):
     assert cli_main(_args(tmp, tmp / "run_tail", *model, "--tail", "4")) == 0
     assert cli_main(_args(tmp, tmp / "run_params", *model, "--params", "4", "6")) == 0
     assert (tmp / "run_tail" / "topk.csv").read_text() == (tmp / "run_params" / "topk.csv").read_text()
+    assert cli_main(_args(tmp, tmp / "run_disk", *model, "--tail", "4", "--tail-cache", "disk")) == 0
+    assert (tmp / "run_disk" / "topk.csv").read_text() == (tmp / "run_tail" / "topk.csv").read_text()
 
 
 def test_image_folders_with_unlabelled_queries(user, tmp_path):

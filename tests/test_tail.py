@@ -145,3 +145,24 @@ def test_tail_options_are_checked(digits_cnn):
         TailForwardINF(model, split="classifier", stepz=2).fit(train)
     with pytest.raises(fi.NotFittedError):
         TailForwardINF(model, split="classifier").influence(train)
+
+
+def test_disk_cache_gives_the_same_scores_and_cleans_up(digits_cnn, tmp_path):
+    model, train, queries = digits_cnn
+    memory = TailForwardINF(model, fi.ClassificationTask(), split="classifier", batch_size=64).fit(train)
+    disk = TailForwardINF(model, fi.ClassificationTask(), split="classifier", batch_size=64, cache="disk",
+                          cache_dir=str(tmp_path)).fit(train)
+    files = list(tmp_path.iterdir())
+    assert len(files) == 1 and files[0].stat().st_size == 400 * 16 * 2 * 2 * 4  # [N, D] float32 on disk
+    assert not isinstance(disk.features_, torch.utils.data.TensorDataset)
+    assert torch.equal(disk.influence(queries), memory.influence(queries))  # same batches, same bits
+    assert torch.equal(disk.influence(queries, indices=[5, 0, 9]), memory.influence(queries, indices=[5, 0, 9]))
+    low = TailForwardINF(model, fi.ClassificationTask(), split="classifier", cache="disk", precision="bfloat16",
+                         cache_dir=str(tmp_path / "bf16")).fit(train)
+    assert low.influence(queries).argmax(1).tolist() == list(range(6))
+    del disk, low
+    import gc
+    gc.collect()
+    assert not any(p.is_file() for p in tmp_path.rglob("*"))  # the cache files go with the estimators
+    with pytest.raises(ValueError, match="cache"):
+        TailForwardINF(model, split="classifier", cache="ram").fit(train)

@@ -11,13 +11,22 @@ The split is found with ``torch.fx``: the model's forward is traced into a graph
 first call into module ``split``, and every value the tail reads from the prefix (one tensor for
 a sequential model; several across a skip connection) becomes part of the cache, flattened to
 one ``[N, D]`` matrix.
+
+The cache is ``N x D`` numbers: when ``D`` is larger than the input (a conv net's last feature
+map), holding it in memory costs more than the data. ``cache="disk"`` writes it to a file that
+every sweep reads back batch by batch, so resident memory stays one batch (the operating
+system's page cache keeps the file warm when memory allows); ``precision="bfloat16"`` halves it.
 """
 from __future__ import annotations
 
 import math
+import os
+import tempfile
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
+import numpy as np
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
@@ -29,6 +38,7 @@ from forwardinf.estimators.base import Estimator, TopK, check_choice
 from forwardinf.estimators.forward_inf import ForwardINF
 from forwardinf.tasks.base import Task
 
+CACHES = ("memory", "disk")
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -214,6 +224,11 @@ class TailForwardINF(Estimator):
             and the cache is stored in that dtype (half the memory). The tail, its update and
             every score difference stay float32, so base and updated models see the very same
             features.
+        cache: ``"memory"`` (the features ``[n_train, D]`` as one tensor) or ``"disk"`` (a file in
+            ``cache_dir``, default the system's temporary folder, read back one batch at a time and
+            deleted with the estimator): resident memory of one batch instead of ``n_train x D``,
+            for one extra read of the file per sweep. The scores are the same to the bit.
+        cache_dir: folder of the ``"disk"`` cache.
         options: any :class:`ForwardINF` keyword (``steps``, ``lr``, ``optimizer``, ``score``,
             ``params`` (patterns within the tail), ``batch_size``, ``query_chunk``, ...).
             ``fitted_fallback`` is refused: it perturbs inputs the tail never sees.
@@ -222,10 +237,13 @@ class TailForwardINF(Estimator):
     """
 
     def __init__(self, model: nn.Module, task: Task | None = None, *, split: str,
-                 precision: str = "float32", **options: Any) -> None:
+                 precision: str = "float32", cache: str = "memory", cache_dir: str | None = None,
+                 **options: Any) -> None:
         super().__init__(model, task)
         self.split = split
         self.precision = precision
+        self.cache = cache
+        self.cache_dir = cache_dir
         self.options = options
 
     # -- fit --------------------------------------------------------------------------------
@@ -233,6 +251,7 @@ class TailForwardINF(Estimator):
         """Cut the model, cache the prefix over ``train``, fit the tail's ForwardINF on the cache."""
         name = type(self).__name__
         check_choice(name, "precision", self.precision, PRECISIONS)
+        check_choice(name, "cache", self.cache, CACHES)
         if not isinstance(self.split, str) or not self.split:
             raise ValueError(f"{name}: invalid split={self.split!r}; expected a module name such as 'fc'")
         if self.options.get("fitted_fallback"):
@@ -245,7 +264,7 @@ class TailForwardINF(Estimator):
             self.estimator_ = ForwardINF(self.split_.tail, self.task, **self.options)
         except TypeError as e:
             raise ValueError(f"{name}: {e} (options are ForwardINF keywords)") from e
-        self.features_ = self.features(dataset, "train")
+        self.features_ = self.features(dataset, "train", on_disk=self.cache == "disk")
         self.estimator_.fit(self.features_)
         self.train_ = dataset
         return self
@@ -253,15 +272,17 @@ class TailForwardINF(Estimator):
     def _batch_size(self) -> int:
         return int(self.options.get("batch_size", 512))
 
-    def features(self, data: DataLike, name: str = "data") -> Dataset:
+    def features(self, data: DataLike, name: str = "data", on_disk: bool = False) -> Dataset:
         """``data`` with each batch's inputs replaced by the prefix's features ``[N, D]``.
 
-        Runs the prefix once, in eval mode (it is frozen), in the configured precision.
+        Runs the prefix once, in eval mode (it is frozen), in the configured precision. With
+        ``on_disk`` the features go to a file (see ``cache="disk"``), never all in memory.
         """
         self._check_split()
         dataset = self._dataset(data, name)
         n, dtype, device = len(dataset), PRECISIONS[self.precision], self._device()
-        out = torch.empty(n, self.split_.width, dtype=dtype)
+        out: Tensor | FeatureFile = (FeatureFile(n, self.split_.width, dtype, self.cache_dir) if on_disk
+                                     else torch.empty(n, self.split_.width, dtype=dtype))
         rest: list[list[Any]] = []
         keys: list[str] | None = None
         with torch.no_grad(), mode(self.model, False):
@@ -272,12 +293,16 @@ class TailForwardINF(Estimator):
                 else:
                     with torch.autocast(device.type, dtype=dtype):
                         f = self.split_.features(x)
+                # checked batch by batch: isfinite over the whole cache would briefly need 2.5x its size
+                if not torch.isfinite(f).all():
+                    raise ValueError(f"{name}: the prefix produced non-finite features")
                 out[start:start + batch_len(batch)] = f.to(dtype).cpu()
                 fields, keys = _other_fields(batch)
                 rest.append(fields)
-        if not torch.isfinite(out.float() if dtype != torch.float32 else out).all():
-            raise ValueError(f"{name}: the prefix produced non-finite features")
         others = [torch.cat([r[j] for r in rest]) for j in range(len(rest[0]))] if rest else []
+        if isinstance(out, FeatureFile):
+            out.close()
+            return _FileDataset(out, others, keys)
         if keys is None:
             return TensorDataset(out, *others)
         return _DictDataset(out, dict(zip(keys, others)))
@@ -287,10 +312,11 @@ class TailForwardINF(Estimator):
             self._check_fitted()
 
     # -- contract ---------------------------------------------------------------------------
-    def influence(self, queries: DataLike, joint: bool = False) -> Tensor:
-        """Scores ``[n_query, n_train]`` (or ``[n_train]`` if ``joint``), as :meth:`ForwardINF.influence`."""
+    def influence(self, queries: DataLike, joint: bool = False, indices: Any = None) -> Tensor:
+        """Scores ``[n_query, n]`` (or ``[n]`` if ``joint``), as :meth:`ForwardINF.influence`;
+        ``indices``: training positions ``[n]`` to score (default all)."""
         self._check_fitted()
-        return self.estimator_.influence(self.features(queries, "queries"), joint=joint)
+        return self.estimator_.influence(self.features(queries, "queries"), joint=joint, indices=indices)
 
     def self_influence(self) -> Tensor:
         """``[n_train]``: one joint update of the tail on the whole training set, as ForwardINF's."""
@@ -345,3 +371,77 @@ class _DictDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         return {"inputs": self.features[i], **{k: v[i] for k, v in self.others.items()}}
+
+
+class FeatureFile:
+    """A ``[n, D]`` matrix in a raw file: written in row blocks, read back in row blocks.
+
+    Reads copy the rows into a fresh tensor (no memory map), so the process holds only what it
+    asked for. The file lives in ``folder`` (default: the temporary folder) and is deleted when
+    this object is garbage-collected.
+    """
+
+    def __init__(self, n: int, width: int, dtype: torch.dtype, folder: str | None = None) -> None:
+        if folder is not None:
+            os.makedirs(folder, exist_ok=True)
+        fd, self.path = tempfile.mkstemp(prefix="forwardinf-tail-", suffix=".bin", dir=folder)
+        self._finalizer = weakref.finalize(self, _unlink, self.path)
+        self._file: Any = os.fdopen(fd, "wb")
+        self.shape, self.dtype = (n, width), dtype
+        self.row_bytes = width * torch.empty(0, dtype=dtype).element_size()
+        self._written = 0
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __setitem__(self, rows: slice, block: Tensor) -> None:
+        """Append the rows ``[start, stop)`` (blocks must come in order)."""
+        if rows.start != self._written or block.shape != (rows.stop - rows.start, self.shape[1]):
+            raise ValueError(f"FeatureFile: rows must be written in order as [B, {self.shape[1]}] blocks")
+        self._file.write(block.to(self.dtype).contiguous().view(torch.uint8).numpy().tobytes())
+        self._written = rows.stop
+
+    def close(self) -> None:
+        self._file.close()
+        if self._written != self.shape[0]:
+            raise ValueError(f"FeatureFile: {self._written} of {self.shape[0]} rows written")
+
+    def rows(self, start: int, stop: int) -> Tensor:
+        """``[stop - start, D]``: rows ``start..stop-1`` read from the file."""
+        raw = np.fromfile(self.path, dtype=np.uint8, count=(stop - start) * self.row_bytes,
+                          offset=start * self.row_bytes)
+        return torch.from_numpy(raw).view(self.dtype).view(stop - start, self.shape[1])
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+class _FileDataset(Dataset):
+    """Cached features on disk and the batch's other fields in memory, fetched a batch at a time."""
+
+    def __init__(self, features: FeatureFile, others: list[Tensor], keys: list[str] | None) -> None:
+        self.features, self.others, self.keys = features, others, keys
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def _example(self, f: Tensor, i: int) -> Any:
+        fields = [o[i] for o in self.others]
+        if self.keys is None:
+            return (f, *fields)
+        return {"inputs": f, **dict(zip(self.keys, fields))}
+
+    def __getitem__(self, i: int) -> Any:
+        return self._example(self.features.rows(i, i + 1)[0], i)
+
+    def __getitems__(self, indices: list[int]) -> list[Any]:
+        """One read for a contiguous run of indices (every sweep's case), else one per example."""
+        first = indices[0]
+        if list(indices) == list(range(first, first + len(indices))):
+            block = self.features.rows(first, first + len(indices))
+            return [self._example(block[j], i) for j, i in enumerate(indices)]
+        return [self[i] for i in indices]

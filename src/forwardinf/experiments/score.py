@@ -69,6 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--params", nargs="+", default=None, help="parameter name patterns to update (default: all)")
     g.add_argument("--tail", default=None, metavar="MODULE",
                    help="tail-only mode: update only MODULE and what follows it; the frozen prefix runs once")
+    g.add_argument("--tail-cache", default="memory", choices=("memory", "disk"),
+                   help="keep the prefix's features per shard in memory, or in a temporary file read back a "
+                        "batch at a time (resident memory of one batch; default: memory)")
     g.add_argument("--precision", default="float32", choices=sorted(PRECISIONS),
                    help="forward sweeps in reduced precision (differences stay float32)")
 
@@ -366,7 +369,7 @@ def build_estimator(args: argparse.Namespace, model: nn.Module, task: fi.Task, t
         except ValueError:
             raise ValueError(f"--batch-size must be a positive integer or 'auto', got {args.batch_size!r}") from None
     if args.tail:
-        return TailForwardINF(model, task, split=args.tail, precision=args.precision, **options)
+        return TailForwardINF(model, task, split=args.tail, precision=args.precision, cache=args.tail_cache, **options)
     if args.precision != "float32":
         task = ReducedPrecisionTask(task, args.precision)
     return fi.ForwardINF(model, task, **options)
