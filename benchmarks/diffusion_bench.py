@@ -18,12 +18,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = {
-    # The recorded benchmark: 20 exemplar sets, candidate sets of 100 and 1K, every variant.
-    "main": ["--sets", "20", "--methods",
-             "forward-inf,forward-inf-paper,forward-inf-loss,pixel-l2"],
-    # The other variants on the small candidate sets (cosine needs 3 x 16 forward-mode sweeps).
+    # The recorded benchmark: 20 exemplar sets, candidate sets of 100 and 1K, in three shards run
+    # side by side (the same sets as one run of --sets 20; merged into "main" in the markdown).
+    "main-1": ["--first-set", "0", "--sets", "7", "--methods", "forward-inf,pixel-l2"],
+    "main-2": ["--first-set", "7", "--sets", "7", "--methods", "forward-inf,pixel-l2"],
+    "main-3": ["--first-set", "14", "--sets", "6", "--methods", "forward-inf,pixel-l2"],
+    # The other variants on 6 sets of the small candidate sets (the paper's recipe among them).
     "variants": ["--sets", "6", "--sizes", "100", "--methods",
-                 "forward-inf,forward-inf-abs,forward-inf-nsgd,forward-inf-cosine,pixel-l2"],
+                 "forward-inf,forward-inf-paper,forward-inf-loss,forward-inf-abs,forward-inf-nsgd,pixel-l2"],
+    # The old default loss (low timesteps only), for the "why the timesteps changed" note.
+    "low-timesteps": ["--sets", "6", "--timesteps", "2,5,10,20,35,50", "--methods", "forward-inf,pixel-l2"],
+    # Pre-training from scratch into an empty folder (the others reuse its cached UNet): its seconds.
+    "pretrain": ["--sets", "2", "--sizes", "100", "--methods", "forward-inf,pixel-l2"],
     # Fashion-MNIST (apt-get install -y dataset-fashion-mnist): room for 10K candidates.
     "fashion": ["--dataset", "fashion-mnist", "--sets", "6", "--sizes", "100,1000,10000", "--methods", "forward-inf,pixel-l2"],
 }
@@ -55,7 +61,11 @@ def main() -> int:
     return 0
 
 
+PAPER_TABLE8 = {100: 1.0, 1000: 1.0, 10000: 1.0, 20000: 1.0}  # Stable Diffusion, top-1, 20 objects
+
+
 def write_markdown(out: Path, names: list[str], path: Path) -> None:
+    """``path`` (markdown) and ``path.json`` from the finished runs; text after ``<!-- notes -->`` is kept."""
     parts = ["# Diffusion attribution (`forwardinf diffusion`)", "",
              "Paper (section 4.1, Table 8): Stable Diffusion fine-tuned on a few exemplars of a new concept; "
              "top-1 = 1.0 for candidate sets of 100, 1K, 10K and 20K. Here: a 263K-parameter DDPM "
@@ -63,37 +73,87 @@ def write_markdown(out: Path, names: list[str], path: Path) -> None:
              "held out, fine-tuned per exemplar set on 4 exemplars of a held-out class, 4 generated images as the "
              "query set (joint ascent), candidates = the 4 exemplars + the pre-training images nearest to them in "
              "pixel space (half) + random pre-training images (half). Top-1: an exemplar ranks first. "
-             "`seconds per set`: the method alone (fit + influence) for one exemplar set; wall-clock on a "
-             "2-core machine shared with other jobs (load average 10-20 during these runs), so times are "
-             "inflated several-fold and only comparable within a table.", ""]
-    collected = {}
+             "`seconds per set`: the method alone (fit + influence) for one exemplar set, wall clock and CPU time "
+             "of the process (`time.process_time`). The machine has 2 cores shared with 8-12 other jobs (load "
+             "average 10-13 during these runs), so wall seconds are inflated 3-5x; CPU seconds are the fairer "
+             "measure of cost.", ""]
+    collected = {name: json.loads((out / name / "results.json").read_text())
+                 for name in names if (out / name / "results.json").is_file()}
+    shards = [n for n in names if n.startswith("main-")]
+    if shards and all(n in collected for n in shards):
+        collected = {"main": merge([collected.pop(n) for n in shards]), **collected}
+        names = ["main", *[n for n in names if n not in shards]]
+    if "main" in collected:
+        m = collected["main"]["methods"]
+        sizes = sorted({v["candidates"] for v in m.values()})
+        parts += ["## Summary: top-1 over 20 exemplar sets, beside the paper's Table 8", "",
+                  "| candidates | paper (Stable Diffusion) | Forward-INF (ours) | pixel-L2 to the generated images | "
+                  "Forward-INF seconds per set (wall / CPU) |", "|---|---|---|---|---|"]
+        for size in sizes:
+            f, px = m.get(f"forward-inf@{size}"), m.get(f"pixel-l2@{size}")
+            parts.append(f"| {size} | {PAPER_TABLE8.get(size, float('nan')):.3f} | "
+                         f"{f['top1']:.2f} | {px['top1'] if px else float('nan'):.2f} | "
+                         f"{f['seconds_per_set']:.1f} / {f.get('cpu_seconds_per_set', float('nan')):.1f} |")
+        parts.append("")
     for name in names:
-        f = out / name / "results.json"
-        if not f.is_file():
+        if name not in collected:
             parts += [f"## {name}", "", "(not run)", ""]
             continue
-        res = json.loads(f.read_text())
-        collected[name] = res
+        res = collected[name]
         cfg = res["config"]
+        runs = shards if name == "main" else [name]
         parts += [f"## {name}: {res['dataset']}, {cfg['sets']} exemplar sets", "",
-                  "```", shlex.join(command(name, Path("runs/diffusion-bench"))), "```", ""]
-        parts += ["| method | candidates | top-1 | seconds per set | mean rank of best exemplar | worst rank | settings |",
-                  "|---|---|---|---|---|---|---|"]
-        for key, m in res["methods"].items():
+                  "```", *[shlex.join(command(r, Path("runs/diffusion-bench"))) for r in runs], "```", ""]
+        parts += ["| method | candidates | top-1 | seconds per set (wall) | CPU seconds per set | "
+                  "mean rank of best exemplar | worst rank | settings |", "|---|---|---|---|---|---|---|---|"]
+        for key, r in res["methods"].items():
             method = key.split("@")[0]
-            settings = ", ".join(f"{k}={v}" for k, v in m.get("settings", {}).items()) or "model-free"
-            parts.append(f"| {method} | {m['candidates']} | {m['top1']:.2f} | {m['seconds_per_set']:.1f} | "
-                         f"{m['mean_rank']:.2f} | {m['max_rank']} | {settings} |")
+            settings = ", ".join(f"{k}={v}" for k, v in r.get("settings", {}).items()) or "model-free"
+            parts.append(f"| {method} | {r['candidates']} | {r['top1']:.2f} | {r['seconds_per_set']:.2f} | "
+                         f"{r.get('cpu_seconds_per_set', float('nan')):.2f} | {r['mean_rank']:.2f} | "
+                         f"{r['max_rank']} | {settings} |")
         parts += ["", f"Pre-training: {cfg['pretrain_images']} images, {cfg['pretrain_steps']} steps "
-                      f"({'cached' if cfg['pretrain_cached'] else f'{cfg['pretrain_seconds']:.0f}s'}); fine-tuning "
-                      f"{cfg['finetune_steps']} steps at lr {cfg['finetune_lr']}; loss timesteps {cfg['timesteps']} x "
-                      f"{cfg['noise_draws']} noise draws.", ""]
+                      f"({_pretrain_note(cfg)}); fine-tuning {cfg['finetune_steps']} steps at lr "
+                      f"{cfg['finetune_lr']} + sampling {cfg['sample_steps']} DDIM steps: "
+                      f"{cfg['finetune_and_sample_seconds'] / cfg['sets']:.1f} s wall / "
+                      f"{cfg.get('finetune_and_sample_cpu_seconds', float('nan')) / cfg['sets']:.1f} s CPU per set; "
+                      f"loss timesteps {cfg['timesteps']} x {cfg['noise_draws']} noise draws; whole loop over the "
+                      f"sets {cfg.get('sets_seconds', float('nan')):.0f} s wall / "
+                      f"{cfg.get('sets_cpu_seconds', float('nan')):.0f} s CPU.", ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     existing = path.read_text() if path.is_file() else ""
     notes = existing.split("<!-- notes -->", 1)[1] if "<!-- notes -->" in existing else "\n"
     path.write_text("\n".join(parts).rstrip() + "\n\n<!-- notes -->" + notes)
     path.with_suffix(".json").write_text(json.dumps(collected, indent=2) + "\n")
     print(f"wrote {path}")
+
+
+def merge(shards: list[dict]) -> dict:
+    """One results object from shards that ran consecutive exemplar sets (``--first-set``)."""
+    shards = sorted(shards, key=lambda r: r["config"]["first_set"])
+    cfg = dict(shards[0]["config"])
+    cfg["sets"] = sum(r["config"]["sets"] for r in shards)
+    cfg["shards"] = [f"{r['config']['first_set']}..{r['config']['first_set'] + r['config']['sets'] - 1}" for r in shards]
+    for key in ("finetune_and_sample_seconds", "finetune_and_sample_cpu_seconds", "sets_seconds", "sets_cpu_seconds"):
+        cfg[key] = sum(r["config"][key] for r in shards)
+    methods = {}
+    for key in shards[0]["methods"]:
+        parts = [r["methods"][key] for r in shards]
+        ranks = [x for p in parts for x in p["ranks"]]
+        n = len(ranks)
+        merged = dict(parts[0])
+        merged.update(sets=n, ranks=ranks, top1=sum(x == 1 for x in ranks) / n, mean_rank=sum(ranks) / n,
+                      max_rank=max(ranks), seconds=sum(p["seconds"] for p in parts))
+        merged["seconds_per_set"] = merged["seconds"] / n
+        merged["cpu_seconds_per_set"] = sum(p["cpu_seconds_per_set"] * p["sets"] for p in parts) / n
+        methods[key] = merged
+    return {**shards[0], "config": cfg, "methods": methods}
+
+
+def _pretrain_note(cfg: dict) -> str:
+    if cfg["pretrain_cached"]:
+        return "cached: the UNet of the `pretrain` run"
+    return f"{cfg['pretrain_seconds']:.0f} s wall / {cfg.get('pretrain_cpu_seconds', float('nan')):.0f} s CPU"
 
 
 if __name__ == "__main__":

@@ -259,6 +259,11 @@ def test_experiment_end_to_end_tiny(tmp_path):
     assert not results["config"]["pretrain_cached"]
     again = build_parser().parse_args(argv)
     assert again._module.run(again)["config"]["pretrain_cached"]
+    # A shard (--first-set) draws the same exemplar sets as the one long run.
+    shard = build_parser().parse_args(argv + ["--first-set", "1", "--sets", "1"])
+    part = shard._module.run(shard)
+    for key, m in part["methods"].items():
+        assert m["ranks"] == results["methods"][key]["ranks"][1:]
     bad = build_parser().parse_args(argv + ["--score", "nope"])
     with pytest.raises(ValueError, match="forward-inf"):
         bad._module.run(bad)

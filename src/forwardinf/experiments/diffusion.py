@@ -7,6 +7,12 @@ the fine-tuned model by gradient ascent on the generated images (Forward-INF, jo
 ranks a candidate set: the exemplars + the pre-training images nearest to them in pixel space
 + random pre-training images. Top-1: the top-ranked candidate is an exemplar. Paper: section 4.1,
 Figure 3, Table 8 (top-1 1.0 for candidate sets of 100 to 20K).
+
+The loss is :class:`forwardinf.DiffusionTask` over fixed timesteps ``10, 50, 100, 200, 400`` (of
+1000) x 2 noise draws, the same for every candidate and both models; the score is the change of
+the log loss (``score="margin"``). Stable Diffusion (latent space, text-conditioned UNet, a
+candidate set built from caption overlap) is the same recipe: see the module docstring of
+:mod:`forwardinf.tasks.diffusion`. Results: ``benchmarks/results/diffusion.md``.
 """
 from __future__ import annotations
 
@@ -45,6 +51,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "forward-inf-nsgd": dict(score="margin", optimizer="nsgd", lr=1e-3, steps=3),
     "forward-inf-cosine": dict(score="cosine", optimizer="adam", lr=3e-4, steps=3, n_directions=16),
 }
+# The fixed timesteps of the loss (of T = 1000). Low timesteps alone (2..50) were fooled by
+# pre-training images that look like an exemplar; adding 100..400 made the ranking robust over a
+# 10x range of ascent lr (benchmarks/results/diffusion.md, "why the timesteps changed").
+TIMESTEPS = (10, 50, 100, 200, 400)
 BASELINES = ("pixel-l2",)  # nearest candidate to any generated image in pixel space (model-free)
 
 
@@ -53,6 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated class indices held out of pre-training, one concept per exemplar set in turn "
                         "(default: digits/mnist 0,7; fashion-mnist 1,8)")
     p.add_argument("--sets", type=int, default=6, help="exemplar sets (default: 6; the paper's table uses 20)")
+    p.add_argument("--first-set", type=int, default=0,
+                   help="index of the first exemplar set (default: 0); sets first..first+sets-1 are run, so a long "
+                        "run can be split into shards that draw the same sets as one run")
     p.add_argument("--sizes", default="100,1000", help="candidate set sizes (default: 100,1000)")
     p.add_argument("--exemplars", type=int, default=4, help="fine-tuning exemplars per set (default: 4)")
     p.add_argument("--generated", type=int, default=4, help="generated images per set, the query set (default: 4)")
@@ -70,8 +83,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--score", default=None,
                    help="forward-inf's score: margin (change of the log loss), loss (the paper's raw change), abs, "
                         "cosine (default: margin)")
-    p.add_argument("--timesteps", default="2,5,10,20,35,50",
-                   help="the fixed diffusion timesteps of the loss (default: 2,5,10,20,35,50 of 1000)")
+    p.add_argument("--timesteps", default=",".join(map(str, TIMESTEPS)),
+                   help="the fixed diffusion timesteps of the loss (default: "
+                        + ",".join(map(str, TIMESTEPS)) + " of 1000)")
     p.add_argument("--noise-draws", type=int, default=2, help="fixed noise draws per timestep (default: 2)")
     p.add_argument("--k", type=int, default=7, help="top candidates shown per set in the figure (default: 7)")
 
@@ -133,6 +147,8 @@ def run(args: argparse.Namespace) -> dict:
     pool = x[~held]  # the pre-training set
     if args.sets < 1 or args.exemplars < 1 or args.generated < 1:
         raise ValueError("--sets, --exemplars and --generated must be positive")
+    if args.first_set < 0:
+        raise ValueError(f"--first-set must be >= 0, got {args.first_set}")
     smallest = min(int((y == c).sum()) for c in concepts)
     if args.exemplars > smallest:
         raise ValueError(f"--exemplars {args.exemplars}: a held-out concept has only {smallest} images")
@@ -164,7 +180,7 @@ def run(args: argparse.Namespace) -> dict:
     stats = {(m, s): {"hits": 0, "seconds": 0.0, "cpu_seconds": 0.0, "ranks": []} for m in methods_wanted for s in sizes}
     shown, finetune_seconds, finetune_cpu = [], 0.0, 0.0
     wall0, cpu0 = time.perf_counter(), time.process_time()
-    for k in tqdm(range(args.sets), desc="exemplar sets", disable=not progress):
+    for k in tqdm(range(args.first_set, args.first_set + args.sets), desc="exemplar sets", disable=not progress):
         concept = concepts[k % len(concepts)]
         gen = torch.Generator().manual_seed(args.seed * 100_003 + k)
         members = (y == concept).nonzero().squeeze(1)
@@ -192,7 +208,7 @@ def run(args: argparse.Namespace) -> dict:
                     shown.append((classes[concept], exemplars[0], generated[0], cands[order[:args.k]],
                                   scores[order[:args.k]], is_ex[:args.k]))
         if not progress and not args.quiet:
-            print(f"  set {k + 1}/{args.sets} ({classes[concept]}), rank of the best exemplar: "
+            print(f"  set {k + 1}/{args.first_set + args.sets} ({classes[concept]}), rank of the best exemplar: "
                   + "; ".join(f"{m} " + ", ".join(f"{stats[m, s]['ranks'][-1]}/{s}" for s in sizes)
                               for m in methods_wanted), flush=True)
 
@@ -206,13 +222,15 @@ def run(args: argparse.Namespace) -> dict:
                 "top1": st["hits"] / args.sets, "seconds": st["seconds"], "seconds_per_set": st["seconds"] / args.sets,
                 "cpu_seconds_per_set": st["cpu_seconds"] / args.sets,
                 "candidates": size, "sets": args.sets, "mean_rank": float(ranks.mean()), "max_rank": int(ranks.max()),
+                "ranks": st["ranks"],
                 **({"settings": variants[method]} if method in variants else {})}
             rows.append([method, size, st["hits"] / args.sets, round(st["seconds"] / args.sets, 2),
                          round(st["cpu_seconds"] / args.sets, 2), float(ranks.mean()), int(ranks.max())])
     table = markdown_table(["method", "candidates", "top-1", "seconds per set", "CPU seconds per set",
                             "mean rank of best exemplar", "worst rank"], rows)
     print(table)
-    config = {"dataset": name, "concepts": concepts, "sets": args.sets, "sizes": sizes, "exemplars": args.exemplars,
+    config = {"dataset": name, "concepts": concepts, "sets": args.sets, "first_set": args.first_set,
+              "sizes": sizes, "exemplars": args.exemplars,
               "generated": args.generated, "unet_channels": channels, "pretrain_steps": args.pretrain_steps,
               "pretrain_lr": args.pretrain_lr, "pretrain_images": len(pool), "finetune_steps": args.finetune_steps,
               "finetune_lr": args.finetune_lr, "sample_steps": args.sample_steps, "methods": methods_wanted,

@@ -1,4 +1,63 @@
-"""Diffusion models: the denoising loss over a fixed, seeded set of timesteps and noise draws."""
+"""Diffusion models: the denoising loss over a fixed, seeded set of timesteps and noise draws.
+
+:class:`DiffusionTask` works with any ``diffusers`` noise predictor (``UNet2DModel``,
+``UNet2DConditionModel``, ...) and any DDPM-family scheduler. The ``forwardinf diffusion``
+experiment runs it on a small DDPM built from a config; Stable Diffusion works the same way in
+latent space (below). That path is documented, not run in this repository (no downloads).
+
+Stable Diffusion: which training images taught a fine-tuned model what it generated
+------------------------------------------------------------------------------------
+The paper's set-up (section 4.1): fine-tune SD on a few exemplars of a concept, generate images
+from it, ascend on the generated images, score a candidate set (the exemplars, the ~50
+pre-training images whose captions overlap the prompt most, ~50 random ones). With a local
+checkpoint (``pip install 'forwardinf[diffusion]' transformers``)::
+
+    import torch, forwardinf as fi
+    from diffusers import StableDiffusionPipeline
+    from forwardinf.models.diffusion import contiguous_group_norm
+
+    pipe = StableDiffusionPipeline.from_pretrained("path/to/sd-checkpoint")   # your fine-tuned model
+
+    @torch.no_grad()
+    def encode_images(pixels):               # [N, 3, 512, 512] in [-1, 1] -> [N, 4, 64, 64]
+        return pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def encode_text(captions):               # N strings -> [N, 77, 768]
+        ids = pipe.tokenizer(captions, padding="max_length", truncation=True,
+                             max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+        return pipe.text_encoder(ids)[0]
+
+    cand = (encode_images(candidate_pixels), encode_text(candidate_captions))   # the candidate set
+    gen = pipe([prompt] * 4, output_type="latent", generator=torch.Generator().manual_seed(0)).images
+    queries = (gen, encode_text([prompt] * 4))                                 # [4, 4, 64, 64], [4, 77, 768]
+    task = fi.DiffusionTask(pipe.scheduler, timesteps=[10, 50, 100, 200, 400], noise_draws=2,
+                            condition={"encoder_hidden_states": 1})
+    with contiguous_group_norm(pipe.unet):
+        est = fi.ForwardINF(pipe.unet, task, optimizer="adam", lr=1e-5, steps=3, score="margin",
+                            params="*attn2*", batch_size=4).fit(cand)
+        scores = est.influence(queries, joint=True)                          # [N candidates]
+    top = scores.topk(8).indices
+
+Notes on that recipe:
+
+- Everything happens in latent space: encode the candidates once (the VAE and text encoder are
+  frozen); the per-example loss is the UNet's denoising loss on the latents. The latents of the
+  generated images come straight from the pipeline (``output_type="latent"``).
+- ``lr=1e-5, steps=3`` is the paper's ascent (the same lr as their 5-iteration fine-tuning at
+  batch 4); tune it as in :meth:`forwardinf.ForwardINF.tune` when a few ground-truth pairs are
+  known. ``joint=True`` ascends on all generated images at once; drop it for one ranking per image
+  (the paper's per-image protocol).
+- ``params="*attn2*"`` restricts the update to the cross-attention layers (memory: the estimator
+  holds one extra copy of the updated parameters); ``params=None`` updates the whole 860M-parameter
+  UNet as the paper does, if memory allows.
+- The SD UNet has attention blocks: :func:`forwardinf.models.diffusion.contiguous_group_norm` lets
+  the estimators ``vmap`` over its parameters, and ``score="margin"`` or ``"loss"`` must be used
+  (``"cosine"`` needs forward-mode derivatives, which the fused attention kernel does not have).
+- Cost: ``M = len(timesteps) * noise_draws`` UNet forward passes per candidate, twice (before and
+  after the update); the backward passes touch only the generated images.
+- SD 2.x 768 checkpoints predict ``v``: the task reads ``prediction_type`` from the scheduler.
+"""
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Sequence
@@ -32,10 +91,11 @@ class DiffusionTask(Task):
         scheduler: any ``diffusers`` scheduler with ``alphas_cumprod`` (DDPM, DDIM, PNDM, ...);
             only read.
         timesteps: an int ``n`` for ``n`` timesteps evenly spaced over ``[0, max_timestep)``
-            (centres of ``n`` equal bins), or explicit timesteps. Memorisation of individual
-            training images shows at low noise: for attribution, low timesteps (a few percent
-            of ``T``) carry the signal and high ones mostly add noise (see the ``diffusion``
-            experiment, which uses ``2, 5, 10, 20, 35, 50`` of 1000).
+            (centres of ``n`` equal bins), or explicit timesteps. Spread them from low to
+            mid noise: in the ``diffusion`` experiment, low timesteps alone (``2..50`` of 1000)
+            let pre-training images that look like an exemplar outrank it, while
+            ``10, 50, 100, 200, 400`` ranked the exemplars first over a 10x range of ascent lr
+            (see ``benchmarks/results/diffusion.md``).
         max_timestep: upper end of the spread for an int ``timesteps`` (default ``T``, the
             scheduler's ``num_train_timesteps``).
         noise_draws: noise draws per timestep; ``M = len(timesteps) * noise_draws``.
@@ -50,27 +110,10 @@ class DiffusionTask(Task):
     as ``model(noisy [B*M, C, H, W], t [B*M], **condition)`` and may return a tensor, a tuple
     or a ``diffusers`` output with ``.sample``. Cost: ``M`` forward passes per example.
 
-    Stable Diffusion (latent path; not run in this repository's tests). Encode once, then
-    attribute in latent space with the UNet alone::
-
-        pipe = StableDiffusionPipeline.from_pretrained(path)          # a local checkpoint
-        with torch.no_grad():
-            latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor  # [N, 4, 64, 64]
-            ids = pipe.tokenizer(captions, padding="max_length", truncation=True,
-                                 max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
-            text = pipe.text_encoder(ids)[0]                          # [N, 77, 768]
-        task = DiffusionTask(pipe.scheduler, timesteps=8, max_timestep=100, condition={"encoder_hidden_states": 1})
-        with contiguous_group_norm(pipe.unet):   # forwardinf.models.diffusion; see below
-            est = ForwardINF(pipe.unet, task, optimizer="adam", lr=1e-5, steps=3, score="margin",
-                             params="*attn2*", batch_size=4).fit((latents, text))
-            scores = est.influence((generated_latents, prompt_text), joint=True)   # [N]
-
-    ``params`` restricts the update (here to the cross-attention layers) to save memory. The
-    SD UNet has attention blocks, hence :func:`forwardinf.models.diffusion.contiguous_group_norm`
-    (estimators ``vmap`` over parameters, which GroupNorm after attention refuses without it),
-    and use ``score="margin"`` or ``"loss"`` (the fused attention kernel has no forward-mode
-    derivative, which ``score="cosine"`` needs). ``"margin"`` scores the relative change of the
-    loss (see :meth:`score_loss`); it worked best in the ``diffusion`` experiment.
+    Stable Diffusion: encode images and captions once and attribute in latent space with the
+    UNet alone, ``condition={"encoder_hidden_states": 1}``; the module docstring has the recipe.
+    ``score="margin"`` (the change of :meth:`score_loss`) worked best in the ``diffusion``
+    experiment.
     """
 
     def __init__(
