@@ -122,7 +122,8 @@ def report(log: dict, command: str) -> str:
              f"Last command: `{command}` (each setting names the command that produced it)  ",
              f"Machine: {platform.platform()}, torch {torch.__version__}, {os.cpu_count()} CPUs", "",
              *PAPER, ""]
-    for setting, entry in log.items():
+    order = list(SETTINGS)
+    for setting, entry in sorted(log.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)):
         s = entry["setup"]
         lines += [f"## {setting}", "",
                   f"`{s['command']}`: {s['dataset']}, {s['model']} ({s['parameters']:,} parameters), "
