@@ -351,6 +351,13 @@ class ForwardINF(Estimator):
             return fn(bind(self.model, p, b), batch)
 
         def batch_scores(batch: Any) -> Tensor:
+            if self._device().type == "cpu":
+                # One updated model after another: on CPU, vmap's batched (grouped) convolutions
+                # measured 1.6-2.5x slower per model than plain ones (SmallCNN, benchmarks/cost.md).
+                n = next(iter(params.values())).shape[0]
+                return torch.stack([per_model({k: v[q] for k, v in params.items()},
+                                              {k: v[q] for k, v in buffers.items()} if stacked_buffers else buffers,
+                                              batch) for q in range(n)])  # [Q, B]
             in_dims = (0, 0 if stacked_buffers else None, None)
             return vmap(per_model, in_dims=in_dims)(params, buffers, batch)  # [Q, B]
 
