@@ -56,6 +56,14 @@ def rss_kb(field: str = "VmRSS") -> int:
     raise RuntimeError(field)
 
 
+def commit() -> str:
+    """The library's git commit (with ``+`` if the working tree differs), to tell rows of merged runs apart."""
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=HERE, capture_output=True, text=True).stdout.strip()
+    dirty = git("status", "--porcelain", "--", "../src", "cost.py")
+    return git("rev-parse", "--short", "HEAD") + ("+" if dirty else "")
+
+
 def reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
 
@@ -105,7 +113,7 @@ def child(args) -> dict:
     torch.set_num_threads(1)
     data, model, (x, y), leaked, accuracy = problem(args)
     task = fi.ClassificationTask()
-    out = {"mode": args.child, "n_train": len(y), "n_queries": len(leaked)}
+    out = {"mode": args.child, "n_train": len(y), "n_queries": len(leaked), "commit": commit()}
     inference_sweep(model, x[:1024], 512)  # warm-up (allocator, kernels)
     out["rss_before_mb"] = rss_kb() / 1024
     if args.child == "inference":
@@ -229,7 +237,7 @@ def report(results: dict, args) -> str:
     for mode, r in results.items():
         if mode == "inference":
             rows.append(f"| inference sweep | 512 / 128 | - | {r['sweep_cpu']:.1f} | 1.00 | - | - | - | - | "
-                        f"{r['peak_mb']:.0f} | 1.00 |")
+                        f"{r['peak_mb']:.0f} | 1.00 | {r.get('commit', 'older')} |")
             continue
         per_q = r["per_query_cpu"]
         e2e = (r["fit_cpu"] + r["many_cpu"]) / (r["fit_cpu"] + r["one_cpu"])
@@ -238,7 +246,7 @@ def report(results: dict, args) -> str:
             f"| {LABELS.get(mode, mode)} | {r['batch_size']} | {width} | {per_q:.2f} | {per_q / base:.3f} | "
             f"{r['fit_cpu'] / base:.2f} | {r['n_queries']} vs 1: {r['many_cpu'] / r['one_cpu']:.1f} / {e2e:.2f} | "
             f"{r['top1']:.3f} ({r['n_queries']}) | {r['top1_first']:.3f} | {r['peak_mb']:.0f} | "
-            f"{r['peak_mb'] / inf['peak_mb']:.2f} |")
+            f"{r['peak_mb'] / inf['peak_mb']:.2f} | {r.get('commit', 'older')} |")
     loads = [r["load_average"] for r in results.values() if "load_average" in r]
     load = f"load average {min(loads):.0f}-{max(loads):.0f} at the end of the runs" if loads else "heavily loaded"
     lines = [
@@ -253,8 +261,8 @@ def report(results: dict, args) -> str:
         "",
         "| mode | batch | cached D | CPU s / query | ÷ inference sweep | fit ÷ sweep | "
         f"Q vs 1 query: marginal / end-to-end | T-1 (queries) | T-1 first {args.n_queries_full} | peak MB | "
-        "÷ inference peak |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "÷ inference peak | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
         "- *CPU s / query*: the marginal CPU seconds of one query after fit (update + scoring sweep), best of the "
@@ -266,6 +274,8 @@ def report(results: dict, args) -> str:
         f"{inf['rss_before_mb']:.0f} MB baseline of data + torch in every process), vs the inference sweep's at "
         "batch 512.",
         "- *cached D*: features per training image the tail mode caches (the input has 784).",
+        "- *commit*: the library version that measured the row (runs merge into one table; `older` = before "
+        "rows recorded it).",
         "",
         "## Where tail mode's memory goes",
         "",

@@ -1,7 +1,7 @@
 """Forward-INF beside the peer libraries, on the same model, data and leaked queries, in one run.
 
     pip install captum dattri && pip install --no-deps kronfluence   # the peers (never another torch)
-    python benchmarks/peers.py --n-train 1000 --n-queries 16
+    python benchmarks/peers.py --n-train 500 --n-queries 16
 
 The model is the SmallCNN of benchmarks/cost.py (trained on all 60,000 Fashion-MNIST images,
 cached). The training set is a seeded random subset of ``--n-train`` of those images, sized so
@@ -38,8 +38,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-METHODS = ("forward-inf", "forward-inf-tail", "captum-tracincp", "dattri-if-cg", "dattri-if-lissa", "dattri-trak",
-           "kronfluence-ekfac")
+METHODS = ("forward-inf", "forward-inf-tail", "captum-tracincp", "dattri-trak", "kronfluence-ekfac", "dattri-if-cg",
+           "dattri-if-lissa")
 
 
 def problem(args):
@@ -108,10 +108,9 @@ def dattri_if(model, train, queries, args, solver):
         att = IFAttributorLiSSA(task, recursion_depth=100, batch_size=32, damping=1e-3, scaling=50.0, device="cpu")
     loader = DataLoader(TensorDataset(*train), batch_size=256, shuffle=False)
     att.cache(loader)
-    # LiSSA: one query per batch; dattri vmaps its 100 recursion steps over a batch's queries,
-    # which ran out of memory (12 GB) for 16 queries on this model. CG solves them together.
-    per_batch = 1 if solver == "lissa" else len(queries[0])
-    scores = att.attribute(loader, DataLoader(TensorDataset(*queries), batch_size=per_batch, shuffle=False))
+    # One query per batch: dattri batches its solver over a batch's queries, which ran out of
+    # memory on this model (LiSSA: 12 GB for 16 queries; CG: killed at 13 GB for 16 queries x 1,000).
+    scores = att.attribute(loader, DataLoader(TensorDataset(*queries), batch_size=1, shuffle=False))
     return scores.T  # dattri: [N, Q], larger = the training point helps the query more
 
 
@@ -187,7 +186,7 @@ RUNNERS = {
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--n-train", type=int, default=1000)
+    p.add_argument("--n-train", type=int, default=500)
     p.add_argument("--n-queries", type=int, default=16)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
