@@ -52,8 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-lr", type=float, default=5e-3, help="fine-tuning learning rate, AdamW, cosine (default: 5e-3)")
     p.add_argument("--n-cities", type=int, default=300, help="cities in the built-in fact set (default: 300)")
     p.add_argument("--queries", type=int, default=200, help="evaluated queries (default: 200)")
-    p.add_argument("--tune-queries", type=int, default=10,
-                   help="further queries used only to pick Forward-INF's lr and TracIn's normalisation (default: 10)")
+    p.add_argument("--tune-queries", type=int, default=30,
+                   help="further queries used only to pick Forward-INF's lr and TracIn's normalisation (default: 30)")
     p.add_argument("--candidates", type=int, default=200, help="candidate set size per query (default: 200)")
     p.add_argument("--precision-k", type=int, default=0, help="k of precision@k; 0 = number of proponents (default)")
     p.add_argument("--budget", type=float, default=None,
@@ -355,18 +355,21 @@ def run(args: argparse.Namespace) -> dict:
     # Hyperparameters picked on the tuning queries only (the paper's held-out split); one fit each.
     tuned: dict[str, Any] = {}
     if "forward-inf" in methods:
-        grid = [(lr, p) for p in args.fi_params for lr in args.fi_lr]
-        scorer = forward_inf_scorer(prep, grid[0], args)
-
-        def set_fi(est: Any, v: tuple[float, str]) -> None:
-            est.lr, est.params = v[0], _layer(prep, v[1])
-
-        lr, params = _pick(grid, scorer, set_fi, tune_q, tune_c, tune_r, prep, args.precision_k) if tune_q else grid[0]
-        tuned["forward-inf-lr"], tuned["forward-inf-params"] = lr, params
+        # One fit per parameter subset (score="cosine" caches sensitivities of those parameters), then every lr.
+        best = (-1.0, (args.fi_lr[0], args.fi_params[0]))
+        for params in args.fi_params:
+            if not tune_q:
+                break
+            scorer = forward_inf_scorer(prep, (args.fi_lr[0], params), args)
+            lr, mrr = _pick(args.fi_lr, scorer, lambda est, v: setattr(est, "lr", v), tune_q, tune_c, tune_r, prep,
+                            args.precision_k)
+            if mrr > best[0] + 1e-12:
+                best = (mrr, (lr, params))
+        tuned["forward-inf-lr"], tuned["forward-inf-params"] = best[1]
     if any(m.startswith("tracin") for m in methods):
         scorer = tracin_scorer(prep, False, False, args)
         tuned["tracin-normalize"] = _pick([False, True], scorer, lambda est, v: setattr(est, "normalize", v), tune_q,
-                                          tune_c, tune_r, prep, args.precision_k) if tune_q else False
+                                          tune_c, tune_r, prep, args.precision_k)[0] if tune_q else False
     if tuned:
         print("  tuned on held-out queries: " + ", ".join(f"{k}={v}" for k, v in tuned.items()))
 
@@ -453,8 +456,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _pick(values: list, scorer: Scorer, apply: Callable[[Any, Any], None], queries: list, cands: list,
-          relevant: list, prep: dict, k: int) -> Any:
-    """The value with the best MRR on the tuning queries (ties: the first); one fit, ``apply`` sets each value."""
+          relevant: list, prep: dict, k: int) -> tuple[Any, float]:
+    """``(value, its MRR)``: the best MRR on the tuning queries (ties: the first); one fit, ``apply`` sets each value."""
     state = scorer.fit()
     best, best_mrr = values[0], -1.0
     for v in values:
@@ -466,7 +469,7 @@ def _pick(values: list, scorer: Scorer, apply: Callable[[Any, Any], None], queri
         m = evaluate(scores, relevant, k)["mrr"]
         if m > best_mrr + 1e-12:
             best, best_mrr = v, m
-    return best
+    return best, best_mrr
 
 
 def _answer_accuracy(prep: dict, queries: list[dict]) -> float:
