@@ -141,9 +141,9 @@ class TracIn(GradientEstimator):
     # -- helpers ----------------------------------------------------------------------------
     def _train_rows(self, rows: Tensor, c: int, loss_fn: G.LossFn, params: Params) -> Tensor:
         """``[n, D]`` gradients of the training points ``rows`` at checkpoint ``c``."""
-        blocks = list(self._train_grad_blocks(c, loss_fn, params)) if c in self._grad_cache_ or self._fits_cache(params) else None
-        if blocks is not None:  # the whole training set's gradients are (now) cached
-            return blocks[0][1][rows.to(blocks[0][1].device)]
+        if c in self._grad_cache_ or self._fits_cache(params):
+            ((_, every),) = self._train_grad_blocks(c, loss_fn, params)  # all of them: computed once, then cached
+            return every[rows.to(every.device)]
         unique, inverse = torch.unique(rows, return_inverse=True)
         subset = torch.utils.data.Subset(self.train_, unique.tolist())
         return self._grads(subset, loss_fn, params, "train gradients")[inverse.to(self._device())]
@@ -161,6 +161,7 @@ class TracIn(GradientEstimator):
         return torch.cat(out, 0)
 
     def _fits_cache(self, params: Params) -> bool:
+        """Whether the whole training set's gradients fit in ``cache_mb`` beside what is cached."""
         size = len(self.train_) * G.dim(params) * next(iter(params.values())).element_size()
         used = sum(t.numel() * t.element_size() for t in self._grad_cache_.values())
         return used + size <= self.cache_mb * 2**20
