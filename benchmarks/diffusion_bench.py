@@ -1,23 +1,29 @@
 """Diffusion attribution benchmark: ``forwardinf diffusion`` runs -> ``benchmarks/results/diffusion.md``.
 
-    python benchmarks/diffusion_bench.py                    # every run below (hours on a shared 2-core box)
-    python benchmarks/diffusion_bench.py --runs main        # just one
-    python benchmarks/diffusion_bench.py --collect          # only rebuild the markdown from finished runs
+    python benchmarks/diffusion_bench.py                    # every run below, one after another
+    python benchmarks/diffusion_bench.py --runs main-1      # just one (the recorded shards ran side by side,
+                                                            # one process each, after the UNet was cached)
+    python benchmarks/diffusion_bench.py --collect --runs main-1,main-2,main-3,variants,low-timesteps
+                                                            # only rebuild the markdown from finished runs
 
 Each run is the CLI command shown in the markdown, with its output folder under ``--out``; a run
-whose ``results.json`` exists is not repeated (pre-trained models are cached in the folders too).
+whose ``results.json`` exists is not repeated. The pre-trained UNet is cached in the run folders
+and copied from one run folder into the next (same recipe and data -> same file name).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = {
+    # Pre-training from scratch into an empty folder (the runs after it reuse its UNet): its seconds.
+    "pretrain": ["--sets", "2", "--sizes", "100", "--methods", "forward-inf,pixel-l2"],
     # The recorded benchmark: 20 exemplar sets, candidate sets of 100 and 1K, in three shards run
     # side by side (the same sets as one run of --sets 20; merged into "main" in the markdown).
     "main-1": ["--first-set", "0", "--sets", "7", "--methods", "forward-inf,pixel-l2"],
@@ -28,8 +34,6 @@ RUNS = {
                  "forward-inf,forward-inf-paper,forward-inf-loss,forward-inf-abs,forward-inf-nsgd,pixel-l2"],
     # The old default loss (low timesteps only), for the "why the timesteps changed" note.
     "low-timesteps": ["--sets", "6", "--timesteps", "2,5,10,20,35,50", "--methods", "forward-inf,pixel-l2"],
-    # Pre-training from scratch into an empty folder (the others reuse its cached UNet): its seconds.
-    "pretrain": ["--sets", "2", "--sizes", "100", "--methods", "forward-inf,pixel-l2"],
     # Fashion-MNIST (apt-get install -y dataset-fashion-mnist): room for 10K candidates.
     "fashion": ["--dataset", "fashion-mnist", "--sets", "6", "--sizes", "100,1000,10000", "--methods", "forward-inf,pixel-l2"],
 }
@@ -53,6 +57,7 @@ def main() -> int:
             p.error(f"unknown run {name!r}; choose from {list(RUNS)}")
         if args.collect or (out / name / "results.json").is_file():
             continue
+        _share_pretrained(out, name)
         cmd = command(name, out)
         print("$", shlex.join(cmd), flush=True)
         exe = Path(sys.executable).with_name("forwardinf")
@@ -62,6 +67,7 @@ def main() -> int:
 
 
 PAPER_TABLE8 = {100: 1.0, 1000: 1.0, 10000: 1.0, 20000: 1.0}  # Stable Diffusion, top-1, 20 objects
+TUNED_SETS = 4  # exemplar sets 0..3 were used to choose the loss timesteps (see the notes)
 
 
 def write_markdown(out: Path, names: list[str], path: Path) -> None:
@@ -74,9 +80,9 @@ def write_markdown(out: Path, names: list[str], path: Path) -> None:
              "query set (joint ascent), candidates = the 4 exemplars + the pre-training images nearest to them in "
              "pixel space (half) + random pre-training images (half). Top-1: an exemplar ranks first. "
              "`seconds per set`: the method alone (fit + influence) for one exemplar set, wall clock and CPU time "
-             "of the process (`time.process_time`). The machine has 2 cores shared with 8-12 other jobs (load "
-             "average 10-13 during these runs), so wall seconds are inflated 3-5x; CPU seconds are the fairer "
-             "measure of cost.", ""]
+             "of the process (`time.process_time`). The machine has 2 cores shared with 10-15 other jobs (load "
+             "average 12-14 during these runs; the three `main` shards ran side by side), so wall seconds are "
+             "8-20x the CPU seconds; CPU seconds are the fairer measure of cost.", ""]
     collected = {name: json.loads((out / name / "results.json").read_text())
                  for name in names if (out / name / "results.json").is_file()}
     shards = [n for n in names if n.startswith("main-")]
@@ -87,12 +93,15 @@ def write_markdown(out: Path, names: list[str], path: Path) -> None:
         m = collected["main"]["methods"]
         sizes = sorted({v["candidates"] for v in m.values()})
         parts += ["## Summary: top-1 over 20 exemplar sets, beside the paper's Table 8", "",
-                  "| candidates | paper (Stable Diffusion) | Forward-INF (ours) | pixel-L2 to the generated images | "
-                  "Forward-INF seconds per set (wall / CPU) |", "|---|---|---|---|---|"]
+                  "| candidates | paper (Stable Diffusion) | Forward-INF (ours) | Forward-INF, sets "
+                  f"{TUNED_SETS}-19 only | pixel-L2 to the generated images | "
+                  "Forward-INF seconds per set (wall / CPU) |", "|---|---|---|---|---|---|"]
         for size in sizes:
             f, px = m.get(f"forward-inf@{size}"), m.get(f"pixel-l2@{size}")
+            fresh = f["ranks"][TUNED_SETS:]
             parts.append(f"| {size} | {PAPER_TABLE8.get(size, float('nan')):.3f} | "
-                         f"{f['top1']:.2f} | {px['top1'] if px else float('nan'):.2f} | "
+                         f"{f['top1']:.2f} | {sum(r == 1 for r in fresh) / max(1, len(fresh)):.2f} | "
+                         f"{px['top1'] if px else float('nan'):.2f} | "
                          f"{f['seconds_per_set']:.1f} / {f.get('cpu_seconds_per_set', float('nan')):.1f} |")
         parts.append("")
     for name in names:
@@ -128,6 +137,16 @@ def write_markdown(out: Path, names: list[str], path: Path) -> None:
     print(f"wrote {path}")
 
 
+def _share_pretrained(out: Path, name: str) -> None:
+    """Copy UNets pre-trained by earlier runs into ``out/name`` (the experiment reuses one only when
+    its file name, a hash of the recipe and the data, matches; otherwise it pre-trains)."""
+    folder = out / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in sorted(out.glob("*/pretrained-*.pt")):
+        if not (folder / f.name).exists():
+            shutil.copyfile(f, folder / f.name)
+
+
 def merge(shards: list[dict]) -> dict:
     """One results object from shards that ran consecutive exemplar sets (``--first-set``)."""
     shards = sorted(shards, key=lambda r: r["config"]["first_set"])
@@ -152,7 +171,7 @@ def merge(shards: list[dict]) -> dict:
 
 def _pretrain_note(cfg: dict) -> str:
     if cfg["pretrain_cached"]:
-        return "cached: the UNet of the `pretrain` run"
+        return "cached: pre-trained once with this recipe, see the notes"
     return f"{cfg['pretrain_seconds']:.0f} s wall / {cfg.get('pretrain_cpu_seconds', float('nan')):.0f} s CPU"
 
 
