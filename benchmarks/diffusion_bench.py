@@ -57,7 +57,8 @@ def main() -> int:
             p.error(f"unknown run {name!r}; choose from {list(RUNS)}")
         if args.collect or (out / name / "results.json").is_file():
             continue
-        _share_pretrained(out, name)
+        if name != "pretrain":  # that one times the pre-training itself
+            _share_pretrained(out, name)
         cmd = command(name, out)
         print("$", shlex.join(cmd), flush=True)
         exe = Path(sys.executable).with_name("forwardinf")
@@ -82,7 +83,7 @@ def write_markdown(out: Path, names: list[str], path: Path) -> None:
              "`seconds per set`: the method alone (fit + influence) for one exemplar set, wall clock and CPU time "
              "of the process (`time.process_time`). The machine has 2 cores shared with 10-15 other jobs (load "
              "average 12-14 during these runs; the three `main` shards ran side by side), so wall seconds are "
-             "8-20x the CPU seconds; CPU seconds are the fairer measure of cost.", ""]
+             "12-15x the CPU seconds; CPU seconds are the fairer measure of cost.", ""]
     collected = {name: json.loads((out / name / "results.json").read_text())
                  for name in names if (out / name / "results.json").is_file()}
     shards = [n for n in names if n.startswith("main-")]
