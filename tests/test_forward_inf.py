@@ -107,6 +107,17 @@ def test_batched_queries_equal_one_at_a_time(digits_mlp):
         torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-6)
 
 
+def test_dict_of_tensors_equals_tuple_data(digits_mlp):
+    model, split = digits_mlp
+    x, y = split.train()
+    train, q = (x[:200], y[:200]), (x[:3], y[:3])
+    as_dicts = fi.ForwardINF(model, batch_size=64).fit({"inputs": train[0], "targets": train[1]})
+    scores = as_dicts.influence({"inputs": q[0], "targets": q[1]}, indices=[5, 0, 199])
+    torch.testing.assert_close(scores, fi.ForwardINF(model, batch_size=64).fit(train).influence(q)[:, [5, 0, 199]])
+    with pytest.raises(ValueError, match="different lengths"):
+        fi.ForwardINF(model).fit({"inputs": x[:5], "targets": y[:4]})
+
+
 @pytest.mark.parametrize("score", ["cosine", "loss"])
 def test_indices_score_a_subset_of_one_fit(digits_mlp, score):
     model, split = digits_mlp

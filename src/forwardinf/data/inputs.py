@@ -1,7 +1,7 @@
 """Turn what users pass as data (Dataset, DataLoader, tuple of tensors) into ordered batches."""
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -22,13 +22,32 @@ def as_dataset(data: DataLike, name: str = "data") -> Dataset:
         if len(sizes) != 1:
             raise ValueError(f"{name}: tensors have different lengths {sorted(sizes)}")
         data = TensorDataset(*data)
-    elif isinstance(data, (tuple, list)):
-        raise ValueError(f"{name} must be a Dataset, a DataLoader or a tuple of tensors (inputs, targets)")
+    elif isinstance(data, Mapping) and data and all(torch.is_tensor(t) for t in data.values()):
+        sizes = {len(t) for t in data.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"{name}: tensors have different lengths {sorted(sizes)}")
+        data = TensorDict(data)
+    elif isinstance(data, (tuple, list, Mapping)):
+        raise ValueError(f"{name} must be a Dataset, a DataLoader, a tuple of tensors (inputs, targets) "
+                         "or a dict of tensors")
     if not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
         raise ValueError(f"{name} must be a map-style Dataset with __len__, got {type(data).__name__}")
     if len(data) == 0:
         raise ValueError(f"{name} is empty")
     return data
+
+
+class TensorDict(Dataset):
+    """A dict of tensors ``{key: [N, ...]}`` (e.g. tokenizer output) as a dataset of dicts."""
+
+    def __init__(self, tensors: Mapping[str, Tensor]) -> None:
+        self.tensors = dict(tensors)
+
+    def __len__(self) -> int:
+        return len(next(iter(self.tensors.values())))
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {k: v[i] for k, v in self.tensors.items()}
 
 
 def batch_size_of(data: DataLike, default: int) -> int:
@@ -49,8 +68,10 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 def gather(dataset: Dataset, indices: Sequence[int]) -> Any:
     """The examples at ``indices`` collated into one batch (fast path for TensorDataset)."""
-    if isinstance(dataset, TensorDataset):
+    if isinstance(dataset, (TensorDataset, TensorDict)):
         idx = torch.as_tensor(list(indices), dtype=torch.long)
+        if isinstance(dataset, TensorDict):
+            return {k: t[idx] for k, t in dataset.tensors.items()}
         return tuple(t[idx] for t in dataset.tensors)
     return default_collate([dataset[int(i)] for i in indices])
 
@@ -59,6 +80,8 @@ def subset(dataset: Dataset, indices: Tensor) -> Dataset:
     """The examples at ``indices`` (``[n]`` long) as a dataset, in that order."""
     if isinstance(dataset, TensorDataset):
         return TensorDataset(*(t[indices] for t in dataset.tensors))
+    if isinstance(dataset, TensorDict):
+        return TensorDict({k: t[indices] for k, t in dataset.tensors.items()})
     return Subset(dataset, indices.tolist())
 
 
@@ -68,6 +91,10 @@ def batches(dataset: Dataset, batch_size: int) -> Iterator[tuple[int, Any]]:
     if isinstance(dataset, TensorDataset):
         for start in range(0, n, batch_size):
             yield start, tuple(t[start:start + batch_size] for t in dataset.tensors)
+        return
+    if isinstance(dataset, TensorDict):
+        for start in range(0, n, batch_size):
+            yield start, {k: t[start:start + batch_size] for k, t in dataset.tensors.items()}
         return
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     start = 0

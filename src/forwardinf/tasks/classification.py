@@ -47,10 +47,19 @@ class ClassificationTask(Task):
             raise ValueError(f"targets must be an integer tensor of class indices, got {getattr(targets, 'dtype', type(targets))}")
         if torch.is_tensor(inputs) and inputs.is_floating_point() and not torch.isfinite(inputs).all():
             raise ValueError("inputs contain NaN or inf")
+        if targets.ndim != 1:
+            raise ValueError(f"targets must be class indices [B], got shape {tuple(targets.shape)}")
+        if torch.is_tensor(inputs):
+            if inputs.shape[0] != targets.shape[0]:
+                raise ValueError(f"{inputs.shape[0]} inputs but {targets.shape[0]} targets")
+            # One example shows whether the model runs and how many classes it has; the rest of
+            # the batch shares its shape. (A full forward here would double the cost of a sweep.)
+            inputs = inputs[:1]
         with torch.no_grad():
             logits = model(inputs)
-        if logits.ndim != 2 or logits.shape[0] != targets.shape[0]:
-            raise ValueError(f"model output has shape {tuple(logits.shape)}; expected logits [B={targets.shape[0]}, C]")
+        n = inputs.shape[0] if torch.is_tensor(inputs) else targets.shape[0]
+        if logits.ndim != 2 or logits.shape[0] != n:
+            raise ValueError(f"model output has shape {tuple(logits.shape)}; expected logits [B={n}, C]")
         n_classes = logits.shape[-1]
         if targets.numel() and (targets.min() < 0 or targets.max() >= n_classes):
             bad = targets[(targets < 0) | (targets >= n_classes)][0].item()
