@@ -337,10 +337,12 @@ def run_noisy(split: DataSplit, args: argparse.Namespace, cache: Path, progress:
         left_out = res[:, :g].transpose(0, 1)  # [G, R, n + nv]
         added = res[:, g]  # [R, n + nv]
         # train -> test (proponent-oriented): L(A(D \ D_g), D_tst) - L(A(D), D_tst), mean over runs
-        train_to_test = (left_out[:, :, n:].mean(-1) - base[None, :, n:].mean(-1)).mean(1)  # [G]
+        per_run_ttt = (left_out[:, :, n:].mean(-1) - base[None, :, n:].mean(-1)).T  # [R, G]
+        train_to_test = per_run_ttt.mean(0)  # [G]
         # test -> train (proponent-oriented): L(A(D), D_g) - L(A(D ∪ D_tst), D_g)
         t2t_points = (base[:, :n] - added[:, :n]).mean(0)  # [n]
         test_to_train = group_mean(t2t_points, members)  # [G]
+        per_run_t2t = group_mean(base[:, :n] - added[:, :n], members)  # [R, G]
     with _clock() as t_fi:
         fi_runs = [_forward_inf(m, train, val, joint=True, steps=args.fi_steps, lr=args.fi_lr,
                                 weight_decay=args.fi_weight_decay, progress=progress) for m in base_models]
@@ -360,12 +362,26 @@ def run_noisy(split: DataSplit, args: argparse.Namespace, cache: Path, progress:
                               "compares": "Forward-INF (joint, per run, averaged) vs add D_tst (test->train)",
                               "vs_train_to_test": corr(forward_inf, train_to_test)},
     }
-    info = {"n_train": n, "val_size": nv, "groups": len(members), "group_size": int(len(members[0])),
+    info = {**_run_agreement(per_run_ttt, per_run_t2t), "n_train": n, "val_size": nv, "groups": len(members), "group_size": int(len(members[0])),
             "mislabel_ratio": float(flipped.double().mean()), "runs": len(runs), "epochs": epochs,
             "val_accuracy_per_run": accs, "ratios": ratios.tolist()}
     arrays = {"train_to_test": train_to_test, "test_to_train": test_to_train, "forward_inf": forward_inf,
               "ratios": torch.from_numpy(ratios)}
     return {"methods": methods, "info": info, "arrays": arrays}
+
+
+def _run_agreement(train_to_test: Tensor, test_to_train: Tensor) -> dict:
+    """How reproducible each side is across training runs: mean Spearman between runs ``[R, G]``.
+
+    Low agreement means a side is dominated by the randomness of SGD (initialisation, order), and
+    averaging ``R`` runs cannot make it correlate with anything better than it correlates with itself.
+    """
+    out = {}
+    r = train_to_test.shape[0]
+    for name, v in (("train_to_test", train_to_test), ("test_to_train", test_to_train)):
+        pairs = [M.spearman(v[a], v[b]) for a in range(r) for b in range(a + 1, r)]
+        out[f"{name}_run_agreement"] = float(np.mean(pairs)) if pairs else float("nan")
+    return out
 
 
 # ---------------------------------------------------------------------------------- plots
