@@ -37,6 +37,9 @@ RUNS = {
     # Fashion-MNIST (apt-get install -y dataset-fashion-mnist), held out: Trouser, Bag. Its 56K
     # pre-training images leave room for 10K candidates (add 10000 to --sizes: ~140 s CPU per set).
     "fashion": ["--dataset", "fashion-mnist", "--sets", "4", "--sizes", "100,1000", "--methods", "forward-inf,pixel-l2"],
+    # The scores that normalise by each candidate's own sensitivity (cosine) on the same Fashion sets.
+    "fashion-variants": ["--dataset", "fashion-mnist", "--sets", "4", "--sizes", "100", "--methods",
+                         "forward-inf,forward-inf-cosine,forward-inf-loss,pixel-l2"],
 }
 
 
