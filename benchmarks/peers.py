@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,8 +39,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-METHODS = ("forward-inf", "forward-inf-tail", "captum-tracincp", "dattri-trak", "kronfluence-ekfac", "dattri-if-cg",
-           "dattri-if-lissa")
+METHODS = ("forward-inf", "forward-inf-tail", "captum-tracincp", "dattri-trak", "kronfluence-ekfac", "dattri-if-lissa",
+           "dattri-if-cg")
 
 
 def problem(args):
@@ -183,6 +184,38 @@ RUNNERS = {
 }
 
 
+def measure(name: str, args) -> dict:
+    """Run one method on the shared problem (in this process) and return its metrics."""
+    import resource
+
+    from forwardinf.metrics import topk_detection_rate
+
+    # A peer that runs away with memory fails here with MemoryError instead of waking the
+    # machine's OOM killer (dattri's CG reached 13 GB on this problem before this limit).
+    limit = int(args.memory_limit_gb * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    torch.set_num_threads(args.threads)
+    model, train, queries, leaked = problem(args)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        args.tmp = tmp
+        cpu, wall = time.process_time(), time.perf_counter()
+        try:
+            scores = RUNNERS[name](model, train, queries, args).detach().float().cpu()
+        except ImportError as e:
+            hint = INSTALL.get((e.name or "").split(".")[0], f"pip install {e.name}")
+            return {"error": f"skipped: {e.name} is not installed ({hint})"}
+        except Exception as e:  # noqa: BLE001 - a peer failing is a result too
+            traceback.print_exc()
+            return {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    assert scores.shape == (args.n_queries, args.n_train), (name, scores.shape)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()), f"{name} changed the model"
+    peak = int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) / 1024
+    return {"seconds": wall, "cpu_seconds": cpu, "peak_mb": peak, "top1": topk_detection_rate(scores, leaked, 1),
+            "top5": topk_detection_rate(scores, leaked, 5)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=",".join(METHODS))
@@ -191,41 +224,32 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--memory-limit-gb", type=float, default=8.0, help="address-space limit of each method's process")
     p.add_argument("--data-root", default=None)
     p.add_argument("--cache", default="/tmp/forwardinf-bench")
     p.add_argument("--tag", default="")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--json", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
     Path(args.cache).mkdir(parents=True, exist_ok=True)
-    from forwardinf.metrics import topk_detection_rate
-
-    model, train, queries, leaked = problem(args)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    if args.child:
+        Path(args.json).write_text(json.dumps(measure(args.child, args)))
+        return
+    problem(args)  # trains and caches the model once, before the methods start
     results: dict = {}
+    # Each method in its own process, one after another: its own peak memory, and a peer that
+    # crashes or is killed becomes a row of the table instead of ending the run.
     for name in [m for m in args.methods.split(",") if m]:
         print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
-            args.tmp = tmp
-            cpu, wall = time.process_time(), time.perf_counter()
-            try:
-                scores = RUNNERS[name](model, train, queries, args).detach().float().cpu()
-            except ImportError as e:
-                hint = INSTALL.get((e.name or "").split(".")[0], f"pip install {e.name}")
-                results[name] = {"error": f"skipped: {e.name} is not installed ({hint})"}
-                print(f"    {results[name]['error']}", flush=True)
-                write(results, args)
-                continue
-            except Exception as e:  # noqa: BLE001 - a peer failing is a result too
-                traceback.print_exc()
-                results[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
-                write(results, args)
-                continue
-            cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-        assert scores.shape == (args.n_queries, args.n_train), (name, scores.shape)
-        results[name] = {"seconds": wall, "cpu_seconds": cpu, "top1": topk_detection_rate(scores, leaked, 1),
-                         "top5": topk_detection_rate(scores, leaked, 5)}
+            out = Path(tmp) / "result.json"
+            cmd = [sys.executable, __file__, "--child", name, "--json", str(out)] + [
+                a for k, v in vars(args).items() if k not in ("child", "json", "methods", "tag") and v is not None
+                for a in (f"--{k.replace('_', '-')}", str(v))]
+            done = subprocess.run(cmd)
+            results[name] = json.loads(out.read_text()) if out.is_file() else {
+                "error": f"the process ended with code {done.returncode} (negative: killed by signal)"}
         print(f"    {results[name]}", flush=True)
-        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()), f"{name} changed the model"
         write(results, args)  # after every method: a run stopped midway keeps what it measured
 
 
@@ -242,9 +266,10 @@ def write(results: dict, args) -> None:
     rows = []
     for name, r in results.items():
         if "error" in r:
-            rows.append(f"| {name} | - | - | - | - | {r['error']} |")
+            rows.append(f"| {name} | - | - | - | - | - | {r['error']} |")
         else:
-            rows.append(f"| {name} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {r['top1']:.3f} | {r['top5']:.3f} | "
+            rows.append(f"| {name} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {r['peak_mb']:.0f} | {r['top1']:.3f} | "
+                        f"{r['top5']:.3f} | "
                         f"{SETTINGS.get(name, '')} |")
     text = "\n".join([
         "# Forward-INF vs peer libraries: seconds and leakage detection on the same model, data, queries",
@@ -254,8 +279,8 @@ def write(results: dict, args) -> None:
         "parameters, every query against every training image. One thread; the 2-core machine was shared with "
         "other jobs, so wall seconds are inflated (CPU seconds are this process's own).",
         "",
-        "| method | wall s | CPU s | T-1 | T-5 | settings / note |",
-        "|---|---|---|---|---|---|",
+        "| method | wall s | CPU s | peak MB | T-1 | T-5 | settings / note |",
+        "|---|---|---|---|---|---|---|",
         *rows,
         "",
         "The paper's Table 2 (leakage, CIFAR-10 ResNet-18, 500 leaked of 50,000, their own IF/TracIn code): "
