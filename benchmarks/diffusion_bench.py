@@ -3,8 +3,7 @@
     python benchmarks/diffusion_bench.py                    # every run below, one after another
     python benchmarks/diffusion_bench.py --runs main-1      # just one (the recorded shards ran side by side,
                                                             # one process each, after the UNet was cached)
-    python benchmarks/diffusion_bench.py --collect --runs main-1,main-2,main-3,variants,low-timesteps
-                                                            # only rebuild the markdown from finished runs
+    python benchmarks/diffusion_bench.py --collect          # only rebuild the markdown from finished runs
 
 Each run is the CLI command shown in the markdown, with its output folder under ``--out``; a run
 whose ``results.json`` exists is not repeated. The pre-trained UNet is cached in the run folders
