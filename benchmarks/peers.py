@@ -277,7 +277,10 @@ def write(results: dict, args) -> None:
         f"SmallCNN (455k parameters) trained on Fashion-MNIST (60k); a random subset of {args.n_train:,} training "
         f"images is the training set to score; {args.n_queries} queries are exact copies of some of them. All "
         "parameters, every query against every training image. One thread; the 2-core machine was shared with "
-        "other jobs, so wall seconds are inflated (CPU seconds are this process's own).",
+        "other jobs, so wall seconds are inflated (CPU seconds are the method's own). Each method runs in its own "
+        "process; *peak MB* is that process's VmHWM, including the ~850 MB of Fashion-MNIST + torch every process "
+        "loads. A peer that is not installed, fails or runs out of memory (limit "
+        f"{args.memory_limit_gb:g} GB) appears as a row with the reason.",
         "",
         "| method | wall s | CPU s | peak MB | T-1 | T-5 | settings / note |",
         "|---|---|---|---|---|---|---|",
