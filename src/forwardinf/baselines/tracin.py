@@ -12,7 +12,7 @@ from forwardinf.baselines.influence_function import GradientEstimator
 from forwardinf.core import gradients as G
 from forwardinf.core.params import Params, mode
 from forwardinf.data.inputs import DataLike, batches, gather, to_device
-from forwardinf.estimators.base import check_positive
+from forwardinf.estimators.base import check_indices, check_positive
 from forwardinf.tasks.base import Task
 
 Checkpoint = Any  # a state dict, or a path to one saved with torch.save
@@ -103,7 +103,7 @@ class TracIn(GradientEstimator):
         ``indices``: training positions ``[n]`` to score (default: all ``n_train``).
         """
         self._check_fitted()
-        rows = _train_indices(indices, len(self.train_))
+        rows = check_indices("TracIn", indices, len(self.train_))
         qset, _ = self._load_queries(queries)
         total = None
         for c, (state, lr) in enumerate(zip(self.states_, self.lrs_)):
@@ -286,17 +286,3 @@ def _untie(state: dict[str, Tensor], aliases: dict[str, str], owner: str) -> dic
 def _signature(batch: Mapping[str, Any]) -> dict[str, int]:
     """``{key: per-example rank}`` of a dict batch's tensors."""
     return {k: v.ndim - 1 for k, v in batch.items() if torch.is_tensor(v)}
-
-
-def _train_indices(indices: Any, n: int) -> Tensor | None:
-    """``indices`` as a checked ``[k]`` long tensor (None: the whole training set)."""
-    if indices is None:
-        return None
-    idx = torch.as_tensor(indices)
-    if idx.ndim != 1 or idx.numel() == 0 or idx.is_floating_point() or idx.dtype == torch.bool:
-        raise ValueError(f"TracIn: indices must be a non-empty 1-D sequence of integer training positions, "
-                         f"got shape {tuple(idx.shape)} of {idx.dtype}")
-    idx = idx.long()
-    if idx.min() < 0 or idx.max() >= n:
-        raise ValueError(f"TracIn: indices must lie in [0, {n}) (the fitted training set), got {int(idx.min())}..{int(idx.max())}")
-    return idx

@@ -83,3 +83,18 @@ class Estimator:
     def __repr__(self) -> str:
         keys = [k for k in vars(self) if not k.endswith("_") and not k.startswith("_") and k not in ("model", "task")]
         return f"{type(self).__name__}({', '.join(f'{k}={getattr(self, k)!r}' for k in keys)})"
+
+
+def check_indices(owner: str, indices: Any, n: int) -> Tensor | None:
+    """``indices`` (training positions) as a checked ``[k]`` long tensor; None means all ``n``."""
+    if indices is None:
+        return None
+    idx = torch.as_tensor(indices)
+    if idx.ndim != 1 or idx.numel() == 0 or idx.is_floating_point() or idx.dtype == torch.bool:
+        raise ValueError(f"{owner}: indices must be a non-empty 1-D sequence of integer training positions, "
+                         f"got shape {tuple(idx.shape)} of {idx.dtype}")
+    idx = idx.long()
+    if idx.min() < 0 or idx.max() >= n:
+        raise ValueError(f"{owner}: indices must lie in [0, {n}) (the fitted training set), "
+                         f"got {int(idx.min())}..{int(idx.max())}")
+    return idx

@@ -12,7 +12,7 @@ from forwardinf.core.params import Params, bind, buffers_of, flat_norm, mode, se
 from forwardinf.core.sweep import sweep
 from forwardinf.core.update import OPTIMIZERS, UpdateRule
 from forwardinf.data.inputs import DataLike, batch_len, batches, check_finite, gather, repeat, subset, to_device, unsqueeze
-from forwardinf.estimators.base import Estimator, TopK, check_choice, check_positive
+from forwardinf.estimators.base import Estimator, TopK, check_choice, check_indices, check_positive
 from forwardinf.tasks.base import Task
 
 SCORES = ("cosine", "margin", "loss", "abs")
@@ -210,7 +210,7 @@ class ForwardINF(Estimator):
         and each query scores its own candidates (e.g. a retrieval shortlist).
         """
         self._check_fitted()
-        rows_of = self._train_indices(indices)
+        rows_of = check_indices(type(self).__name__, indices, len(self.train_))
         qset = self._dataset(queries, "queries")
         all_queries = gather(qset, range(len(qset)))
         self._validate(all_queries, "queries")
@@ -221,20 +221,6 @@ class ForwardINF(Estimator):
             idx = range(start, min(start + self.query_chunk, len(qset)))
             rows.append(self._score(self._update_each(gather(qset, idx), len(idx)), rows_of))
         return torch.cat(rows, 0)
-
-    def _train_indices(self, indices: Any) -> Tensor | None:
-        """``indices`` as a checked ``[n]`` long tensor (None: the whole training set)."""
-        if indices is None:
-            return None
-        idx = torch.as_tensor(indices)
-        if idx.ndim != 1 or idx.numel() == 0 or idx.is_floating_point() or idx.dtype == torch.bool:
-            raise ValueError(f"indices must be a non-empty 1-D sequence of integer training positions, "
-                             f"got shape {tuple(idx.shape)} of {idx.dtype}")
-        idx = idx.long()
-        n = len(self.train_)
-        if idx.min() < 0 or idx.max() >= n:
-            raise ValueError(f"indices must lie in [0, {n}) (the fitted training set), got {int(idx.min())}..{int(idx.max())}")
-        return idx
 
     def self_influence(self) -> Tensor:
         """``[n_train]``: the paper's self mode (D_tst = D_trn): one joint update on the training set."""

@@ -21,16 +21,15 @@ import copy
 import hashlib
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from forwardinf.experiments.common import markdown_table, results_object, seed_everything, write_outputs
+from forwardinf.experiments.common import markdown_table, results_object, seed_everything, timer, write_outputs
 
 # Per dataset: the held-out concepts (class indices) and the recipe.
 DATASETS: dict[str, dict[str, Any]] = {
@@ -185,7 +184,7 @@ def run(args: argparse.Namespace) -> dict:
         gen = torch.Generator().manual_seed(args.seed * 100_003 + k)
         members = (y == concept).nonzero().squeeze(1)
         exemplars = x[members[torch.randperm(len(members), generator=gen)[:args.exemplars]]]
-        with _clock() as t:
+        with timer() as t:
             model = copy.deepcopy(pretrained)
             train_denoiser(model, scheduler, exemplars, steps=args.finetune_steps, batch_size=len(exemplars),
                            lr=args.finetune_lr, seed=args.seed + k)
@@ -265,7 +264,7 @@ def _score_all(model: torch.nn.Module, task: Any, variants: dict, methods: list[
     out, est, fit, kinds = [], None, {"seconds": 0.0, "cpu_seconds": 0.0}, set()
     for method in methods:
         if method == "pixel-l2":
-            with _clock() as t:
+            with timer() as t:
                 scores = -torch.cdist(cands.flatten(1), generated.flatten(1)).min(1).values
             out.append((method, scores, t))
             continue
@@ -273,7 +272,7 @@ def _score_all(model: torch.nn.Module, task: Any, variants: dict, methods: list[
         kind = "loss" if kw["score"] in ("loss", "abs") else "log loss"
         base = {"seconds": 0.0, "cpu_seconds": 0.0}
         if est is None:
-            with _clock() as t:
+            with timer() as t:
                 est = ForwardINF(model, task, batch_size=256, **kw).fit((cands,))
             fit = base = t
         else:
@@ -282,7 +281,7 @@ def _score_all(model: torch.nn.Module, task: Any, variants: dict, methods: list[
             if kind in kinds:  # swept before: count the sweep this method would have paid alone
                 base = fit
         kinds.add(kind)
-        with _clock() as t:
+        with timer() as t:
             scores = est.influence((generated,), joint=True)  # a new kind's base sweep happens in here
         out.append((method, scores, {k: base[k] + t[k] for k in t}))
     return out
@@ -315,7 +314,7 @@ def _pretrain(pool: Tensor, recipe: dict, scheduler: Any, out_dir: Path, name: s
             return unet.eval(), {"seconds": 0.0, "cpu_seconds": 0.0}, True
         except Exception:  # a stale or foreign file is replaced
             pass
-    with _clock() as t:
+    with timer() as t:
         train_denoiser(unet, scheduler, pool, steps=recipe["steps"], batch_size=recipe["batch_size"], lr=recipe["lr"],
                        seed=recipe["seed"], warmup=min(100, recipe["steps"] // 10), progress=progress)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -360,16 +359,3 @@ def _ints(text: str, flag: str) -> list[int]:
     if not values:
         raise ValueError(f"{flag} is empty")
     return values
-
-
-@contextmanager
-def _clock() -> Iterator[dict]:
-    """``{"seconds", "cpu_seconds"}`` of the block: wall time, and this process's CPU time
-    (on a machine shared with other jobs the wall time inflates, the CPU time much less)."""
-    t: dict = {}
-    wall, cpu = time.perf_counter(), time.process_time()
-    try:
-        yield t
-    finally:
-        t["seconds"] = time.perf_counter() - wall
-        t["cpu_seconds"] = time.process_time() - cpu
