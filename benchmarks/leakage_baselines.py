@@ -27,11 +27,10 @@ from pathlib import Path
 import torch
 
 import forwardinf as fi
-from forwardinf.baselines.registry import make_estimator
 from forwardinf.cli import build_parser
-from forwardinf.experiments.common import markdown_table, timer
-from forwardinf.experiments.leakage import FORWARD_INF_VARIANTS, detection, leaked_queries, make_method
-from forwardinf.experiments.setup import prepare_classifier
+from forwardinf.experiments.common import markdown_table, timer, warm_up
+from forwardinf.experiments.leakage import detection, leaked_queries
+from forwardinf.experiments.setup import Prepared, make_method, prepare_classifier
 
 BASELINES = ("if-exact", "if-cg", "if-100", "if-1000", "if-10000", "if-100@0.01", "if-1000@0.01", "if-10000@0.01",
              "tracin-1", "tracin-3", "tracin-5", "tracin-last", "grad-cos", "representer",
@@ -66,12 +65,10 @@ READING = ["What falls short: the paper's IF-100 / IF-1000 find 30% / 45% of the
            "jobs; settings without CPU seconds predate that column."]
 
 
-def build(name: str, model: torch.nn.Module, checkpoints: list, trajectory: object = None) -> fi.Estimator:
-    if name in FORWARD_INF_VARIANTS:
-        return make_method(name, model, checkpoints, progress=False)
+def build(name: str, prepared: Prepared) -> fi.Estimator:
+    """``name`` as in --methods, or ``if-N@DAMPING``: that influence function with a fixed damping."""
     base, _, damping = name.partition("@")
-    kw = {"damping": float(damping)} if damping else {}
-    return make_estimator(base, model, fi.ClassificationTask(), checkpoints=checkpoints, trajectory=trajectory, **kw)
+    return make_method(base, prepared.model, prepared, options={"damping": float(damping)} if damping else None)
 
 
 def run_setting(setting: str, methods: list[str], log: dict) -> None:
@@ -91,18 +88,14 @@ def run_setting(setting: str, methods: list[str], log: dict) -> None:
                       "n_queries": len(idx), "test_accuracy": round(prepared.accuracy, 4)}
     entry.setdefault("methods", {})
     print(f"[{setting}] {entry['setup']}", flush=True)
-    # Untimed warm-up: one-time costs (lazy kernel and autograd initialisation) are not billed to
-    # whichever method happens to run first.
-    make_estimator("tracin-1", model, fi.ClassificationTask(), checkpoints=prepared.checkpoints) \
-        .fit((split.x_train[:8], split.y_train[:8])).influence((xq[:2], yq[:2]))
-    build("forward-inf", model, prepared.checkpoints).fit((split.x_train[:8], split.y_train[:8])).influence((xq[:2], yq[:2]))
+    warm_up(model, split.train())  # one-time costs are not billed to the first method timed
     for name in methods:
         if name in skipped:
             entry["methods"][name] = {"skipped": skipped[name]}
             continue
         record: dict = {}
         try:
-            est = build(name, model, prepared.checkpoints, prepared.trajectory)
+            est = build(name, prepared)
             cpu = time.process_time()
             with timer() as t:
                 est.fit(split.train())

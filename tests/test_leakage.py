@@ -49,3 +49,52 @@ def test_cli_writes_results_report_and_figures(tmp_path):
 def test_cli_refuses_bad_options(tmp_path, capsys):
     assert main(["leakage", "--out", str(tmp_path), "--n-queries", "0", "--quiet"]) == 2
     assert "--n-queries" in capsys.readouterr().err
+
+
+def test_warm_up_leaves_the_model_untouched():
+    from forwardinf.core.params import fingerprint
+    from forwardinf.data.loaders import load_digits
+    from forwardinf.experiments.common import warm_up
+
+    split = load_digits()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.BatchNorm1d(32),
+                                torch.nn.ReLU(), torch.nn.Linear(32, 10)).train()
+    before = fingerprint(model)
+    warm_up(model, split.train())
+    assert model.training  # parameters and BN statistics bit-identical, no gradients left behind:
+    assert all(n == m and torch.equal(a, b) for (n, a), (m, b) in zip(before, fingerprint(model)))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_method_options_reach_the_named_estimator():
+    import argparse
+
+    from forwardinf.experiments.setup import Prepared, make_method, method_options
+
+    args = argparse.Namespace(option=["forward-inf.lr=0.01", "forward-inf.optimizer=adam", "forward-inf.steps=3",
+                                      "if-100.damping=0.1"])
+    options = method_options(args, ["forward-inf", "if-100"])
+    assert options == {"forward-inf": {"lr": 0.01, "optimizer": "adam", "steps": 3}, "if-100": {"damping": 0.1}}
+    model = torch.nn.Linear(64, 10)
+    prepared = Prepared(split=None, model=model, model_name="linear", accuracy=0.0)
+    est = make_method("forward-inf", model, prepared, options=options["forward-inf"])
+    assert (est.lr, est.optimizer, est.steps) == (0.01, "adam", 3)
+    paper = make_method("forward-inf-paper", model, prepared, options={"steps": 2})
+    assert paper.steps == 2 and paper.score == make_method("forward-inf-paper", model, prepared).score
+    assert make_method("if-100", model, prepared, options=options["if-100"]).damping == 0.1
+    for bad, match in [("forward-inf.lr", "METHOD.KEY=VALUE"), ("tracin-5.lr=1", "not one of --methods")]:
+        with pytest.raises(ValueError, match=match):
+            method_options(argparse.Namespace(option=[bad]), ["forward-inf"])
+    with pytest.raises(ValueError, match="stepz"):
+        make_method("forward-inf", model, prepared, options={"stepz": 1})
+
+
+def test_cli_option_is_applied_and_recorded(tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["leakage", "--out", str(out), "--n-queries", "6", "--epochs", "5", "--quiet", "--methods", "forward-inf"]
+    assert main([*base, "--option", "forward-inf.score=loss", "--option", "forward-inf.steps=2"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["options"] == {"forward-inf": {"score": "loss", "steps": 2}}
+    assert main([*base, "--option", "forward-inf.stepz=2"]) == 2
+    assert "stepz" in capsys.readouterr().err

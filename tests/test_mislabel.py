@@ -106,6 +106,15 @@ def test_end_to_end_tiny(tmp_path):
     # A second run loads the cached model instead of retraining: identical numbers.
     res2 = mislabel.run(args)
     assert res2["methods"]["forward-inf"]["auc"] == fi_["auc"]
+    # --option changes that method alone, on the same cached model; loss/random take none.
+    args.methods, args.option = "forward-inf,random", ["forward-inf.score='loss'"]
+    res3 = mislabel.run(args)
+    assert res3["config"]["options"] == {"forward-inf": {"score": "loss"}}
+    assert res3["methods"]["forward-inf"]["auc"] != fi_["auc"]
+    assert res3["methods"]["random"]["auc"] == res["methods"]["random"]["auc"]
+    args.option = ["random.seed=3"]
+    with pytest.raises(ValueError, match="no --option"):
+        mislabel.run(args)
 
 
 def test_unknown_method(tmp_path):

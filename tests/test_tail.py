@@ -8,6 +8,7 @@ from torch import nn
 import forwardinf as fi
 from forwardinf.core.params import fingerprint
 from forwardinf.data.loaders import load_digits
+from forwardinf.estimators import tail
 from forwardinf.estimators.tail import ReducedPrecisionTask, TailForwardINF, split_model
 from forwardinf.models import ResNet, SmallCNN
 from forwardinf.training import train_classifier
@@ -166,3 +167,13 @@ def test_disk_cache_gives_the_same_scores_and_cleans_up(digits_cnn, tmp_path):
     assert not any(p.is_file() for p in tmp_path.rglob("*"))  # the cache files go with the estimators
     with pytest.raises(ValueError, match="cache"):
         TailForwardINF(model, split="classifier", cache="ram").fit(train)
+
+
+def test_auto_cache_goes_to_disk_only_when_large(digits_cnn, tmp_path, monkeypatch):
+    model, train, queries = digits_cnn
+    small = TailForwardINF(model, fi.ClassificationTask(), split="classifier", cache_dir=str(tmp_path)).fit(train)
+    assert small.cache_ == "memory" and not any(tmp_path.iterdir())
+    monkeypatch.setattr(tail, "AUTO_MEMORY_BYTES", 400 * 16 * 2 * 2 * 4 - 1)  # one byte under this cache
+    large = TailForwardINF(model, fi.ClassificationTask(), split="classifier", cache_dir=str(tmp_path)).fit(train)
+    assert large.cache_ == "disk" and len(list(tmp_path.iterdir())) == 1
+    assert torch.equal(large.influence(queries), small.influence(queries))

@@ -32,6 +32,21 @@ def timer() -> Iterator[dict]:
         t["cpu_seconds"] = time.process_time() - cpu
 
 
+def warm_up(model: torch.nn.Module, train: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Untimed: a tiny Forward-INF run and one gradient on 8 training examples ``(x, y)``, so that
+    one-time costs (lazy kernel, autograd and ``torch.func`` initialisation) are not billed to
+    whichever method is timed first. The model is left as it was (eval mode, no ``.grad``)."""
+    import forwardinf as fi
+    from forwardinf.core.params import mode
+
+    x, y = train[0][:8], train[1][:8]
+    task = fi.ClassificationTask()
+    fi.ForwardINF(model, task, steps=1).fit((x, y)).influence((x[:2], y[:2]))
+    params = [p for p in model.parameters() if p.requires_grad]
+    with mode(model, False):
+        torch.autograd.grad(task.loss(model, (x, y)).sum(), params)
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     def fmt(v: Any) -> str:
         if isinstance(v, float):

@@ -14,17 +14,9 @@ from typing import Any
 import torch
 
 import forwardinf as fi
-from forwardinf.experiments.common import markdown_table, results_object, seed_everything, timer, write_outputs
-from forwardinf.experiments.setup import add_model_arguments, prepare_classifier
-
-FORWARD_INF_VARIANTS = {
-    "forward-inf": {},  # the library default
-    "forward-inf-paper": {"preset": "paper"},
-    "forward-inf-authors": {"preset": "authors"},
-    "forward-inf-margin": {"score": "margin"},
-    "forward-inf-loss": {"score": "loss"},
-    "forward-inf-abs": {"score": "abs"},
-}
+from forwardinf.experiments.common import markdown_table, results_object, seed_everything, timer, warm_up, write_outputs
+from forwardinf.experiments.setup import (FORWARD_INF_VARIANTS, add_model_arguments, make_method, method_options,
+                                          prepare_classifier)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -62,16 +54,6 @@ def detection(scores: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
             "top10": float((ranks <= 10).float().mean()), "mean_rank": float(ranks.float().mean())}
 
 
-def make_method(name: str, model: torch.nn.Module, checkpoints: list, progress: bool, trajectory: Any = None) -> Any:
-    if name in FORWARD_INF_VARIANTS:
-        kw = dict(FORWARD_INF_VARIANTS[name])
-        preset = kw.pop("preset", "default")
-        return fi.ForwardINF.preset(preset, model, fi.ClassificationTask(), progress=progress, **kw)
-    from forwardinf.baselines.registry import make_estimator
-
-    return make_estimator(name, model, fi.ClassificationTask(), checkpoints=checkpoints, trajectory=trajectory)
-
-
 def run(args: argparse.Namespace) -> dict:
     seed_everything(args.seed)
     progress = not args.quiet and sys.stderr.isatty()
@@ -82,13 +64,15 @@ def run(args: argparse.Namespace) -> dict:
     eval_idx, xe, ye = idx[n_tune:], xq[n_tune:], yq[n_tune:]
     train = split.train()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    options = method_options(args, methods)
     print(f"leakage: {split.name}, {len(split.y_train)} training points, model {prepared.model_name} "
           f"(test accuracy {prepared.accuracy:.3f}), {len(eval_idx)} leaked queries"
           + (f" (+{n_tune} for tuning)" if n_tune else "") + (", near-duplicates" if args.near else ""))
 
+    warm_up(model, train)
     results, rows, best = {}, [], {}
     for name in methods:
-        est = make_method(name, model, prepared.checkpoints, progress, trajectory=prepared.trajectory)
+        est = make_method(name, model, prepared, progress, options.get(name))
         with timer() as t:
             est.fit(train)
             tuned = None
@@ -109,7 +93,7 @@ def run(args: argparse.Namespace) -> dict:
 
     table = markdown_table(["method", "seconds", "T-1", "T-5", "T-10", "mean rank"], rows)
     print(table)
-    config = {**prepared.config, "n_queries": len(eval_idx), "n_tune": n_tune, "near": args.near,
+    config = {**prepared.config, "n_queries": len(eval_idx), "n_tune": n_tune, "near": args.near, "options": options,
               "methods": methods, "seed": args.seed}
     out = write_outputs(args.out, results_object("leakage", split.name, config, results),
                         f"# Leakage detection ({split.name})\n\n{prepared.describe()}\n\n{table}\n")

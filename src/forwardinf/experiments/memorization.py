@@ -38,21 +38,13 @@ import forwardinf as fi
 from forwardinf.baselines.retraining import Downsampling
 from forwardinf.data.inputs import gather
 from forwardinf.data.loaders import subset
-from forwardinf.experiments.common import markdown_table, results_object, seed_everything, timer, write_outputs
-from forwardinf.experiments.setup import add_model_arguments, prepare_classifier
+from forwardinf.experiments.common import markdown_table, results_object, seed_everything, timer, warm_up, write_outputs
+from forwardinf.experiments.setup import (FORWARD_INF_VARIANTS, add_model_arguments, make_method, method_options,
+                                          prepare_classifier)
 from forwardinf.models import build_model
 from forwardinf.training import train_classifier
 
 HIGH_INFLUENCE = 0.4  # the paper's threshold for a high-influence pair
-
-FI_VARIANTS = {
-    "forward-inf": {},
-    "forward-inf-paper": {"preset": "paper"},
-    "forward-inf-authors": {"preset": "authors"},
-    "forward-inf-margin": {"score": "margin"},
-    "forward-inf-loss": {"score": "loss"},
-    "forward-inf-abs": {"score": "abs"},
-}
 
 
 @dataclass(frozen=True)
@@ -173,19 +165,6 @@ def correctness(models: list[nn.Module], x: Tensor, y: Tensor, batch_size: int =
     return torch.stack(rows)
 
 
-# ---------------------------------------------------------------------------------- methods
-def make_method(name: str, model: nn.Module, checkpoints: list, progress: bool, trajectory: Any = None) -> Any:
-    if name in FI_VARIANTS:
-        kw = dict(FI_VARIANTS[name])
-        preset = kw.pop("preset", "default")
-        return fi.ForwardINF.preset(preset, model, fi.ClassificationTask(), progress=progress, **kw)
-    from forwardinf.baselines.registry import METHODS, make_estimator
-
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose from {', '.join([*FI_VARIANTS, *METHODS[1:]])}")
-    return make_estimator(name, model, fi.ClassificationTask(), checkpoints=checkpoints, trajectory=trajectory)
-
-
 # ---------------------------------------------------------------------------------- CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
@@ -194,7 +173,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fraction of the training set each model sees (default: 0.7, as Feldman & Zhang)")
     p.add_argument("--n-test", type=int, default=None, help="class-balanced test points used as queries (default: all)")
     p.add_argument("--methods", default="forward-inf-paper,forward-inf,tracin-5",
-                   help="comma-separated: " + ", ".join(FI_VARIANTS) + " and baselines (grad-cos, tracin-last, if-exact, ...)")
+                   help="comma-separated: " + ", ".join(FORWARD_INF_VARIANTS) + " and baselines (grad-cos, tracin-last, if-exact, ...)")
     p.add_argument("--workers", type=int, default=1, help="processes for the K trainings (default: 1)")
     p.add_argument("--pairs", type=int, default=8, help="(test, ground-truth top, method top) rows in the figure")
 
@@ -211,9 +190,10 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError("--methods is empty")
     from forwardinf.baselines.registry import METHODS
 
-    unknown = [m for m in methods if m not in FI_VARIANTS and m not in METHODS]
+    unknown = [m for m in methods if m not in FORWARD_INF_VARIANTS and m not in METHODS]
     if unknown:  # before the K trainings, not after
-        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join([*FI_VARIANTS, *METHODS[1:]])}")
+        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join([*FORWARD_INF_VARIANTS, *METHODS[1:]])}")
+    options = method_options(args, methods)
     prepared = prepare_classifier(args, progress=progress)
     split, model = prepared.split, prepared.model
     if args.n_test:
@@ -248,10 +228,11 @@ def run(args: argparse.Namespace) -> dict:
           f"point with influence > {HIGH_INFLUENCE}; split-half top-1 agreement {_fmt(ceiling['all'])} (all), "
           f"{_fmt(ceiling['high'])} (high)", flush=True)
 
+    warm_up(model, train)
     results: dict[str, dict] = {}
     best_scores: dict[str, Tensor] = {}
     for name in methods:
-        est = make_method(name, model, prepared.checkpoints, progress, trajectory=prepared.trajectory)
+        est = make_method(name, model, prepared, progress, options.get(name))
         with timer() as t:
             scores = est.fit(train).influence(test)
         best_scores[name] = scores
@@ -293,7 +274,7 @@ def run(args: argparse.Namespace) -> dict:
               table, "", f"The {args.pairs} most influential pairs (rank = the ground-truth top's rank under each method):", "",
               _pairs_table(gt_top, gt_val, mem, best_scores, args.pairs), ""] + [f"![{f}]({f})" for f in figures]
     config = {**cfg, "n_test": len(test[1]), "n_models": args.n_models, "subset_fraction": args.subset_fraction,
-              "methods": methods, "high_influence": HIGH_INFLUENCE, "seed": args.seed}
+              "methods": methods, "options": options, "high_influence": HIGH_INFLUENCE, "seed": args.seed}
     res = results_object("memorization", split.name, config, results)
     write_outputs(out, res, "\n".join(report))
     print(f"wrote {out}/results.json, report.md, " + ", ".join(figures))

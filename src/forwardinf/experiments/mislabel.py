@@ -45,7 +45,8 @@ from torch import Tensor, nn
 
 import forwardinf as fi
 from forwardinf.data.loaders import DataSplit, load_dataset, subset
-from forwardinf.experiments.common import markdown_table, results_object, seed_everything, timer, write_outputs
+from forwardinf.experiments.setup import add_option_argument, method_options
+from forwardinf.experiments.common import markdown_table, results_object, seed_everything, timer, warm_up, write_outputs
 from forwardinf.metrics import detection_curve, found_at, roc_auc
 from forwardinf.models import build_model
 from forwardinf.training import accuracy, train_classifier
@@ -218,10 +219,13 @@ def _standardise(s: Tensor) -> Tensor:
 
 
 def rank_scores(name: str, model: nn.Module, train: tuple[Tensor, Tensor], checkpoints: list[dict],
-                seed: int, progress: bool = False, trajectory: Any = None) -> Tensor:
-    """``[N]`` scores of method ``name`` whose **descending** order is the order of inspection."""
+                seed: int, progress: bool = False, trajectory: Any = None, options: dict | None = None) -> Tensor:
+    """``[N]`` scores of method ``name`` whose **descending** order is the order of inspection;
+    ``options``: keywords for its estimator (``--option``)."""
+    options = options or {}
     if name in FI_VARIANTS:
-        spec = FI_VARIANTS[name]
+        spec = {**FI_VARIANTS[name]}
+        spec["kw"] = {**spec["kw"], **options}
         if spec.get("checkpoints"):
             per = []
             for state in checkpoints:
@@ -231,6 +235,8 @@ def rank_scores(name: str, model: nn.Module, train: tuple[Tensor, Tensor], check
                                                   spec["order"])))
             return torch.stack(per).mean(0)
         return _oriented(_forward_inf(model, train, spec["kw"], progress), spec["order"])
+    if options and name in ("loss", "random"):
+        raise ValueError(f"{name} takes no --option keywords, got {sorted(options)}")
     if name == "loss":
         with torch.no_grad():
             return F.cross_entropy(model(train[0]), train[1], reduction="none")
@@ -239,7 +245,8 @@ def rank_scores(name: str, model: nn.Module, train: tuple[Tensor, Tensor], check
     if name in BASELINES:
         from forwardinf.baselines.registry import make_estimator
 
-        est = make_estimator(name, model, fi.ClassificationTask(), checkpoints=checkpoints, trajectory=trajectory)
+        est = make_estimator(name, model, fi.ClassificationTask(), checkpoints=checkpoints, trajectory=trajectory,
+                             **options)
         return est.fit(train).self_influence()
     raise ValueError(f"unknown method {name!r}; choose from {', '.join([*FI_VARIANTS, *BASELINES])}")
 
@@ -268,6 +275,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fraction", type=float, default=0.2, help="fraction of training labels flipped (default: 0.2)")
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help=f"comma-separated, from: {', '.join([*FI_VARIANTS, *BASELINES])} (default: %(default)s)")
+    add_option_argument(p)
     p.add_argument("--n-train", type=int, default=None, help="class-balanced training subset (default: per dataset)")
     p.add_argument("--model", default=None, help="mlp, cnn or resnet18 (default: per dataset)")
     p.add_argument("--width", type=int, default=None, help="cnn channels / resnet base width")
@@ -301,6 +309,7 @@ def run(args: argparse.Namespace) -> dict:
     unknown = [m for m in methods if m not in FI_VARIANTS and m not in BASELINES]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join([*FI_VARIANTS, *BASELINES])}")
+    options = method_options(args, methods)
     noisy, flipped = flip_labels(split.y_train, args.fraction, split.n_classes, seed=args.seed)
     if not 0 < int(flipped.sum()) < len(flipped):
         raise ValueError(f"--fraction {args.fraction} flips {int(flipped.sum())} of {len(flipped)} labels; need some of each")
@@ -322,11 +331,16 @@ def run(args: argparse.Namespace) -> dict:
           f"{recipe['model']} ({train_seconds:.1f}s): clean test accuracy {test_acc:.3f}, fits {fit_noisy:.3f} of "
           f"the noisy training labels ({fit_flipped:.3f} of the flipped ones)")
 
+    warm_up(model, train)
     results, curves = {}, {}
     oracle = oracle_found_at(float(flipped.float().mean()), 0.15)
     for name in methods:
         with timer() as t:
-            scores = rank_scores(name, model, train, checkpoints, args.seed, progress, trajectory=trajectory)
+            try:
+                scores = rank_scores(name, model, train, checkpoints, args.seed, progress, trajectory=trajectory,
+                                     options=options.get(name))
+            except TypeError as e:  # an unknown --option keyword
+                raise ValueError(f"{name}: {e}; check its --option keywords") from e
         if not torch.isfinite(scores).all():
             raise FloatingPointError(f"{name}: non-finite scores")
         m = detection_metrics(scores, flipped)
@@ -360,8 +374,8 @@ def run(args: argparse.Namespace) -> dict:
                    markdown_table(["score", "optimizer", "lr", "order", "found@15%", "AUC", "seconds"],
                                   [[r["score"], r["optimizer"], r["lr"], r["order"], r["found_at_15pct"], r["auc"],
                                     round(r["seconds"], 2)] for r in ok])]
-    config.update({"model_test_accuracy": test_acc, "fits_noisy_labels": fit_noisy, "fits_flipped": fit_flipped,
-                   "train_seconds": train_seconds, "methods": methods, "oracle_found_at_15pct": oracle})
+    config.update({"options": options, "model_test_accuracy": test_acc, "fits_noisy_labels": fit_noisy,
+                   "fits_flipped": fit_flipped, "train_seconds": train_seconds, "methods": methods, "oracle_found_at_15pct": oracle})
     res = results_object("mislabel", split.name, config, results)
     write_outputs(out, res, "\n".join(report))
     print(f"wrote {out}/results.json, report.md, detection_curve.png")

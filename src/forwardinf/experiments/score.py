@@ -69,9 +69,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--params", nargs="+", default=None, help="parameter name patterns to update (default: all)")
     g.add_argument("--tail", default=None, metavar="MODULE",
                    help="tail-only mode: update only MODULE and what follows it; the frozen prefix runs once")
-    g.add_argument("--tail-cache", default="memory", choices=("memory", "disk"),
+    g.add_argument("--tail-cache", default="auto", choices=("auto", "memory", "disk"),
                    help="keep the prefix's features per shard in memory, or in a temporary file read back a "
-                        "batch at a time (resident memory of one batch; default: memory)")
+                        "batch at a time (resident memory of one batch); auto (default): memory up to "
+                        "256 MiB per shard, disk above")
     g.add_argument("--precision", default="float32", choices=sorted(PRECISIONS),
                    help="forward sweeps in reduced precision (differences stay float32)")
 

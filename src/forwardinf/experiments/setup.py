@@ -9,6 +9,7 @@ loaded with ``--checkpoint`` comes with its trajectory from ``--trajectory`` (a 
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import hashlib
 import json
@@ -30,6 +31,15 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "cifar10": dict(model="cnn", epochs=15, lr=0.01, batch_size=64, optimizer="sgd", weight_decay=5e-4),
 }
 N_CHECKPOINTS = 5
+# Named Forward-INF variants every experiment accepts in --methods (keywords of ForwardINF.preset).
+FORWARD_INF_VARIANTS: dict[str, dict[str, Any]] = {
+    "forward-inf": {},  # the library default
+    "forward-inf-paper": {"preset": "paper"},
+    "forward-inf-authors": {"preset": "authors"},
+    "forward-inf-margin": {"score": "margin"},
+    "forward-inf-loss": {"score": "loss"},
+    "forward-inf-abs": {"score": "abs"},
+}
 TRAJECTORY_MB = 1024  # parameter snapshots beyond this are thinned (TrajectoryRecorder's ``every``)
 
 
@@ -43,6 +53,49 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="model checkpoint to load instead of training (saved state dict; weights_only)")
     p.add_argument("--trajectory", default=None,
                    help="with --checkpoint: the model's recorded SGD training (TrajectoryRecorder.save), for HyDRA")
+    add_option_argument(p)
+
+
+def add_option_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="a keyword for one method's estimator, e.g. forward-inf.lr=0.01 or if-100.damping=0.01 "
+                        "(values are Python literals, else strings); repeatable")
+
+
+def method_options(args: argparse.Namespace, methods: list[str]) -> dict[str, dict[str, Any]]:
+    """``--option METHOD.KEY=VALUE`` values as ``{method: {key: value}}``, each METHOD among ``methods``."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in getattr(args, "option", None) or []:
+        name, dot, rest = item.partition(".")
+        key, eq, text = rest.partition("=")
+        if not (dot and eq and key.strip()):
+            raise ValueError(f"--option {item!r}: expected METHOD.KEY=VALUE, e.g. forward-inf.lr=0.01")
+        if name not in methods:
+            raise ValueError(f"--option {item!r}: {name!r} is not one of --methods ({', '.join(methods)})")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text  # a bare word: adam, cosine
+        out.setdefault(name, {})[key.strip().replace("-", "_")] = value
+    return out
+
+
+def make_method(name: str, model: torch.nn.Module, prepared: "Prepared", progress: bool = False,
+                options: dict[str, Any] | None = None) -> Any:
+    """A fresh estimator for ``--methods`` entry ``name`` (a Forward-INF variant or a registry name),
+    with its ``--option`` keywords."""
+    import forwardinf as fi
+    from forwardinf.baselines.registry import make_estimator
+
+    kw = {**FORWARD_INF_VARIANTS.get(name, {}), **(options or {})}
+    try:
+        if name in FORWARD_INF_VARIANTS:
+            preset = kw.pop("preset", "default")
+            return fi.ForwardINF.preset(preset, model, fi.ClassificationTask(), progress=progress, **kw)
+        return make_estimator(name, model, fi.ClassificationTask(), checkpoints=prepared.checkpoints,
+                              trajectory=prepared.trajectory, **kw)
+    except TypeError as e:  # an unknown keyword
+        raise ValueError(f"{name}: {e}; check its --option keywords") from e
 
 
 @dataclass
