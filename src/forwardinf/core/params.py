@@ -60,9 +60,11 @@ def stack(params: Mapping[str, Tensor], n: int) -> Params:
 
 def flat_norm(tensors: Mapping[str, Tensor], stacked: bool = False) -> Tensor:
     """L2 norm over all tensors: a scalar, or ``[Q]`` per leading index when ``stacked``."""
+    # vector_norm reduces without a squared copy of each tensor (a [Q, ...] temporary when stacked)
     if stacked:
-        return torch.sqrt(sum(t.flatten(1).pow(2).sum(1) for t in tensors.values()))
-    return torch.sqrt(sum(t.pow(2).sum() for t in tensors.values()))
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.flatten(1), dim=1)
+                                                     for t in tensors.values()]), dim=0)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors.values()]))
 
 
 def fingerprint(module: nn.Module) -> list[tuple[str, Tensor]]:

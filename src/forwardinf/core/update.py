@@ -36,15 +36,23 @@ class UpdateRule:
 
     def step(self, params: Params, grads: Params, stacked: bool) -> Params:
         sign = -1.0 if self.ascent else 1.0  # descent direction of the objective
-        d = {k: sign * g for k, g in grads.items()}
+        factor: float | Tensor = sign  # d = factor * g: a scalar, or [Q] per query for nsgd
         if self.optimizer == "nsgd":
             if "ref_norm" not in self.state:
                 self.state["ref_norm"] = flat_norm(params, stacked)
-            gnorm = flat_norm(d, stacked)
+            gnorm = flat_norm(grads, stacked)
             if not torch.isfinite(gnorm).all():
                 raise FloatingPointError("non-finite gradient in the query update")
-            scale = self.state["ref_norm"] / gnorm.clamp_min(1e-30)
-            d = {k: v * _per_query(scale, v, stacked) for k, v in d.items()}
+            factor = sign * self.state["ref_norm"] / gnorm.clamp_min(1e-30)
+        if self.optimizer in ("sgd", "nsgd") and not (self.momentum or self.weight_decay):
+            # θ - lr d in one fused op per tensor: the [Q, ...] temporaries of the unfused form
+            # were most of the update's memory.
+            if isinstance(factor, Tensor):
+                return {k: torch.addcmul(params[k], grads[k], _per_query(-self.lr * factor, grads[k], stacked))
+                        for k in params}
+            return {k: torch.add(params[k], grads[k], alpha=-self.lr * factor) for k in params}
+        d = {k: g * (_per_query(factor, g, stacked) if isinstance(factor, Tensor) else factor)
+             for k, g in grads.items()}
         if self.weight_decay:
             d = {k: v + self.weight_decay * params[k] for k, v in d.items()}
         if self.optimizer in ("sgd", "nsgd"):

@@ -188,18 +188,23 @@ class ForwardINF(Estimator):
         each direction projected off the update first: a duplicate of the query has no orthogonal
         rest and scores 1 whatever the estimator's noise.
         """
-        jv = directional.double()  # [n, M]
         params = select_params(self.model, self.params)
         b = torch.zeros(delta.shape[0], 0, dtype=torch.float64)
         norm = flat_norm(moved, stacked=True).double().cpu().clamp_min(1e-30)  # [Q]
         for chunk in range(math.ceil(self.n_directions / _DIRECTION_CHUNK)):
             v = self._directions(params, chunk)
-            dots = sum(torch.einsum("q...,m...->qm", moved[k].double(), v[k].double()) for k in moved)
+            # float32 dot products (~1e-5 relative error), float64 after: float64 copies of the
+            # [Q, ...] updates would cost twice the parameters' memory per query
+            dots = sum((moved[k].flatten(1) @ v[k].flatten(1).T).double() for k in moved)
             b = torch.cat([b, dots.cpu() / norm[:, None]], 1)  # [Q, M]: v_j · unit update
-        a = delta.double() / norm[:, None]  # [Q, N]
-        m = jv.shape[1]
-        perp = (jv.pow(2).sum(1)[None, :] - 2 * a * (b @ jv.T) + a.pow(2) * b.pow(2).sum(1, keepdim=True)) / m
-        return (a / (a.pow(2) + perp.clamp_min(0)).sqrt().clamp_min(1e-30)).float()
+        m, b2 = directional.shape[1], b.pow(2).sum(1, keepdim=True)
+        out = torch.empty(delta.shape, dtype=torch.float32)
+        for s in range(0, delta.shape[1], _COSINE_BLOCK):  # [Q, block] float64 temporaries, not [Q, N]
+            j = directional[s:s + _COSINE_BLOCK].double()  # [block, M]
+            a = delta[:, s:s + _COSINE_BLOCK].double() / norm[:, None]
+            perp = (j.pow(2).sum(1)[None, :] - 2 * a * (b @ j.T) + a.pow(2) * b2) / m
+            out[:, s:s + _COSINE_BLOCK] = a / (a.pow(2) + perp.clamp_min(0)).sqrt().clamp_min(1e-30)
+        return out
 
     # -- influence --------------------------------------------------------------------------
     def influence(self, queries: DataLike, joint: bool = False, indices: Any = None) -> Tensor:
@@ -431,6 +436,7 @@ class ForwardINF(Estimator):
 
 
 _DIRECTION_CHUNK = 8
+_COSINE_BLOCK = 8192  # training points per block of the cosine's float64 arithmetic
 
 
 def _index(batch: Any, i: int) -> Any:
