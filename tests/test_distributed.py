@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 from torch.utils.data import Subset, TensorDataset
 
 import forwardinf as fi
@@ -19,14 +18,6 @@ from forwardinf.cli import main as cli_main
 from forwardinf.distributed import (DistContext, activation_bytes, auto_batch_size, score_to_store, shard_dataset,
                                     shard_ranges, shards_of_rank)
 from forwardinf.models import MLP
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def test_shard_layout_does_not_depend_on_world_size():

@@ -36,14 +36,6 @@ NET = textwrap.dedent('''
 ''')
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.fixture(scope="module")
 def user(tmp_path_factory):
     """A user's folder: net.py (model builders), train.npz, and the trained model as state dict + TorchScript."""

@@ -19,15 +19,6 @@ from forwardinf.storage import (ScoreStore, StoreMismatchError, StreamingTopK, m
                                 write_topk)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Bit-identical comparisons need the same thread count everywhere; 1 is also fastest on a busy box.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def _manifest(**kw):
     base = dict(model="m0", train="t0", queries="q0", n_train=10, n_query=5, shard_size=4, query_block=2,
                 config={"lr": 0.001, "score": "cosine"})

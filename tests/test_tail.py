@@ -14,14 +14,6 @@ from forwardinf.models import ResNet, SmallCNN
 from forwardinf.training import train_classifier
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.fixture(scope="module")
 def digits_cnn():
     """A small CNN trained on 400 digits, and 6 queries that duplicate training points 0..5."""

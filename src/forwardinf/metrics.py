@@ -12,7 +12,7 @@ Conventions:
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
