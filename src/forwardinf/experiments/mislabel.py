@@ -45,8 +45,8 @@ from torch import Tensor, nn
 
 import forwardinf as fi
 from forwardinf.data.loaders import DataSplit, load_dataset, subset
-from forwardinf.experiments.setup import add_option_argument, method_options
 from forwardinf.experiments.common import markdown_table, results_object, seed_everything, timer, warm_up, write_outputs
+from forwardinf.experiments.setup import add_option_argument, method_options
 from forwardinf.metrics import detection_curve, found_at, roc_auc
 from forwardinf.models import build_model
 from forwardinf.training import accuracy, train_classifier
@@ -375,7 +375,8 @@ def run(args: argparse.Namespace) -> dict:
                                   [[r["score"], r["optimizer"], r["lr"], r["order"], r["found_at_15pct"], r["auc"],
                                     round(r["seconds"], 2)] for r in ok])]
     config.update({"options": options, "model_test_accuracy": test_acc, "fits_noisy_labels": fit_noisy,
-                   "fits_flipped": fit_flipped, "train_seconds": train_seconds, "methods": methods, "oracle_found_at_15pct": oracle})
+                   "fits_flipped": fit_flipped, "train_seconds": train_seconds, "methods": methods,
+                   "oracle_found_at_15pct": oracle})
     res = results_object("mislabel", split.name, config, results)
     write_outputs(out, res, "\n".join(report))
     print(f"wrote {out}/results.json, report.md, detection_curve.png")
