@@ -7,7 +7,7 @@ from forwardinf.baselines.shapley import KNNShapley, LastLayerTrainer, TMCShaple
 from forwardinf.baselines.tracin import TracIn
 from forwardinf.estimators.base import Estimator, NotFittedError, TopK
 from forwardinf.estimators.forward_inf import PRESETS, ForwardINF
-from forwardinf.estimators.tail import TailForwardINF
+from forwardinf.estimators.tail import ReducedPrecisionTask, TailForwardINF
 from forwardinf.tasks import ClassificationTask, Task
 from forwardinf.tasks.diffusion import DiffusionTask
 from forwardinf.tasks.language_model import LanguageModelTask
@@ -17,6 +17,6 @@ __version__ = "0.1.0"
 __all__ = [
     "ClassificationTask", "DiffusionTask", "Downsampling", "Estimator", "ForwardINF", "HyDRA", "InfluenceFunction",
     "KNNShapley", "LanguageModelTask", "LastLayerTrainer", "LeaveGroupOut", "LeaveOneOut", "NotFittedError", "PRESETS",
-    "RepresenterPoint", "TMCShapley", "TailForwardINF", "Task", "TestToTrain", "TopK", "TracIn", "TrajectoryRecorder",
+    "ReducedPrecisionTask", "RepresenterPoint", "TMCShapley", "TailForwardINF", "Task", "TestToTrain", "TopK", "TracIn", "TrajectoryRecorder",
     "__version__",
 ]

@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--dataset", default=None, help="dataset name (default: the experiment's embedded default)")
         p.add_argument("--data-root", default=None, help="folder holding the dataset files")
-        p.add_argument("--out", default=f"runs/{name}", help="output folder (default: runs/%(prog)s)")
+        p.add_argument("--out", default=f"runs/{name}", help=f"output folder (default: runs/{name})")
         p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         module.add_arguments(p)
