@@ -50,6 +50,8 @@ def user(tmp_path_factory):
     torch.set_num_threads(saved)
     torch.save(model.state_dict(), tmp / "weights.pt")
     torch.jit.save(torch.jit.script(model), tmp / "scripted.pt")
+    batch = torch.export.Dim("batch")
+    torch.export.save(torch.export.export(model, (d.x_train[:2],), dynamic_shapes=({0: batch},)), tmp / "exported.pt2")
     return tmp, model
 
 
@@ -85,6 +87,16 @@ def test_torchscript_and_callable_models_agree(user):
     b = ScoreStore.open(call / "store").to_tensor()
     torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
     assert torch.equal(read_topk_csv(script / "topk.csv")[0][:, :2], read_topk_csv(call / "topk.csv")[0][:, :2])
+
+
+def test_exported_program_gives_the_callables_scores(user):
+    tmp, _ = user
+    exported, call = tmp / "run_exported", tmp / "run_callable_2"
+    assert cli_main(_args(tmp, exported, "--model", str(tmp / "exported.pt2"))) == 0
+    assert cli_main(_args(tmp, call, "--model", f"{tmp / 'net.py'}:trained")) == 0
+    a = ScoreStore.open(exported / "store").to_tensor()
+    b = ScoreStore.open(call / "store").to_tensor()
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
 def test_scripted_module_runs_under_torch_func(user):
@@ -151,6 +163,9 @@ def test_bad_specs_fail_clearly(user, capsys):
     tmp, _ = user
     assert cli_main(_args(tmp, tmp / "bad1", "--model", str(tmp / "weights.pt"))) == 2
     assert "not a TorchScript file" in capsys.readouterr().err
+    (tmp / "broken.pt2").write_bytes(b"not a program")
+    assert cli_main(_args(tmp, tmp / "bad0", "--model", str(tmp / "broken.pt2"))) == 2
+    assert "not a torch.export program" in capsys.readouterr().err
     assert cli_main(_args(tmp, tmp / "bad2", "--model", "no_such_module_xyz:build")) == 2
     assert "cannot import module 'no_such_module_xyz'" in capsys.readouterr().err
     assert cli_main(["score", "--model", f"{tmp / 'net.py'}:trained", "--out", str(tmp / "bad3")]) == 2

@@ -3,9 +3,10 @@
     forwardinf score --model mypkg.nets:build --train train.npz --queries queries/ --out runs/score
     torchrun --standalone --nproc-per-node 4 -m forwardinf.cli score ...   (ranks share the shards)
 
---model: ``module:callable`` (or ``file.py:callable``) returning an nn.Module; a TorchScript
-file; or a state-dict checkpoint with --arch ``module:callable`` building the architecture
-(read with ``torch.load(weights_only=True)``, never unpickling code).
+--model: ``module:callable`` (or ``file.py:callable``) returning an nn.Module; a ``torch.export``
+program (``.pt2``, exported in eval mode); a TorchScript file; or a state-dict checkpoint with
+--arch ``module:callable`` building the architecture (read with ``torch.load(weights_only=True)``,
+never unpickling code).
 --train / --queries: an image folder (one sub-folder per class; queries may be a flat folder,
 then each is explained for the model's predicted class), an .npz file (arrays ``inputs`` and
 ``targets``, ``x`` and ``y``, or ``x_<split>``/``y_<split>`` picked with ``file.npz:<split>``), a
@@ -47,8 +48,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default=None, help="module:callable, file.py:callable, a TorchScript file, or a "
-                   "state-dict checkpoint (with --arch)")
+    g.add_argument("--model", default=None, help="module:callable, file.py:callable, a torch.export .pt2 file, a "
+                   "TorchScript file, or a state-dict checkpoint (with --arch)")
     g.add_argument("--arch", default=None, help="module:callable building the architecture of a state-dict checkpoint")
     g.add_argument("--train", default=None, help="training data: image folder, .npz[:split], NAME:train|test, or module:callable")
     g.add_argument("--queries", default=None, help="query data (same forms as --train)")
@@ -186,6 +187,8 @@ def load_model(args: argparse.Namespace, device: torch.device) -> nn.Module:
             except RuntimeError as e:
                 raise ValueError(f"--model {spec} does not fit --arch {args.arch}: {e}") from e
             return model.to(device).eval()
+        if path.suffix == ".pt2":
+            return load_exported(path, device)
         try:
             script = torch.jit.load(str(path), map_location=device)
         except Exception as e:  # noqa: BLE001
@@ -196,6 +199,21 @@ def load_model(args: argparse.Namespace, device: torch.device) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ValueError(f"--model {spec!r} returned {type(model).__name__}, not an nn.Module")
     return model.to(device)
+
+
+def load_exported(path: Path, device: torch.device) -> nn.Module:
+    """A ``torch.export`` program (``torch.export.save``, ``.pt2``) as a module torch.func can run.
+
+    The exported graph runs as it was exported (export it in eval mode); its ``train()`` and
+    ``eval()`` raise, so they are removed: the library's mode switches then only set flags that
+    nothing reads. Its parameters are ordinary attributes, so ``functional_call`` swaps them.
+    """
+    try:
+        module = torch.export.load(str(path)).module()
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"--model {path}: not a torch.export program saved with torch.export.save ({e})") from e
+    del module.train, module.eval
+    return module.to(device)
 
 
 class ImageFolder(Dataset):
