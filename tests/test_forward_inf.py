@@ -118,6 +118,17 @@ def test_dict_of_tensors_equals_tuple_data(digits_mlp):
         fi.ForwardINF(model).fit({"inputs": x[:5], "targets": y[:4]})
 
 
+def test_numpy_arrays_equal_tensors_and_float64_gets_a_hint(digits_mlp):
+    model, split = digits_mlp
+    x, y = split.train()
+    train, q = (x[:200], y[:200]), (x[:3], y[:3])
+    from_numpy = fi.ForwardINF(model, batch_size=64).fit((train[0].numpy(), train[1].numpy()))
+    assert torch.equal(from_numpy.influence((q[0].numpy(), q[1].numpy())),
+                       fi.ForwardINF(model, batch_size=64).fit(train).influence(q))
+    with pytest.raises(ValueError, match="inputs are torch.float64, the model's parameters torch.float32"):
+        fi.ForwardINF(model).fit((train[0].double().numpy(), train[1].numpy()))
+
+
 @pytest.mark.parametrize("score", ["cosine", "loss"])
 def test_indices_score_a_subset_of_one_fit(digits_mlp, score):
     model, split = digits_mlp

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset
@@ -12,7 +13,13 @@ DataLike = Any  # Dataset | DataLoader | tuple[Tensor, ...]
 
 
 def as_dataset(data: DataLike, name: str = "data") -> Dataset:
-    """The map-style dataset behind ``data``; positions in it are the indices we report."""
+    """The map-style dataset behind ``data``; positions in it are the indices we report.
+
+    NumPy arrays in a tuple or dict are taken as tensors of the same dtype (no copy)."""
+    if isinstance(data, (tuple, list)) and data and any(isinstance(t, np.ndarray) for t in data):
+        data = tuple(torch.from_numpy(t) if isinstance(t, np.ndarray) else t for t in data)
+    elif isinstance(data, Mapping) and any(isinstance(t, np.ndarray) for t in data.values()):
+        data = {k: torch.from_numpy(t) if isinstance(t, np.ndarray) else t for k, t in data.items()}
     if isinstance(data, DataLoader):
         if isinstance(data.sampler, RandomSampler):
             raise ValueError(f"{name} is a shuffled DataLoader; pass shuffle=False (indices must be positions)")
@@ -28,7 +35,7 @@ def as_dataset(data: DataLike, name: str = "data") -> Dataset:
             raise ValueError(f"{name}: tensors have different lengths {sorted(sizes)}")
         data = TensorDict(data)
     elif isinstance(data, (tuple, list, Mapping)):
-        raise ValueError(f"{name} must be a Dataset, a DataLoader, a tuple of tensors (inputs, targets) "
+        raise ValueError(f"{name} must be a Dataset, a DataLoader, a tuple of tensors or arrays (inputs, targets) "
                          "or a dict of tensors")
     if not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
         raise ValueError(f"{name} must be a map-style Dataset with __len__, got {type(data).__name__}")

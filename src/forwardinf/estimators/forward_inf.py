@@ -432,11 +432,20 @@ class ForwardINF(Estimator):
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from e
             except RuntimeError as e:  # e.g. a shape mismatch inside the model
-                raise ValueError(f"{name}: the model cannot run on these inputs: {e}") from e
+                raise ValueError(f"{name}: the model cannot run on these inputs: {e}{_dtype_hint(self.model, batch)}") from e
 
 
 _DIRECTION_CHUNK = 8
 _COSINE_BLOCK = 8192  # training points per block of the cosine's float64 arithmetic
+
+
+def _dtype_hint(model: nn.Module, batch: Any) -> str:
+    """A hint when floating inputs and parameters differ in dtype (NumPy's float64 into a float32 model)."""
+    inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+    param = next(model.parameters(), None)
+    if torch.is_tensor(inputs) and inputs.is_floating_point() and param is not None and inputs.dtype != param.dtype:
+        return f" (inputs are {inputs.dtype}, the model's parameters {param.dtype}: convert one of them)"
+    return ""
 
 
 def _index(batch: Any, i: int) -> Any:
