@@ -118,6 +118,32 @@ def test_dict_of_tensors_equals_tuple_data(digits_mlp):
         fi.ForwardINF(model).fit({"inputs": x[:5], "targets": y[:4]})
 
 
+def test_models_returning_tuples_or_dicts_of_logits(digits_mlp):
+    model, split = digits_mlp
+    x, y = split.train()
+    train, q = (x[:100], y[:100]), (x[:3], y[:3])
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, kind):
+            super().__init__()
+            self.inner, self.kind = model, kind
+
+        def forward(self, inputs):
+            logits = self.inner(inputs)
+            return (logits, inputs.sum()) if self.kind == "tuple" else {"logits": logits}
+
+    plain = fi.ForwardINF(model).fit(train).influence(q)
+    for kind in ("tuple", "dict"):
+        torch.testing.assert_close(fi.ForwardINF(Wrapped(kind)).fit(train).influence(q), plain)
+
+    class Odd(torch.nn.Module):
+        def forward(self, inputs):
+            return {"scores": model(inputs)}
+
+    with pytest.raises(ValueError, match="model output is a dict; expected logits"):
+        fi.ForwardINF(Odd()).fit(train)
+
+
 def test_numpy_arrays_equal_tensors_and_float64_gets_a_hint(digits_mlp):
     model, split = digits_mlp
     x, y = split.train()

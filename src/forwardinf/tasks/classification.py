@@ -1,7 +1,7 @@
 """Classification: cross-entropy on ``(inputs, targets)`` batches."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -17,16 +17,30 @@ def _split(batch: Any) -> tuple[Any, Tensor]:
     return inputs, targets
 
 
+def _logits(output: Any) -> Tensor:
+    """The logits in a model's output: the tensor itself, ``output["logits"]`` (a dict or a
+    Hugging Face ``ModelOutput``), or the first element of a tuple."""
+    if torch.is_tensor(output):
+        return output
+    if isinstance(output, Mapping) and "logits" in output:
+        return output["logits"]
+    if isinstance(output, (tuple, list)) and output and torch.is_tensor(output[0]):
+        return output[0]
+    raise ValueError(f"model output is a {type(output).__name__}; expected logits [B, C], a tuple whose first "
+                     "element they are, or a dict / ModelOutput with 'logits'")
+
+
 class ClassificationTask(Task):
     """Per-example cross-entropy of a classifier ``model(inputs) -> logits [B, C]``.
 
     Batches are ``(inputs, targets)`` tuples (extra elements are ignored) or dicts with
-    ``"inputs"`` and ``"targets"``; targets are class indices ``[B]``.
+    ``"inputs"`` and ``"targets"``; targets are class indices ``[B]``. The model may also
+    return a tuple (logits first) or a dict / ``ModelOutput`` with ``"logits"``.
     """
 
     def loss(self, model: Callable[..., Any], batch: Any) -> Tensor:
         inputs, targets = _split(batch)
-        return F.cross_entropy(model(inputs), targets, reduction="none")
+        return F.cross_entropy(_logits(model(inputs)), targets, reduction="none")
 
     def score_loss(self, model: Callable[..., Any], batch: Any) -> Tensor:
         """Negative log-odds of the true class, ``-(z_y - logsumexp_{j != y} z_j)``, ``[B]``.
@@ -35,7 +49,7 @@ class ClassificationTask(Task):
         one does not flatten out (nor round to zero in float32) once ``p_y`` nears 1.
         """
         inputs, targets = _split(batch)
-        logits = model(inputs)
+        logits = _logits(model(inputs))
         true = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         is_true = torch.arange(logits.shape[-1], device=logits.device) == targets.unsqueeze(-1)  # vmap-safe one-hot
         others = logits.masked_fill(is_true, float("-inf"))
@@ -56,11 +70,13 @@ class ClassificationTask(Task):
             # the batch shares its shape. (A full forward here would double the cost of a sweep.)
             inputs = inputs[:1]
         with torch.no_grad():
-            logits = model(inputs)
+            logits = _logits(model(inputs))
         n = inputs.shape[0] if torch.is_tensor(inputs) else targets.shape[0]
         if logits.ndim != 2 or logits.shape[0] != n:
             raise ValueError(f"model output has shape {tuple(logits.shape)}; expected logits [B={n}, C]")
         n_classes = logits.shape[-1]
         if targets.numel() and (targets.min() < 0 or targets.max() >= n_classes):
             bad = targets[(targets < 0) | (targets >= n_classes)][0].item()
-            raise ValueError(f"label {bad} is out of range for a model with {n_classes} classes")
+            hint = (" (one output: for a binary classifier with a single logit, write a Task whose loss is "
+                    "binary_cross_entropy_with_logits)") if n_classes == 1 else ""
+            raise ValueError(f"label {bad} is out of range for a model with {n_classes} classes{hint}")
