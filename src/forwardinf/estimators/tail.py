@@ -31,6 +31,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
+from tqdm.auto import tqdm
 
 from forwardinf.core.params import mode
 from forwardinf.data.inputs import DataLike, batch_len, batches, to_device
@@ -296,7 +297,8 @@ class TailForwardINF(Estimator):
                                      else torch.empty(n, self.split_.width, dtype=dtype))
         rest: list[list[Any]] = []
         keys: list[str] | None = None
-        with torch.no_grad(), mode(self.model, False):
+        with torch.no_grad(), mode(self.model, False), tqdm(total=n, desc=f"prefix ({name})", unit="ex", leave=False,
+                                                          disable=not self.options.get("progress")) as bar:
             for start, batch in batches(dataset, self._batch_size()):
                 x = to_device(_inputs(batch), device)
                 if dtype == torch.float32:
@@ -310,6 +312,7 @@ class TailForwardINF(Estimator):
                 out[start:start + batch_len(batch)] = f.to(dtype).cpu()
                 fields, keys = _other_fields(batch)
                 rest.append(fields)
+                bar.update(batch_len(batch))
         others = [torch.cat([r[j] for r in rest]) for j in range(len(rest[0]))] if rest else []
         if isinstance(out, FeatureFile):
             out.close()
