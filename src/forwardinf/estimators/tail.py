@@ -42,7 +42,7 @@ from forwardinf.tasks.base import Task
 CACHES = ("auto", "memory", "disk")
 # cache="auto" keeps features up to this size in memory and writes larger ones to a file: a
 # cache bigger than this is usually bigger than the data, and in memory it would be most of
-# the run's peak (60,000 x 3,136 float32 = 718 MB for a small CNN on Fashion-MNIST, 2.5x the
+# the run's peak (60,000 x 3,136 float32 = 718 MB for a small CNN on Fashion-MNIST, 2.3x the
 # inference peak) for no speed (the file is read back from the page cache at the same rate).
 AUTO_MEMORY_BYTES = 256 * 2**20
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
