@@ -208,7 +208,7 @@ def test_contiguous_group_norm_lets_vmap_run_attention_unets():
         assert math.isfinite(float(task.loss(unet, x).sum()))
 
 
-def test_score_loss_is_the_log_loss_and_max_timestep_narrows_the_plan():
+def test_score_loss_averages_log_losses_and_max_timestep_narrows_the_plan():
     sched = build_scheduler(1000)
     task = DiffusionTask(sched, timesteps=5, max_timestep=50)
     assert task.plan().tolist() == [5, 15, 25, 35, 45]
@@ -217,7 +217,40 @@ def test_score_loss_is_the_log_loss_and_max_timestep_narrows_the_plan():
     x = images(3)
     unet = tiny_unet()
     with torch.no_grad():
+        pairs = task.pair_losses(unet, x)  # [3, M]
+        assert pairs.shape == (3, 5)
+        torch.testing.assert_close(task.loss(unet, x), pairs.mean(-1))
+        # Default: the log of the loss (arithmetic mean); "geometric": mean of the pairs' log losses.
         torch.testing.assert_close(task.score_loss(unet, x), task.loss(unet, x).log())
+        geo = DiffusionTask(sched, timesteps=5, max_timestep=50, score_average="geometric")
+        torch.testing.assert_close(geo.score_loss(unet, x), pairs.log().mean(-1))
+        assert (geo.score_loss(unet, x) <= task.score_loss(unet, x) + 1e-6).all()  # AM >= GM
+    with pytest.raises(ValueError, match="score_average"):
+        DiffusionTask(sched, timesteps=5, score_average="median").score_loss(unet, x)
+
+
+def test_geometric_score_weighs_every_timestep_by_its_relative_change():
+    """Halving the error at a high-loss timestep or at a low-loss one moves the geometric score the
+    same; the arithmetic one sees mostly the high-loss timestep."""
+    sched = build_scheduler(1000)
+    x = images(2)
+    geo = DiffusionTask(sched, timesteps=[10, 400], score_average="geometric")
+    ari = DiffusionTask(sched, timesteps=[10, 400])
+    eps = geo.noise(tuple(x.shape[1:]))  # [2, C, H, W]: the noise of t=10 and of t=400
+    err = torch.tensor([1.0, 0.1])  # error scale per timestep: losses 1 and 0.01
+
+    def model(scale):
+        def f(noisy, t):
+            j = (t == 400).long()  # which pair each row is
+            return eps[j] + (err * scale)[j].view(-1, 1, 1, 1) * torch.ones_like(noisy)
+        return f
+
+    with torch.no_grad():
+        base = [t.score_loss(model(torch.ones(2)), x) for t in (geo, ari)]
+        low = [t.score_loss(model(torch.tensor([0.5, 1.0])), x) for t in (geo, ari)]  # t=10 error halved
+        high = [t.score_loss(model(torch.tensor([1.0, 0.5])), x) for t in (geo, ari)]  # t=400 error halved
+    torch.testing.assert_close(low[0] - base[0], high[0] - base[0])
+    assert ((high[1] - base[1]).abs() < 0.05 * (low[1] - base[1]).abs()).all()
 
 
 # -- the experiment ----------------------------------------------------------------------------
@@ -246,12 +279,14 @@ def test_experiment_end_to_end_tiny(tmp_path):
 
     argv = ["diffusion", "--out", str(tmp_path), "--quiet", "--pretrain-steps", "3", "--finetune-steps", "2",
             "--sets", "2", "--sizes", "6,12", "--channels", "8,16", "--timesteps", "5,10", "--noise-draws", "1",
-            "--sample-steps", "2", "--generated", "2", "--exemplars", "2", "--methods", "forward-inf,pixel-l2"]
+            "--sample-steps", "2", "--generated", "2", "--exemplars", "2", "--methods",
+            "forward-inf,forward-inf-contrast,pixel-l2"]
     args = build_parser().parse_args(argv)
     results = args._module.run(args)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["experiment"] == "diffusion" and saved["dataset"] == "digits"
-    assert set(saved["methods"]) == {"forward-inf@6", "forward-inf@12", "pixel-l2@6", "pixel-l2@12"}
+    assert set(saved["methods"]) == {f"{m}@{s}" for m in ("forward-inf", "forward-inf-contrast", "pixel-l2")
+                                     for s in (6, 12)}
     for m in saved["methods"].values():
         assert 0 <= m["top1"] <= 1 and m["seconds"] >= 0 and 1 <= m["mean_rank"] <= m["candidates"]
     assert (tmp_path / "diffusion.png").is_file() and (tmp_path / "report.md").is_file()
@@ -287,3 +322,21 @@ def test_latent_text_conditioned_path_as_documented_for_stable_diffusion():
     assert joint.shape == (5,) and set(joint.topk(2).indices.tolist()) == {0, 1}
     assert each.argmax(1).tolist() == [0, 1]  # each query's own duplicate ranks first
     assert same_state(before, fingerprint(unet))
+
+
+def test_contrast_variant_subtracts_the_ascent_on_reference_images():
+    from forwardinf.experiments.diffusion import VARIANTS, _score_all
+
+    unet, sched = tiny_unet(), build_scheduler(100)
+    task = DiffusionTask(sched, timesteps=[5, 40], noise_draws=1)
+    cands, gen, ref = images(6, seed=1), images(2, seed=2), images(2, seed=3)
+    variants = {m: dict(VARIANTS[m]) for m in ("forward-inf", "forward-inf-contrast")}
+    methods = ["forward-inf", "forward-inf-contrast"]
+    out = {m: s for m, s, _ in _score_all(unet, task, variants, methods, cands, gen, ref)}
+    plain_ref = {m: s for m, s, _ in _score_all(unet, task, variants, ["forward-inf"], cands, ref, ref)}
+    torch.testing.assert_close(out["forward-inf-contrast"], out["forward-inf"] - plain_ref["forward-inf"])
+    # Reference = generated images: the two ascents are the same computation, the contrast is exactly 0.
+    same = {m: s for m, s, _ in _score_all(unet, task, variants, methods, cands, gen, gen.clone())}
+    assert torch.equal(same["forward-inf-contrast"], torch.zeros(6))
+    with pytest.raises(ValueError, match="reference"):
+        _score_all(unet, task, variants, ["forward-inf-contrast"], cands, gen)
