@@ -118,6 +118,23 @@ def test_dict_of_tensors_equals_tuple_data(digits_mlp):
         fi.ForwardINF(model).fit({"inputs": x[:5], "targets": y[:4]})
 
 
+def test_auto_batch_size_fits_the_budget_and_changes_no_score(digits_mlp):
+    from forwardinf.core.autobatch import DEFAULT_BUDGET, activation_bytes
+
+    model, split = digits_mlp
+    x, y = split.train()
+    train, q = (x[:300], y[:300]), (x[:3], y[:3])
+    auto = fi.ForwardINF(model).fit(train)
+    per_example = activation_bytes(model, fi.ClassificationTask(), (x[:8], y[:8]))
+    assert auto.batch_size == "auto" and 1 <= auto.batch_size_ <= 512
+    assert auto.batch_size_ == 512 or 16 * (auto.batch_size_ + 1) * per_example > DEFAULT_BUDGET  # 16 tangents in flight
+    fixed = fi.ForwardINF(model, batch_size=auto.batch_size_).fit(train)
+    assert torch.equal(auto.influence(q), fixed.influence(q))
+    assert fi.ForwardINF(model, batch_size=7).fit(train).batch_size_ == 7
+    with pytest.raises(ValueError, match="batch_size"):
+        fi.ForwardINF(model, batch_size="big").fit(train)
+
+
 def test_models_returning_tuples_or_dicts_of_logits(digits_mlp):
     model, split = digits_mlp
     x, y = split.train()

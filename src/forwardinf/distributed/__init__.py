@@ -1,5 +1,5 @@
 """Scoring past one process: training shards dealt to torchrun ranks, written to one score store."""
-from forwardinf.distributed.autobatch import activation_bytes, auto_batch_size
+from forwardinf.core.autobatch import activation_bytes, auto_batch_size
 from forwardinf.distributed.context import DistContext, init_distributed
 from forwardinf.distributed.runner import (BlockScorer, EstimatorBlocks, FillStats, ScoreRun, fill_store,
                                            score_to_store, store_manifest)

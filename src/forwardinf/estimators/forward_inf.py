@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
 
+from forwardinf.core.autobatch import auto_batch_size
 from forwardinf.core.params import Params, bind, buffers_of, flat_norm, mode, select_params, stack
 from forwardinf.core.sweep import sweep
 from forwardinf.core.update import OPTIMIZERS, UpdateRule
@@ -61,8 +62,12 @@ class ForwardINF(Estimator):
             noise of growing L2 radius (from 3.0, x1.1) until its loss is above 0.01.
         momentum, weight_decay: for ``"sgd"``/``"nsgd"`` (weight decay also for Adam).
         n_directions: random directions along which ``fit`` takes forward-mode derivatives of every
-            training point (``score="cosine"``); cost ~``3 * n_directions`` forward sweeps, once.
-        batch_size: training examples per forward batch; query_chunk: queries updated and scored at once.
+            training point (``score="cosine"``); cost ~``2 * n_directions`` forward sweeps, once.
+        batch_size: training examples per forward batch, or ``"auto"`` (default): the largest batch
+            up to 512 whose activations, times the models in flight at once (the forward-mode
+            tangents of the cosine score; the stacked query models off CPU), fit 256 MiB. The
+            batch used is ``batch_size_``.
+        query_chunk: queries updated and scored at once.
         seed: seeds the random directions and the fallback noise.
         progress: show progress bars.
     """
@@ -84,7 +89,7 @@ class ForwardINF(Estimator):
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         n_directions: int = 16,
-        batch_size: int = 512,
+        batch_size: int | str = "auto",
         query_chunk: int = 16,
         seed: int = 0,
         progress: bool = False,
@@ -118,6 +123,7 @@ class ForwardINF(Estimator):
         """Cache ``m(θ, z_i)`` (and sensitivities for ``score="cosine"``) for every training point."""
         self._check_params()
         self.train_ = self._dataset(train, "train")
+        self.batch_size_ = self._resolve_batch_size()
         self._cache_: dict[str, Tensor] = {}
         self._ensure_cache(self.score)
         return self
@@ -138,7 +144,7 @@ class ForwardINF(Estimator):
                 return fn(self.model, batch)
 
             with mode(self.model, False):
-                values = sweep(checked, self.train_, self.batch_size, self._device(), self.progress, desc=f"base {kind}")
+                values = sweep(checked, self.train_, self.batch_size_, self._device(), self.progress, desc=f"base {kind}")
             if not torch.isfinite(values).all():
                 bad = int((~torch.isfinite(values)).nonzero()[0])
                 raise ValueError(f"non-finite loss on training example {bad} with the unchanged model")
@@ -167,7 +173,7 @@ class ForwardINF(Estimator):
                 def directional(batch: Any) -> Tensor:
                     return vmap(lambda t: jvp(lambda p: f(p, batch), (params,), (t,))[1])(tangents)  # [m, B]
 
-                columns.append(sweep(directional, self.train_, self.batch_size, device, self.progress,
+                columns.append(sweep(directional, self.train_, self.batch_size_, device, self.progress,
                                      desc=f"directions {chunk + 1}/{math.ceil(self.n_directions / _DIRECTION_CHUNK)}"))
         return torch.cat(columns, 0).T.contiguous()
 
@@ -311,7 +317,7 @@ class ForwardINF(Estimator):
         with mode(self.model, self.train_mode):
             for _ in range(self.steps):
                 total = {k: torch.zeros_like(v) for k, v in params.items()}
-                for _, b in batches(qset, self.batch_size):
+                for _, b in batches(qset, self.batch_size_):
                     b = to_device(repeat(b, self.query_repeat) if self.query_repeat > 1 else b, device)
                     weight = batch_len(b) / (n * self.query_repeat)
                     g = grad(lambda q, bufs, data: self._objective(bind(self.model, q, bufs), data))(p, buffers, b)
@@ -354,7 +360,7 @@ class ForwardINF(Estimator):
 
         with mode(self.model, False):
             train = self.train_ if rows is None else subset(self.train_, rows)
-            values = sweep(batch_scores, train, self.batch_size, self._device(), self.progress, desc="score")
+            values = sweep(batch_scores, train, self.batch_size_, self._device(), self.progress, desc="score")
         if not torch.isfinite(values).all():
             raise FloatingPointError("non-finite loss on the training set after the update (diverging update: lower lr or steps)")
         pick = (lambda t: t) if rows is None else (lambda t: t[rows])
@@ -419,9 +425,22 @@ class ForwardINF(Estimator):
         check_choice(name, "score", self.score, SCORES)
         check_positive(name, "query_repeat", self.query_repeat, integer=True)
         check_positive(name, "n_directions", self.n_directions, integer=True)
-        check_positive(name, "batch_size", self.batch_size, integer=True)
+        if self.batch_size != "auto":
+            check_positive(name, "batch_size", self.batch_size, integer=True)
         check_positive(name, "query_chunk", self.query_chunk, integer=True)
         select_params(self.model, self.params)  # raises if the patterns match nothing
+
+    def _resolve_batch_size(self) -> int:
+        if self.batch_size != "auto":
+            return self.batch_size
+        probe = gather(self.train_, range(min(8, len(self.train_))))
+        self._validate(probe, "train")  # bad labels or shapes get their clear error before the probe runs
+        probe = to_device(probe, self._device())
+        n_models = 2 * min(_DIRECTION_CHUNK, self.n_directions) if self.score == "cosine" else 1  # primal + tangent
+        if self._device().type != "cpu":  # scored under vmap, all query_chunk models at once
+            n_models = max(n_models, self.query_chunk)
+        with mode(self.model, False):
+            return auto_batch_size(self.model, self.task, probe, n_models=n_models, max_batch=512)
 
     def _validate(self, batch: Any, name: str) -> None:
         check_finite(batch, name)

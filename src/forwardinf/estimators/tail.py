@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 from tqdm.auto import tqdm
 
+from forwardinf.core.autobatch import auto_batch_size
 from forwardinf.core.params import mode
 from forwardinf.data.inputs import DataLike, batch_len, batches, to_device
 from forwardinf.estimators.base import Estimator, TopK, check_choice
@@ -266,8 +267,12 @@ class TailForwardINF(Estimator):
             raise ValueError(f"{name}: fitted_fallback perturbs the query's inputs, which the tail never sees; "
                              "use ForwardINF for it")
         dataset = self._dataset(train, "train")
-        first = next(batches(dataset, min(self._batch_size(), 8)))[1]
-        self.split_ = split_model(self.model, self.split, to_device(_inputs(first), self._device()))
+        first = to_device(next(batches(dataset, 8))[1], self._device())
+        self.split_ = split_model(self.model, self.split, _inputs(first))
+        size = self.options.get("batch_size", "auto")
+        with mode(self.model, False):  # the prefix pass: one no-grad forward of the whole model at most
+            self.prefix_batch_ = (auto_batch_size(self.model, self.task, first, max_batch=512) if size == "auto"
+                                  else int(size))
         try:
             self.estimator_ = ForwardINF(self.split_.tail, self.task, **self.options)
         except TypeError as e:
@@ -280,9 +285,6 @@ class TailForwardINF(Estimator):
         self.estimator_.fit(self.features_)
         self.train_ = dataset
         return self
-
-    def _batch_size(self) -> int:
-        return int(self.options.get("batch_size", 512))
 
     def features(self, data: DataLike, name: str = "data", on_disk: bool = False) -> Dataset:
         """``data`` with each batch's inputs replaced by the prefix's features ``[N, D]``.
@@ -299,7 +301,7 @@ class TailForwardINF(Estimator):
         keys: list[str] | None = None
         with torch.no_grad(), mode(self.model, False), tqdm(total=n, desc=f"prefix ({name})", unit="ex", leave=False,
                                                           disable=not self.options.get("progress")) as bar:
-            for start, batch in batches(dataset, self._batch_size()):
+            for start, batch in batches(dataset, self.prefix_batch_):
                 x = to_device(_inputs(batch), device)
                 if dtype == torch.float32:
                     f = self.split_.features(x)

@@ -7,18 +7,20 @@ of an ordinary inference batch however many queries share a sweep.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from forwardinf.data.inputs import batch_len, to_device
-from forwardinf.tasks.base import Task
+
+if TYPE_CHECKING:  # core imports nothing above it at run time
+    from forwardinf.tasks.base import Task
 
 DEFAULT_BUDGET = 256 * 2**20  # bytes of activations per forward batch
 
 
-def activation_bytes(model: nn.Module, task: Task, batch: Any) -> float:
+def activation_bytes(model: nn.Module, task: "Task", batch: Any) -> float:
     """Bytes of intermediate outputs per example when ``task`` scores ``batch`` with ``model``.
 
     The sum of every submodule's output (forward hooks) plus the inputs: an upper bound on what
@@ -46,7 +48,7 @@ def activation_bytes(model: nn.Module, task: Task, batch: Any) -> float:
     return total / max(batch_len(batch), 1)
 
 
-def auto_batch_size(model: nn.Module, task: Task, batch: Any, *, n_models: int = 1,
+def auto_batch_size(model: nn.Module, task: "Task", batch: Any, *, n_models: int = 1,
                     budget_bytes: int = DEFAULT_BUDGET, max_batch: int = 1024) -> int:
     """Largest batch (1..``max_batch``) with ``n_models * batch * activation_bytes <= budget``.
 
