@@ -25,14 +25,9 @@ def as_dataset(data: DataLike, name: str = "data") -> Dataset:
             raise ValueError(f"{name} is a shuffled DataLoader; pass shuffle=False (indices must be positions)")
         data = data.dataset
     elif isinstance(data, (tuple, list)) and data and all(torch.is_tensor(t) for t in data):
-        sizes = {len(t) for t in data}
-        if len(sizes) != 1:
-            raise ValueError(f"{name}: tensors have different lengths {sorted(sizes)}")
-        data = TensorDataset(*data)
+        data = TensorDataset(*_same_length(data, name))
     elif isinstance(data, Mapping) and data and all(torch.is_tensor(t) for t in data.values()):
-        sizes = {len(t) for t in data.values()}
-        if len(sizes) != 1:
-            raise ValueError(f"{name}: tensors have different lengths {sorted(sizes)}")
+        _same_length(data.values(), name)
         data = TensorDict(data)
     elif isinstance(data, (tuple, list, Mapping)):
         raise ValueError(f"{name} must be a Dataset, a DataLoader, a tuple of tensors or arrays (inputs, targets) "
@@ -42,6 +37,13 @@ def as_dataset(data: DataLike, name: str = "data") -> Dataset:
     if len(data) == 0:
         raise ValueError(f"{name} is empty")
     return data
+
+
+def _same_length(tensors: Any, name: str) -> Any:
+    sizes = {len(t) for t in tensors}
+    if len(sizes) != 1:
+        raise ValueError(f"{name}: tensors have different lengths {sorted(sizes)}")
+    return tensors
 
 
 class TensorDict(Dataset):

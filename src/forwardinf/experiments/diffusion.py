@@ -35,6 +35,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from forwardinf.experiments.common import markdown_table, results_object, seed_everything, timer, write_outputs
+from forwardinf.tasks.diffusion import SCORE_AVERAGES, DiffusionTask
 
 # Per dataset: the held-out concepts (class indices) and the recipe.
 DATASETS: dict[str, dict[str, Any]] = {
@@ -95,7 +96,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the fixed diffusion timesteps of the loss (default: "
                         + ",".join(map(str, TIMESTEPS)) + " of 1000)")
     p.add_argument("--noise-draws", type=int, default=2, help="fixed noise draws per timestep (default: 2)")
-    p.add_argument("--score-average", default="arithmetic", choices=("arithmetic", "geometric"),
+    p.add_argument("--score-average", default="arithmetic", choices=SCORE_AVERAGES,
                    help="how the margin/cosine scores and the ascent average the (timestep, noise) pairs: "
                         "arithmetic = log of the mean loss, dominated by the low timesteps; geometric = mean of the "
                         "log losses, every timestep's relative change weighs the same (default: arithmetic)")
@@ -140,7 +141,6 @@ def candidate_sets(exemplars: Tensor, pool: Tensor, sizes: list[int], gen: torch
 # -- the experiment ----------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> dict:
     from forwardinf.models.diffusion import build_scheduler, build_unet, generate, require_diffusers, train_denoiser
-    from forwardinf.tasks.diffusion import DiffusionTask
 
     require_diffusers()
     seed_everything(args.seed)
@@ -272,6 +272,11 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
+def _estimator_kwargs(variant: dict) -> dict:
+    """A variant's ForwardINF keywords (``contrast`` is the experiment's, not the estimator's)."""
+    return {k: v for k, v in variant.items() if k != "contrast"}
+
+
 def _score_all(model: torch.nn.Module, task: Any, variants: dict, methods: list[str], cands: Tensor,
                generated: Tensor, reference: Tensor | None = None,
                ref_clock: dict | None = None) -> list[tuple[str, Tensor, dict]]:
@@ -292,7 +297,7 @@ def _score_all(model: torch.nn.Module, task: Any, variants: dict, methods: list[
                 scores = -torch.cdist(cands.flatten(1), generated.flatten(1)).min(1).values
             out.append((method, scores, t))
             continue
-        kw = {k: v for k, v in variants[method].items() if k != "contrast"}
+        kw = _estimator_kwargs(variants[method])
         contrast = bool(variants[method].get("contrast"))
         if contrast and reference is None:
             raise ValueError(f"{method}: a contrast variant needs reference images")
@@ -323,8 +328,7 @@ def _check_variants(model: torch.nn.Module, task: Any, variants: dict, x: Tensor
 
     for name, kw in variants.items():
         try:
-            kw = {k: v for k, v in kw.items() if k != "contrast"}
-            ForwardINF(model, task, **{**kw, "n_directions": 1}).fit((x[:1],))
+            ForwardINF(model, task, **{**_estimator_kwargs(kw), "n_directions": 1}).fit((x[:1],))
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
 

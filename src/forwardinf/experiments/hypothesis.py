@@ -340,9 +340,8 @@ def run_noisy(split: DataSplit, args: argparse.Namespace, cache: Path, progress:
         per_run_ttt = (left_out[:, :, n:].mean(-1) - base[None, :, n:].mean(-1)).T  # [R, G]
         train_to_test = per_run_ttt.mean(0)  # [G]
         # test -> train (proponent-oriented): L(A(D), D_g) - L(A(D ∪ D_tst), D_g)
-        t2t_points = (base[:, :n] - added[:, :n]).mean(0)  # [n]
-        test_to_train = group_mean(t2t_points, members)  # [G]
         per_run_t2t = group_mean(base[:, :n] - added[:, :n], members)  # [R, G]
+        test_to_train = per_run_t2t.mean(0)  # [G]
     with _clock() as t_fi:
         fi_runs = [_forward_inf(m, train, val, joint=True, steps=args.fi_steps, lr=args.fi_lr,
                                 weight_decay=args.fi_weight_decay, progress=progress) for m in base_models]

@@ -193,6 +193,11 @@ class DiffusionTask(Task):
             raise ValueError(f"DiffusionTask: prediction_type={kind!r} is not supported; expected one of {PREDICTION_TYPES}")
         return kind
 
+    def _score_average(self) -> str:
+        if self.score_average not in SCORE_AVERAGES:
+            raise ValueError(f"DiffusionTask: score_average={self.score_average!r}; expected one of {SCORE_AVERAGES}")
+        return self.score_average
+
     # -- the loss ----------------------------------------------------------------------------
     def images(self, batch: Any) -> Tensor:
         """The images (or latents) ``[B, C, H, W]`` of a batch."""
@@ -253,9 +258,7 @@ class DiffusionTask(Task):
         Both have the gradient direction of :meth:`loss` for one timestep; for several the
         geometric mean weighs pair ``j`` by ``1/L_ij`` instead of 1.
         """
-        if self.score_average not in SCORE_AVERAGES:
-            raise ValueError(f"DiffusionTask: score_average={self.score_average!r}; expected one of {SCORE_AVERAGES}")
-        if self.score_average == "arithmetic":
+        if self._score_average() == "arithmetic":
             return self.loss(model, batch).log()
         return self.pair_losses(model, batch).log().mean(-1)
 
@@ -269,8 +272,7 @@ class DiffusionTask(Task):
             raise ValueError("images contain NaN or inf")
         ts = self.plan()
         self._prediction_type()
-        if self.score_average not in SCORE_AVERAGES:
-            raise ValueError(f"DiffusionTask: score_average={self.score_average!r}; expected one of {SCORE_AVERAGES}")
+        self._score_average()
         for name, where in (self.condition or {}).items():
             try:
                 value = batch[where]
