@@ -18,13 +18,15 @@ library's "most helpful / proponent" score. Seconds are wall and CPU time of the
 | captum-tracincp | captum ``TracInCP``, the final model as its one checkpoint |
 | dattri-if-cg | dattri ``IFAttributorCG`` (conjugate gradient, 10 iterations, damping 1e-3) |
 | dattri-if-lissa | dattri ``IFAttributorLiSSA`` (depth 100, batch 32, damping 1e-3, scaling 50) |
-| dattri-trak | dattri ``TRAKAttributor`` (one checkpoint, projection to 512 dims) |
+| dattri-trak | dattri ``TRAKAttributor`` (one checkpoint, projection to 512 dims, the margin as output function) |
 | kronfluence-ekfac | kronfluence EK-FAC factors + pairwise scores |
+
+The peers run through ``forwardinf.baselines.peers``, the adapters ``forwardinf lds`` uses too.
+(peers.md's dattri-trak row predates them: it used the loss as TRAK's output function.)
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import subprocess
 import sys
@@ -34,8 +36,6 @@ import traceback
 from pathlib import Path
 
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -60,7 +60,7 @@ def problem(args):
 
 
 # ------------------------------------------------------------------------------------- methods
-def forward_inf(model, train, queries, args, tail=False):
+def forward_inf(model, train, queries, tail=False):
     import forwardinf as fi
     from forwardinf.estimators.tail import TailForwardINF
 
@@ -71,98 +71,24 @@ def forward_inf(model, train, queries, args, tail=False):
     return est.fit(train).influence(queries)
 
 
-def captum_tracincp(model, train, queries, args):
-    from captum.influence import TracInCP
-
-    work = copy.deepcopy(model)
-    ckpt = Path(args.tmp) / "final.pt"
-    torch.save(work.state_dict(), ckpt)
-
-    def load(m: nn.Module, path: str) -> float:
-        m.load_state_dict(torch.load(path, weights_only=True))
-        return 1.0  # the learning rate weighting this checkpoint (one checkpoint: a constant)
-
-    tracin = TracInCP(work, TensorDataset(*train), [str(ckpt)], load, loss_fn=nn.CrossEntropyLoss(reduction="sum"),
-                      batch_size=64, sample_wise_grads_per_batch=True)
-    return tracin.influence(queries, show_progress=False)  # [Q, N], proponents positive
-
-
-def _dattri_task(model):
-    from dattri.task import AttributionTask
-
-    def loss(params, data):  # one (image, label) under dattri's vmap over examples, or a batch (Hessian)
-        x, y = data[0], data[1].long()  # dattri's LiSSA sampler hands labels over as floats
-        if y.ndim == 0:
-            x, y = x.unsqueeze(0), y.unsqueeze(0)
-        return nn.functional.cross_entropy(torch.func.functional_call(model, params, (x,)), y)
-
-    return AttributionTask(loss_func=loss, model=model, checkpoints=model.state_dict())
-
-
-def dattri_if(model, train, queries, args, solver):
-    from dattri.algorithm.influence_function import IFAttributorCG, IFAttributorLiSSA
-
-    task = _dattri_task(model)
-    if solver == "cg":
-        att = IFAttributorCG(task, max_iter=10, regularization=1e-3, device="cpu")
-    else:
-        att = IFAttributorLiSSA(task, recursion_depth=100, batch_size=32, damping=1e-3, scaling=50.0, device="cpu")
-    loader = DataLoader(TensorDataset(*train), batch_size=256, shuffle=False)
-    att.cache(loader)
-    # One query per batch: dattri batches its solver over a batch's queries, which ran out of
-    # memory on this model (LiSSA: 12 GB for 16 queries; CG: killed at 13 GB for 16 queries x 1,000).
-    scores = att.attribute(loader, DataLoader(TensorDataset(*queries), batch_size=1, shuffle=False))
-    return scores.T  # dattri: [N, Q], larger = the training point helps the query more
-
-
-def dattri_trak(model, train, queries, args):
-    from dattri.algorithm.trak import TRAKAttributor
-
-    task = _dattri_task(model)
-
-    def correct_probability(params, sample):  # dattri passes the parameter dict, one example at a time
-        x, y = sample
-        logits = torch.func.functional_call(model, params, (x.unsqueeze(0),))
-        return torch.exp(-nn.functional.cross_entropy(logits, y.unsqueeze(0)))
-
-    att = TRAKAttributor(task, correct_probability, projector_kwargs={"proj_dim": 512, "device": "cpu"}, device="cpu")
-    att.cache(DataLoader(TensorDataset(*train), batch_size=64, shuffle=False))
-    return att.attribute(DataLoader(TensorDataset(*queries), batch_size=len(queries[0]), shuffle=False)).T
-
-
-def kronfluence_ekfac(model, train, queries, args):
-    from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments
-    from kronfluence.task import Task
-
-    class CE(Task):
-        def compute_train_loss(self, batch, model, sample=False):
-            x, y = batch
-            logits = model(x)
-            if sample:  # the true Fisher: labels sampled from the model
-                with torch.no_grad():
-                    y = torch.multinomial(torch.softmax(logits.detach(), -1), 1).flatten()
-            return nn.functional.cross_entropy(logits, y, reduction="sum")
-
-        def compute_measurement(self, batch, model):
-            x, y = batch
-            return nn.functional.cross_entropy(model(x), y, reduction="sum")
-
-    work = prepare_model(copy.deepcopy(model), CE())
-    analyzer = Analyzer("peers", work, CE(), cpu=True, disable_tqdm=True, output_dir=str(Path(args.tmp) / "kron"))
-    analyzer.fit_all_factors("ekfac", TensorDataset(*train), per_device_batch_size=256,
-                             factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True)
-    analyzer.compute_pairwise_scores("scores", "ekfac", TensorDataset(*queries), TensorDataset(*train),
-                                     per_device_query_batch_size=len(queries[0]), per_device_train_batch_size=256,
-                                     overwrite_output_dir=True)
-    return analyzer.load_pairwise_scores("scores")["all_modules"]  # [Q, N], positive = helpful
-
-
-INSTALL = {  # the pip command that provides each peer's import
-    "captum": "pip install captum",
-    "dattri": "pip install dattri",
-    "kronfluence": "pip install --no-deps kronfluence  (its pinned dependencies would replace torch)",
+# The peers through forwardinf.baselines.peers (the adapters `forwardinf lds` uses too), with the
+# settings of this benchmark: the final model as captum's one checkpoint, dattri's TRAK at 512
+# dimensions, kronfluence measuring the loss (this is a leakage benchmark, not an LDS one).
+PEER_OPTIONS = {
+    "captum-tracincp": {},
+    "dattri-if-cg": {"solver": "cg"},
+    "dattri-if-lissa": {"solver": "lissa"},
+    "dattri-trak": {"proj_dim": 512},
+    "kronfluence-ekfac": {"measurement": "loss"},
 }
+
+
+def peer(name, model, train, queries):
+    from forwardinf.baselines.peers import PEERS
+
+    return PEERS[name](model, **PEER_OPTIONS[name]).fit(train).influence(queries)
+
+
 SETTINGS = {
     "forward-inf": "defaults: 1 nsgd ascent step, cosine score, 16 directions",
     "forward-inf-tail": "split=classifier (2 linear layers updated)",
@@ -174,13 +100,9 @@ SETTINGS = {
 }
 
 RUNNERS = {
-    "forward-inf": lambda *a: forward_inf(*a),
+    "forward-inf": forward_inf,
     "forward-inf-tail": lambda *a: forward_inf(*a, tail=True),
-    "captum-tracincp": captum_tracincp,
-    "dattri-if-cg": lambda *a: dattri_if(*a, solver="cg"),
-    "dattri-if-lissa": lambda *a: dattri_if(*a, solver="lissa"),
-    "dattri-trak": dattri_trak,
-    "kronfluence-ekfac": kronfluence_ekfac,
+    **{name: (lambda *a, name=name: peer(name, *a)) for name in PEER_OPTIONS},
 }
 
 
@@ -188,6 +110,7 @@ def measure(name: str, args) -> dict:
     """Run one method on the shared problem (in this process) and return its metrics."""
     import resource
 
+    from forwardinf.baselines.peers import INSTALL
     from forwardinf.metrics import topk_detection_rate
 
     # A peer that runs away with memory fails here with MemoryError instead of waking the
@@ -197,18 +120,16 @@ def measure(name: str, args) -> dict:
     torch.set_num_threads(args.threads)
     model, train, queries, leaked = problem(args)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with tempfile.TemporaryDirectory() as tmp:
-        args.tmp = tmp
-        cpu, wall = time.process_time(), time.perf_counter()
-        try:
-            scores = RUNNERS[name](model, train, queries, args).detach().float().cpu()
-        except ImportError as e:
-            hint = INSTALL.get((e.name or "").split(".")[0], f"pip install {e.name}")
-            return {"error": f"skipped: {e.name} is not installed ({hint})"}
-        except Exception as e:  # noqa: BLE001 - a peer failing is a result too
-            traceback.print_exc()
-            return {"error": f"{type(e).__name__}: {str(e)[:200]}"}
-        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    cpu, wall = time.process_time(), time.perf_counter()
+    try:
+        scores = RUNNERS[name](model, train, queries).detach().float().cpu()
+    except ImportError as e:
+        hint = INSTALL.get((e.name or "").split(".")[0], f"pip install {e.name}")
+        return {"error": f"skipped: {e.name} is not installed ({hint})"}
+    except Exception as e:  # noqa: BLE001 - a peer failing is a result too
+        traceback.print_exc()
+        return {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     assert scores.shape == (args.n_queries, args.n_train), (name, scores.shape)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()), f"{name} changed the model"
     peak = int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) / 1024

@@ -12,7 +12,7 @@ Conventions:
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -30,6 +30,10 @@ __all__ = [
     "rowwise_correlation",
     "random_subsets",
     "lds",
+    "lds_per_query",
+    "bootstrap_interval",
+    "Datamodel",
+    "fit_datamodel",
 ]
 
 
@@ -325,8 +329,16 @@ def lds(scores: Any, subsets: Any, outputs: Any) -> float:
             margin, not the loss.
 
     Returns the mean over queries with a defined correlation (NaN rows, from constant outputs,
-    are skipped; NaN if none remains).
+    are skipped; NaN if none remains). :func:`lds_per_query` gives the per-query values.
     """
+    rho = lds_per_query(scores, subsets, outputs)
+    rho = rho[~np.isnan(rho)]
+    return float(rho.mean()) if rho.size else float("nan")
+
+
+def lds_per_query(scores: Any, subsets: Any, outputs: Any) -> np.ndarray:
+    """``[Q]`` Spearman correlation per query behind :func:`lds` (same arguments); NaN where the
+    outputs or the predictions are constant over the subsets."""
     s = _scores_2d(scores)
     masks = _np(subsets, "subsets", dtype=np.float64)
     f = _np(outputs, "outputs")
@@ -338,7 +350,97 @@ def lds(scores: Any, subsets: Any, outputs: Any) -> float:
         raise ValueError(f"outputs must be [M={masks.shape[0]}, Q={s.shape[0]}], got {f.shape}")
     if masks.shape[0] < 2:
         raise ValueError("lds needs at least 2 subsets")
+    if not np.isfinite(s).all() or not np.isfinite(f).all():
+        raise ValueError("lds: scores and outputs must be finite (inf found)")
     predicted = masks @ s.T  # [M, Q]
-    rho = np.array([spearman(predicted[:, q], f[:, q]) for q in range(s.shape[0])])
-    rho = rho[~np.isnan(rho)]
-    return float(rho.mean()) if rho.size else float("nan")
+    return np.array([spearman(predicted[:, q], f[:, q]) for q in range(s.shape[0])])
+
+
+def bootstrap_interval(values: Any, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` ``[Q]`` (e.g. per-query LDS).
+
+    The *queries* are resampled with replacement (``n_boot`` times); NaN entries are dropped
+    first. Variation from the choice of subsets or retraining seeds is not part of it.
+    Returns ``(low, high)``; ``(nan, nan)`` when no value is finite.
+    """
+    _check_k(n_boot)
+    if not 0.0 < float(level) < 1.0:
+        raise ValueError(f"invalid level={level!r}; expected a number in (0, 1)")
+    v = np.asarray(values.detach().cpu().numpy() if hasattr(values, "detach") else values, dtype=np.float64).reshape(-1)
+    v = v[~np.isnan(v)]
+    if v.size == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, v.size, size=(n_boot, v.size))].mean(1)
+    tail = (1.0 - float(level)) / 2.0
+    lo, hi = np.quantile(means, [tail, 1.0 - tail])
+    return float(lo), float(hi)
+
+
+class Datamodel(NamedTuple):
+    """A linear datamodel per query: ``output[m, q] ≈ subsets[m] @ weights[q] + intercept[q]``.
+
+    ``weights`` ``[Q, N]``, ``intercept`` ``[Q]``, ``alpha`` the ridge penalty chosen by
+    cross-validation, ``cv_error`` the normalised CV error at each of ``alphas``.
+    """
+
+    weights: np.ndarray
+    intercept: np.ndarray
+    alpha: float
+    alphas: np.ndarray
+    cv_error: np.ndarray
+
+
+def fit_datamodel(subsets: Any, outputs: Any, *, alphas: Any = None, folds: int = 5, seed: int = 0) -> Datamodel:
+    """Fit a ridge datamodel ``outputs[:, q] ~ subsets @ w_q + b_q`` for every query at once.
+
+    Ridge on the subset indicators, solved in the dual (``M x M``, cheap when ``M << N``). One
+    penalty is shared by all queries, chosen from ``alphas`` (default: 25 values spanning
+    ``1e-6 .. 1e3`` times the mean eigenvalue of the centred ``M x M`` Gram matrix) by
+    ``folds``-fold cross-validation over the subsets, minimising the CV squared error of each
+    query divided by its variance (so every query weighs the same).
+
+    With subsets of one fixed size, adding a constant to every weight is absorbed by the
+    intercept: the weights are determined up to that shift (ridge picks the smallest-norm one).
+
+    Args:
+        subsets: bool ``[M, N]``; outputs: ``[M, Q]`` (or ``[M]``).
+    """
+    x = _np(subsets, "subsets", dtype=np.float64)
+    y = _np(outputs, "outputs")
+    if y.ndim == 1:
+        y = y[:, None]
+    m = x.shape[0]
+    if x.ndim != 2 or y.shape[0] != m:
+        raise ValueError(f"subsets [M, N] and outputs [M, Q] must share M, got {x.shape} and {y.shape}")
+    if not 2 <= folds <= m:
+        raise ValueError(f"folds must be in 2..M={m}, got {folds}")
+
+    def ridge(xt: np.ndarray, yt: np.ndarray, lams: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Weights ``[L, Q, N]`` and intercepts ``[L, Q]`` for each penalty in ``lams``."""
+        xm, ym = xt.mean(0), yt.mean(0)
+        xc, yc = xt - xm, yt - ym
+        e, u = np.linalg.eigh(xc @ xc.T)
+        uy = u.T @ yc  # [M', Q]
+        w = np.stack([(xc.T @ (u @ (uy / (np.clip(e, 0, None) + lam)[:, None]))).T for lam in lams])
+        return w, ym[None] - w @ xm
+
+    if alphas is None:
+        xc = x - x.mean(0)
+        scale = max(float(np.trace(xc @ xc.T)) / m, 1e-12)
+        alphas = scale * np.logspace(-6, 3, 25)
+    alphas = np.asarray(alphas, dtype=np.float64).reshape(-1)
+    if alphas.size == 0 or (alphas <= 0).any():
+        raise ValueError("alphas must be positive")
+    order = np.random.default_rng(seed).permutation(m)
+    err = np.zeros((alphas.size, y.shape[1]))
+    for part in np.array_split(order, folds):
+        train = np.setdiff1d(order, part)
+        w, b = ridge(x[train], y[train], alphas)
+        pred = np.einsum("mn,lqn->lmq", x[part], w) + b[:, None, :]
+        err += ((pred - y[part][None]) ** 2).sum(1)
+    var = y.var(0)
+    cv = (err / np.where(var > 0, var, 1.0)[None]).mean(1) / m
+    best = int(np.argmin(cv))
+    w, b = ridge(x, y, alphas[best:best + 1])
+    return Datamodel(w[0], b[0], float(alphas[best]), alphas, cv)

@@ -9,10 +9,12 @@
 | ``tracin-1`` / ``-3`` / ``-5`` | ``TracIn`` (all layers) over the last 1 / 3 / 5 given checkpoints |
 | ``tracin-last`` | ``TracIn(params="last")`` over the last (up to) 5 checkpoints, or the model |
 | ``grad-cos`` | ``TracIn(normalize=True)`` on the final model (gradient cosine) |
+| ``grad-dot`` | ``TracIn()`` on the final model (gradient dot product) |
 | ``representer`` | ``RepresenterPoint`` |
 | ``knn-shapley`` | ``KNNShapley(k=10)`` on the penultimate-layer embedding (exact, closed form) |
 | ``tmc-shapley`` | ``TMCShapley(train_fn, permutations=20, truncation=0.05)``; ``train_fn`` defaults to ``LastLayerTrainer(model)`` |
 | ``hydra`` / ``hydra-last`` | ``HyDRA`` (fast form) over the recorded ``trajectory``, all layers / last layer |
+| ``trak``, ``dattri-trak``, ``kronfluence-ekfac``, ``captum-tracincp``, ``dattri-if-lissa``, ``dattri-if-cg`` | the peer libraries (optional installs), :mod:`forwardinf.baselines.peers`; ``captum-tracincp`` uses the given checkpoints |
 
 What a method needs beyond the model (:func:`requirements`): ``"checkpoints"`` (TracIn-1/3/5:
 saved training snapshots), ``"trajectory"`` (HyDRA: a :class:`TrajectoryRecorder` of the
@@ -40,6 +42,7 @@ from typing import Any, Sequence
 from torch import nn
 
 from forwardinf.baselines.influence_function import InfluenceFunction
+from forwardinf.baselines.peers import PEERS
 from forwardinf.baselines.representer import RepresenterPoint
 from forwardinf.baselines.tracin import TracIn
 from forwardinf.estimators.base import Estimator
@@ -47,7 +50,10 @@ from forwardinf.tasks.base import Task
 
 METHODS = ("forward-inf", "if-100", "if-1000", "if-10000", "if-cg", "if-exact",
            "tracin-1", "tracin-3", "tracin-5", "tracin-last", "grad-cos", "representer",
-           "knn-shapley", "tmc-shapley", "hydra", "hydra-last")
+           "knn-shapley", "tmc-shapley", "hydra", "hydra-last", "grad-dot")
+# The peer libraries (optional installs): fit / influence per query only (no joint mode or
+# self-influence), so they stay out of METHODS and its contract suite.
+PEER_METHODS = tuple(PEERS)
 
 # What each method needs beyond the model and task; absent = nothing.
 REQUIREMENTS: dict[str, frozenset[str]] = {
@@ -63,15 +69,15 @@ EXACT_ALL = 2_000  # if-exact uses all parameters only up to this many
 def requirements(name: str) -> frozenset[str]:
     """What method ``name`` needs from the training run: a subset of ``{"checkpoints", "trajectory"}``."""
     key = name.lower()
-    if key not in METHODS:
-        raise ValueError(f"unknown method {name!r}; expected one of {METHODS}")
+    if key not in METHODS and key not in PEER_METHODS:
+        raise ValueError(f"unknown method {name!r}; expected one of {METHODS + PEER_METHODS}")
     return REQUIREMENTS.get(key, frozenset())
 
 
 def make_estimator(name: str, model: nn.Module, task: Task | None = None, *,
                    checkpoints: Sequence[Any] | None = None, trajectory: Any = None,
                    train_fn: Any = None, **kw: Any) -> Estimator:
-    """A fresh, unfitted estimator called ``name`` (one of :data:`METHODS`).
+    """A fresh, unfitted estimator called ``name`` (one of :data:`METHODS` or :data:`PEER_METHODS`).
 
     ``checkpoints``: saved training checkpoints (state dicts or paths), oldest first, for the
     TracIn variants; ``lrs=`` may be given for all of them (it is sliced alongside).
@@ -98,6 +104,12 @@ def make_estimator(name: str, model: nn.Module, task: Task | None = None, *,
         else:
             defaults["params"] = None if n_params <= LARGE_MODEL else "last"
         return InfluenceFunction(model, task, **{**defaults, **kw})
+    if key in PEERS:
+        extra: dict[str, Any] = {"dattri-if-lissa": {"solver": "lissa"}, "dattri-if-cg": {"solver": "cg"},
+                                 "captum-tracincp": {"checkpoints": list(checkpoints or []) or None}}.get(key, {})
+        return PEERS[key](model, task, **{**extra, **kw})
+    if key == "grad-dot":
+        return TracIn(model, task, **kw)
     if key.startswith("tracin-") or key == "grad-cos":
         ckpts = list(checkpoints or [])
         lrs = kw.pop("lrs", None)

@@ -4,4 +4,4 @@
 :func:`forwardinf.experiments.common.write_outputs`.
 """
 
-EXPERIMENTS = ("leakage", "mislabel", "memorization", "hypothesis", "diffusion", "trace", "score")
+EXPERIMENTS = ("leakage", "mislabel", "memorization", "hypothesis", "diffusion", "trace", "score", "lds")

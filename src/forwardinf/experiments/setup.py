@@ -20,6 +20,8 @@ from typing import Any
 import torch
 
 from forwardinf.data.loaders import DataSplit, load_dataset, subset
+from forwardinf.estimators.forward_inf import PRESETS as _FI_PRESETS
+from forwardinf.estimators.forward_inf import SCORES as _FI_SCORES
 from forwardinf.models import build_model
 from forwardinf.training import accuracy, load_checkpoint, save_checkpoint, train_classifier
 
@@ -31,14 +33,16 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "cifar10": dict(model="cnn", epochs=15, lr=0.01, batch_size=64, optimizer="sgd", weight_decay=5e-4),
 }
 N_CHECKPOINTS = 5
-# Named Forward-INF variants every experiment accepts in --methods (keywords of ForwardINF.preset).
+# Named Forward-INF variants every experiment accepts in --methods: ``forward-inf`` (the library
+# default), ``forward-inf-<preset>`` for every preset and ``forward-inf-<score>`` for every score of
+# ForwardINF (so a new score or preset is a method name at once), and ``forward-inf-tail``
+# (TailForwardINF from the last top-level module holding parameters on; --option
+# forward-inf-tail.split=NAME picks another).
 FORWARD_INF_VARIANTS: dict[str, dict[str, Any]] = {
-    "forward-inf": {},  # the library default
-    "forward-inf-paper": {"preset": "paper"},
-    "forward-inf-authors": {"preset": "authors"},
-    "forward-inf-margin": {"score": "margin"},
-    "forward-inf-loss": {"score": "loss"},
-    "forward-inf-abs": {"score": "abs"},
+    "forward-inf": {},
+    **{f"forward-inf-{p}": {"preset": p} for p in _FI_PRESETS if p != "default"},
+    **{f"forward-inf-{s}": {"score": s} for s in _FI_SCORES if s not in _FI_PRESETS},
+    "forward-inf-tail": {"tail": True},
 }
 TRAJECTORY_MB = 1024  # parameter snapshots beyond this are thinned (TrajectoryRecorder's ``every``)
 
@@ -83,12 +87,17 @@ def method_options(args: argparse.Namespace, methods: list[str]) -> dict[str, di
 def make_method(name: str, model: torch.nn.Module, prepared: "Prepared", progress: bool = False,
                 options: dict[str, Any] | None = None) -> Any:
     """A fresh estimator for ``--methods`` entry ``name`` (a Forward-INF variant or a registry name),
-    with its ``--option`` keywords."""
+    with its ``--option`` keywords. ``NAME@LABEL`` is method ``NAME`` under another label, so that
+    one method can run with several ``--option`` settings (``trak@reg``, ``--option trak@reg.lambda_reg=100``)."""
     import forwardinf as fi
     from forwardinf.baselines.registry import make_estimator
 
+    name = name.split("@", 1)[0]
     kw = {**FORWARD_INF_VARIANTS.get(name, {}), **(options or {})}
     try:
+        if kw.pop("tail", False):
+            kw.setdefault("split", default_split(model))
+            return fi.TailForwardINF(model, fi.ClassificationTask(), progress=progress, **kw)
         if name in FORWARD_INF_VARIANTS:
             preset = kw.pop("preset", "default")
             return fi.ForwardINF.preset(preset, model, fi.ClassificationTask(), progress=progress, **kw)
@@ -96,6 +105,16 @@ def make_method(name: str, model: torch.nn.Module, prepared: "Prepared", progres
                               trajectory=prepared.trajectory, **kw)
     except TypeError as e:  # an unknown keyword
         raise ValueError(f"{name}: {e}; check its --option keywords") from e
+
+
+def default_split(model: torch.nn.Module) -> str:
+    """The last top-level submodule holding parameters: TailForwardINF's default ``split``
+    (an MLP's last Linear, SmallCNN's ``classifier``, ResNet's ``fc``)."""
+    names = [n for n, m in model.named_children() if any(True for _ in m.parameters())]
+    if not names:
+        raise ValueError("forward-inf-tail: the model has no submodule with parameters; pass --option "
+                         "forward-inf-tail.split=NAME")
+    return names[-1]
 
 
 @dataclass
@@ -118,7 +137,7 @@ def needs_trajectory(args: argparse.Namespace) -> bool:
     """Whether a method in ``args.methods`` (comma-separated) needs the recorded trajectory."""
     from forwardinf.baselines.registry import METHODS, requirements
 
-    names = [m.strip().lower() for m in str(getattr(args, "methods", "") or "").split(",")]
+    names = [m.strip().lower().split("@", 1)[0] for m in str(getattr(args, "methods", "") or "").split(",")]
     return any(m in METHODS and "trajectory" in requirements(m) for m in names)
 
 

@@ -1,0 +1,49 @@
+"""The peer adapters (forwardinf.baselines.peers): orientation, shapes, the model left alone.
+Each test skips cleanly when its peer library is not installed."""
+import importlib.util
+
+import pytest
+import torch
+
+from forwardinf.baselines.peers import PEERS, require
+from forwardinf.data.loaders import load_digits
+from forwardinf.models import build_model
+from forwardinf.training import state_fingerprint as fingerprint
+from forwardinf.training import train_classifier
+
+PACKAGE = {"trak": "trak", "dattri-trak": "dattri", "kronfluence-ekfac": "kronfluence", "captum-tracincp": "captum"}
+
+
+@pytest.fixture(scope="module")
+def problem():
+    split = load_digits()
+    x, y = split.x_train[:200], split.y_train[:200]
+    model = train_classifier(build_model("mlp", split.input_shape, split.n_classes, seed=0), (x, y), epochs=15,
+                             lr=0.05, seed=0)
+    leaked = torch.arange(0, 200, 25)  # queries: exact copies of 8 training points
+    return model, (x, y), (x[leaked].clone(), y[leaked].clone()), leaked
+
+
+@pytest.mark.parametrize("name", sorted(PACKAGE))
+def test_a_peer_ranks_a_query_duplicate_as_a_proponent(problem, name):
+    if importlib.util.find_spec(PACKAGE[name]) is None:
+        pytest.skip(f"{PACKAGE[name]} is not installed")
+    model, train, queries, leaked = problem
+    before = fingerprint(model)
+    scores = PEERS[name](model).fit(train).influence(queries)
+    assert fingerprint(model) == before
+    assert scores.shape == (8, 200) and torch.isfinite(scores).all()
+    own = scores.gather(1, leaked[:, None]).squeeze(1)
+    # higher = proponent: a query's own copy helps it, so it scores positive and above the median
+    assert (own > 0).float().mean() >= 0.75
+    assert (own > scores.median(1).values).float().mean() >= 0.75
+    with pytest.raises(ValueError, match="joint"):
+        PEERS[name](model).fit(train).influence(queries, joint=True)
+    with pytest.raises(ValueError, match="out of range"):
+        PEERS[name](model).fit((train[0], torch.full_like(train[1], 12)))
+
+
+def test_a_missing_peer_names_its_install_command():
+    with pytest.raises(ImportError, match="pip install") as e:
+        require("no_such_peer_library_xyz")
+    assert e.value.name == "no_such_peer_library_xyz"
