@@ -82,7 +82,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-queries", type=int, default=None,
                    help="held-out test points whose outputs are measured (default: 200, CIFAR-10 100)")
     p.add_argument("--methods", default="all",
-                   help="comma-separated methods, or 'all': " + ", ".join(all_methods()) +
+                   help="comma-separated methods; 'all' stands for " + ", ".join(all_methods()) +
                    " (and dattri-if-lissa, dattri-if-cg, if-10000, tracin-3, hydra, ...)")
     p.add_argument("--holdout", type=float, default=0.25,
                    help="fraction of the subsets held out from the datamodel fit (default: 0.25)")
@@ -420,8 +420,8 @@ def run(args: argparse.Namespace) -> dict:
     args = apply_defaults(args)
     seed_everything(args.seed)
     progress = not args.quiet and sys.stderr.isatty()
-    methods = list(all_methods()) if args.methods.strip() == "all" else \
-        [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = [name for m in args.methods.split(",") if m.strip()
+               for name in (all_methods() if m.strip() == "all" else [m.strip()])]
     options = method_options(args, methods)
     problem = load_problem(args, progress)
     prepared = problem.prepared
@@ -468,6 +468,8 @@ def run(args: argparse.Namespace) -> dict:
               "n_queries": q, "holdout_subsets": args.subsets - fit, "bootstrap": args.bootstrap, "methods": methods,
               "options": options, "ground_truth": truth, "test_accuracy": prepared.accuracy,
               "isolation": "in-process" if args.in_process else "one process per method"}
+    if Path(sys.argv[0]).name in ("forwardinf", "cli.py"):  # the command line, when run from one
+        config["command"] = " ".join(["forwardinf", *sys.argv[1:]])
     out = Path(args.out)
     report = _report(split.name, prepared, config, results)
     print(report)

@@ -70,8 +70,8 @@ def method_options(args: argparse.Namespace, methods: list[str]) -> dict[str, di
     """``--option METHOD.KEY=VALUE`` values as ``{method: {key: value}}``, each METHOD among ``methods``."""
     out: dict[str, dict[str, Any]] = {}
     for item in getattr(args, "option", None) or []:
-        name, dot, rest = item.partition(".")
-        key, eq, text = rest.partition("=")
+        left, eq, text = item.partition("=")
+        name, dot, key = left.rpartition(".")  # the key has no dot; a NAME@LABEL may
         if not (dot and eq and key.strip()):
             raise ValueError(f"--option {item!r}: expected METHOD.KEY=VALUE, e.g. forward-inf.lr=0.01")
         if name not in methods:

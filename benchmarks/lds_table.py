@@ -1,0 +1,150 @@
+"""Collect ``forwardinf lds`` runs into benchmarks/results/lds.md and lds.json, with the bar check.
+
+    python benchmarks/lds_table.py runs/lds-digits runs/lds-fashion-mnist
+
+Each RUN_DIR holds the ``results.json`` and ``lds_per_query.npz`` of one ``forwardinf lds`` run.
+Methods labelled ``NAME@grid-...`` are a peer's settings search: they are listed in their own
+table, and the best of them (on the held-out margin LDS) joins the main table as ``NAME (best
+setting)``. The bar (issue 13): Forward-INF's best variant >= the best TRAK row and the best EK-FAC
+row, on both targets, at no more CPU time; differences come with a paired bootstrap interval
+over the queries.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from forwardinf import metrics as M
+from forwardinf.experiments.common import markdown_table
+from forwardinf.experiments.lds import TARGETS, table
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PREAMBLE = """# Counterfactual fidelity: linear datamodeling score (LDS) against retraining
+
+`forwardinf lds` retrains the attributed model's own recipe from scratch on random halves of the
+training set and measures, on held-out test points, the correct-class margin (TRAK's output: the
+true logit minus the logsumexp of the others) and the loss. A method's prediction for a subset is
+the sum of its scores over it; LDS is the Spearman correlation across subsets between prediction and
+measurement, per query, averaged over queries, with a 95% bootstrap interval over the queries
+(subsets and seeds held fixed). The loss is negated, so a method that finds proponents scores
+positive on both targets. For one query the loss is a decreasing function of the margin
+(cross-entropy = softplus(-margin)), so with one training run per subset the two LDS are equal;
+they differ only through the averaging over runs (mean loss vs mean margin).
+
+*held-out*: the last 20% of the subsets; the ridge **datamodel** (the reference that learns from the
+retrainings themselves) is fitted on the others with its penalty by 5-fold cross-validation. *all*:
+every subset (more subsets, tighter numbers; the datamodel has no such column). **CPU s**: the
+method's `fit` + scores of every query, `time.process_time` on one thread, each method in its own
+fresh process after an untimed warm-up; **peak MB**: that process's peak RSS during the method
+(VmHWM, reset before it; it includes torch, the data and the model, ~400 MB); **extra MB**: peak
+minus the RSS before the method. The ground-truth cost is the retrainings' own CPU seconds.
+
+Peers: traker's TRAK (`trak`; one checkpoint, float32 on CPU, normal JL projection; default
+`proj_dim` 512, traker's default `lambda_reg` 0), dattri's TRAK (`dattri-trak`; 512 dims, the margin
+as output function), kronfluence EK-FAC (`kronfluence-ekfac`; factors on the training set, true
+Fisher, minus the margin as measurement, kronfluence's default damping 1e-8), captum TracInCP over
+the 5 saved checkpoints. TRAK's projection and ridge and EK-FAC's damping were also searched on
+this very evaluation (`@grid-...` rows); the best of each search joins the main table as `@best`
+and is what the bar compares with: a choice in the peers' favour, as is taking Forward-INF's best
+variant on the same evaluation.
+"""
+FAMILIES = {"Forward-INF": ("forward-inf",), "TRAK": ("trak", "dattri-trak"), "EK-FAC": ("kronfluence-ekfac",)}
+
+
+def family(name: str) -> str | None:
+    base = name.split("@", 1)[0]
+    for fam, prefixes in FAMILIES.items():
+        if base in prefixes or (fam == "Forward-INF" and base.startswith("forward-inf")):
+            return fam
+    return None
+
+
+def best(rows: dict, fam: str) -> str | None:
+    """The family's row with the highest held-out margin LDS (selected on this evaluation)."""
+    cands = [k for k, r in rows.items() if family(k) == fam and "lds_margin_heldout" in r]
+    return max(cands, key=lambda k: rows[k]["lds_margin_heldout"]) if cands else None
+
+
+def bar(run: dict, per_query: dict) -> tuple[str, dict]:
+    rows = run["methods"]
+    fi = best(rows, "Forward-INF")
+    out, lines = {"forward_inf": fi}, []
+    for peer in ("TRAK", "EK-FAC"):
+        other = best(rows, peer)
+        if fi is None or other is None:
+            lines.append(f"- {peer}: not measured")
+            continue
+        verdicts = []
+        ok = rows[fi]["cpu_seconds"] <= rows[other]["cpu_seconds"]
+        for t in TARGETS:
+            d = per_query[f"{fi}/lds_{t}_heldout"] - per_query[f"{other}/lds_{t}_heldout"]
+            lo, hi = M.bootstrap_interval(d, 2000)
+            diff = float(np.nanmean(d))
+            ok = ok and diff >= 0
+            verdicts.append(f"{t} {rows[fi][f'lds_{t}_heldout']:+.3f} vs {rows[other][f'lds_{t}_heldout']:+.3f} "
+                            f"(difference {diff:+.3f} [{lo:+.3f}, {hi:+.3f}])")
+            out[f"{peer}_{t}_difference"] = [diff, lo, hi]
+        out[f"{peer}_met"] = bool(ok)
+        lines.append(f"- vs {peer} (`{other}`): " + "; ".join(verdicts) + f"; CPU s {rows[fi]['cpu_seconds']:.1f} vs "
+                     f"{rows[other]['cpu_seconds']:.1f} -> **{'met' if ok else 'not met'}**")
+    return f"Best Forward-INF variant (held-out margin LDS): `{fi}`\n\n" + "\n".join(lines), out
+
+
+def section(run_dir: Path) -> tuple[str, dict]:
+    run = json.loads((run_dir / "results.json").read_text())
+    per_query = dict(np.load(run_dir / "lds_per_query.npz"))
+    rows, grid = {}, {}
+    for k, r in run["methods"].items():
+        (grid if "@grid" in k else rows)[k] = r
+    for base in sorted({k.split("@", 1)[0] for k in grid}):
+        mine = {k: r for k, r in grid.items() if k.startswith(base + "@") and "lds_margin_heldout" in r}
+        if mine:
+            top = max(mine, key=lambda k: mine[k]["lds_margin_heldout"])
+            label = f"{base}@best"
+            rows[label] = {**mine[top], "note": f"best of the settings search: {top.split('@', 1)[1]}"}
+            per_query.update({k.replace(top + "/", label + "/"): v for k, v in per_query.items()
+                              if k.startswith(top + "/")})
+    c = run["config"]
+    gt = c["ground_truth"]
+    agree = ", ".join(f"{gt[f'seed_agreement_{t}']:.3f} ({t})" for t in TARGETS if f"seed_agreement_{t}" in gt)
+    text = [f"## {run['dataset']}: {c['model']} on {c['n_train']:,} training points", "",
+            f"Test accuracy {c['test_accuracy']:.3f}. {c['subsets']} subsets of {c['alpha']:g} x {c['seeds_per_subset']} "
+            f"training run(s) = {gt['models']:,} models, {gt['cpu_seconds']:.0f} CPU s of retraining "
+            f"({gt['cpu_seconds_per_model']:.2f} s per model); {c['n_queries']} held-out queries; the datamodel is "
+            f"fitted on the first {c['subsets'] - c['holdout_subsets']} subsets and every *held-out* column is on "
+            f"the last {c['holdout_subsets']}." + (f" Two runs on the same subset agree at Spearman {agree} "
+                                                   "(mean over queries): the retraining noise that caps any LDS."
+                                                   if agree else ""), "",
+            table(rows), "", "Command:", "", "```", c.get("command", "(not recorded)"), "```", ""]
+    if grid:
+        text += ["Peer settings searched on this very evaluation (in the peers' favour):", "",
+                 markdown_table(["label", "LDS margin, held-out", "LDS margin, all", "CPU s"],
+                                [[k, f"{r['lds_margin_heldout']:+.3f}", f"{r['lds_margin']:+.3f}", f"{r['cpu_seconds']:.1f}"]
+                                 if "lds_margin" in r else [k, r.get("error", "-"), "-", "-"] for k, r in grid.items()]), ""]
+    verdict, summary = bar({**run, "methods": rows}, per_query)
+    text += ["### The bar", "", verdict, ""]
+    return "\n".join(text), {"dataset": run["dataset"], "config": c, "methods": rows, "grid": grid, "bar": summary}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", type=Path)
+    p.add_argument("--name", default="lds")
+    args = p.parse_args()
+    parts, data = [], []
+    for run_dir in args.runs:
+        text, obj = section(run_dir)
+        parts.append(text)
+        data.append(obj)
+    head = PREAMBLE + "\n"
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.name}.md").write_text(head + "\n".join(parts))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
+    print(head + "\n".join(parts))
+
+
+if __name__ == "__main__":
+    main()
