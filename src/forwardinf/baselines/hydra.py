@@ -49,6 +49,7 @@ from forwardinf.core import gradients as G
 from forwardinf.core.params import mode
 from forwardinf.data.inputs import DataLike, as_dataset, batch_len, gather, to_device
 from forwardinf.estimators.base import check_choice, check_positive
+from forwardinf.io import atomic_save
 from forwardinf.tasks.base import Task
 
 __all__ = ["Step", "TrajectoryRecorder", "HyDRA", "step_coefficients"]
@@ -207,8 +208,8 @@ class TrajectoryRecorder:
 
     # -- persistence -----------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        """Write the steps to ``path`` (``torch.save``; loadable with ``weights_only=True``)."""
-        torch.save([{"state": s.state, "indices": s.indices, "weight": s.weight, "hyper": s.hyper}
+        """Write the steps to ``path`` (``torch.save``, atomically; loadable with ``weights_only=True``)."""
+        atomic_save([{"state": s.state, "indices": s.indices, "weight": s.weight, "hyper": s.hyper}
                     for s in self.steps_], path)
 
     @classmethod

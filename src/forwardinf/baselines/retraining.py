@@ -27,13 +27,8 @@ negated by :class:`TestToTrain`. Correlations between the two are unchanged.
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
-import hashlib
 import multiprocessing
 import os
-import tempfile
-import types
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -48,6 +43,8 @@ from tqdm.auto import tqdm
 from forwardinf.core.params import mode
 from forwardinf.data.inputs import DataLike, as_dataset, batches, to_device
 from forwardinf.estimators.base import Estimator, check_choice, check_positive
+from forwardinf.hashing import fingerprint, sha256_hex
+from forwardinf.io import atomic_save
 from forwardinf.tasks.base import Task
 
 __all__ = [
@@ -113,79 +110,6 @@ class AccuracyProbe(LossProbe):
 def _device_of(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
-
-
-# ------------------------------------------------------------------------------ fingerprints
-def fingerprint(obj: Any) -> str:
-    """A stable SHA-256 of ``obj``'s content: tensors, arrays, datasets, modules, dataclasses,
-    partials, functions (by qualified name), containers and plain objects (by their attributes)."""
-    h = hashlib.sha256()
-    _feed(h, obj, 0)
-    return h.hexdigest()
-
-
-def _feed(h: Any, obj: Any, depth: int) -> None:
-    if depth > 40:
-        raise ValueError("fingerprint: object nesting too deep (a reference cycle?)")
-    d = depth + 1
-    if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes)):
-        h.update(f"{type(obj).__name__}:{obj!r};".encode())
-    elif torch.is_tensor(obj):
-        t = obj.detach().cpu().contiguous()
-        h.update(f"tensor:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    elif isinstance(obj, np.ndarray):
-        a = np.ascontiguousarray(obj)
-        h.update(f"ndarray:{a.dtype.str}:{a.shape};".encode())
-        h.update(a.tobytes() if a.dtype != object else repr(a.tolist()).encode())
-    elif isinstance(obj, (np.generic,)):
-        _feed(h, obj.item(), d)
-    elif isinstance(obj, dict):
-        h.update(f"dict:{len(obj)};".encode())
-        for k in sorted(obj, key=repr):
-            _feed(h, k, d)
-            _feed(h, obj[k], d)
-    elif isinstance(obj, (list, tuple, set, frozenset)):
-        items = sorted(obj, key=repr) if isinstance(obj, (set, frozenset)) else obj
-        h.update(f"{type(obj).__name__}:{len(items)};".encode())
-        for v in items:
-            _feed(h, v, d)
-    elif isinstance(obj, nn.Module):
-        h.update(f"module:{type(obj).__module__}.{type(obj).__qualname__}:{obj.training};".encode())
-        _feed(h, dict(obj.state_dict()), d)
-    elif isinstance(obj, TensorDataset):
-        h.update(b"TensorDataset;")
-        _feed(h, list(obj.tensors), d)
-    elif isinstance(obj, Subset):
-        h.update(b"Subset;")
-        _feed(h, obj.dataset, d)
-        _feed(h, np.asarray(obj.indices, dtype=np.int64), d)
-    elif isinstance(obj, ConcatDataset):
-        h.update(b"ConcatDataset;")
-        _feed(h, list(obj.datasets), d)
-    elif isinstance(obj, functools.partial):
-        h.update(b"partial;")
-        _feed(h, obj.func, d)
-        _feed(h, list(obj.args), d)
-        _feed(h, dict(obj.keywords), d)
-    elif isinstance(obj, (types.FunctionType, types.BuiltinFunctionType, types.MethodType, type)):
-        if isinstance(obj, types.MethodType):
-            _feed(h, obj.__self__, d)
-            obj = obj.__func__
-        h.update(f"fn:{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))};".encode())
-    elif dataclasses.is_dataclass(obj):
-        h.update(f"dataclass:{type(obj).__module__}.{type(obj).__qualname__};".encode())
-        _feed(h, {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}, d)
-    elif isinstance(obj, Dataset) and hasattr(obj, "__len__") and hasattr(obj, "__getitem__"):
-        # An arbitrary map-style dataset: hash its content item by item (slow but exact).
-        h.update(f"dataset:{type(obj).__qualname__}:{len(obj)};".encode())
-        for i in range(len(obj)):
-            _feed(h, obj[i], d)
-    elif hasattr(obj, "__dict__"):
-        h.update(f"object:{type(obj).__module__}.{type(obj).__qualname__};".encode())
-        _feed(h, {k: v for k, v in vars(obj).items()}, d)
-    else:
-        h.update(f"repr:{obj!r};".encode())
 
 
 # ------------------------------------------------------------------------------- datasets
@@ -256,18 +180,6 @@ def _worker_job(indices: np.ndarray, seed: int) -> Any:
     return _train_one(_WORKER["train_fn"], _WORKER["pool"], _WORKER["probe"], indices, seed)
 
 
-def _save(path: Path, result: Any) -> None:
-    # Write then rename: an interrupted write never leaves a truncated "finished" file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(result, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def run_trainings(
     train_fn: TrainFn,
     pool: DataLike,
@@ -319,16 +231,11 @@ def run_trainings(
     if cache_dir is not None:
         cache = Path(cache_dir)
         cache.mkdir(parents=True, exist_ok=True)
-        base = hashlib.sha256()
-        for part in (_CACHE_VERSION, fingerprint(config if config is not None else train_fn),
-                     fingerprint(pool), fingerprint(probe)):
-            base.update(part.encode())
+        base = (_CACHE_VERSION + fingerprint(config if config is not None else train_fn)
+                + fingerprint(pool) + fingerprint(probe))
         todo = []
         for j, (idx, seed) in enumerate(norm_jobs):
-            h = base.copy()
-            h.update(idx.tobytes())
-            h.update(f";seed={seed}".encode())
-            paths[j] = cache / f"{h.hexdigest()[:32]}.pt"
+            paths[j] = cache / f"{sha256_hex(base, idx.tobytes(), f';seed={seed}', length=32)}.pt"
             if paths[j].is_file():
                 try:
                     results[j] = torch.load(paths[j], weights_only=False)
@@ -340,7 +247,7 @@ def run_trainings(
     def finish(j: int, result: Any) -> None:
         results[j] = result
         if paths[j] is not None:
-            _save(paths[j], result)
+            atomic_save(result, paths[j])
 
     with tqdm(total=len(norm_jobs), initial=len(norm_jobs) - len(todo), desc=desc, disable=not progress,
               unit="model", leave=False) as bar:

@@ -26,12 +26,10 @@ proponent**, as everywhere in the library. Two games:
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import math
 import multiprocessing
 import os
-import tempfile
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -42,10 +40,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from forwardinf.baselines.retraining import AccuracyProbe, LossProbe, TrainFn, fingerprint, subset_of
+from forwardinf.baselines.retraining import AccuracyProbe, LossProbe, TrainFn, subset_of
 from forwardinf.core.params import mode
 from forwardinf.data.inputs import DataLike, as_dataset, batches, to_device
 from forwardinf.estimators.base import Estimator, check_choice, check_positive
+from forwardinf.hashing import fingerprint, sha256_hex
+from forwardinf.io import atomic_save
 from forwardinf.tasks.base import Task
 
 __all__ = [
@@ -525,7 +525,7 @@ class _Game:
         return self.sign * self.probe(model).to(torch.float64)
 
     def order(self, k: int) -> np.ndarray:
-        g = torch.Generator().manual_seed(int(hashlib.sha256(f"{self.seed}:{k}".encode()).hexdigest()[:15], 16))
+        g = torch.Generator().manual_seed(int(sha256_hex(f"{self.seed}:{k}", length=15), 16))
         return torch.randperm(len(self.pool), generator=g).numpy()
 
     def permutation(self, k: int) -> dict[str, Any]:
@@ -565,17 +565,6 @@ def _init_worker(game: _Game, threads: int) -> None:
 
 def _worker_permutation(k: int) -> dict[str, Any]:
     return _WORKER["game"].permutation(k)
-
-
-def _save(path: Path, result: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(result, tmp)
-        os.replace(tmp, path)  # an interrupted write never leaves a truncated "finished" file
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 class TMCShapley(Estimator):
@@ -773,7 +762,7 @@ class TMCShapley(Estimator):
                         break
                     done[k] = game.permutation(k)
                     if paths is not None:
-                        _save(paths[k], done[k])
+                        atomic_save(done[k], paths[k])
                     before = used
                     absorb()
                     bar.update(used - before)
@@ -788,7 +777,7 @@ class TMCShapley(Estimator):
                         k = futures[fut]
                         result = fut.result()
                         if paths is not None:
-                            _save(paths[k], result)
+                            atomic_save(result, paths[k])
                         done[k] = result
                         before = used
                         absorb()
@@ -821,14 +810,11 @@ class TMCShapley(Estimator):
             return None
         cache = Path(self.cache_dir)
         cache.mkdir(parents=True, exist_ok=True)
-        h = hashlib.sha256()
-        for part in (_CACHE_VERSION, fingerprint(self.config if self.config is not None else self.train_fn),
-                     fingerprint(self.train_), fingerprint(probe), self.utility, repr(diag), repr(truncation),
-                     fingerprint(self.empty if isinstance(self.empty, nn.Module) else repr(self.empty)),
-                     str(int(self.train_seed)), str(int(self.seed))):
-            h.update(part.encode())
-            h.update(b";")
-        base = h.hexdigest()[:24]
+        parts = (_CACHE_VERSION, fingerprint(self.config if self.config is not None else self.train_fn),
+                 fingerprint(self.train_), fingerprint(probe), self.utility, repr(diag), repr(truncation),
+                 fingerprint(self.empty if isinstance(self.empty, nn.Module) else repr(self.empty)),
+                 str(int(self.train_seed)), str(int(self.seed)))
+        base = sha256_hex(*(part + ";" for part in parts), length=24)
         return [cache / f"tmc-{base}-{k}.pt" for k in range(self.permutations)]
 
     def _check_params(self) -> None:

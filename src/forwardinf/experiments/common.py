@@ -1,7 +1,6 @@
 """What every experiment shares: seeding, timing, tables, and writing ``--out``."""
 from __future__ import annotations
 
-import json
 import os
 import random
 import time
@@ -11,6 +10,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
+
+from forwardinf.io import jsonable, write_json
 
 
 def seed_everything(seed: int) -> None:
@@ -60,27 +61,14 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def results_object(experiment: str, dataset: str, config: dict, methods: dict) -> dict:
     """The fixed ``results.json`` schema."""
-    return {"experiment": experiment, "dataset": dataset, "config": _jsonable(config), "methods": _jsonable(methods)}
+    return {"experiment": experiment, "dataset": dataset, "config": jsonable(config), "methods": jsonable(methods)}
 
 
 def write_outputs(out_dir: str | os.PathLike, results: dict, report: str) -> Path:
     """Write ``results.json`` and ``report.md`` into ``out_dir`` (created); return the folder."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(out / "results.json", results)
     (out / "report.md").write_text(report.rstrip() + "\n")
     return out
 
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    if torch.is_tensor(obj):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj

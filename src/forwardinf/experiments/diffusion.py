@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from forwardinf.experiments.common import markdown_table, results_object, seed_everything, timer, write_outputs
+from forwardinf.hashing import sha256_hex
+from forwardinf.io import atomic_save
 from forwardinf.tasks.diffusion import SCORE_AVERAGES, DiffusionTask
 
 # Per dataset: the held-out concepts (class indices) and the recipe.
@@ -338,9 +339,8 @@ def _pretrain(pool: Tensor, recipe: dict, scheduler: Any, out_dir: Path, name: s
     """The pre-trained UNet, loaded from ``out_dir`` when the recipe and the data match."""
     from forwardinf.models.diffusion import build_unet, train_denoiser
 
-    h = hashlib.sha256(repr(sorted(recipe.items())).encode())
-    h.update(pool.numpy().tobytes())
-    path = out_dir / f"pretrained-{name}-{h.hexdigest()[:12]}.pt"
+    key = sha256_hex(repr(sorted(recipe.items())), pool.numpy().tobytes(), length=12)
+    path = out_dir / f"pretrained-{name}-{key}.pt"
     unet = build_unet(sample_size=IMAGE_SIZE, channels=pool.shape[1], block_out_channels=recipe["channels"],
                       seed=recipe["seed"])
     if path.is_file():
@@ -353,7 +353,7 @@ def _pretrain(pool: Tensor, recipe: dict, scheduler: Any, out_dir: Path, name: s
         train_denoiser(unet, scheduler, pool, steps=recipe["steps"], batch_size=recipe["batch_size"], lr=recipe["lr"],
                        seed=recipe["seed"], warmup=min(100, recipe["steps"] // 10), progress=progress)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(unet.state_dict(), path)
+    atomic_save(unet.state_dict(), path)
     return unet.eval(), t, False
 
 

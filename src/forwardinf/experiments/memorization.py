@@ -41,6 +41,8 @@ from forwardinf.data.loaders import subset
 from forwardinf.experiments.common import markdown_table, results_object, seed_everything, timer, warm_up, write_outputs
 from forwardinf.experiments.setup import (FORWARD_INF_VARIANTS, add_model_arguments, make_method, method_options,
                                           prepare_classifier)
+from forwardinf.hashing import json_hash
+from forwardinf.io import atomic_write_text
 from forwardinf.models import build_model
 from forwardinf.training import train_classifier
 
@@ -292,15 +294,13 @@ def _pairs_table(gt_top: Tensor, gt_val: Tensor, mem: Tensor, scores: dict[str, 
 
 def _ground_truth_seconds(cache: Path, key_config: dict, measured: float) -> tuple[float, bool]:
     """``(seconds, from_record)``: the recorded wall time of the run that trained these models, if longer."""
-    import hashlib
     import json
 
-    key = hashlib.sha256(json.dumps(key_config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    path = cache / f"ground-truth-seconds-{key}.json"
+    path = cache / f"ground-truth-seconds-{json_hash(key_config)}.json"
     recorded = json.loads(path.read_text())["seconds"] if path.exists() else 0.0
     if measured >= recorded:
         cache.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"seconds": measured}) + "\n")
+        atomic_write_text(path, json.dumps({"seconds": measured}) + "\n")
         return measured, False
     return float(recorded), True
 

@@ -31,8 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import hashlib
-import json
 import sys
 import time
 from pathlib import Path
@@ -47,6 +45,8 @@ import forwardinf as fi
 from forwardinf.data.loaders import DataSplit, load_dataset, subset
 from forwardinf.experiments.common import markdown_table, results_object, seed_everything, timer, warm_up, write_outputs
 from forwardinf.experiments.setup import add_option_argument, method_options
+from forwardinf.hashing import json_hash
+from forwardinf.io import atomic_save, write_json
 from forwardinf.metrics import detection_curve, found_at, roc_auc
 from forwardinf.models import build_model
 from forwardinf.training import accuracy, train_classifier
@@ -177,7 +177,7 @@ def _cached_training(cache_dir: Path, config: dict, make: Callable[[bool], tuple
     seconds spent and the recorded trajectory (``trajectory``: needed; a cache without one retrains)."""
     from forwardinf.baselines.hydra import TrajectoryRecorder
 
-    key = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    key = json_hash(config)
     path = cache_dir / f"mislabel-{key}.pt"
     traj_path = cache_dir / f"mislabel-{key}-trajectory.pt"
     if path.exists() and (traj_path.exists() or not trajectory):
@@ -190,7 +190,7 @@ def _cached_training(cache_dir: Path, config: dict, make: Callable[[bool], tuple
     model, checkpoints, rec = make(trajectory)
     seconds = time.perf_counter() - start
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"checkpoints": checkpoints, "seconds": seconds}, path)
+    atomic_save({"checkpoints": checkpoints, "seconds": seconds}, path)
     if rec is not None:
         rec.save(traj_path)
     return model, checkpoints, seconds, rec
@@ -368,7 +368,7 @@ def run(args: argparse.Namespace) -> dict:
               table, "", "![detection curve](detection_curve.png)"]
     if args.sweep:
         rows_sweep = sweep(model, train, flipped)
-        (out / "sweep.json").write_text(json.dumps(rows_sweep, indent=2) + "\n")
+        write_json(out / "sweep.json", rows_sweep)
         ok = [r for r in rows_sweep if not r.get("diverged")]
         report += ["", "## Forward-INF sweep (final model)", "",
                    markdown_table(["score", "optimizer", "lr", "order", "found@15%", "AUC", "seconds"],

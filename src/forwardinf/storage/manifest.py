@@ -9,14 +9,14 @@ differs.
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Any, Mapping
 
-import numpy as np
-import torch
 from torch import nn
 
 from forwardinf.data.inputs import as_dataset, batches
+from forwardinf.hashing import hash_tensor, sha256_hex
+from forwardinf.io import canonical_json
+from forwardinf.io import jsonable as _jsonable
 
 FORMAT = 1
 
@@ -39,33 +39,12 @@ class StoreMismatchError(ValueError):
     """A score store was made from a different model, data, configuration or library version."""
 
 
-def _hash_tensor(h: "hashlib._Hash", t: Any) -> None:
-    if not torch.is_tensor(t):
-        t = torch.as_tensor(np.asarray(t))
-    t = t.detach().cpu().contiguous()
-    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    if t.numel():
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-
-
-def _hash_leaves(h: "hashlib._Hash", obj: Any) -> None:
-    if isinstance(obj, dict):
-        for k in sorted(obj):
-            h.update(str(k).encode())
-            _hash_leaves(h, obj[k])
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            _hash_leaves(h, v)
-    else:
-        _hash_tensor(h, obj)
-
-
 def fingerprint_module(model: nn.Module) -> str:
     """SHA-256 (16 hex chars) of every parameter and buffer: names, dtypes, shapes and values."""
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
         h.update(name.encode())
-        _hash_tensor(h, t)
+        hash_tensor(h, t)
     return h.hexdigest()[:16]
 
 
@@ -82,42 +61,26 @@ def fingerprint_data(data: Any, batch_size: int = 1024) -> str:
     return h.hexdigest()[:16]
 
 
+def _hash_leaves(h: "hashlib._Hash", obj: Any) -> None:
+    if isinstance(obj, dict):
+        for k in sorted(obj):
+            h.update(str(k).encode())
+            _hash_leaves(h, obj[k])
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _hash_leaves(h, v)
+    else:
+        hash_tensor(h, obj)
+
+
 def config_hash(config: Mapping[str, Any]) -> str:
     """SHA-256 (16 hex chars) of the configuration's canonical JSON."""
-    return hashlib.sha256(canonical_json(config).encode()).hexdigest()[:16]
+    return sha256_hex(canonical_json(config), length=16)
 
 
-def canonical_json(obj: Any) -> str:
-    return json.dumps(jsonable(obj), sort_keys=True, separators=(",", ":"))
-
-
-def jsonable(obj: Any, _depth: int = 0) -> Any:
-    """Plain JSON values for a configuration: tuples -> lists, objects -> their public settings.
-
-    Never an address (``<... at 0x...>``), so equal configurations always hash equal.
-    """
-    if isinstance(obj, Mapping):
-        return {str(k): jsonable(v, _depth) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        items = [jsonable(v, _depth) for v in obj]
-        return sorted(items, key=repr) if isinstance(obj, (set, frozenset)) else items
-    if isinstance(obj, (bool, int, float, str)) or obj is None:
-        return obj
-    if isinstance(obj, (np.integer, np.floating)):
-        return obj.item()
-    if torch.is_tensor(obj):
-        return obj.tolist() if obj.numel() <= 64 else f"tensor{tuple(obj.shape)}"
-    if isinstance(obj, (torch.dtype, torch.device)):
-        return str(obj)
-    if isinstance(obj, nn.Module):
-        return f"<{type(obj).__name__}>"  # the model itself is fingerprinted separately
-    if callable(obj) and hasattr(obj, "__qualname__"):
-        return f"{getattr(obj, '__module__', '')}.{obj.__qualname__}"
-    if hasattr(obj, "__dict__") and _depth < 4:
-        # e.g. a task wrapping another task: its public settings, never its memory address
-        fields = {k: jsonable(v, _depth + 1) for k, v in vars(obj).items() if not k.startswith("_")}
-        return {"class": type(obj).__name__, **fields}
-    return type(obj).__name__
+def jsonable(obj: Any) -> Any:
+    """A configuration as plain JSON values (arrays over 64 elements as ``"tensor(shape)"``)."""
+    return _jsonable(obj, max_tensor=64)
 
 
 def make_manifest(*, model: str, train: str, queries: str, n_train: int, n_query: int, shard_size: int,

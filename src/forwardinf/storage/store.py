@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from forwardinf.io import atomic_path, write_json
 from forwardinf.storage.manifest import StoreMismatchError, check_manifest
 from forwardinf.storage.topk import StreamingTopK
 
@@ -62,7 +63,7 @@ class ScoreStore:
                                          "choose another folder or pass overwrite=True (--overwrite)")
             shutil.rmtree(path)
         (path / "blocks").mkdir(parents=True, exist_ok=True)
-        _write_json(path / MANIFEST, manifest)
+        write_json(path / MANIFEST, manifest, sort_keys=True)
         return cls(path, manifest)
 
     @classmethod
@@ -134,12 +135,9 @@ class ScoreStore:
         if not np.isfinite(arr).all():
             raise ValueError(f"block ({qb}, {s}) contains non-finite scores")
         final = self.block_path(qb, s)
-        tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            np.save(f, arr)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)  # atomic: a block is either absent or whole
+        with atomic_path(final, fsync=True) as tmp:  # a block is either absent or whole
+            with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a name
+                np.save(f, arr)
         return final
 
     def read(self, qb: int, s: int) -> np.ndarray:
@@ -202,9 +200,3 @@ def _check_layout(manifest: Mapping[str, Any]) -> None:
         v = manifest.get(key)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"ScoreStore: invalid {key}={v!r}; expected a positive integer")
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)

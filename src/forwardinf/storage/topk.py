@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from forwardinf.io import atomic_path
+
 
 class StreamingTopK:
     """The ``k`` largest scores per row over column blocks seen one at a time.
@@ -65,7 +67,13 @@ def write_topk(path: str | os.PathLike, indices: Tensor, scores: Tensor, *, fmt:
     path.parent.mkdir(parents=True, exist_ok=True)
     q, k = indices.shape
     ids = list(range(q)) if query_ids is None else list(query_ids)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with atomic_path(path) as tmp:
+        _write_table(tmp, fmt, indices, scores, ids, train_ids)
+    return path
+
+
+def _write_table(tmp: Path, fmt: str, indices: Tensor, scores: Tensor, ids: list, train_ids: Any) -> None:
+    q, k = indices.shape
     if fmt == "parquet":
         try:
             import pyarrow as pa
@@ -90,8 +98,6 @@ def write_topk(path: str | os.PathLike, indices: Tensor, scores: Tensor, *, fmt:
                     j = int(indices[i, r])
                     extra = [train_ids[j]] if train_ids is not None else []
                     w.writerow([ids[i], r + 1, j, repr(float(scores[i, r]))] + extra)
-    os.replace(tmp, path)
-    return path
 
 
 def read_topk_csv(path: str | os.PathLike) -> tuple[Tensor, Tensor]:

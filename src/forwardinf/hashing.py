@@ -1,0 +1,119 @@
+"""Content hashes (SHA-256) for cache keys and store manifests: the bottom layer every module may use.
+
+Imports nothing from forwardinf. Changing what any function here feeds the hash changes every cache
+key made with it (old caches are then recomputed, never misread).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import types
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
+
+
+def sha256_hex(*parts: str | bytes, length: int | None = None) -> str:
+    """SHA-256 of the concatenated ``parts`` (strings UTF-8 encoded), as hex; the first ``length`` chars."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.encode() if isinstance(part, str) else part)
+    return h.hexdigest()[:length]
+
+
+def json_hash(obj: Any, length: int | None = 16) -> str:
+    """SHA-256 of ``obj`` as JSON with sorted keys (anything else by ``str``): a cache key of a configuration."""
+    return sha256_hex(json.dumps(obj, sort_keys=True, default=str), length=length)
+
+
+def tensor_bytes(t: Any) -> bytes:
+    """The raw bytes of a tensor's values in C order (b"" when empty); dtype and shape not included."""
+    t = t.detach().cpu().contiguous()
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def hash_tensor(h: "hashlib._Hash", t: Any) -> None:
+    """Feed ``h`` a tensor (or array) with its dtype and shape, so equal bytes of another shape differ."""
+    if not torch.is_tensor(t):
+        t = torch.as_tensor(np.asarray(t))
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(tensor_bytes(t))
+
+
+def fingerprint(obj: Any) -> str:
+    """A stable SHA-256 of ``obj``'s content: tensors, arrays, datasets, modules, dataclasses,
+    partials, functions (by qualified name), containers and plain objects (by their attributes)."""
+    h = hashlib.sha256()
+    _feed(h, obj, 0)
+    return h.hexdigest()
+
+
+def _feed(h: Any, obj: Any, depth: int) -> None:
+    if depth > 40:
+        raise ValueError("fingerprint: object nesting too deep (a reference cycle?)")
+    d = depth + 1
+    if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes)):
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+    elif torch.is_tensor(obj):
+        h.update(f"tensor:{obj.dtype}:{tuple(obj.shape)};".encode())
+        h.update(tensor_bytes(obj))
+    elif isinstance(obj, np.ndarray):
+        a = np.ascontiguousarray(obj)
+        h.update(f"ndarray:{a.dtype.str}:{a.shape};".encode())
+        h.update(a.tobytes() if a.dtype != object else repr(a.tolist()).encode())
+    elif isinstance(obj, (np.generic,)):
+        _feed(h, obj.item(), d)
+    elif isinstance(obj, dict):
+        h.update(f"dict:{len(obj)};".encode())
+        for k in sorted(obj, key=repr):
+            _feed(h, k, d)
+            _feed(h, obj[k], d)
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        items = sorted(obj, key=repr) if isinstance(obj, (set, frozenset)) else obj
+        h.update(f"{type(obj).__name__}:{len(items)};".encode())
+        for v in items:
+            _feed(h, v, d)
+    elif isinstance(obj, nn.Module):
+        h.update(f"module:{type(obj).__module__}.{type(obj).__qualname__}:{obj.training};".encode())
+        _feed(h, dict(obj.state_dict()), d)
+    elif isinstance(obj, TensorDataset):
+        h.update(b"TensorDataset;")
+        _feed(h, list(obj.tensors), d)
+    elif isinstance(obj, Subset):
+        h.update(b"Subset;")
+        _feed(h, obj.dataset, d)
+        _feed(h, np.asarray(obj.indices, dtype=np.int64), d)
+    elif isinstance(obj, ConcatDataset):
+        h.update(b"ConcatDataset;")
+        _feed(h, list(obj.datasets), d)
+    elif isinstance(obj, functools.partial):
+        h.update(b"partial;")
+        _feed(h, obj.func, d)
+        _feed(h, list(obj.args), d)
+        _feed(h, dict(obj.keywords), d)
+    elif isinstance(obj, (types.FunctionType, types.BuiltinFunctionType, types.MethodType, type)):
+        if isinstance(obj, types.MethodType):
+            _feed(h, obj.__self__, d)
+            obj = obj.__func__
+        h.update(f"fn:{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))};".encode())
+    elif dataclasses.is_dataclass(obj):
+        h.update(f"dataclass:{type(obj).__module__}.{type(obj).__qualname__};".encode())
+        _feed(h, {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}, d)
+    elif isinstance(obj, Dataset) and hasattr(obj, "__len__") and hasattr(obj, "__getitem__"):
+        # An arbitrary map-style dataset: hash its content item by item (slow but exact).
+        h.update(f"dataset:{type(obj).__qualname__}:{len(obj)};".encode())
+        for i in range(len(obj)):
+            _feed(h, obj[i], d)
+    elif hasattr(obj, "__dict__"):
+        h.update(f"object:{type(obj).__module__}.{type(obj).__qualname__};".encode())
+        _feed(h, {k: v for k, v in vars(obj).items()}, d)
+    else:
+        h.update(f"repr:{obj!r};".encode())
+
+
+__all__ = ["sha256_hex", "json_hash", "tensor_bytes", "hash_tensor", "fingerprint"]
