@@ -126,17 +126,6 @@ def grad_matrix(loss_fn: LossFn, params: Params, dataset: Any, batch_size: int, 
     return torch.cat([g for _, g in iter_grads(loss_fn, params, dataset, batch_size, device, progress, desc)], 0)
 
 
-def mean_grad(loss_fn: LossFn, params: Params, dataset: Any, batch_size: int, device: torch.device) -> Tensor:
-    """``[D]``: gradient of the mean loss over ``dataset`` (accumulated batch by batch)."""
-    n, total = len(dataset), None
-    for _, batch in batches(dataset, batch_size):
-        batch = to_device(batch, device)
-        w = batch_len(batch) / n
-        g = flatten(grad(lambda p: loss_fn(p, batch).sum())(params)) * (w / batch_len(batch))
-        total = g if total is None else total + g
-    return total
-
-
 # -- Hessian-vector products -----------------------------------------------------------------
 def batch_hvp(loss_fn: LossFn, params: Params, batch: Any, vectors: Tensor) -> Tensor:
     """``[K, D]``: ``H v_k`` for each row of ``vectors [K, D]``, ``H`` the Hessian of the mean loss on ``batch``.
@@ -191,23 +180,6 @@ def hessian(loss_fn: LossFn, params: Params, dataset: Any, batch_size: int, devi
         cols.append(dataset_hvp(loss_fn, params, dataset, basis, batch_size, device))
     h = torch.cat(cols, 0)
     return (h + h.T) / 2
-
-
-def top_eigenvalue(hvp: Callable[[Tensor], Tensor], d: int, iters: int = 20, seed: int = 0,
-                   dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> float:
-    """Largest-magnitude eigenvalue of a symmetric operator ``hvp([1, D]) -> [1, D]`` by power iteration."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    v = torch.randn(1, d, generator=gen, dtype=dtype).to(device)
-    v = v / v.norm()
-    value = 0.0
-    for _ in range(iters):
-        w = hvp(v)
-        value = float((w * v).sum())
-        norm = w.norm()
-        if not torch.isfinite(norm) or norm == 0:
-            break
-        v = w / norm
-    return value
 
 
 def lanczos_extremes(hvp: Callable[[Tensor], Tensor], d: int, steps: int = 40, seed: int = 0,

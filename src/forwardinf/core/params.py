@@ -49,10 +49,6 @@ def buffers_of(module: nn.Module) -> Params:
     return {n: b.detach() for n, b in module.named_buffers()}
 
 
-def num_params(params: Mapping[str, Tensor], stacked: bool = False) -> int:
-    return sum(p[0].numel() if stacked else p.numel() for p in params.values())
-
-
 def stack(params: Mapping[str, Tensor], n: int) -> Params:
     """``n`` copies of each tensor along a new leading dim (an expand: no memory is copied)."""
     return {k: v.unsqueeze(0).expand(n, *v.shape) for k, v in params.items()}

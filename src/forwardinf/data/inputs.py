@@ -59,12 +59,6 @@ class TensorDict(Dataset):
         return {k: v[i] for k, v in self.tensors.items()}
 
 
-def batch_size_of(data: DataLike, default: int) -> int:
-    if isinstance(data, DataLoader) and data.batch_size:
-        return data.batch_size
-    return default
-
-
 def to_device(batch: Any, device: torch.device) -> Any:
     if torch.is_tensor(batch):
         return batch.to(device)

@@ -1,8 +1,6 @@
 """Contiguous training shards, which rank scores which, and the dataset view of one shard."""
 from __future__ import annotations
 
-import math
-
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 
@@ -34,8 +32,4 @@ def shard_dataset(dataset: Dataset, start: int, stop: int) -> Dataset:
     return Subset(dataset, range(start, stop))
 
 
-def n_shards(n: int, shard_size: int) -> int:
-    return math.ceil(n / shard_size)
-
-
-__all__ = ["shard_ranges", "shards_of_rank", "shard_dataset", "n_shards"]
+__all__ = ["shard_ranges", "shards_of_rank", "shard_dataset"]
