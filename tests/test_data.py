@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import struct
 from pathlib import Path
@@ -10,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from forwardinf.data.loaders import (DataSplit, load_cifar10, load_dataset, load_digits, load_idx,
-                                     read_idx, subset)
+from forwardinf.data.loaders import (CIFAR10_NPZ, DATA_ENV, MNIST_DIR, DataSplit, data_dirs, load_cifar10, load_dataset,
+                                     load_digits, load_idx, read_idx, subset)
 
-SHARED_CIFAR = Path("/work/shared/data/cifar10-12k.npz")
+# The CIFAR-10 subset wherever the loaders look for it (set $FORWARDINF_DATA to its folder to run the test).
+SHARED_CIFAR = next((d / CIFAR10_NPZ for d in data_dirs() if (d / CIFAR10_NPZ).is_file()), None)
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
@@ -114,7 +116,8 @@ def test_real_fashion_mnist():
     assert d.mean[0] == pytest.approx(0.2860, abs=1e-3) and d.std[0] == pytest.approx(0.3530, abs=1e-3)
 
 
-@pytest.mark.skipif(not SHARED_CIFAR.exists(), reason="shared CIFAR-10 subset absent")
+@pytest.mark.skipif(SHARED_CIFAR is None, reason=f"CIFAR-10 subset absent (set ${DATA_ENV} to the folder "
+                                                  f"holding {CIFAR10_NPZ})")
 def test_cifar_npz_subset():
     d = load_cifar10(SHARED_CIFAR)
     assert d.x_train.shape == (10000, 3, 32, 32) and d.x_test.shape == (2000, 3, 32, 32)
@@ -132,9 +135,8 @@ def test_cifar_npz_subset():
     assert torch.equal(load_dataset("cifar10").y_train, d.y_train)
 
 
-def test_cifar_python_release(tmp_path):
-    root = tmp_path / "cifar-10-batches-py"
-    root.mkdir()
+def _write_cifar_python(root: Path) -> list:
+    root.mkdir(parents=True)
     rng = np.random.default_rng(0)
     parts = []
     for name, n in [(f"data_batch_{i}", 4) for i in range(1, 6)] + [("test_batch", 3)]:
@@ -146,6 +148,12 @@ def test_cifar_python_release(tmp_path):
     names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
     with open(root / "batches.meta", "wb") as f:
         pickle.dump({b"label_names": names}, f)
+    return parts
+
+
+def test_cifar_python_release(tmp_path):
+    root = tmp_path / "cifar-10-batches-py"
+    parts = _write_cifar_python(root)
     for r in (root, tmp_path):  # the folder itself or its parent
         d = load_cifar10(r)
         assert d.x_train.shape == (20, 3, 32, 32) and d.x_test.shape == (3, 3, 32, 32)
@@ -157,6 +165,25 @@ def test_cifar_python_release(tmp_path):
     (root / "data_batch_3").unlink()
     with pytest.raises(FileNotFoundError, match="data_batch_3"):
         load_cifar10(root)
+
+
+def test_default_search_env_then_user_cache(tmp_path, monkeypatch):
+    a, b, cache = tmp_path / "a", tmp_path / "b", tmp_path / "cache"
+    monkeypatch.setenv(DATA_ENV, f"{a}{os.pathsep}{b}")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    assert data_dirs() == [a, b, cache / "forwardinf"]
+    with pytest.raises(FileNotFoundError, match=DATA_ENV):
+        load_dataset("cifar10")
+    _write_cifar_python(cache / "forwardinf" / "cifar-10-batches-py")
+    assert load_dataset("cifar10").x_train.shape == (20, 3, 32, 32)  # found in the user cache
+    (b / "mnist").mkdir(parents=True)
+    arrays = _write_mnist_dir(b / "mnist", 7, 3, gz=True)
+    d = load_dataset("mnist")  # the second $FORWARDINF_DATA folder
+    assert torch.equal(d.y_train, torch.from_numpy(arrays["train-labels-idx1-ubyte"].astype(np.int64)))
+    monkeypatch.setenv(DATA_ENV, "")
+    if not Path(MNIST_DIR).exists():
+        with pytest.raises(FileNotFoundError, match=DATA_ENV):
+            load_dataset("mnist")  # nothing in the user cache nor in the Debian folder
 
 
 def test_registry_and_errors(tmp_path):

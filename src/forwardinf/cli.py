@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else None,
                            description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--dataset", default=None, help="dataset name (default: the experiment's embedded default)")
-        p.add_argument("--data-root", default=None, help="folder holding the dataset files")
+        p.add_argument("--data-root", default=None, help="the dataset's file or folder (default: searched in $FORWARDINF_DATA, "
+                       "then ~/.cache/forwardinf; see forwardinf.data.loaders)")
         p.add_argument("--out", default=f"runs/{name}", help=f"output folder (default: runs/{name})")
         p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -9,6 +9,14 @@ statistics of the *training* split only (so the test split never leaks into prep
 
 The statistics are kept on the split (``mean``/``std``, one entry per channel) so figures can map
 inputs back to [0, 1] with :meth:`DataSplit.denormalize`.
+
+Where the files are found. A ``root`` (``--data-root``) names the dataset's own file or folder. Without
+one, a loader looks in :func:`data_dirs`, in order: every folder in ``$FORWARDINF_DATA`` (several
+separated by ``os.pathsep``), then the user cache folder ``$XDG_CACHE_HOME/forwardinf`` (default
+``~/.cache/forwardinf``). In each it expects ``cifar10-12k.npz`` or ``cifar-10-batches-py/`` for
+CIFAR-10, ``fashion-mnist/`` and ``mnist/`` (the four IDX files) for the others; Fashion-MNIST and
+MNIST last fall back to the Debian package folders ``/usr/share/datasets/<name>``
+(``apt-get install -y dataset-fashion-mnist``). Nothing is ever downloaded.
 """
 from __future__ import annotations
 
@@ -28,13 +36,12 @@ FASHION_MNIST_APT = "apt-get install -y dataset-fashion-mnist"
 # Debian ships no MNIST package; this is only where we look when no root is given.
 MNIST_DIR = "/usr/share/datasets/mnist"
 CIFAR10_NPZ = "cifar10-12k.npz"
+CIFAR10_PYTHON = "cifar-10-batches-py"
+DATA_ENV = "FORWARDINF_DATA"
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 DIGIT_CLASSES = [str(i) for i in range(10)]
-
-_REPO_ROOT = Path(__file__).resolve().parents[3]
-
 
 @dataclass
 class DataSplit:
@@ -172,17 +179,30 @@ def _find_idx(root: Path, stem: str) -> Path:
     raise FileNotFoundError(f"{root / stem}(.gz) not found")
 
 
+def data_dirs() -> list[Path]:
+    """The folders searched when no root is given: ``$FORWARDINF_DATA`` then the user cache folder."""
+    env = [Path(p).expanduser() for p in os.environ.get(DATA_ENV, "").split(os.pathsep) if p]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "forwardinf"
+    return env + [cache]
+
+
+def _idx_candidates(kind: str) -> list[Path]:
+    return [d / kind for d in data_dirs()] + [Path(FASHION_MNIST_DIR if kind == "fashion-mnist" else MNIST_DIR)]
+
+
 def load_idx(root: str | os.PathLike | None = None, kind: str = "fashion-mnist") -> DataSplit:
     """MNIST or Fashion-MNIST from the four IDX files in ``root``: ``[N, 1, 28, 28]``, 10 classes.
 
-    ``root`` None -> ``/usr/share/datasets/fashion-mnist`` (``apt-get install -y
-    dataset-fashion-mnist``) for Fashion-MNIST, ``/usr/share/datasets/mnist`` for MNIST.
+    ``root`` None -> the first folder ``<d>/<kind>`` holding them, ``d`` in :func:`data_dirs`, else
+    ``/usr/share/datasets/<kind>`` (for Fashion-MNIST: ``apt-get install -y dataset-fashion-mnist``).
     Full sizes: 60,000 train / 10,000 test.
     """
     if kind not in ("fashion-mnist", "mnist"):
         raise ValueError(f"kind must be 'fashion-mnist' or 'mnist', got {kind!r}")
-    default = FASHION_MNIST_DIR if kind == "fashion-mnist" else MNIST_DIR
-    root = Path(root if root is not None else default)
+    if root is None:
+        candidates = _idx_candidates(kind)
+        root = next((c for c in candidates if any(c.glob("train-images*"))), candidates[-1])
+    root = Path(root)
     files = {}
     for key, stem in (("x_train", "train-images-idx3-ubyte"), ("y_train", "train-labels-idx1-ubyte"),
                       ("x_test", "t10k-images-idx3-ubyte"), ("y_test", "t10k-labels-idx1-ubyte")):
@@ -190,8 +210,9 @@ def load_idx(root: str | os.PathLike | None = None, kind: str = "fashion-mnist")
             files[key] = _find_idx(root, stem)
         except FileNotFoundError:
             hint = (f"install it with `{FASHION_MNIST_APT}` (puts the files in {FASHION_MNIST_DIR})"
-                    if kind == "fashion-mnist" else
-                    "download the four MNIST IDX files and pass their folder as root (--data-root)")
+                    if kind == "fashion-mnist" else "put the four MNIST IDX files in a folder")
+            hint += (f", pass that folder as root (--data-root) or name its parent in ${DATA_ENV}; searched "
+                     + ", ".join(str(c) for c in _idx_candidates(kind)))
             raise FileNotFoundError(f"{kind}: {root / stem}(.gz) not found; {hint}") from None
     arrays = {k: read_idx(p) for k, p in files.items()}
     for split in ("train", "test"):
@@ -210,8 +231,7 @@ def load_idx(root: str | os.PathLike | None = None, kind: str = "fashion-mnist")
 
 # -------------------------------------------------------------------------------------- CIFAR-10
 def _cifar_candidates() -> list[Path]:
-    rel = Path("..") / "shared" / "data" / CIFAR10_NPZ
-    return [Path.cwd() / rel, _REPO_ROOT / rel, Path("/work/shared/data") / CIFAR10_NPZ]
+    return [d / name for d in data_dirs() for name in (CIFAR10_NPZ, CIFAR10_PYTHON)]
 
 
 def _load_cifar_npz(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
@@ -261,22 +281,22 @@ def load_cifar10(root: str | os.PathLike | None = None) -> DataSplit:
 
     ``root``: the shared ``.npz`` subset (uint8 HWC, 10,000 train / 2,000 test), a folder holding
     it, or the original python release (``cifar-10-batches-py`` or its parent). None -> the first
-    of ``../shared/data/cifar10-12k.npz`` relative to the current dir and to the repo root, then
-    ``/work/shared/data/cifar10-12k.npz``.
+    ``<d>/cifar10-12k.npz`` or ``<d>/cifar-10-batches-py`` that exists, ``d`` in :func:`data_dirs`
+    (``$FORWARDINF_DATA``, then ``~/.cache/forwardinf``).
     """
     if root is None:
-        found = [p for p in _cifar_candidates() if p.is_file()]
+        found = [p for p in _cifar_candidates() if p.exists()]
         if not found:
             raise FileNotFoundError("CIFAR-10: no root given and none of "
                                     + ", ".join(str(p) for p in _cifar_candidates())
-                                    + " exists; pass root= (--data-root) pointing at the .npz or "
-                                    "the cifar-10-batches-py folder")
+                                    + f" exists; pass root= (--data-root) pointing at the .npz or the "
+                                    f"{CIFAR10_PYTHON} folder, or set ${DATA_ENV} to the folder holding it")
         path = found[0]
     else:
         path = Path(root)
     if path.is_dir():
-        if (path / "cifar-10-batches-py").is_dir():
-            path = path / "cifar-10-batches-py"
+        if (path / CIFAR10_PYTHON).is_dir():
+            path = path / CIFAR10_PYTHON
         elif (path / CIFAR10_NPZ).is_file():
             path = path / CIFAR10_NPZ
     if path.is_file():
