@@ -1,4 +1,5 @@
 """forwardinf: training-data attribution with Forward-INF and the classic estimators it is measured against."""
+from forwardinf._version import __version__
 from forwardinf.baselines.hydra import HyDRA, TrajectoryRecorder
 from forwardinf.baselines.influence_function import InfluenceFunction
 from forwardinf.baselines.representer import RepresenterPoint
@@ -11,8 +12,6 @@ from forwardinf.estimators.tail import ReducedPrecisionTask, TailForwardINF
 from forwardinf.tasks import ClassificationTask, Task
 from forwardinf.tasks.diffusion import DiffusionTask
 from forwardinf.tasks.language_model import LanguageModelTask
-
-__version__ = "0.1.0"
 
 __all__ = [
     "ClassificationTask", "DiffusionTask", "Downsampling", "Estimator", "ForwardINF", "HyDRA", "InfluenceFunction",

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 from torch import nn
 
+from forwardinf._version import __version__
 from forwardinf.data.inputs import as_dataset, batches
 from forwardinf.hashing import hash_tensor, sha256_hex
 from forwardinf.io import canonical_json
@@ -86,8 +87,6 @@ def jsonable(obj: Any) -> Any:
 def make_manifest(*, model: str, train: str, queries: str, n_train: int, n_query: int, shard_size: int,
                   query_block: int, config: Mapping[str, Any]) -> dict[str, Any]:
     """The manifest of a store: fingerprints (strings from the functions above), layout and config."""
-    from forwardinf import __version__
-
     return {
         "format": FORMAT,
         "version": __version__,
