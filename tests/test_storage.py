@@ -15,7 +15,7 @@ import torch
 
 import forwardinf as fi
 from forwardinf.distributed import score_to_store
-from forwardinf.storage import (ScoreStore, StoreMismatchError, StreamingTopK, make_manifest, read_topk_csv,
+from forwardinf.storage import (ScoreStore, StoreMismatchError, StreamingTopK, TopK, make_manifest, read_topk_csv,
                                 write_topk)
 
 
@@ -69,11 +69,26 @@ def test_store_blocks_are_memory_mapped_and_assemble(tmp_path):
     assert torch.equal(store.rows(1, 4), full[1:4])
     idx, val = store.top_k(3)
     assert idx.tolist() == [[9, 8, 7]] * 5 and torch.equal(val, full[:, [9, 8, 7]])
+    assert store.top_k(2, opponents=True).indices.tolist() == [[0, 1]] * 5  # the lowest scores
     assert not [p for p in (tmp_path / "s" / "blocks").iterdir() if "tmp" in p.name]
     with pytest.raises(ValueError, match="shape"):
         store.write(0, 0, torch.zeros(2, 3))
     with pytest.raises(ValueError, match="non-finite"):
         store.write(0, 0, torch.full((2, 4), float("inf")))
+
+
+def test_store_proponents_and_opponents_with_ties_match_a_full_sort(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    full = torch.randint(-3, 4, (5, 10), generator=g).float()  # many exact ties, across shards
+    store = ScoreStore.create(tmp_path, _manifest())
+    for qb, s in store.missing():
+        (q0, q1), (t0, t1) = store.query_range(qb), store.shard_range(s)
+        store.write(qb, s, full[q0:q1, t0:t1])
+    for opponents, order in ((False, torch.argsort(-full, dim=1, stable=True)),
+                             (True, torch.argsort(full, dim=1, stable=True))):
+        top = store.top_k(6, opponents=opponents)  # ties to the lower index: a stable sort's order
+        assert isinstance(top, TopK)
+        assert torch.equal(top.indices, order[:, :6]) and torch.equal(top.scores, full.gather(1, order[:, :6]))
 
 
 def test_incomplete_store_says_so(tmp_path):

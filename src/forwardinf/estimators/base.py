@@ -1,21 +1,15 @@
 """The contract every estimator follows: ``fit`` / ``influence`` / ``top_k`` / ``self_influence``."""
 from __future__ import annotations
 
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor, nn
 
 from forwardinf.data.inputs import DataLike, as_dataset
+from forwardinf.storage.topk import TopK
 from forwardinf.tasks.base import Task
 from forwardinf.tasks.classification import ClassificationTask
-
-
-class TopK(NamedTuple):
-    """Most influential training points per query: ``indices [Q, k]`` (positions in train), ``scores [Q, k]``."""
-
-    indices: Tensor
-    scores: Tensor
 
 
 class NotFittedError(RuntimeError):

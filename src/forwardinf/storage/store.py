@@ -26,7 +26,7 @@ from torch import Tensor
 
 from forwardinf.io import atomic_path, write_json
 from forwardinf.storage.manifest import StoreMismatchError, check_manifest
-from forwardinf.storage.topk import StreamingTopK
+from forwardinf.storage.topk import StreamingTopK, TopK
 
 MANIFEST = "manifest.json"
 
@@ -155,23 +155,26 @@ class ScoreStore:
                              f"{self.n_query_blocks * self.n_shards} blocks missing (e.g. {missing[0]}); "
                              "run the scoring again to finish it")
 
-    def top_k(self, k: int = 10) -> tuple[Tensor, Tensor]:
-        """``(indices [n_query, k], scores [n_query, k])``, best first, ties to the lower index.
+    def top_k(self, k: int = 10, *, opponents: bool = False) -> TopK:
+        """``TopK(indices [n_query, k], scores [n_query, k])``: the proponents (highest scores) best
+        first, or with ``opponents`` the ``k`` lowest scores (most negative influence) lowest first;
+        ties to the lower index either way.
 
         Streams over blocks: memory is one query block's ``[Qb, k + shard_size]``.
         """
         self._check_complete()
         k = min(k, self.n_train)
+        sign = -1.0 if opponents else 1.0  # the k lowest scores are the k highest of their negation
         idx, val = [], []
         for qb in range(self.n_query_blocks):
             q0, q1 = self.query_range(qb)
             top = StreamingTopK(q1 - q0, k)
             for s in range(self.n_shards):
-                top.update(torch.from_numpy(np.array(self.read(qb, s))), self.shard_range(s)[0])
+                top.update(sign * torch.from_numpy(np.array(self.read(qb, s))), self.shard_range(s)[0])
             i, v = top.result()
             idx.append(i)
-            val.append(v)
-        return torch.cat(idx), torch.cat(val)
+            val.append(sign * v)
+        return TopK(torch.cat(idx), torch.cat(val))
 
     def rows(self, start: int, stop: int) -> Tensor:
         """Scores ``[stop - start, n_train]`` of queries ``start..stop-1`` (the full width in memory)."""

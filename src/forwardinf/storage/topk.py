@@ -4,13 +4,20 @@ from __future__ import annotations
 import csv
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from forwardinf.io import atomic_path
+
+
+class TopK(NamedTuple):
+    """Most influential training points per query: ``indices [Q, k]`` (positions in train), ``scores [Q, k]``."""
+
+    indices: Tensor
+    scores: Tensor
 
 
 class StreamingTopK:
