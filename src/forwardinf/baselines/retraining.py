@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
 from tqdm.auto import tqdm
 
-from forwardinf.core.params import mode
+from forwardinf.core.params import device_of, mode
 from forwardinf.data.inputs import DataLike, as_dataset, batches, to_device
 from forwardinf.estimators.base import Estimator, check_choice, check_positive
 from forwardinf.hashing import fingerprint, sha256_hex
@@ -85,7 +85,7 @@ class LossProbe:
         self.batch_size = batch_size
 
     def __call__(self, model: nn.Module) -> Tensor:
-        device = _device_of(model)
+        device = device_of(model)
         out = []
         with torch.no_grad(), mode(model, False):
             for _, batch in batches(self.data, self.batch_size):
@@ -97,7 +97,7 @@ class AccuracyProbe(LossProbe):
     """Per-example correctness (1.0 / 0.0) of a classifier on ``(inputs, targets)`` batches: ``[n]``."""
 
     def __call__(self, model: nn.Module) -> Tensor:
-        device = _device_of(model)
+        device = device_of(model)
         out = []
         with torch.no_grad(), mode(model, False):
             for _, batch in batches(self.data, self.batch_size):
@@ -105,11 +105,6 @@ class AccuracyProbe(LossProbe):
                 inputs, targets = (batch["inputs"], batch["targets"]) if isinstance(batch, dict) else (batch[0], batch[1])
                 out.append((model(inputs).argmax(-1) == targets).double().cpu())
         return torch.cat(out)
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 # ------------------------------------------------------------------------------- datasets

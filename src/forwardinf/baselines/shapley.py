@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from forwardinf.baselines.retraining import AccuracyProbe, LossProbe, TrainFn, subset_of
-from forwardinf.core.params import mode
+from forwardinf.core.params import device_of, mode
 from forwardinf.data.inputs import DataLike, as_dataset, batches, to_device
 from forwardinf.estimators.base import Estimator, check_choice, check_positive
 from forwardinf.hashing import fingerprint, sha256_hex
@@ -312,8 +312,7 @@ class KNNShapley(Estimator):
             return seen[-1]
 
     def _device(self) -> torch.device:
-        p = next(self.model.parameters(), None) if self.model is not None else None
-        return p.device if p is not None else torch.device("cpu")
+        return device_of(self.model) if self.model is not None else torch.device("cpu")
 
     # -- influence --------------------------------------------------------------------------
     def influence(self, queries: DataLike, joint: bool = False) -> Tensor:
@@ -414,7 +413,7 @@ def check_data(data: Any, name: str, model: nn.Module | None, task: Task | None,
         if model is not None and task is not None:
             with mode(model, False):
                 try:
-                    task.validate(model, to_device(batch, _device_of(model)))
+                    task.validate(model, to_device(batch, device_of(model)))
                 except ValueError as e:
                     raise ValueError(f"{name}: {e}") from e
                 except (RuntimeError, IndexError) as e:  # e.g. a shape mismatch inside the model
@@ -468,7 +467,7 @@ class LastLayerTrainer:
                     if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= head.out_features):
                         raise ValueError(f"LastLayerTrainer: labels must lie in [0, {head.out_features}), got "
                                          f"[{int(targets.min())}, {int(targets.max())}]")
-                    self.model(to_device(inputs, _device_of(self.model)))
+                    self.model(to_device(inputs, device_of(self.model)))
                     feats.append(seen.pop().flatten(1))
                     labels.append(targets.to(feats[-1].device))
         finally:
@@ -681,7 +680,7 @@ class TMCShapley(Estimator):
             batch = next(batches(probe.data, 1))[1]
             inputs = batch["inputs"] if isinstance(batch, dict) else batch[0]
             with torch.no_grad(), mode(self.full_model_, False):
-                out = self.full_model_(to_device(inputs, _device_of(self.full_model_)))
+                out = self.full_model_(to_device(inputs, device_of(self.full_model_)))
             if not torch.is_tensor(out) or out.ndim != 2:
                 raise ValueError("TMCShapley: empty='uniform' needs a classifier (logits [B, C]); pass empty=<number or module>")
             c = out.shape[1]
@@ -843,8 +842,3 @@ def _load(path: Path) -> dict[str, Any] | None:
         return torch.load(path, weights_only=True)
     except Exception:  # a damaged file: compute that permutation again
         return None
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")

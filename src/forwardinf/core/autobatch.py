@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from forwardinf.core.params import device_of
 from forwardinf.data.inputs import batch_len, to_device
 
 if TYPE_CHECKING:  # core imports nothing above it at run time
@@ -38,10 +39,9 @@ def activation_bytes(model: nn.Module, task: "Task", batch: Any) -> float:
     leaves = [batch] if torch.is_tensor(batch) else (list(batch.values()) if isinstance(batch, dict) else list(batch))
     total += sum(t.numel() * t.element_size() for t in leaves if torch.is_tensor(t))
     handles = [m.register_forward_hook(count) for m in model.modules()]
-    p = next(model.parameters(), None)
     try:
         with torch.no_grad():
-            task.loss(model, to_device(batch, p.device if p is not None else torch.device("cpu")))
+            task.loss(model, to_device(batch, device_of(model)))
     finally:
         for h in handles:
             h.remove()

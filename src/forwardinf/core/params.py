@@ -68,6 +68,12 @@ def fingerprint(module: nn.Module) -> list[tuple[str, Tensor]]:
     return [(n, t.detach().clone()) for n, t in module.state_dict(keep_vars=True).items()]
 
 
+def device_of(module: nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter (CPU for a module without parameters)."""
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 @contextlib.contextmanager
 def mode(module: nn.Module, train: bool) -> Iterator[nn.Module]:
     """Temporarily set train/eval on every submodule, restoring each one's own flag after."""

@@ -6,6 +6,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor, nn
 
+from forwardinf.core.params import device_of
 from forwardinf.data.inputs import DataLike, as_dataset
 from forwardinf.storage.topk import TopK
 from forwardinf.tasks.base import Task
@@ -68,8 +69,7 @@ class Estimator:
             raise NotFittedError(f"{type(self).__name__} is not fitted: call fit(train) before influence()")
 
     def _device(self) -> torch.device:
-        p = next(self.model.parameters(), None)
-        return p.device if p is not None else torch.device("cpu")
+        return device_of(self.model)
 
     def _dataset(self, data: DataLike, name: str) -> Any:
         return as_dataset(data, name)

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 
 import forwardinf as fi
+from forwardinf.core.params import device_of
 from forwardinf.data.inputs import as_dataset, gather, to_device
 from forwardinf.distributed import activation_bytes, auto_batch_size, init_distributed, score_to_store, shard_dataset
 from forwardinf.estimators.forward_inf import PRESETS, SCORES
@@ -344,11 +345,6 @@ def _label_by_prediction(queries: Dataset, model: nn.Module, device: torch.devic
     return TensorDataset(x, torch.where(y < 0, pred, y))
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 def _default_model(args: argparse.Namespace, device: torch.device) -> nn.Module:
     from forwardinf.data.loaders import load_digits
     from forwardinf.models import build_model
@@ -369,7 +365,7 @@ def build_estimator(args: argparse.Namespace, model: nn.Module, task: fi.Task, t
         overrides["params"] = args.params
     options = {**PRESETS[args.preset], **overrides, "query_chunk": args.query_chunk, "seed": args.seed}
     if args.batch_size == "auto":
-        probe = to_device(gather(train, range(min(8, len(train)))), _device_of(model))
+        probe = to_device(gather(train, range(min(8, len(train)))), device_of(model))
         score = options.get("score", "cosine")
         # in flight at once: the stacked query models, or the vmapped directional tangents (+ primal)
         n_models = max(args.query_chunk, 2 * min(8, options.get("n_directions", 16)) if score == "cosine" else 1)

@@ -18,6 +18,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from forwardinf.core.params import device_of
+
 DIFFUSERS_HINT = "the diffusion models need the optional package diffusers: pip install 'forwardinf[diffusion]'"
 
 
@@ -108,7 +110,7 @@ def train_denoiser(
     if images.ndim != 4:
         raise ValueError(f"train_denoiser: images must be [N, C, H, W], got shape {tuple(images.shape)}")
     gen = torch.Generator().manual_seed(seed)
-    device = next(unet.parameters()).device
+    device = device_of(unet)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=weight_decay)
     n, T = len(images), scheduler.config.num_train_timesteps
     losses = []
@@ -148,7 +150,7 @@ def generate(unet: nn.Module, scheduler: Any, n: int, *, steps: int = 50, seed: 
     sched.set_timesteps(steps)
     cfg = unet.config
     gen = torch.Generator().manual_seed(seed)
-    device = next(unet.parameters()).device
+    device = device_of(unet)
     x = torch.randn((n, cfg.in_channels, cfg.sample_size, cfg.sample_size), generator=gen).to(device)
     was_training = unet.training
     unet.eval()
