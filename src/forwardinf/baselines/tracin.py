@@ -184,16 +184,6 @@ class TracIn(GradientEstimator):
                 chosen.append(name)
         return chosen or patterns  # nothing matched: select_params reports the patterns
 
-    def _dataset(self, data: DataLike, name: str) -> Any:
-        if isinstance(data, Mapping) and data and all(torch.is_tensor(v) for v in data.values()):
-            from forwardinf.tasks.language_model import DictDataset
-
-            try:
-                data = DictDataset(dict(data))
-            except ValueError as e:
-                raise ValueError(f"{name}: {e}") from e
-        return super()._dataset(data, name)
-
     def _load_queries(self, queries: DataLike) -> tuple[Any, Any]:
         """As the base check, but dict batches (``transformers`` inputs) may be padded to another
         length than the training data: they must have the same keys and tensor ranks."""
