@@ -1,4 +1,5 @@
 """Retraining ground truth on a strongly convex model, where influence functions are exact to first order."""
+import logging
 import os
 
 import numpy as np
@@ -171,7 +172,7 @@ class _Interrupting:
         return self.inner(data, seed)
 
 
-def test_resumed_run_equals_uninterrupted_run(problem, tmp_path):
+def test_resumed_run_equals_uninterrupted_run(problem, tmp_path, caplog):
     train = problem["train"]
     jobs = [(np.setdiff1d(np.arange(N_TRAIN), [i]), 0) for i in range(10)]
     probe = LossProbe(problem["queries"])
@@ -191,10 +192,20 @@ def test_resumed_run_equals_uninterrupted_run(problem, tmp_path):
     assert len(list(cache.glob("*.pt"))) == 10
     for a, b in zip(clean, resumed):
         assert torch.equal(a, b)
-    # a third run trains nothing
+    # a third run trains nothing, and says so
     again = _Interrupting(problem["newton"], 0)
-    run_trainings(again, train, jobs, probe, cache_dir=cache, config="tiny")
+    with caplog.at_level(logging.INFO, logger="forwardinf.baselines.retraining"):
+        run_trainings(again, train, jobs, probe, cache_dir=cache, config="tiny")
+    assert "10 of 10 trainings found" in caplog.text
     assert not [p for p in os.listdir(cache) if p.endswith(".tmp")]
+    # a damaged file is named and trained again, the others are reused
+    files[0].write_bytes(b"not a checkpoint")
+    fix = _Interrupting(problem["newton"], 10 ** 6)
+    with caplog.at_level(logging.INFO, logger="forwardinf.baselines.retraining"):
+        repaired = run_trainings(fix, train, jobs, probe, cache_dir=cache, config="tiny")
+    assert fix.calls == 1 and files[0].name in caplog.text
+    for a, b in zip(clean, repaired):
+        assert torch.equal(a, b)
 
 
 def test_cache_key_tracks_data_seed_and_recipe(problem, tmp_path):

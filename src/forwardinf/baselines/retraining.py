@@ -27,6 +27,7 @@ negated by :class:`TestToTrain`. Correlations between the two are unchanged.
 """
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import warnings
@@ -62,6 +63,8 @@ __all__ = [
     "TestToTrain",
     "Downsampling",
 ]
+
+logger = logging.getLogger(__name__)
 
 TrainFn = Callable[[Dataset, int], nn.Module]
 Job = tuple[Sequence[int], int]  # (positions in the pool, seed)
@@ -235,9 +238,10 @@ def run_trainings(
                 try:
                     results[j] = torch.load(paths[j], weights_only=False)
                     continue
-                except Exception:  # a damaged file: train again
-                    pass
+                except Exception as e:  # a damaged file: train again
+                    logger.warning("%s: unreadable cache file %s (%s); training again", desc, paths[j], e)
             todo.append(j)
+        logger.info("%s: %d of %d trainings found in %s", desc, len(norm_jobs) - len(todo), len(norm_jobs), cache)
 
     def finish(j: int, result: Any) -> None:
         results[j] = result

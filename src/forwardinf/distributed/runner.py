@@ -13,6 +13,7 @@ whose Hessian is fitted on the whole training set, cannot.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from forwardinf.distributed.context import DistContext, init_distributed
 from forwardinf.distributed.sharding import shard_dataset, shards_of_rank
 from forwardinf.storage.manifest import config_of, fingerprint_data, fingerprint_module, make_manifest
 from forwardinf.storage.store import ScoreStore
+
+logger = logging.getLogger(__name__)
 
 
 class BlockScorer(Protocol):
@@ -77,6 +80,7 @@ def fill_store(store: ScoreStore, scorer: BlockScorer, *, rank: int = 0, world_s
     start = time.perf_counter()
     todo = store.missing(stats.shards)
     stats.reused = len(stats.shards) * store.n_query_blocks - len(todo)
+    logger.info("rank %d: %d blocks of %s already on disk, %d to compute", rank, stats.reused, store.path, len(todo))
     with tqdm(total=len(todo), desc=f"blocks (rank {rank})", unit="block", disable=not progress) as bar:
         for s in stats.shards:
             blocks = [qb for qb, shard in todo if shard == s]
