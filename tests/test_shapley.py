@@ -186,6 +186,16 @@ def test_parallel_workers_give_the_same_values(game):
     torch.testing.assert_close(one, two)
 
 
+@pytest.mark.slow  # two more pools of spawned workers (~15 s)
+def test_parallel_early_stopping_stops_where_serial_does(game):
+    train, queries, zero, _, _ = game
+    # permutations are absorbed in order, so both stop after the same ones
+    kw = dict(permutations=500, empty=zero, tolerance=0.1, min_permutations=8)
+    serial, parallel = (TMCShapley(ridge, SquaredLoss(), workers=w, **kw).fit(train) for w in (1, 2))
+    torch.testing.assert_close(serial.influence(queries), parallel.influence(queries))
+    assert serial.diagnostics_["permutations"] == parallel.diagnostics_["permutations"] < 500
+
+
 # ------------------------------------------------------------------------------ a real classifier
 def logistic(data, seed):
     """Softmax regression on flattened digits, 25 full-batch Adam steps from a seeded init."""

@@ -27,13 +27,14 @@ negated by :class:`TestToTrain`. Correlations between the two are unchanged.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import os
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -162,9 +163,49 @@ def group_mean(scores: Tensor, members: Sequence[np.ndarray]) -> Tensor:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(train_fn: TrainFn, pool: Dataset, probe: Callable[[nn.Module], Any] | None, threads: int) -> None:
+def _init_worker(fn: Callable[..., Any], threads: int) -> None:
     torch.set_num_threads(threads)
-    _WORKER.update(train_fn=train_fn, pool=pool, probe=probe)
+    _WORKER["fn"] = fn
+
+
+def _call_worker(*args: Any) -> Any:
+    return _WORKER["fn"](*args)
+
+
+def process_map(fn: Callable[..., Any], jobs: Sequence[tuple], workers: int = 1) -> Iterator[tuple[int, Any]]:
+    """``(i, fn(*jobs[i]))`` in the order they finish.
+
+    ``workers == 1`` (or a single job) runs them here, one at a time. Otherwise in ``workers``
+    spawned processes that each receive ``fn`` once (its data are pickled per worker, not per job)
+    and share the CPU's threads. Closing the generator early (``break``) cancels the jobs not started.
+    """
+    if workers == 1 or len(jobs) <= 1:
+        for i, args in enumerate(jobs):
+            yield i, fn(*args)
+        return
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    ex = ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_init_worker, initargs=(fn, threads))
+    finished = False
+    try:
+        futures = {ex.submit(_call_worker, *args): i for i, args in enumerate(jobs)}
+        for fut in as_completed(futures):
+            yield futures[fut], fut.result()
+        finished = True
+    finally:
+        ex.shutdown(wait=finished, cancel_futures=not finished)
+
+
+def load_cached(path: Path, *, weights_only: bool = True) -> Any:
+    """The result saved at ``path``; None when there is none or it cannot be read (logged: the caller
+    computes it again)."""
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, weights_only=weights_only)
+    except Exception as e:  # a damaged file
+        logger.warning("unreadable cache file %s (%s); computing it again", path, e)
+        return None
 
 
 def _train_one(train_fn: TrainFn, pool: Dataset, probe: Any, indices: np.ndarray, seed: int) -> Any:
@@ -172,10 +213,6 @@ def _train_one(train_fn: TrainFn, pool: Dataset, probe: Any, indices: np.ndarray
     if not isinstance(model, nn.Module):
         raise TypeError(f"train_fn must return an nn.Module, got {type(model).__name__}")
     return probe(model) if probe is not None else model
-
-
-def _worker_job(indices: np.ndarray, seed: int) -> Any:
-    return _train_one(_WORKER["train_fn"], _WORKER["pool"], _WORKER["probe"], indices, seed)
 
 
 def run_trainings(
@@ -234,41 +271,20 @@ def run_trainings(
         todo = []
         for j, (idx, seed) in enumerate(norm_jobs):
             paths[j] = cache / f"{sha256_hex(base, idx.tobytes(), f';seed={seed}', length=32)}.pt"
-            if paths[j].is_file():
-                try:
-                    results[j] = torch.load(paths[j], weights_only=False)
-                    continue
-                except Exception as e:  # a damaged file: train again
-                    logger.warning("%s: unreadable cache file %s (%s); training again", desc, paths[j], e)
-            todo.append(j)
+            results[j] = load_cached(paths[j], weights_only=False)
+            if results[j] is None:
+                todo.append(j)
         logger.info("%s: %d of %d trainings found in %s", desc, len(norm_jobs) - len(todo), len(norm_jobs), cache)
-
-    def finish(j: int, result: Any) -> None:
-        results[j] = result
-        if paths[j] is not None:
-            atomic_save(result, paths[j])
 
     with tqdm(total=len(norm_jobs), initial=len(norm_jobs) - len(todo), desc=desc, disable=not progress,
               unit="model", leave=False) as bar:
-        if workers == 1 or len(todo) <= 1:
-            for j in todo:
-                idx, seed = norm_jobs[j]
-                finish(j, _train_one(train_fn, pool, probe, idx, seed))
-                bar.update(1)
-        else:
-            threads = max(1, (os.cpu_count() or 1) // workers)
-            ctx = multiprocessing.get_context("spawn")
-            ex = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx,
-                                     initializer=_init_worker, initargs=(train_fn, pool, probe, threads))
-            try:
-                futures = {ex.submit(_worker_job, *norm_jobs[j]): j for j in todo}
-                for fut in as_completed(futures):
-                    finish(futures[fut], fut.result())
-                    bar.update(1)
-            except BaseException:
-                ex.shutdown(wait=False, cancel_futures=True)
-                raise
-            ex.shutdown(wait=True)
+        train_one = functools.partial(_train_one, train_fn, pool, probe)
+        for i, result in process_map(train_one, [norm_jobs[j] for j in todo], workers):
+            j = todo[i]
+            results[j] = result
+            if paths[j] is not None:
+                atomic_save(result, paths[j])
+            bar.update(1)
     return results
 
 

@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import itertools
 import math
-import multiprocessing
 import os
 import warnings
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -40,7 +38,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from forwardinf.baselines.retraining import AccuracyProbe, LossProbe, TrainFn, subset_of
+from forwardinf.baselines.retraining import AccuracyProbe, LossProbe, TrainFn, load_cached, process_map, subset_of
 from forwardinf.core.params import device_of, mode
 from forwardinf.data.inputs import DataLike, as_dataset, batches, to_device
 from forwardinf.estimators.base import Estimator, check_choice, check_positive
@@ -554,18 +552,6 @@ class _Game:
         return {"marginals": marginals, "positions": torch.from_numpy(positions), "truncated_at": truncated_at}
 
 
-_WORKER: dict[str, Any] = {}
-
-
-def _init_worker(game: _Game, threads: int) -> None:
-    torch.set_num_threads(threads)
-    _WORKER["game"] = game
-
-
-def _worker_permutation(k: int) -> dict[str, Any]:
-    return _WORKER["game"].permutation(k)
-
-
 class TMCShapley(Estimator):
     """Truncated Monte-Carlo data Shapley (Ghorbani & Zou 2019) over a training function.
 
@@ -747,7 +733,7 @@ class TMCShapley(Estimator):
 
         todo = []
         for k in range(self.permutations):
-            cached = _load(paths[k]) if paths is not None else None
+            cached = load_cached(paths[k]) if paths is not None else None
             if cached is not None:
                 done[k] = cached
             else:
@@ -755,38 +741,18 @@ class TMCShapley(Estimator):
         absorb()
         with tqdm(total=self.permutations, initial=used, desc="TMC-Shapley", unit="perm",
                   disable=not self.progress, leave=False) as bar:
-            if self.workers == 1 or len(todo) <= 1:
-                for k in todo:
-                    if stopped:
-                        break
-                    done[k] = game.permutation(k)
+            if not stopped:
+                # leaving the loop once converged cancels the permutations not started
+                for i, result in process_map(game.permutation, [(k,) for k in todo], self.workers):
+                    k = todo[i]
                     if paths is not None:
-                        atomic_save(done[k], paths[k])
+                        atomic_save(result, paths[k])
+                    done[k] = result
                     before = used
                     absorb()
                     bar.update(used - before)
-            elif not stopped and todo:
-                threads = max(1, (os.cpu_count() or 1) // self.workers)
-                ctx = multiprocessing.get_context("spawn")
-                ex = ProcessPoolExecutor(max_workers=min(self.workers, len(todo)), mp_context=ctx,
-                                         initializer=_init_worker, initargs=(game, threads))
-                try:
-                    futures = {ex.submit(_worker_permutation, k): k for k in todo}
-                    for fut in as_completed(futures):
-                        k = futures[fut]
-                        result = fut.result()
-                        if paths is not None:
-                            atomic_save(result, paths[k])
-                        done[k] = result
-                        before = used
-                        absorb()
-                        bar.update(used - before)
-                        if stopped:
-                            break
-                except BaseException:
-                    ex.shutdown(wait=False, cancel_futures=True)
-                    raise
-                ex.shutdown(wait=not stopped, cancel_futures=True)
+                    if stopped:
+                        break
         s = stats()
         self.values_ = s["mean"]
         self.stderr_ = s["stderr"]
@@ -833,12 +799,3 @@ class TMCShapley(Estimator):
             check_positive(name, "tolerance", self.tolerance)
         if not (isinstance(self.empty, (nn.Module, int, float)) and not isinstance(self.empty, bool)) and self.empty != "uniform":
             raise ValueError(f"{name}: invalid empty={self.empty!r}; expected 'uniform', a number or an nn.Module")
-
-
-def _load(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        return torch.load(path, weights_only=True)
-    except Exception:  # a damaged file: compute that permutation again
-        return None
