@@ -105,6 +105,19 @@ def test_library_code_does_not_print():
     assert not offenders, "use logging (or return the text) instead of print: " + ", ".join(offenders)
 
 
+def test_library_code_does_not_import_matplotlib():
+    # matplotlib is the optional extra "plots": only the experiments' figures may use it
+    users = []
+    for name, path in _modules().items():
+        if name.startswith(PRINTING):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            mods = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                    else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            users += [f"{path.relative_to(SRC)}:{node.lineno}" for m in mods if m.split(".")[0] == "matplotlib"]
+    assert not users, users
+
+
 def test_no_absolute_machine_paths_in_the_library():
     # Data live where the loaders document (FORWARDINF_DATA, the user cache, Debian's dataset packages).
     allowed = re.compile(r"^/usr/share/datasets/")

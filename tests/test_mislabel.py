@@ -124,3 +124,14 @@ def test_unknown_method(tmp_path):
     args.dataset, args.data_root, args.out, args.seed, args.quiet = "digits", None, str(tmp_path), 0, True
     with pytest.raises(ValueError, match="bogus"):
         mislabel.run(args)
+
+
+def test_cli_asks_for_the_plots_extra_when_matplotlib_is_missing(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from forwardinf.cli import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: find_spec gives None
+    assert main(["mislabel", "--out", str(tmp_path), "--quiet"]) == 2
+    assert "pip install 'forwardinf[plots]'" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # refused before any work

@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 
 from forwardinf.experiments import EXPERIMENTS
+
+# Experiments whose figures need matplotlib (the optional extra "plots"; leakage and lds skip theirs without it).
+DRAWING = ("mislabel", "memorization", "hypothesis", "diffusion")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.experiment in DRAWING and importlib.util.find_spec("matplotlib") is None:
+        print(f"forwardinf {args.experiment}: error: its figures need matplotlib: pip install 'forwardinf[plots]'",
+              file=sys.stderr)
+        return 2
     try:
         args._module.run(args)
     except (ValueError, FileNotFoundError) as e:
