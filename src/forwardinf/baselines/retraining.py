@@ -55,6 +55,8 @@ __all__ = [
     "AccuracyProbe",
     "fingerprint",
     "run_trainings",
+    "process_map",
+    "load_cached",
     "subset_of",
     "concat",
     "group_members",
