@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import re
 from pathlib import Path
+from typing import Iterator
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -94,38 +95,35 @@ def test_import_graph_is_acyclic():
         visit(m)
 
 
-def test_library_code_does_not_print():
-    offenders = []
+def _nodes(library_only: bool) -> Iterator[tuple[str, ast.AST]]:
+    """``(file, node)`` over the syntax trees of the package (of the library part: no experiments, no cli)."""
     for name, path in _modules().items():
-        if name.startswith(PRINTING):
-            continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
-                offenders.append(f"{path.relative_to(SRC)}:{node.lineno}")
+        if not (library_only and name.startswith(PRINTING)):
+            for node in ast.walk(ast.parse(path.read_text())):
+                yield str(path.relative_to(SRC)), node
+
+
+def test_library_code_does_not_print():
+    offenders = [f"{f}:{node.lineno}" for f, node in _nodes(library_only=True)
+                 if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print"]
     assert not offenders, "use logging (or return the text) instead of print: " + ", ".join(offenders)
 
 
 def test_library_code_does_not_import_matplotlib():
     # matplotlib is the optional extra "plots": only the experiments' figures may use it
     users = []
-    for name, path in _modules().items():
-        if name.startswith(PRINTING):
-            continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            mods = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                    else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            users += [f"{path.relative_to(SRC)}:{node.lineno}" for m in mods if m.split(".")[0] == "matplotlib"]
+    for f, node in _nodes(library_only=True):
+        mods = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+        users += [f"{f}:{node.lineno}" for m in mods if m.split(".")[0] == "matplotlib"]
     assert not users, users
 
 
-def test_no_absolute_machine_paths_in_the_library():
+def test_no_absolute_machine_paths_in_the_package():
     # Data live where the loaders document (FORWARDINF_DATA, the user cache, Debian's dataset packages).
     allowed = re.compile(r"^/usr/share/datasets/")
-    found = []
-    for name, path in _modules().items():
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Constant) and isinstance(node.value, str):
-                for m in re.finditer(r"(?<![\w.~$}])/(?:work|home|mnt|data|tmp|Users|scratch)/[\w./-]*", node.value):
-                    if not allowed.match(m.group()):
-                        found.append(f"{path.relative_to(SRC)}: {m.group()}")
+    found = [f"{f}: {m.group()}" for f, node in _nodes(library_only=False)
+             if isinstance(node, ast.Constant) and isinstance(node.value, str)
+             for m in re.finditer(r"(?<![\w.~$}])/(?:work|home|mnt|data|tmp|Users|scratch)/[\w./-]*", node.value)
+             if not allowed.match(m.group())]
     assert not found, found
