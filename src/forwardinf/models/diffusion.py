@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from forwardinf.core.params import device_of
+from forwardinf.core.seeding import seeded
 
 DIFFUSERS_HINT = "the diffusion models need the optional package diffusers: pip install 'forwardinf[diffusion]'"
 
@@ -57,7 +58,7 @@ def build_unet(
         raise ValueError(f"every entry of block_out_channels={tuple(block_out_channels)} must be divisible by norm_num_groups={norm_num_groups}")
     down = ["AttnDownBlock2D" if attention and i == n - 1 else "DownBlock2D" for i in range(n)]
     up = ["AttnUpBlock2D" if attention and i == 0 else "UpBlock2D" for i in range(n)]
-    with _seeded(seed):
+    with seeded(seed):
         return diffusers.UNet2DModel(
             sample_size=sample_size, in_channels=channels, out_channels=channels,
             layers_per_block=layers_per_block, block_out_channels=tuple(block_out_channels),
@@ -178,13 +179,3 @@ def contiguous_group_norm(module: nn.Module) -> Iterator[nn.Module]:
     finally:
         for h in handles:
             h.remove()
-
-
-@contextlib.contextmanager
-def _seeded(seed: int | None) -> Iterator[None]:
-    if seed is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield

@@ -12,6 +12,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from forwardinf.core.seeding import seeded
+
 
 def _check_shape(input_shape: Sequence[int], n_classes: int) -> tuple[int, int, int]:
     if len(input_shape) != 3 or any(int(s) <= 0 for s in input_shape):
@@ -145,8 +147,5 @@ def build_model(name: str, input_shape: Sequence[int], n_classes: int, seed: int
     }
     if key not in builders:
         raise ValueError(f"unknown model {name!r}; choose one of {list(MODELS)}")
-    if seed is None:
-        return builders[key]()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         return builders[key]()
