@@ -4,7 +4,8 @@ Two settings, both with real retraining ground truth:
 
 convex (point-to-point, near-noiseless)
     L2-regularised multinomial logistic regression solved exactly (L-BFGS, then Newton to a
-    gradient of 1e-12; warm-started retrainings). For the validation points with the highest loss:
+    gradient of 1e-12; warm-started retrainings). The paper's setup (appendix B: L2 0.001,
+    scikit-learn inputs): --pixels unit --l2 1e-3. For the validation points with the highest loss:
     train-to-test influence by exact leave-one-out (N retrainings, shared by all queries) and
     test-to-train influence by adding each query and retraining; Pearson and Spearman over the
     training points per query, averaged. Extra columns: the influence-function estimate (closed
@@ -14,7 +15,11 @@ noisy (group-to-group)
     The paper's CNN without BatchNorm trained by SGD (lr 0.01, momentum 0.9, weight decay 1e-3,
     batch 64); 30 training groups with mislabel ratios linspace(0, 1, 30); a clean class-balanced
     validation set D_tst. Train-to-test: remove a group and retrain; test-to-train: add D_tst and
-    retrain; each loss averaged over R training runs. Forward-INF in joint mode (SGD ascent on
+    retrain; each loss averaged over R training runs. By default (--pairing crn) the trainings of one
+    run share common random numbers: the same initialisation and minibatch schedule over the slots
+    of all examples, absent examples' slots skipped, so SGD noise cancels in the paired differences.
+    The report gives each side's run-to-run agreement, the Spearman-Brown reliability of the R-run
+    means, the correlation ceiling they imply and the R it would need. Forward-INF in joint mode (SGD ascent on
     D_tst, lr 0.01, weight decay 1e-3, 2 steps: Table 7) on each run's model, against test-to-train.
 
 Retrainings run in --workers processes, show progress, and are cached under <out>/cache so an
@@ -373,7 +378,11 @@ class PairedCNNTrainer(CNNTrainer):
 
 
 def run_noisy(split: DataSplit, args: argparse.Namespace, cache: Path, progress: bool) -> dict:
-    """Remove-a-group vs add-the-validation-set retraining, averaged over ``--runs`` trainings."""
+    """Remove-a-group vs add-the-validation-set retraining, averaged over ``--runs`` trainings.
+
+    With ``--pairing crn`` the pool handed to the trainer carries each example's slot ``[n + nv]``
+    (:class:`PairedCNNTrainer`); the loss probes use the plain pool.
+    """
     n_train = args.n_train or NOISY_N_TRAIN.get(split.name, 1050)
     train_idx, x_val, y_val = split_train_val(split, n_train, args.val_size, args.seed)
     c = split.n_classes
