@@ -8,7 +8,9 @@ import torch
 from forwardinf import metrics as M
 from forwardinf.cli import main
 from forwardinf.data.loaders import load_digits
-from forwardinf.experiments.hypothesis import group_ratios, make_groups, split_train_val
+from forwardinf.baselines.retraining import run_trainings
+from forwardinf.experiments.hypothesis import (PairedCNNTrainer, group_ratios, make_groups, runs_needed,
+                                               spearman_brown, split_train_val)
 
 TINY_NOISY = ["--setting", "noisy", "--n-train", "60", "--groups", "4", "--runs", "2", "--epochs", "1",
               "--val-size", "40", "--width", "4", "--quiet"]
@@ -90,19 +92,23 @@ def test_tiny_convex_run_end_to_end(tmp_path):
     assert "Pearson" in (out / "report.md").read_text()
 
 
-def test_resumed_noisy_run_equals_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("pairing", ["crn", "independent"])
+def test_resumed_noisy_run_equals_uninterrupted_run(tmp_path, pairing):
     cache = tmp_path / "cache"
-    first, _ = _run(tmp_path, "first", TINY_NOISY, cache)
+    tiny = [*TINY_NOISY, "--pairing", pairing]
+    first, _ = _run(tmp_path, "first", tiny, cache)
     files = sorted(cache.glob("*.pt"))
     assert len(files) == 2 * (4 + 2)  # runs x (groups + base + add-D_tst)
     # an interrupted run leaves some trainings finished and others not: drop half of them
     for f in files[::2]:
         f.unlink()
     kept = {f: f.stat().st_mtime_ns for f in files[1::2]}
-    resumed, out = _run(tmp_path, "resumed", TINY_NOISY, cache)
+    resumed, out = _run(tmp_path, "resumed", tiny, cache)
     assert all(f.stat().st_mtime_ns == t for f, t in kept.items())  # finished trainings not redone
     assert len(list(cache.glob("*.pt"))) == len(files)  # the missing ones were trained again
-    fresh, _ = _run(tmp_path, "fresh", TINY_NOISY, tmp_path / "other-cache")
+    fresh, _ = _run(tmp_path, "fresh", tiny, tmp_path / "other-cache")
+    info = first["config"]["details"]["noisy"]
+    assert info["pairing"] == pairing and 0.0 <= info["correlation_ceiling"] <= 1.0
     for name in ("noisy/retraining", "noisy/forward-inf"):
         for key in ("pearson", "spearman"):
             assert first["methods"][name][key] == resumed["methods"][name][key] == fresh["methods"][name][key]
@@ -111,6 +117,67 @@ def test_resumed_noisy_run_equals_uninterrupted_run(tmp_path):
     b = torch.load(out / "hypothesis_noisy_scores.pt")
     for k in a:
         assert torch.equal(a[k], b[k])
+
+
+def _digits_pool(n: int, n_absent: int):
+    d = load_digits()
+    x, y = d.x_train[: n + n_absent], d.y_train[: n + n_absent]
+    return x, y, torch.arange(n + n_absent)
+
+
+def _paired(pool_size: int, **kw) -> PairedCNNTrainer:
+    return PairedCNNTrainer((1, 8, 8), 10, **{"epochs": 2, "width": 4, "pool_size": pool_size, **kw})
+
+
+def _same(a, b) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_paired_trainer_is_seeded_and_keyed_by_slot_not_row_order():
+    x, y, slot = _digits_pool(120, 40)
+    fn = _paired(160, steps_per_epoch=2)
+    ds = torch.utils.data.TensorDataset(x[:120], y[:120], slot[:120])
+    base = fn(ds, 0)
+    assert _same(base, fn(ds, 0))  # bit-identical rerun
+    assert not _same(base, fn(ds, 1))  # the seed matters
+    perm = torch.randperm(120, generator=torch.Generator().manual_seed(5))
+    shuffled = torch.utils.data.TensorDataset(x[perm], y[perm], slot[perm])
+    assert _same(base, fn(shuffled, 0))  # the schedule follows the slots, not the rows
+    # through the retraining engine: a job that removes nothing is the base model, bit for bit
+    pool = torch.utils.data.TensorDataset(x, y, slot)
+    m1, m2 = run_trainings(fn, pool, [(np.arange(120), 0), (np.arange(120)[::-1].copy(), 0)])
+    assert _same(m1, base) and _same(m2, base)
+    with pytest.raises(ValueError, match="slots"):
+        _paired(100)(ds, 0)
+
+
+def test_paired_trainer_skips_absent_slots_exactly():
+    """One batch per epoch (full-batch SGD): removing points must equal SGD on the rest by hand."""
+    x, y, slot = _digits_pool(50, 10)
+    keep = torch.arange(3, 50)  # 3 points removed, 10 pool slots never present
+    fn = _paired(60, steps_per_epoch=1, epochs=3)
+    got = fn(torch.utils.data.TensorDataset(x[keep], y[keep], slot[keep]), 7)
+    ref = fn._model(7)
+    opt = torch.optim.SGD(ref.parameters(), lr=fn.lr, momentum=fn.momentum, weight_decay=fn.weight_decay)
+    for _ in range(3):
+        loss = torch.nn.functional.cross_entropy(ref(x[keep]), y[keep])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for p, q in zip(got.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)  # same maths, rows in another order
+
+
+def test_spearman_brown_and_runs_needed():
+    assert spearman_brown(0.23, 1) == pytest.approx(0.23)
+    assert spearman_brown(0.5, 3) == pytest.approx(0.75)
+    assert spearman_brown(-0.1, 5) == 0.0
+    assert runs_needed(1.0, 1.0, 0.8) == 1
+    # ceiling sqrt(rel_x rel_y) >= 0.8: with r_x = 0.23, r_y = 0.84 that needs R = 7
+    r = runs_needed(0.23, 0.84, 0.8)
+    ceiling = lambda k: np.sqrt(spearman_brown(0.23, k) * spearman_brown(0.84, k))  # noqa: E731
+    assert ceiling(r) >= 0.8 > ceiling(r - 1)
+    assert runs_needed(0.0, 0.9, 0.8) is None
 
 
 def test_bad_options_are_refused(tmp_path, capsys):

@@ -4,7 +4,8 @@ Two settings, both with real retraining ground truth:
 
 convex (point-to-point, near-noiseless)
     L2-regularised multinomial logistic regression solved exactly (L-BFGS, then Newton to a
-    gradient of 1e-12; warm-started retrainings). For the validation points with the highest loss:
+    gradient of 1e-12; warm-started retrainings). The paper's setup (appendix B: L2 0.001,
+    scikit-learn inputs): --pixels unit --l2 1e-3. For the validation points with the highest loss:
     train-to-test influence by exact leave-one-out (N retrainings, shared by all queries) and
     test-to-train influence by adding each query and retraining; Pearson and Spearman over the
     training points per query, averaged. Extra columns: the influence-function estimate (closed
@@ -14,7 +15,11 @@ noisy (group-to-group)
     The paper's CNN without BatchNorm trained by SGD (lr 0.01, momentum 0.9, weight decay 1e-3,
     batch 64); 30 training groups with mislabel ratios linspace(0, 1, 30); a clean class-balanced
     validation set D_tst. Train-to-test: remove a group and retrain; test-to-train: add D_tst and
-    retrain; each loss averaged over R training runs. Forward-INF in joint mode (SGD ascent on
+    retrain; each loss averaged over R training runs. By default (--pairing crn) the trainings of one
+    run share common random numbers: the same initialisation and minibatch schedule over the slots
+    of all examples, absent examples' slots skipped, so SGD noise cancels in the paired differences.
+    The report gives each side's run-to-run agreement, the Spearman-Brown reliability of the R-run
+    means, the correlation ceiling they imply and the R it would need. Forward-INF in joint mode (SGD ascent on
     D_tst, lr 0.01, weight decay 1e-3, 2 steps: Table 7) on each run's model, against test-to-train.
 
 Retrainings run in --workers processes, show progress, and are cached under <out>/cache so an
@@ -72,7 +77,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=None, help="retraining cache (default: <out>/cache)")
     g = p.add_argument_group("convex setting")
     g.add_argument("--n-queries", type=int, default=10, help="highest-loss validation points used (default: 10)")
-    g.add_argument("--l2", type=float, default=1e-3, help="L2 strength on the mean loss (default: 1e-3)")
+    g.add_argument("--l2", type=float, default=1e-3,
+                   help="L2 strength on the mean loss (default: 1e-3, the paper's stated value)")
+    g.add_argument("--sklearn-c", type=float, default=None,
+                   help="set the L2 strength as scikit-learn's C instead: l2 = 1 / (C * n_train) "
+                        "(sklearn minimises C * sum of losses + ||w||^2 / 2)")
+    g.add_argument("--pixels", choices=("standardized", "unit"), default="standardized",
+                   help="logistic-regression pixel scale: the loader's mean/std standardisation, or "
+                        "the raw intensities in [0, 1] (the usual scikit-learn input; default: standardized)")
     g.add_argument("--loo-points", type=int, default=None,
                    help="leave out only this many random training points (default: all, the paper); the "
                         "correlations are then over those points, the model is still trained on all")
@@ -85,6 +97,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mislabel-ratio", type=float, default=0.5,
                    help="overall mislabel ratio (Table 5); groups get linspace(0, 2r, G) (r <= 0.5) or "
                         "linspace(2r - 1, 1, G) (default: 0.5 = linspace(0, 1, 30))")
+    g.add_argument("--pairing", choices=("crn", "independent"), default="crn",
+                   help="crn (default): common random numbers, every training of one run shares the "
+                        "initialisation and the minibatch schedule, removed or absent examples' slots are "
+                        "skipped, so SGD noise cancels in the paired differences; independent: each "
+                        "training shuffles its own subset (the paper's recipe)")
     g.add_argument("--runs", type=int, default=5, help="training runs every loss is averaged over (default: 5)")
     g.add_argument("--epochs", type=int, default=None, help="SGD epochs (default: 10; CIFAR-10 20)")
     g.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (default: 0.01)")
@@ -121,7 +138,9 @@ def _check_args(args: argparse.Namespace) -> None:
         v = getattr(args, name)
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
-    for name in ("l2", "lr", "fi_lr", "convex_fi_lr"):
+    for name in ("l2", "lr", "fi_lr", "convex_fi_lr", "sklearn_c"):
+        if name == "sklearn_c" and args.sklearn_c is None:
+            continue
         if not getattr(args, name) > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if not 0.0 <= args.mislabel_ratio <= 1.0:
@@ -200,11 +219,15 @@ def run_convex(split: DataSplit, args: argparse.Namespace, cache: Path, progress
     n_train = args.n_train or min(CONVEX_N_TRAIN, len(split.y_train))
     train_idx, x_val, y_val = split_train_val(split, n_train, min(args.val_size, len(split.y_test)), args.seed)
     c = split.n_classes
-    xt, features = _convex_features(split.x_train[train_idx], args.features, c)
+    x_train = split.x_train[train_idx]
+    if args.pixels == "unit":
+        x_train, x_val = split.denormalize(x_train), split.denormalize(x_val)
+    xt, features = _convex_features(x_train, args.features, c)
     xv, _ = _convex_features(x_val, features, c)
     yt = split.y_train[train_idx]
     train = TensorDataset(xt.double(), yt)
-    n, l2 = len(yt), args.l2
+    n = len(yt)
+    l2 = args.l2 if args.sklearn_c is None else 1.0 / (args.sklearn_c * n)
 
     with _clock() as t_fit:
         model, h_inv = cvx.solve_reference(train, c, n, l2)
@@ -262,7 +285,7 @@ def run_convex(split: DataSplit, args: argparse.Namespace, cache: Path, progress
                                "gradient_dot_vs_test_to_train": corr(dot, t2t)["pearson"]},
     }
     info = {"n_train": n, "loo_points": k, "n_queries": nq, "val_size": len(y_val), "features": features,
-            "n_params": int((xt.shape[1] + 1) * c), "l2": l2, "val_accuracy": acc,
+            "n_params": int((xt.shape[1] + 1) * c), "l2": l2, "pixels": args.pixels, "val_accuracy": acc,
             "query_losses": val_losses[q].tolist(), "fit_seconds": t_fit["seconds"],
             "fit_cpu_seconds": t_fit["cpu_seconds"],
             "max_grad": cvx.max_gradient(model, train, n, l2)}
@@ -293,21 +316,73 @@ class CNNTrainer:
     batch_size: int = 64
     width: int = 32
 
-    def __call__(self, data: Any, seed: int) -> nn.Module:
+    def _model(self, seed: int) -> nn.Module:
         from forwardinf.models import build_model
-        from forwardinf.training import train_classifier
 
         # 28x28 / 32x32: the classic unpadded layout (fc input 4 * 4 * 64 on MNIST); 8x8 digits need padding.
         padding = 0 if min(self.input_shape[1:]) >= 28 else 2
-        model = build_model("cnn", self.input_shape, self.n_classes, seed=seed, width=self.width,
-                            batchnorm=False, padding=padding)
+        return build_model("cnn", self.input_shape, self.n_classes, seed=seed, width=self.width,
+                           batchnorm=False, padding=padding)
+
+    def __call__(self, data: Any, seed: int) -> nn.Module:
+        from forwardinf.training import train_classifier
+
         x, y = gather(data, range(len(data)))[:2]
-        return train_classifier(model, (x, y), epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
-                                optimizer="sgd", momentum=self.momentum, weight_decay=self.weight_decay, seed=seed)
+        return train_classifier(self._model(seed), (x, y), epochs=self.epochs, lr=self.lr,
+                                batch_size=self.batch_size, optimizer="sgd", momentum=self.momentum,
+                                weight_decay=self.weight_decay, seed=seed)
+
+
+@dataclass
+class PairedCNNTrainer(CNNTrainer):
+    """:class:`CNNTrainer` with common random numbers: every training of one seed shares one schedule.
+
+    ``data`` holds ``(x, y, slot)``: ``slot`` is each example's position in the pool of all
+    ``pool_size`` examples that any training may use (training set + D_tst). One seed fixes the
+    initialisation and, per epoch, a permutation of the pool's slots cut into ``steps_per_epoch``
+    batches; a training on a subset walks the same batches and skips the slots of absent examples
+    (each batch's loss is the mean over its present examples). Removing a group or adding D_tst
+    therefore changes only the batches those examples sit in, and the SGD noise (initialisation,
+    order) cancels in the paired difference ``L(A(D \\ D_i)) - L(A(D))`` instead of adding to it.
+    ``steps_per_epoch`` is the base recipe's ``ceil(n_train / batch_size)``, so the base model
+    sees batches of ``batch_size`` examples on average, as in :class:`CNNTrainer`.
+    """
+
+    pool_size: int = 0
+    steps_per_epoch: int = 1
+
+    def __call__(self, data: Any, seed: int) -> nn.Module:
+        x, y, slot = gather(data, range(len(data)))[:3]
+        if slot.numel() and (int(slot.min()) < 0 or int(slot.max()) >= self.pool_size):
+            raise ValueError(f"slots must lie in [0, {self.pool_size}), got {int(slot.min())}..{int(slot.max())}")
+        row = torch.full((self.pool_size,), -1, dtype=torch.long)
+        row[slot.long()] = torch.arange(len(slot))
+        model = self._model(seed)
+        opt = torch.optim.SGD(model.parameters(), lr=self.lr, momentum=self.momentum,
+                              weight_decay=self.weight_decay)
+        gen = torch.Generator().manual_seed(seed)
+        model.train()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for _ in range(self.epochs):
+                for chunk in torch.tensor_split(torch.randperm(self.pool_size, generator=gen), self.steps_per_epoch):
+                    present = row[chunk]
+                    present = present[present >= 0]
+                    if len(present) == 0:
+                        continue
+                    loss = F.cross_entropy(model(x[present]), y[present])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+        return model.eval()
 
 
 def run_noisy(split: DataSplit, args: argparse.Namespace, cache: Path, progress: bool) -> dict:
-    """Remove-a-group vs add-the-validation-set retraining, averaged over ``--runs`` trainings."""
+    """Remove-a-group vs add-the-validation-set retraining, averaged over ``--runs`` trainings.
+
+    With ``--pairing crn`` the pool handed to the trainer carries each example's slot ``[n + nv]``
+    (:class:`PairedCNNTrainer`); the loss probes use the plain pool.
+    """
     n_train = args.n_train or NOISY_N_TRAIN.get(split.name, 1050)
     train_idx, x_val, y_val = split_train_val(split, n_train, args.val_size, args.seed)
     c = split.n_classes
@@ -316,14 +391,20 @@ def run_noisy(split: DataSplit, args: argparse.Namespace, cache: Path, progress:
     train, val = TensorDataset(x, y), TensorDataset(x_val, y_val)
     n, nv, runs = len(y), len(y_val), list(range(args.seed, args.seed + args.runs))
     epochs = args.epochs or NOISY_EPOCHS.get(split.name, 10)
-    train_fn = CNNTrainer(tuple(split.input_shape), c, epochs, args.lr, args.momentum, args.weight_decay,
-                          args.batch_size, args.width)
+    recipe = (tuple(split.input_shape), c, epochs, args.lr, args.momentum, args.weight_decay,
+              args.batch_size, args.width)
     pool = concat(train, val)
     everyone = np.arange(n)
     probe = LossProbe(pool)
+    if args.pairing == "crn":
+        train_fn: CNNTrainer = PairedCNNTrainer(*recipe, pool_size=n + nv,
+                                                steps_per_epoch=-(-n // args.batch_size))
+        train_pool = TensorDataset(*pool.tensors, torch.arange(n + nv))  # + each example's slot
+    else:
+        train_fn, train_pool = CNNTrainer(*recipe), pool
 
     with _clock() as t_ret:
-        base_models = run_trainings(train_fn, pool, [(everyone, r) for r in runs], None, workers=args.workers,
+        base_models = run_trainings(train_fn, train_pool, [(everyone, r) for r in runs], None, workers=args.workers,
                                     cache_dir=cache, progress=progress, desc="noisy base models")
         base = torch.stack([probe(m) for m in base_models]).double()  # [R, n + nv]
         # Run-major order: an interrupted run leaves whole runs finished, so a rerun with fewer
@@ -331,7 +412,7 @@ def run_noisy(split: DataSplit, args: argparse.Namespace, cache: Path, progress:
         g = len(members)
         jobs = [job for r in runs
                 for job in [(np.setdiff1d(everyone, m), r) for m in members] + [(np.arange(n + nv), r)]]
-        res = run_trainings(train_fn, pool, jobs, probe, workers=args.workers, cache_dir=cache,
+        res = run_trainings(train_fn, train_pool, jobs, probe, workers=args.workers, cache_dir=cache,
                             progress=progress, desc="noisy retraining")
         res = torch.stack(res).double().view(len(runs), g + 1, -1)  # [R, G + 1, n + nv]
         left_out = res[:, :g].transpose(0, 1)  # [G, R, n + nv]
@@ -361,7 +442,7 @@ def run_noisy(split: DataSplit, args: argparse.Namespace, cache: Path, progress:
                               "compares": "Forward-INF (joint, per run, averaged) vs add D_tst (test->train)",
                               "vs_train_to_test": corr(forward_inf, train_to_test)},
     }
-    info = {**_run_agreement(per_run_ttt, per_run_t2t), "n_train": n, "val_size": nv, "groups": len(members), "group_size": int(len(members[0])),
+    info = {**_run_agreement(per_run_ttt, per_run_t2t), "pairing": args.pairing, "n_train": n, "val_size": nv, "groups": len(members), "group_size": int(len(members[0])),
             "mislabel_ratio": float(flipped.double().mean()), "runs": len(runs), "epochs": epochs,
             "val_accuracy_per_run": accs, "ratios": ratios.tolist()}
     arrays = {"train_to_test": train_to_test, "test_to_train": test_to_train, "forward_inf": forward_inf,
@@ -369,17 +450,41 @@ def run_noisy(split: DataSplit, args: argparse.Namespace, cache: Path, progress:
     return {"methods": methods, "info": info, "arrays": arrays}
 
 
-def _run_agreement(train_to_test: Tensor, test_to_train: Tensor) -> dict:
+def spearman_brown(r: float, runs: int) -> float:
+    """Reliability of the mean of ``runs`` runs whose single runs agree at correlation ``r``."""
+    return runs * r / (1 + (runs - 1) * r) if r > 0 else 0.0
+
+
+def runs_needed(r_x: float, r_y: float, target: float, limit: int = 10_000) -> int | None:
+    """Fewest runs ``R`` whose ceiling ``sqrt(rel_x(R) rel_y(R))`` reaches ``target`` (None: not by ``limit``).
+
+    The ceiling is what two perfectly related quantities, each measured as a mean of ``R`` noisy
+    runs, can show as their correlation (Spearman-Brown, attenuation by unreliability).
+    """
+    for runs in range(1, limit + 1):
+        if np.sqrt(spearman_brown(r_x, runs) * spearman_brown(r_y, runs)) >= target:
+            return runs
+    return None
+
+
+def _run_agreement(train_to_test: Tensor, test_to_train: Tensor, target: float = 0.8) -> dict:
     """How reproducible each side is across training runs: mean Spearman between runs ``[R, G]``.
 
     Low agreement means a side is dominated by the randomness of SGD (initialisation, order), and
-    averaging ``R`` runs cannot make it correlate with anything better than it correlates with itself.
+    averaging ``R`` runs cannot make it correlate with anything better than it correlates with itself:
+    also returns the reliability of the ``R``-run means, the correlation ceiling they imply and the
+    runs the ceiling would need to reach ``target``.
     """
-    out = {}
+    out: dict = {}
     r = train_to_test.shape[0]
     for name, v in (("train_to_test", train_to_test), ("test_to_train", test_to_train)):
         pairs = [M.spearman(v[a], v[b]) for a in range(r) for b in range(a + 1, r)]
         out[f"{name}_run_agreement"] = float(np.mean(pairs)) if pairs else float("nan")
+        out[f"{name}_reliability"] = spearman_brown(out[f"{name}_run_agreement"], r) if pairs else float("nan")
+    if r > 1:
+        out["correlation_ceiling"] = float(np.sqrt(out["train_to_test_reliability"] * out["test_to_train_reliability"]))
+        out[f"runs_for_ceiling_{target}"] = runs_needed(out["train_to_test_run_agreement"],
+                                                        out["test_to_train_run_agreement"], target)
     return out
 
 
