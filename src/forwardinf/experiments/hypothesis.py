@@ -82,9 +82,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sklearn-c", type=float, default=None,
                    help="set the L2 strength as scikit-learn's C instead: l2 = 1 / (C * n_train) "
                         "(sklearn minimises C * sum of losses + ||w||^2 / 2)")
-    g.add_argument("--pixels", choices=("standardized", "unit"), default="standardized",
+    g.add_argument("--pixels", choices=("standardized", "unit"), default="unit",
                    help="logistic-regression pixel scale: the loader's mean/std standardisation, or "
-                        "the raw intensities in [0, 1] (the usual scikit-learn input; default: standardized)")
+                        "the raw intensities in [0, 1] (the usual scikit-learn input and the paper's; default: unit)")
     g.add_argument("--loo-points", type=int, default=None,
                    help="leave out only this many random training points (default: all, the paper); the "
                         "correlations are then over those points, the model is still trained on all")
