@@ -37,12 +37,15 @@ N_CHECKPOINTS = 5
 # default), ``forward-inf-<preset>`` for every preset and ``forward-inf-<score>`` for every score of
 # ForwardINF (so a new score or preset is a method name at once), and ``forward-inf-tail``
 # (TailForwardINF from the last top-level module holding parameters on; --option
-# forward-inf-tail.split=NAME picks another).
+# forward-inf-tail.split=NAME picks another), ``forward-inf-invariant`` (InvariantForwardINF: the
+# update averages over shifted / mirrored views of each query; mirrored only where a flip keeps the
+# label, see data.augment.flip_is_sensible).
 FORWARD_INF_VARIANTS: dict[str, dict[str, Any]] = {
     "forward-inf": {},
     **{f"forward-inf-{p}": {"preset": p} for p in _FI_PRESETS if p != "default"},
     **{f"forward-inf-{s}": {"score": s} for s in _FI_SCORES if s not in _FI_PRESETS},
     "forward-inf-tail": {"tail": True},
+    "forward-inf-invariant": {"invariant": True},
 }
 TRAJECTORY_MB = 1024  # parameter snapshots beyond this are thinned (TrajectoryRecorder's ``every``)
 
@@ -98,6 +101,13 @@ def make_method(name: str, model: torch.nn.Module, prepared: "Prepared", progres
         if kw.pop("tail", False):
             kw.setdefault("split", default_split(model))
             return fi.TailForwardINF(model, fi.ClassificationTask(), progress=progress, **kw)
+        if kw.pop("invariant", False):
+            from forwardinf.data.augment import flip_is_sensible
+            from forwardinf.estimators.invariant import InvariantForwardINF
+
+            if prepared.split is not None:
+                kw.setdefault("flip", flip_is_sensible(prepared.split.name))
+            return InvariantForwardINF(model, fi.ClassificationTask(), progress=progress, **kw)
         if name in FORWARD_INF_VARIANTS:
             preset = kw.pop("preset", "default")
             return fi.ForwardINF.preset(preset, model, fi.ClassificationTask(), progress=progress, **kw)
@@ -154,8 +164,9 @@ def prepare_classifier(args: argparse.Namespace, progress: bool = False) -> Prep
     if args.n_train:
         split = subset(split, n_train=args.n_train, seed=args.seed)
     recipe = dict(DEFAULTS.get(split.name, DEFAULTS["digits"]))
-    for key, value in (("model", args.model), ("epochs", args.epochs), ("lr", args.train_lr)):
-        if value is not None:
+    for key, value in (("model", args.model), ("epochs", args.epochs), ("lr", args.train_lr),
+                       ("augment", getattr(args, "train_augment", None))):
+        if value is not None:  # (an unset augment stays out of the config: cache keys unchanged)
             recipe[key] = value
     model_kw = {"width": args.width} if args.width else {}
     model_name = recipe.pop("model")
@@ -216,7 +227,7 @@ def _train_with_checkpoints(model: torch.nn.Module, split: DataSplit, recipe: di
     epochs = recipe["epochs"]
     stages = [e for e in torch.linspace(0, epochs, N_CHECKPOINTS + 1).round().int().tolist()[1:]]
     done, checkpoints = 0, []
-    kw = {k: recipe[k] for k in ("lr", "batch_size", "optimizer", "weight_decay")}
+    kw = {k: recipe[k] for k in ("lr", "batch_size", "optimizer", "weight_decay", "augment") if k in recipe}
     recorder, train = None, split.train()
     context: Any = contextlib.nullcontext(train)
     if record:
