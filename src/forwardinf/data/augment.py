@@ -130,8 +130,13 @@ def _clamp_like(out: Tensor, x: Tensor) -> Tensor:
     return out.clamp(x.amin(dim=(2, 3), keepdim=True), x.amax(dim=(2, 3), keepdim=True))
 
 
+def default_shift(height: int) -> int:
+    """The ``"shift"`` kind's default largest offset: 1 px on 8x8, 2 px on 28x28 / 32x32."""
+    return max(1, round(height / 16))
+
+
 def _check_shift(h: int, w: int, strength: float | None) -> int:
-    s = max(1, round(h / 16)) if strength is None else max(1, int(round(strength)))
+    s = default_shift(h) if strength is None else max(1, int(round(strength)))
     s = min(s, h - 1, w - 1) if min(h, w) > 1 else 0
     if s == 0:
         raise ValueError(f"images of size {h}x{w} are too small to shift")

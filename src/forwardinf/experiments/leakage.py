@@ -24,7 +24,7 @@ import forwardinf as fi
 from forwardinf.data.augment import ALL_KINDS, KINDS
 from forwardinf.training import AUGMENTATIONS
 from forwardinf.experiments.common import markdown_table, results_object, seed_everything, timer, warm_up, write_outputs
-from forwardinf.experiments.setup import (FORWARD_INF_VARIANTS, add_model_arguments, make_method, method_options,
+from forwardinf.experiments.setup import (FORWARD_INF_VARIANTS, IMAGE_VARIANTS, add_model_arguments, make_method, method_options,
                                           prepare_classifier)
 
 
@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--n-queries", type=int, default=50, help="training points copied into the query set (default: 50)")
     p.add_argument("--methods", default="forward-inf,forward-inf-paper",
-                   help="comma-separated methods: " + ", ".join(FORWARD_INF_VARIANTS) + ", pixel-nn, feature-nn"
+                   help="comma-separated methods: " + ", ".join([*FORWARD_INF_VARIANTS, *IMAGE_VARIANTS]) + ", pixel-nn, feature-nn"
                    + ", and the baselines (if-100, if-1000, if-10000, if-cg, tracin-1, tracin-3, tracin-5, "
                      "tracin-last, grad-cos, representer, knn-shapley, tmc-shapley, hydra, hydra-last, ...)")
     p.add_argument("--near", nargs="?", const="mix", default=None, metavar="KIND[,KIND...]",

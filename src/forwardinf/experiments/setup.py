@@ -37,16 +37,18 @@ N_CHECKPOINTS = 5
 # default), ``forward-inf-<preset>`` for every preset and ``forward-inf-<score>`` for every score of
 # ForwardINF (so a new score or preset is a method name at once), and ``forward-inf-tail``
 # (TailForwardINF from the last top-level module holding parameters on; --option
-# forward-inf-tail.split=NAME picks another), ``forward-inf-invariant`` (InvariantForwardINF: the
-# update averages over shifted / mirrored views of each query; mirrored only where a flip keeps the
-# label, see data.augment.flip_is_sensible).
+# forward-inf-tail.split=NAME picks another).
 FORWARD_INF_VARIANTS: dict[str, dict[str, Any]] = {
     "forward-inf": {},
     **{f"forward-inf-{p}": {"preset": p} for p in _FI_PRESETS if p != "default"},
     **{f"forward-inf-{s}": {"score": s} for s in _FI_SCORES if s not in _FI_PRESETS},
     "forward-inf-tail": {"tail": True},
-    "forward-inf-invariant": {"invariant": True},
 }
+# Image-only variants, accepted by make_method but kept out of FORWARD_INF_VARIANTS (whose every
+# entry other experiments run, e.g. lds's 'all'): ``forward-inf-invariant`` is InvariantForwardINF
+# (the update averages over shifted views of each query, mirrored ones scored apart; mirrors only
+# where a flip keeps the label, see data.augment.flip_is_sensible).
+IMAGE_VARIANTS: dict[str, dict[str, Any]] = {"forward-inf-invariant": {"invariant": True}}
 TRAJECTORY_MB = 1024  # parameter snapshots beyond this are thinned (TrajectoryRecorder's ``every``)
 
 
@@ -96,7 +98,7 @@ def make_method(name: str, model: torch.nn.Module, prepared: "Prepared", progres
     from forwardinf.baselines.registry import make_estimator
 
     name = name.split("@", 1)[0]
-    kw = {**FORWARD_INF_VARIANTS.get(name, {}), **(options or {})}
+    kw = {**FORWARD_INF_VARIANTS.get(name, IMAGE_VARIANTS.get(name, {})), **(options or {})}
     try:
         if kw.pop("tail", False):
             kw.setdefault("split", default_split(model))
@@ -105,8 +107,8 @@ def make_method(name: str, model: torch.nn.Module, prepared: "Prepared", progres
             from forwardinf.data.augment import flip_is_sensible
             from forwardinf.estimators.invariant import InvariantForwardINF
 
-            if prepared.split is not None:
-                kw.setdefault("flip", flip_is_sensible(prepared.split.name))
+            if prepared.split is not None and not flip_is_sensible(prepared.split.name):
+                kw.setdefault("flip", False)
             return InvariantForwardINF(model, fi.ClassificationTask(), progress=progress, **kw)
         if name in FORWARD_INF_VARIANTS:
             preset = kw.pop("preset", "default")
