@@ -87,15 +87,8 @@ def detection(scores: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
             "top10": float((ranks <= 10).float().mean()), "mean_rank": float(ranks.float().mean())}
 
 
-# Training augmentation per dataset under --train-augment auto: what real models of it train with.
-AUTO_AUGMENT = {"cifar10": "crop+flip"}
-
-
 def run(args: argparse.Namespace) -> dict:
     seed_everything(args.seed)
-    if args.train_augment in ("auto", "none"):
-        dataset = (args.dataset or "digits").lower().replace("-", "").replace("_", "")
-        args.train_augment = AUTO_AUGMENT.get(dataset) if args.train_augment == "auto" else None
     kinds = near_kinds(args.near)
     progress = not args.quiet and sys.stderr.isatty()
     prepared = prepare_classifier(args, progress=progress)

@@ -32,6 +32,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "mnist": dict(model="cnn", epochs=2, lr=0.01, batch_size=64, optimizer="sgd", weight_decay=0.0),
     "cifar10": dict(model="cnn", epochs=15, lr=0.01, batch_size=64, optimizer="sgd", weight_decay=5e-4),
 }
+# Training augmentation under ``--train-augment auto``: what real models of the dataset train with.
+AUTO_AUGMENT = {"cifar10": "crop+flip"}
 N_CHECKPOINTS = 5
 # Named Forward-INF variants every experiment accepts in --methods: ``forward-inf`` (the library
 # default), ``forward-inf-<preset>`` for every preset and ``forward-inf-<score>`` for every score of
@@ -166,8 +168,10 @@ def prepare_classifier(args: argparse.Namespace, progress: bool = False) -> Prep
     if args.n_train:
         split = subset(split, n_train=args.n_train, seed=args.seed)
     recipe = dict(DEFAULTS.get(split.name, DEFAULTS["digits"]))
-    for key, value in (("model", args.model), ("epochs", args.epochs), ("lr", args.train_lr),
-                       ("augment", getattr(args, "train_augment", None))):
+    augment = getattr(args, "train_augment", None)  # --train-augment: auto, none or a kind
+    if augment in ("auto", "none"):
+        augment = AUTO_AUGMENT.get(split.name) if augment == "auto" else None
+    for key, value in (("model", args.model), ("epochs", args.epochs), ("lr", args.train_lr), ("augment", augment)):
         if value is not None:  # (an unset augment stays out of the config: cache keys unchanged)
             recipe[key] = value
     model_kw = {"width": args.width} if args.width else {}
