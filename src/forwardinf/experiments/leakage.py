@@ -22,10 +22,10 @@ import torch
 
 import forwardinf as fi
 from forwardinf.data.augment import ALL_KINDS, KINDS
-from forwardinf.training import AUGMENTATIONS
 from forwardinf.experiments.common import markdown_table, results_object, seed_everything, timer, warm_up, write_outputs
-from forwardinf.experiments.setup import (FORWARD_INF_VARIANTS, IMAGE_VARIANTS, add_model_arguments, make_method, method_options,
-                                          prepare_classifier)
+from forwardinf.experiments.setup import (FORWARD_INF_VARIANTS, IMAGE_VARIANTS, add_model_arguments, make_method,
+                                          method_options, prepare_classifier)
+from forwardinf.training import AUGMENTATIONS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
