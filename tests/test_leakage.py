@@ -98,3 +98,31 @@ def test_cli_option_is_applied_and_recorded(tmp_path, capsys):
     assert results["config"]["options"] == {"forward-inf": {"score": "loss", "steps": 2}}
     assert main([*base, "--option", "forward-inf.stepz=2"]) == 2
     assert "stepz" in capsys.readouterr().err
+
+
+def test_near_kinds():
+    from forwardinf.data.augment import KINDS
+    from forwardinf.experiments.leakage import near_kinds
+
+    assert near_kinds(None) == ["exact"] and near_kinds("mix") == ["mix"]
+    assert near_kinds("exact, shift+flip") == ["exact", "shift+flip"]
+    assert near_kinds("all") == ["exact", *KINDS, "mix"]
+    with pytest.raises(ValueError, match="rotate"):
+        near_kinds("shift,rotate")
+
+
+def test_cli_near_kinds_share_one_fit(tmp_path):
+    out = tmp_path / "run"
+    argv = ["leakage", "--out", str(out), "--n-queries", "8", "--epochs", "10", "--quiet", "--near", "exact,noise,shift",
+            "--methods", "forward-inf,forward-inf-invariant,pixel-nn,feature-nn"]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["near"] == ["exact", "noise", "shift"]
+    for name, row in results["methods"].items():
+        assert set(row["kinds"]) == {"exact", "noise", "shift"}, name
+        assert row["top1"] == row["kinds"]["exact"]["top1"] and row["fit_cpu_seconds"] >= 0
+        assert all(k["query_cost_vs_exact"] > 0 for k in row["kinds"].values())
+    rows = results["methods"]
+    assert rows["forward-inf"]["kinds"]["exact"]["query_cost_vs_exact"] == 1.0
+    assert rows["forward-inf"]["top1"] >= 0.85 and rows["pixel-nn"]["top1"] == 1.0
+    assert rows["pixel-nn"]["kinds"]["noise"]["top1"] >= 0.85  # 0.1 std of noise: pixel space still finds it

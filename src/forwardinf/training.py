@@ -23,6 +23,7 @@ from forwardinf.data.inputs import as_dataset, batches, gather, to_device
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine")
+AUGMENTATIONS = ("crop+flip",)
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -39,18 +40,23 @@ def _xy(batch: Any) -> tuple[Any, Tensor]:
 def train_classifier(model: nn.Module, train: Any, *, epochs: int = 10, lr: float = 0.01,
                      batch_size: int = 64, optimizer: str = "sgd", momentum: float = 0.9,
                      weight_decay: float = 0.0, seed: int = 0, schedule: str = "constant",
-                     progress: bool = False) -> nn.Module:
+                     augment: str | None = None, progress: bool = False) -> nn.Module:
     """Train ``model`` in place with cross-entropy on ``train`` and return it in eval mode.
 
     ``train``: ``(x [N, ...], y [N])`` tensors, a Dataset or an unshuffled DataLoader of
     ``(inputs, targets)``. ``optimizer`` "sgd" (with ``momentum``) or "adam"; ``schedule``
-    "constant" or "cosine" (per-step cosine decay of ``lr`` to 0). A final batch of a single
-    example is skipped (BatchNorm cannot train on it).
+    "constant" or "cosine" (per-step cosine decay of ``lr`` to 0). ``augment`` None (default) or
+    "crop+flip": each batch of images ``[B, C, H, W]`` gets a random crop of the zero-padded image
+    and a random horizontal flip (``data.augment.crop_flip``, padding ``default_pad(H)``), drawn
+    from a generator of its own seeded by ``seed`` (deterministic; the shuffling order is the
+    same as without). A final batch of a single example is skipped (BatchNorm cannot train on it).
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if augment is not None and augment not in AUGMENTATIONS:
+        raise ValueError(f"augment must be None or one of {AUGMENTATIONS}, got {augment!r}")
     for name, v in (("epochs", epochs), ("batch_size", batch_size)):
         if not isinstance(v, int) or v < (0 if name == "epochs" else 1):
             raise ValueError(f"{name} must be a {'non-negative' if name == 'epochs' else 'positive'} int, got {v!r}")
@@ -69,6 +75,7 @@ def train_classifier(model: nn.Module, train: Any, *, epochs: int = 10, lr: floa
     sched = (torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
              if schedule == "cosine" else None)
     gen = torch.Generator().manual_seed(seed)
+    aug_gen = torch.Generator().manual_seed(seed + 104_729)  # its own stream: shuffling unchanged
     tensors = dataset.tensors if isinstance(dataset, TensorDataset) else None
 
     epoch_iter: Any = range(epochs)
@@ -87,6 +94,8 @@ def train_classifier(model: nn.Module, train: Any, *, epochs: int = 10, lr: floa
                     continue
                 batch = tuple(t[idx] for t in tensors) if tensors is not None else gather(dataset, idx.tolist())
                 x, y = _xy(to_device(batch, device))
+                if augment is not None:
+                    x = _augment(x, augment, aug_gen)
                 loss = F.cross_entropy(model(x), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -98,6 +107,15 @@ def train_classifier(model: nn.Module, train: Any, *, epochs: int = 10, lr: floa
             if progress:
                 epoch_iter.set_postfix(loss=f"{total_loss / max(seen, 1):.4f}")
     return model.eval()
+
+
+def _augment(x: Any, kind: str, gen: torch.Generator) -> Tensor:
+    from forwardinf.data.augment import crop_flip, default_pad
+
+    if not torch.is_tensor(x) or x.dim() != 4:
+        raise ValueError(f"augment={kind!r} needs image inputs [B, C, H, W], got "
+                         f"{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
+    return crop_flip(x, gen, default_pad(x.shape[-2]))
 
 
 @torch.no_grad()
@@ -210,6 +228,8 @@ def train_or_load(build_fn: Callable[[], nn.Module], train: Any, path: str | os.
         return train_classifier(model, train, **train_kw)
     kw = {**_TRAIN_DEFAULTS, **train_kw}
     kw.pop("progress")
+    if kw["augment"] is None:  # keys of models trained before augment existed stay valid
+        kw.pop("augment")
     key = {"train_kw": kw, "data": data_fingerprint(train), "init": state_fingerprint(model)}
     path = Path(path)
     if path.is_file():

@@ -11,6 +11,7 @@
 | ``grad-cos`` | ``TracIn(normalize=True)`` on the final model (gradient cosine) |
 | ``grad-dot`` | ``TracIn()`` on the final model (gradient dot product) |
 | ``representer`` | ``RepresenterPoint`` |
+| ``pixel-nn`` / ``feature-nn`` | ``NearestNeighbour`` in pixel / penultimate-feature space (references, :mod:`forwardinf.baselines.nearest`) |
 | ``knn-shapley`` | ``KNNShapley(k=10)`` on the penultimate-layer embedding (exact, closed form) |
 | ``tmc-shapley`` | ``TMCShapley(train_fn, permutations=20, truncation=0.05)``; ``train_fn`` defaults to ``LastLayerTrainer(model)`` |
 | ``hydra`` / ``hydra-last`` | ``HyDRA`` (fast form) over the recorded ``trajectory``, all layers / last layer |
@@ -54,6 +55,8 @@ METHODS = ("forward-inf", "if-100", "if-1000", "if-10000", "if-cg", "if-exact",
 # The peer libraries (optional installs): fit / influence per query only (no joint mode or
 # self-influence), so they stay out of METHODS and its contract suite.
 PEER_METHODS = tuple(PEERS)
+# Nearest-neighbour references (no attribution theory, no self-influence): outside METHODS too.
+REFERENCE_METHODS = ("pixel-nn", "feature-nn")
 
 # What each method needs beyond the model and task; absent = nothing.
 REQUIREMENTS: dict[str, frozenset[str]] = {
@@ -69,8 +72,8 @@ EXACT_ALL = 2_000  # if-exact uses all parameters only up to this many
 def requirements(name: str) -> frozenset[str]:
     """What method ``name`` needs from the training run: a subset of ``{"checkpoints", "trajectory"}``."""
     key = name.lower()
-    if key not in METHODS and key not in PEER_METHODS:
-        raise ValueError(f"unknown method {name!r}; expected one of {METHODS + PEER_METHODS}")
+    if key not in METHODS + PEER_METHODS + REFERENCE_METHODS:
+        raise ValueError(f"unknown method {name!r}; expected one of {METHODS + PEER_METHODS + REFERENCE_METHODS}")
     return REQUIREMENTS.get(key, frozenset())
 
 
@@ -104,6 +107,10 @@ def make_estimator(name: str, model: nn.Module, task: Task | None = None, *,
         else:
             defaults["params"] = None if n_params <= LARGE_MODEL else "last"
         return InfluenceFunction(model, task, **{**defaults, **kw})
+    if key in REFERENCE_METHODS:
+        from forwardinf.baselines.nearest import make_nearest
+
+        return make_nearest(key, model, task, **kw)
     if key in PEERS:
         extra: dict[str, Any] = {"dattri-if-lissa": {"solver": "lissa"}, "dattri-if-cg": {"solver": "cg"},
                                  "captum-tracincp": {"checkpoints": list(checkpoints or []) or None}}.get(key, {})

@@ -1,9 +1,11 @@
-"""Near-duplicate images for the harder leakage test: a training image, slightly altered, as a query.
+"""Near-duplicate images for the harder leakage test, and the augmentations models train with.
 
 :func:`near_duplicates` maps ``[N, C, H, W]`` images to altered copies of the same shape and dtype,
-reproducibly for a given ``seed``. It works in whatever space the images are in (normalised or
-[0, 1]): every strength is relative to the image itself (pixels, fraction of the side, fraction of
-the image's own standard deviation or range), so no normalisation constants are needed.
+reproducibly for a given ``seed``, with the labels unchanged (the caller keeps them). It works in
+whatever space the images are in (normalised or [0, 1]): every strength is relative to the image
+itself (pixels, fraction of the side, fraction of the image's own standard deviation or range), so
+no normalisation constants are needed. Every output pixel stays inside its source channel's own
+[min, max] range (the clamp stands in for clipping to [0, 1] in pixel space).
 
 Kinds and their ``strength`` (``None`` = the default in brackets):
 
@@ -12,39 +14,39 @@ Kinds and their ``strength`` (``None`` = the default in brackets):
 - ``"flip"``: mirror left-right (no strength). Not label-preserving for digits and letters (a
   mirrored 2 or 7 is not a digit), so :func:`flip_is_sensible` says no for digits / MNIST and the
   ``"mix"`` kind leaves flips out unless ``allow_flip=True``.
-- ``"crop"``: keep a random window of ``strength`` times the side and resize it back (bilinear)
-  [0.85; on 8x8 a 7x7 window].
+- ``"shift+flip"``: a ``"shift"`` then a flip (the strength is the shift's).
+- ``"crop"``: crop+resize: keep a random window of ``strength`` times the side and resize it back
+  (bilinear) [0.85; on 8x8 a 7x7 window].
 - ``"noise"``: add Gaussian noise with standard deviation ``strength`` times the image's own
   standard deviation [0.1].
-- ``"jpeg"``: JPEG-like lossy compression: each channel, rescaled to 0..255 by its own range, is
-  cut into 8x8 blocks (edge-padded), transformed by the orthonormal 2-D DCT-II, divided by the
-  standard JPEG luminance quantisation table times ``strength`` and rounded, then transformed
-  back [1.0, about JPEG quality 50; larger = coarser].
+- ``"jpeg"``: a real JPEG round trip through Pillow at quality ``strength`` (1-95, lower = coarser)
+  [75, Pillow's default]: each channel is mapped to 0..255 by its own range and rounded to 8 bits,
+  the image encoded as greyscale (1 channel) or RGB (3 channels: YCbCr with 4:2:0 chroma
+  subsampling, as real files are) JPEG, decoded, and mapped back.
+- ``"jitter"``: colour jitter: brightness (add ``b`` times the image's std), contrast (scale about
+  the image mean by ``c``) and, on 3-channel images, saturation (scale about the per-pixel channel
+  mean by ``s``), with ``b ~ U[-strength, strength]`` and ``c, s ~ U[1 - strength, 1 + strength]``
+  per image [0.2].
 - ``"mix"``: each image gets one kind drawn at random (see :func:`assign_kinds`) from the above.
+
+Training augmentation (:func:`crop_flip`, ``train_classifier(augment="crop+flip")``): the standard
+CIFAR recipe, a random crop of the zero-padded image (``pad`` pixels each side) and a random
+horizontal flip. :func:`views` gives the deterministic set of shifted / flipped copies of a query
+that augmentation-invariant Forward-INF averages over.
 """
 from __future__ import annotations
 
-import math
+import io
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-KINDS = ("shift", "flip", "crop", "noise", "jpeg")
+KINDS = ("shift", "flip", "shift+flip", "crop", "noise", "jpeg", "jitter")
 ALL_KINDS = ("mix",) + KINDS
+FLIP_KINDS = ("flip", "shift+flip")
 _NO_FLIP_DATASETS = ("digits", "mnist")
-
-# Annex K of the JPEG standard (ITU-T T.81): luminance quantisation table for quality 50.
-_JPEG_LUMA = torch.tensor([
-    [16, 11, 10, 16, 24, 40, 51, 61],
-    [12, 12, 14, 19, 26, 58, 60, 55],
-    [14, 13, 16, 24, 40, 57, 69, 56],
-    [14, 17, 22, 29, 51, 87, 80, 62],
-    [18, 22, 37, 56, 68, 109, 103, 77],
-    [24, 35, 55, 64, 81, 104, 113, 92],
-    [49, 64, 78, 87, 103, 121, 120, 101],
-    [72, 92, 95, 98, 112, 100, 103, 99],
-], dtype=torch.float64)
 
 
 def flip_is_sensible(dataset: str) -> bool:
@@ -57,7 +59,7 @@ def flip_is_sensible(dataset: str) -> bool:
 
 def assign_kinds(n: int, seed: int = 0, allow_flip: bool = False) -> list[str]:
     """The kind each of ``n`` images gets under ``kind="mix"`` (deterministic given ``seed``)."""
-    pool = [k for k in KINDS if allow_flip or k != "flip"]
+    pool = [k for k in KINDS if allow_flip or k not in FLIP_KINDS]
     g = torch.Generator().manual_seed(seed)
     picks = torch.randint(len(pool), (n,), generator=g)
     return [pool[int(i)] for i in picks]
@@ -67,9 +69,9 @@ def near_duplicates(x: Tensor, kind: str = "mix", seed: int = 0, strength: float
                     allow_flip: bool = False) -> Tensor:
     """Altered copies of images ``x`` ``[N, C, H, W]`` -> ``[N, C, H, W]`` (same dtype and device).
 
-    ``kind`` is one of ``"mix"``, ``"shift"``, ``"flip"``, ``"crop"``, ``"noise"``, ``"jpeg"`` (see
-    the module doc for each ``strength``); ``seed`` makes the result reproducible; ``allow_flip``
-    lets ``"mix"`` use flips (leave it False for digits). ``x`` is not modified.
+    ``kind`` is one of :data:`ALL_KINDS` (see the module doc for each ``strength``); ``seed``
+    makes the result reproducible; ``allow_flip`` lets ``"mix"`` use flips (leave it False for
+    digits). ``x`` is not modified.
     """
     if not torch.is_tensor(x) or x.dim() != 4:
         raise ValueError(f"x must be a tensor of images [N, C, H, W], got "
@@ -103,27 +105,62 @@ def _apply(x: Tensor, kind: str, seed: int, strength: float | None) -> Tensor:
         return _shift(x, g, strength)
     if kind == "flip":
         return x.flip(-1)
+    if kind == "shift+flip":
+        return _shift(x, g, strength).flip(-1)
     if kind == "crop":
         return _crop(x, g, 0.85 if strength is None else strength)
     if kind == "noise":
-        return _noise(x, g, 0.1 if strength is None else strength)
-    return _jpeg(x, 1.0 if strength is None else strength)
+        return _clamp_like(x + (0.1 if strength is None else strength) * _std(x) * _randn(x, g), x)
+    if kind == "jpeg":
+        return _jpeg(x, 75 if strength is None else strength)
+    return _jitter(x, g, 0.2 if strength is None else strength)
+
+
+def _std(x: Tensor) -> Tensor:
+    """Each image's own standard deviation ``[N, 1, 1, 1]``."""
+    return x.flatten(1).std(dim=1).clamp_min(1e-8).reshape(-1, 1, 1, 1)
+
+
+def _randn(x: Tensor, g: torch.Generator) -> Tensor:
+    return torch.randn(x.shape, generator=g, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
+
+
+def _clamp_like(out: Tensor, x: Tensor) -> Tensor:
+    """``out`` clamped to each source channel's [min, max] (pixel values stay in their range)."""
+    return out.clamp(x.amin(dim=(2, 3), keepdim=True), x.amax(dim=(2, 3), keepdim=True))
+
+
+def default_shift(height: int) -> int:
+    """The ``"shift"`` kind's default largest offset: 1 px on 8x8, 2 px on 28x28 / 32x32."""
+    return max(1, round(height / 16))
+
+
+def _check_shift(h: int, w: int, strength: float | None) -> int:
+    s = default_shift(h) if strength is None else max(1, int(round(strength)))
+    s = min(s, h - 1, w - 1) if min(h, w) > 1 else 0
+    if s == 0:
+        raise ValueError(f"images of size {h}x{w} are too small to shift")
+    return s
 
 
 def _shift(x: Tensor, g: torch.Generator, strength: float | None) -> Tensor:
     n, _, h, w = x.shape
-    s = max(1, round(h / 16)) if strength is None else max(1, int(round(strength)))
-    s = min(s, h - 1, w - 1) if min(h, w) > 1 else 0
-    if s == 0:
-        raise ValueError(f"images of size {h}x{w} are too small to shift")
+    s = _check_shift(h, w, strength)
     # Draw non-zero offsets: (0, 0) would be an exact duplicate, not a near one.
     side = 2 * s + 1
     code = torch.randint(side * side - 1, (n,), generator=g)
     code = code + (code >= (side * side) // 2).long()  # skip the centre (0, 0)
     dy, dx = (code // side - s).tolist(), (code % side - s).tolist()
-    padded = F.pad(x, (s, s, s, s), mode="replicate")
+    return _translate(x, dy, dx, s, "replicate")
+
+
+def _translate(x: Tensor, dy: list[int], dx: list[int], s: int, pad_mode: str) -> Tensor:
+    """Image ``i`` of ``x [N, C, H, W]`` moved by ``(dy[i], dx[i])`` pixels (|offsets| <= ``s``), the
+    uncovered border filled by ``pad_mode`` (``"replicate"`` or ``"constant"``: zeros)."""
+    _, _, h, w = x.shape
+    padded = F.pad(x, (s, s, s, s), mode=pad_mode)
     out = torch.empty_like(x)
-    for i in range(n):
+    for i in range(x.shape[0]):
         out[i] = padded[i, :, s - dy[i]: s - dy[i] + h, s - dx[i]: s - dx[i] + w]
     return out
 
@@ -143,39 +180,79 @@ def _crop(x: Tensor, g: torch.Generator, keep: float) -> Tensor:
     return out
 
 
-def _noise(x: Tensor, g: torch.Generator, strength: float) -> Tensor:
-    std = x.flatten(1).std(dim=1).clamp_min(1e-8).reshape(-1, 1, 1, 1)
-    eps = torch.randn(x.shape, generator=g, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
-    return x + strength * std * eps
+def _jpeg(x: Tensor, quality: float) -> Tensor:
+    from PIL import Image
 
-
-def _dct_matrix(n: int) -> Tensor:
-    """Orthonormal DCT-II matrix ``D`` [n, n]: coefficients = D @ block @ D.T."""
-    k = torch.arange(n, dtype=torch.float64).unsqueeze(1)
-    i = torch.arange(n, dtype=torch.float64).unsqueeze(0)
-    d = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
-    d[0] /= math.sqrt(2.0)
-    return d
-
-
-def _jpeg(x: Tensor, strength: float) -> Tensor:
+    q = int(round(quality))
+    if not 1 <= q <= 95:
+        raise ValueError(f"jpeg strength is the JPEG quality and must be in 1..95, got {quality}")
     n, c, h, w = x.shape
     xd = x.detach().to(torch.float64).cpu()
     lo = xd.amin(dim=(2, 3), keepdim=True)
-    hi = xd.amax(dim=(2, 3), keepdim=True)
-    span = (hi - lo).clamp_min(1e-12)
-    v = (xd - lo) / span * 255.0 - 128.0  # JPEG's level shift on an 8-bit scale
-    ph, pw = (-h) % 8, (-w) % 8
-    if ph or pw:
-        v = F.pad(v, (0, pw, 0, ph), mode="replicate")
-    hh, ww = v.shape[-2:]
-    # [N, C, HB, 8, WB, 8] -> blocks [N, C, HB, WB, 8, 8]
-    blocks = v.reshape(n, c, hh // 8, 8, ww // 8, 8).permute(0, 1, 2, 4, 3, 5)
-    d = _dct_matrix(8)
-    q = (_JPEG_LUMA * strength).clamp_min(1.0)
-    coef = d @ blocks @ d.T
-    coef = torch.round(coef / q) * q
-    rec = d.T @ coef @ d
-    rec = rec.permute(0, 1, 2, 4, 3, 5).reshape(n, c, hh, ww)[..., :h, :w]
-    rec = (rec + 128.0).clamp(0, 255) / 255.0 * span + lo
+    span = (xd.amax(dim=(2, 3), keepdim=True) - lo).clamp_min(1e-12)
+    pixels = ((xd - lo) / span * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()  # [N, C, H, W]
+    out = np.empty_like(pixels)
+    for i in range(n):
+        # RGB images are encoded as colour JPEG (chroma subsampled); any other channel count one
+        # greyscale JPEG per channel.
+        planes = [pixels[i].transpose(1, 2, 0)] if c == 3 else [p for p in pixels[i]]
+        decoded = []
+        for plane in planes:
+            buf = io.BytesIO()
+            Image.fromarray(plane, mode="RGB" if plane.ndim == 3 else "L").save(buf, format="JPEG", quality=q)
+            buf.seek(0)
+            decoded.append(np.asarray(Image.open(buf).convert("RGB" if plane.ndim == 3 else "L")))
+        out[i] = decoded[0].transpose(2, 0, 1) if c == 3 else np.stack(decoded)
+    rec = torch.from_numpy(out).to(torch.float64) / 255.0 * span + lo
     return rec.to(device=x.device, dtype=x.dtype)
+
+
+def _jitter(x: Tensor, g: torch.Generator, strength: float) -> Tensor:
+    n, c = x.shape[:2]
+
+    def uniform(lo: float, hi: float) -> Tensor:
+        u = torch.rand((n, 1, 1, 1), generator=g, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
+        return lo + (hi - lo) * u
+
+    brightness, contrast = uniform(-strength, strength), uniform(1 - strength, 1 + strength)
+    saturation = uniform(1 - strength, 1 + strength)
+    out = x + brightness * _std(x)
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    out = mean + contrast * (out - mean)
+    if c == 3:
+        grey = out.mean(dim=1, keepdim=True)
+        out = grey + saturation * (out - grey)
+    return _clamp_like(out, x)
+
+
+# --------------------------------------------------------------------------- training augmentation
+def crop_flip(x: Tensor, g: torch.Generator, pad: int) -> Tensor:
+    """The standard CIFAR training augmentation of a batch ``x [B, C, H, W]`` -> ``[B, C, H, W]``:
+    a random ``H x W`` crop of the image zero-padded by ``pad`` pixels each side (a random shift
+    by up to ``pad`` pixels; zero is the data mean of normalised inputs), then a horizontal flip
+    with probability 1/2. Draws come from ``g`` only (deterministic given its seed)."""
+    b = x.shape[0]
+    offsets = torch.randint(2 * pad + 1, (2, b), generator=g) - pad
+    flips = torch.rand(b, generator=g) < 0.5
+    out = _translate(x, offsets[0].tolist(), offsets[1].tolist(), pad, "constant") if pad > 0 else x.clone()
+    out[flips] = out[flips].flip(-1)
+    return out
+
+
+def default_pad(height: int) -> int:
+    """Crop padding for ``train_classifier(augment="crop+flip")``: 4 px on 32x32 (the standard
+    CIFAR recipe) and 28x28, 1 px on 8x8."""
+    return max(1, round(height / 8))
+
+
+def views(x: Tensor, shift: int, flip: bool) -> Tensor:
+    """Every translation of ``x [N, C, H, W]`` by offsets in ``[-shift, shift]^2`` (edges replicated),
+    each also mirrored when ``flip``: ``[N, V, C, H, W]`` with ``V = (2 shift + 1)^2 (1 + flip)``,
+    view 0 the image itself (and, with ``flip``, view ``V/2`` its mirror)."""
+    n = x.shape[0]
+    offsets = [(0, 0)] + [(dy, dx) for dy in range(-shift, shift + 1) for dx in range(-shift, shift + 1)
+                          if (dy, dx) != (0, 0)]
+    out = [x if (dy, dx) == (0, 0) else _translate(x, [dy] * n, [dx] * n, shift, "replicate") for dy, dx in offsets]
+    if flip:
+        out += [v.flip(-1) for v in out]
+    return torch.stack(out, 1)

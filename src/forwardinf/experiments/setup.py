@@ -32,6 +32,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "mnist": dict(model="cnn", epochs=2, lr=0.01, batch_size=64, optimizer="sgd", weight_decay=0.0),
     "cifar10": dict(model="cnn", epochs=15, lr=0.01, batch_size=64, optimizer="sgd", weight_decay=5e-4),
 }
+# Training augmentation under ``--train-augment auto``: what real models of the dataset train with.
+AUTO_AUGMENT = {"cifar10": "crop+flip"}
 N_CHECKPOINTS = 5
 # Named Forward-INF variants every experiment accepts in --methods: ``forward-inf`` (the library
 # default), ``forward-inf-<preset>`` for every preset and ``forward-inf-<score>`` for every score of
@@ -44,6 +46,11 @@ FORWARD_INF_VARIANTS: dict[str, dict[str, Any]] = {
     **{f"forward-inf-{s}": {"score": s} for s in _FI_SCORES if s not in _FI_PRESETS},
     "forward-inf-tail": {"tail": True},
 }
+# Image-only variants, accepted by make_method but kept out of FORWARD_INF_VARIANTS (whose every
+# entry other experiments run, e.g. lds's 'all'): ``forward-inf-invariant`` is InvariantForwardINF
+# (the update averages over shifted views of each query, mirrored ones scored apart; mirrors only
+# where a flip keeps the label, see data.augment.flip_is_sensible).
+IMAGE_VARIANTS: dict[str, dict[str, Any]] = {"forward-inf-invariant": {"invariant": True}}
 TRAJECTORY_MB = 1024  # parameter snapshots beyond this are thinned (TrajectoryRecorder's ``every``)
 
 
@@ -93,11 +100,18 @@ def make_method(name: str, model: torch.nn.Module, prepared: "Prepared", progres
     from forwardinf.baselines.registry import make_estimator
 
     name = name.split("@", 1)[0]
-    kw = {**FORWARD_INF_VARIANTS.get(name, {}), **(options or {})}
+    kw = {**FORWARD_INF_VARIANTS.get(name, IMAGE_VARIANTS.get(name, {})), **(options or {})}
     try:
         if kw.pop("tail", False):
             kw.setdefault("split", default_split(model))
             return fi.TailForwardINF(model, fi.ClassificationTask(), progress=progress, **kw)
+        if kw.pop("invariant", False):
+            from forwardinf.data.augment import flip_is_sensible
+            from forwardinf.estimators.invariant import InvariantForwardINF
+
+            if prepared.split is not None and not flip_is_sensible(prepared.split.name):
+                kw.setdefault("flip", False)
+            return InvariantForwardINF(model, fi.ClassificationTask(), progress=progress, **kw)
         if name in FORWARD_INF_VARIANTS:
             preset = kw.pop("preset", "default")
             return fi.ForwardINF.preset(preset, model, fi.ClassificationTask(), progress=progress, **kw)
@@ -154,8 +168,11 @@ def prepare_classifier(args: argparse.Namespace, progress: bool = False) -> Prep
     if args.n_train:
         split = subset(split, n_train=args.n_train, seed=args.seed)
     recipe = dict(DEFAULTS.get(split.name, DEFAULTS["digits"]))
-    for key, value in (("model", args.model), ("epochs", args.epochs), ("lr", args.train_lr)):
-        if value is not None:
+    augment = getattr(args, "train_augment", None)  # --train-augment: auto, none or a kind
+    if augment in ("auto", "none"):
+        augment = AUTO_AUGMENT.get(split.name) if augment == "auto" else None
+    for key, value in (("model", args.model), ("epochs", args.epochs), ("lr", args.train_lr), ("augment", augment)):
+        if value is not None:  # (an unset augment stays out of the config: cache keys unchanged)
             recipe[key] = value
     model_kw = {"width": args.width} if args.width else {}
     model_name = recipe.pop("model")
@@ -216,7 +233,7 @@ def _train_with_checkpoints(model: torch.nn.Module, split: DataSplit, recipe: di
     epochs = recipe["epochs"]
     stages = [e for e in torch.linspace(0, epochs, N_CHECKPOINTS + 1).round().int().tolist()[1:]]
     done, checkpoints = 0, []
-    kw = {k: recipe[k] for k in ("lr", "batch_size", "optimizer", "weight_decay")}
+    kw = {k: recipe[k] for k in ("lr", "batch_size", "optimizer", "weight_decay", "augment") if k in recipe}
     recorder, train = None, split.train()
     context: Any = contextlib.nullcontext(train)
     if record:

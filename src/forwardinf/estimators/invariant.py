@@ -1,0 +1,115 @@
+"""Augmentation-invariant Forward-INF: one update per query on the mean over its augmented views.
+
+A near-duplicate of a training image (shifted, mirrored) has a gradient unlike its source's, so
+plain Forward-INF, which moves the model along the query's own gradient, no longer ranks the source
+first. A model trained with crop+flip augmentation has seen each training image under every small
+shift and both mirrorings; :class:`InvariantForwardINF` therefore updates on the mean objective over
+the same family of views of the query (every shift in ``[-shift, shift]^2``, each also mirrored):
+the views of a shifted / mirrored copy include (nearly) its source itself, and the update no longer
+depends on which member of the family the query happens to be.
+
+Mirror images are handled apart by default (``flip="max"``): a second update on the mirrored
+query's views, and each training point keeps the better of its two scores, because a shift moves
+the gradient far less than a mirror does and one average over both families dilutes the update.
+
+Cost: the views multiply only the backward passes on the queries (``V`` per query, batched); the
+training set is swept by forward passes once per update, i.e. twice per query with
+``flip="max"`` (once with ``"mean"`` or ``False``) against once for :class:`ForwardINF`.
+
+The engine is ForwardINF's own: the views ride in the query batch as an extra input dimension
+``[Q, V, C, H, W]`` that :class:`ViewAveragedTask` folds into the batch and averages out, so the
+update is ``θ_q = θ ± lr · ∇ mean_v m(θ, view_v(q))`` (gradient of the mean loss over views).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from forwardinf.data.augment import default_shift, views
+from forwardinf.data.inputs import DataLike, gather
+from forwardinf.estimators.forward_inf import ForwardINF
+from forwardinf.tasks.base import Task
+from forwardinf.tasks.classification import ClassificationTask
+
+
+class ViewAveragedTask(Task):
+    """``task`` on batches whose image inputs may carry views: ``(inputs [B, V, C, H, W], targets
+    [B], ...)`` -> per-example values ``[B]``, each the mean over its ``V`` views; plain image
+    batches ``[B, C, H, W]`` pass through to ``task`` unchanged. Batches are ``(inputs, targets,
+    ...)`` tuples; every element after the inputs is repeated per view."""
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+
+    @staticmethod
+    def _fold(batch: Any) -> tuple[Any, int]:
+        """``(batch with views folded into the batch dim [B V, ...], V)``; ``V = 0``: no views."""
+        if not isinstance(batch, (tuple, list)) or not torch.is_tensor(batch[0]) or batch[0].dim() != 5:
+            return batch, 0
+        inputs = batch[0]
+        b, v = inputs.shape[:2]
+        rest = [t.unsqueeze(1).expand(b, v, *t.shape[1:]).reshape(b * v, *t.shape[1:]) for t in batch[1:]]
+        return (inputs.reshape(b * v, *inputs.shape[2:]), *rest), v
+
+    def _averaged(self, fn: Callable[[Any, Any], Tensor], model: Any, batch: Any) -> Tensor:
+        folded, v = self._fold(batch)
+        values = fn(model, folded)
+        return values if v == 0 else values.reshape(-1, v).mean(1)
+
+    def loss(self, model: Callable[..., Any], batch: Any) -> Tensor:
+        return self._averaged(self.task.loss, model, batch)
+
+    def score_loss(self, model: Callable[..., Any], batch: Any) -> Tensor:
+        return self._averaged(self.task.score_loss, model, batch)
+
+    def validate(self, model: Callable[..., Any], batch: Any) -> None:
+        self.task.validate(model, self._fold(batch)[0])
+
+
+class InvariantForwardINF(ForwardINF):
+    """Forward-INF whose query update averages over shifted (and mirrored) views of each query.
+
+    Args (keyword; the rest as :class:`ForwardINF`):
+        shift: largest translation in pixels of the views (every offset in ``[-shift, shift]^2``);
+            None (default): the near-duplicate shift's own default (``data.augment.default_shift``),
+            2 px on 28x28 / 32x32 images.
+        flip: how mirror images count: ``"max"`` (default) one more update per query on the
+            mirrored query's views, each training point scored by the better of the two (two
+            forward sweeps per query instead of one); ``True`` / ``"mean"`` the mirrored views join
+            the one average (one sweep); ``False`` no mirrors (digits, letters).
+
+    Queries are ``(inputs [Q, C, H, W], targets [Q])``; each update averages over
+    ``views_per_query_ = (2 shift + 1)^2`` views (twice that with ``flip="mean"``); each query
+    costs ``updates_per_query_`` forward sweeps of the training set (ForwardINF: 1).
+    """
+
+    def __init__(self, model: nn.Module, task: Task | None = None, *, shift: int | None = None,
+                 flip: bool | str = "max", **kwargs: Any) -> None:
+        super().__init__(model, ViewAveragedTask(task if task is not None else ClassificationTask()), **kwargs)
+        self.shift = shift
+        self.flip = flip
+
+    def influence(self, queries: DataLike, joint: bool = False, indices: Any = None) -> Tensor:
+        """Scores ``[n_query, n]`` (``[n]`` with ``joint``), each query updated on its views."""
+        self._check_fitted()
+        flip = {True: "mean", False: None, "mean": "mean", "max": "max"}.get(self.flip, "bad")
+        if flip == "bad":
+            raise ValueError(f"InvariantForwardINF: flip must be 'max', 'mean', True or False, got {self.flip!r}")
+        qset = self._dataset(queries, "queries")
+        batch = gather(qset, range(len(qset)))
+        if not isinstance(batch, (tuple, list)) or not torch.is_tensor(batch[0]) or batch[0].dim() != 4:
+            raise ValueError("InvariantForwardINF: queries must be (images [Q, C, H, W], targets [Q], ...)")
+        h, w = batch[0].shape[-2:]
+        shift = default_shift(h) if self.shift is None else self.shift
+        if not (isinstance(shift, int) and 0 <= shift < min(h, w)):
+            raise ValueError(f"InvariantForwardINF: shift must be an int in 0..{min(h, w) - 1}, got {self.shift!r}")
+        stacked = views(batch[0], shift, flip == "mean")  # [Q, V, C, H, W]
+        self.views_per_query_ = stacked.shape[1]
+        self.updates_per_query_ = 2 if flip == "max" else 1
+        scores = super().influence((stacked, *batch[1:]), joint=joint, indices=indices)
+        if flip != "max":
+            return scores
+        mirrored = super().influence((views(batch[0].flip(-1), shift, False), *batch[1:]), joint=joint, indices=indices)
+        return torch.maximum(scores, mirrored)
