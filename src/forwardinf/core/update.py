@@ -6,13 +6,14 @@ gets its own update, all in one set of tensor ops.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from forwardinf.core.params import Params, flat_norm
 
-OPTIMIZERS = ("nsgd", "sgd", "adam")
+OPTIMIZERS = ("nsgd", "sgd", "adam", "kfac")
 
 
 @dataclass
@@ -21,8 +22,15 @@ class UpdateRule:
 
     ``optimizer``: ``"sgd"`` (plain, optional momentum), ``"adam"``, or ``"nsgd"``: the
     gradient rescaled per query to the norm of the updated parameters, so ``lr`` is the
-    step length relative to ``||θ||`` whatever the size of the query's gradient.
+    step length relative to ``||θ||`` whatever the size of the query's gradient; ``"kfac"``:
+    as ``"nsgd"`` on the preconditioned gradient ``precondition(g) = (G + λ I)⁻¹ g`` (a
+    curvature-aware, natural-gradient step; see :mod:`forwardinf.core.curvature`).
     ``ascent=True`` climbs the objective (unlearning the queries).
+
+    After the first step ``state["direction_norm"]`` holds ``||d₀||`` (``[Q]`` when stacked), the
+    norm of the first direction before any step-size scaling (the gradient, or the preconditioned
+    gradient): the update moved ``θ`` by about ``lr_eff ||d₀||``, which the ``"influence"`` score
+    divides out.
     """
 
     optimizer: str = "nsgd"
@@ -32,19 +40,26 @@ class UpdateRule:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    precondition: Callable[[Params, bool], Params] | None = None  # for "kfac": (grads, stacked) -> grads
     state: dict = field(default_factory=dict)
 
     def step(self, params: Params, grads: Params, stacked: bool) -> Params:
         sign = -1.0 if self.ascent else 1.0  # descent direction of the objective
         factor: float | Tensor = sign  # d = factor * g: a scalar, or [Q] per query for nsgd
-        if self.optimizer == "nsgd":
+        if self.optimizer == "kfac":
+            if self.precondition is None:
+                raise ValueError("optimizer='kfac' needs a precondition function (ForwardINF builds it in fit)")
+            grads = self.precondition(grads, stacked)
+        if "direction_norm" not in self.state:
+            self.state["direction_norm"] = flat_norm(grads, stacked)
+        if self.optimizer in ("nsgd", "kfac"):
             if "ref_norm" not in self.state:
                 self.state["ref_norm"] = flat_norm(params, stacked)
             gnorm = flat_norm(grads, stacked)
             if not torch.isfinite(gnorm).all():
                 raise FloatingPointError("non-finite gradient in the query update")
             factor = sign * self.state["ref_norm"] / gnorm.clamp_min(1e-30)
-        if self.optimizer in ("sgd", "nsgd") and not (self.momentum or self.weight_decay):
+        if self.optimizer in ("sgd", "nsgd", "kfac") and not (self.momentum or self.weight_decay):
             # θ - lr d in one fused op per tensor: the [Q, ...] temporaries of the unfused form
             # were most of the update's memory.
             if isinstance(factor, Tensor):
@@ -55,7 +70,7 @@ class UpdateRule:
              for k, g in grads.items()}
         if self.weight_decay:
             d = {k: v + self.weight_decay * params[k] for k, v in d.items()}
-        if self.optimizer in ("sgd", "nsgd"):
+        if self.optimizer in ("sgd", "nsgd", "kfac"):
             if self.momentum:
                 buf = self.state.get("momentum")
                 buf = d if buf is None else {k: self.momentum * buf[k] + d[k] for k in d}

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
 
 from forwardinf.core.autobatch import auto_batch_size
+from forwardinf.core.curvature import FISHERS, kfac, layer_of, precondition
 from forwardinf.core.params import Params, bind, buffers_of, flat_norm, mode, select_params, stack
 from forwardinf.core.sweep import sweep
 from forwardinf.core.update import OPTIMIZERS, UpdateRule
@@ -16,7 +17,7 @@ from forwardinf.data.inputs import DataLike, batch_len, batches, check_finite, g
 from forwardinf.estimators.base import Estimator, TopK, check_choice, check_indices, check_positive
 from forwardinf.tasks.base import Task
 
-SCORES = ("cosine", "margin", "loss", "abs")
+SCORES = ("cosine", "margin", "loss", "abs", "influence")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # What the library recommends: one normalised ascent step, change of the non-saturating
@@ -30,6 +31,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                     fitted_fallback=True),
     # Table 7 / group influence: plain SGD ascent with weight decay, two iterations.
     "group": dict(steps=2, lr=0.01, optimizer="sgd", weight_decay=1e-3, score="loss"),
+    # Counterfactual fidelity ("what would change if these points were removed"): one small
+    # K-FAC-preconditioned ascent step on the query's margin, then each training loss's change
+    # per unit step: to first order the influence function g_iᵀ (G + λI)⁻¹ g_q, with the
+    # training set seen by one batched backward pass (the factors) and forward passes only.
+    # damping (relative to each layer's mean eigenvalue) set on digits (held-out LDS 0.557 / 0.563
+    # / 0.560 at 0.3 / 0.5 / 1.0), checked unchanged on Fashion-MNIST: benchmarks/results/lds.md.
+    "counterfactual": dict(steps=1, lr=1e-4, optimizer="kfac", score="influence", damping=0.5, fisher="empirical"),
 }
 
 
@@ -42,6 +50,13 @@ class ForwardINF(Estimator):
     or its non-saturating relative ``task.score_loss`` (``"margin"``, ``"cosine"``). ``m(θ, z_i)``
     is computed once in :meth:`fit`. Backward passes touch only the queries.
 
+    ``score="influence"`` ascends the query's margin and returns each training *loss* change per
+    unit step, ``Δℓ_i ||d₀|| / ||θ_q - θ||`` (``d₀``: the first update direction before step-size
+    scaling). With ``optimizer="kfac"`` (``d₀ = (G + λI)⁻¹ ∇m_q``, ``G`` the K-FAC curvature of the
+    mean training loss from :mod:`forwardinf.core.curvature`) this is, to first order in ``lr``,
+    the influence function ``∇ℓ_iᵀ (G + λI)⁻¹ ∇m_q``: the score that predicts retraining (preset
+    ``"counterfactual"``).
+
     ``score="cosine"`` (default) divides each change by ``||θ_q - θ||`` and by the training point's
     sensitivity ``s_i ≈ ||∇m(θ, z_i)||``, estimated in ``fit`` by forward-mode derivatives along
     ``n_directions`` random directions. For a small step this approaches the cosine between the
@@ -51,9 +66,11 @@ class ForwardINF(Estimator):
     Args (all keyword):
         steps: K, number of update steps on the queries.
         lr: step size; for ``optimizer="nsgd"`` relative to ``||θ||`` (1e-3 moves θ by 0.1%).
-        optimizer: ``"nsgd"`` (normalised gradient), ``"sgd"`` or ``"adam"``.
+        optimizer: ``"nsgd"`` (normalised gradient), ``"sgd"``, ``"adam"``, or ``"kfac"``
+            (normalised K-FAC-preconditioned gradient; Linear and Conv2d parameters only).
         direction: ``"ascent"`` (unlearn the queries, the paper's default) or ``"descent"``.
-        score: ``"cosine"``, ``"margin"``, ``"loss"`` (signed change), ``"abs"`` (its magnitude).
+        score: ``"cosine"``, ``"margin"``, ``"loss"`` (signed change), ``"abs"`` (its magnitude),
+            ``"influence"`` (loss change per unit step, see above).
         params: None for all trainable parameters, or name patterns (``"fc.*"``, ``"layer4"``).
         train_mode: run the update in train mode (BatchNorm batch statistics; running statistics
             drift as in the authors' code). Default False: eval mode, statistics frozen.
@@ -61,6 +78,10 @@ class ForwardINF(Estimator):
         fitted_fallback: the authors' trick: a query with loss < 0.01 is perturbed by Gaussian
             noise of growing L2 radius (from 3.0, x1.1) until its loss is above 0.01.
         momentum, weight_decay: for ``"sgd"``/``"nsgd"`` (weight decay also for Adam).
+        damping: for ``"kfac"``: ``λ`` per layer as a multiple of that layer's mean curvature
+            eigenvalue (scale-free); > 0.
+        fisher: for ``"kfac"``: ``"empirical"`` (the given targets; any task) or ``"sampled"``
+            (targets drawn from the model's softmax; classification). The factors are ``curvature_``.
         n_directions: random directions along which ``fit`` takes forward-mode derivatives of every
             training point (``score="cosine"``); cost ~``2 * n_directions`` forward sweeps, once.
         batch_size: training examples per forward batch, or ``"auto"`` (default): the largest batch
@@ -89,6 +110,8 @@ class ForwardINF(Estimator):
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         n_directions: int = 16,
+        damping: float = 0.5,
+        fisher: str = "empirical",
         batch_size: int | str = "auto",
         query_chunk: int = 16,
         seed: int = 0,
@@ -107,6 +130,8 @@ class ForwardINF(Estimator):
         self.momentum = momentum
         self.weight_decay = weight_decay
         self.n_directions = n_directions
+        self.damping = damping
+        self.fisher = fisher
         self.batch_size = batch_size
         self.query_chunk = query_chunk
         self.seed = seed
@@ -114,7 +139,7 @@ class ForwardINF(Estimator):
 
     @classmethod
     def preset(cls, name: str, model: nn.Module, task: Task | None = None, **overrides: Any) -> "ForwardINF":
-        """A named recipe: ``"default"``, ``"paper"``, ``"authors"`` or ``"group"`` (see ``PRESETS``)."""
+        """A named recipe: ``"default"``, ``"paper"``, ``"authors"``, ``"group"`` or ``"counterfactual"`` (``PRESETS``)."""
         check_choice(cls.__name__, "preset", name, PRESETS)
         return cls(model, task, **{**PRESETS[name], **overrides})
 
@@ -126,7 +151,14 @@ class ForwardINF(Estimator):
         self.batch_size_ = self._resolve_batch_size()
         self._cache_: dict[str, Tensor] = {}
         self._ensure_cache(self.score)
+        self.curvature_ = self._curvature() if self.optimizer == "kfac" else None
         return self
+
+    def _curvature(self) -> list:
+        """K-FAC blocks of the mean training loss (one batched forward + backward sweep)."""
+        with mode(self.model, False):
+            return kfac(self.model, self.task.loss, select_params(self.model, self.params), self.train_,
+                        self.batch_size_, self._device(), fisher=self.fisher, seed=self.seed, progress=self.progress)
 
     @property
     def base_losses_(self) -> Tensor:
@@ -135,7 +167,7 @@ class ForwardINF(Estimator):
         return self._ensure_cache("loss")["loss"]
 
     def _ensure_cache(self, score: str) -> dict[str, Tensor]:
-        kind = "loss" if score in ("loss", "abs") else "score_loss"
+        kind = _measure(score)
         if kind not in self._cache_:
             fn = getattr(self.task, kind)
 
@@ -243,16 +275,20 @@ class ForwardINF(Estimator):
 
     # -- the update -------------------------------------------------------------------------
     def _objective(self, model: Any, batch: Any) -> Tensor:
-        if self.score in ("cosine", "margin"):
+        if self.score in ("cosine", "margin", "influence"):
             # Same direction as the loss for one example, but no float32 underflow when fitted.
             return self.task.score_loss(model, batch).mean()
         return self.task.query_loss(model, batch)
 
     def _rule(self) -> UpdateRule:
-        return UpdateRule(self.optimizer, self.lr, self.direction == "ascent", self.momentum, self.weight_decay)
+        pre = None
+        if self.optimizer == "kfac":
+            pre = lambda g, stacked: precondition(self.curvature_, g, self.damping, stacked)  # noqa: E731
+        return UpdateRule(self.optimizer, self.lr, self.direction == "ascent", self.momentum, self.weight_decay,
+                          precondition=pre)
 
-    def _update_each(self, batch: Any, n: int) -> tuple[Params, Params, bool]:
-        """Updated ``(params [n, ...], buffers, stacked_buffers)`` for each of ``n`` queries at once."""
+    def _update_each(self, batch: Any, n: int) -> Update:
+        """Updated ``(params [n, ...], buffers, stacked_buffers, direction_norm [n])`` for each of ``n`` queries at once."""
         device = self._device()
         batch = to_device(batch, device)
         params = select_params(self.model, self.params)
@@ -268,11 +304,11 @@ class ForwardINF(Estimator):
             for _ in range(self.steps):
                 grads = vmap(grad(objective))(state, batch)
                 state = rule.step(state, grads, stacked=True)
-        return state, buffers, False
+        return state, buffers, False, rule.state["direction_norm"]
 
-    def _update_each_looped(self, batch: Any, n: int, params: Params, buffers: Params) -> tuple[Params, Params, bool]:
+    def _update_each_looped(self, batch: Any, n: int, params: Params, buffers: Params) -> Update:
         """One query at a time: train-mode BatchNorm mutates its own copy of the running statistics."""
-        out_params, out_buffers = [], []
+        out_params, out_buffers, norms = [], [], []
         gen = torch.Generator(device="cpu").manual_seed(self.seed)
         for i in range(n):
             example = repeat(unsqueeze(_index(batch, i)), self.query_repeat)
@@ -287,9 +323,10 @@ class ForwardINF(Estimator):
                     p = rule.step(p, g, stacked=False)
             out_params.append(p)
             out_buffers.append(bufs)
+            norms.append(rule.state["direction_norm"])
         stacked = {k: torch.stack([p[k] for p in out_params]) for k in params}
         stacked_bufs = {k: torch.stack([b[k] for b in out_buffers]) for k in buffers}
-        return stacked, stacked_bufs, True
+        return stacked, stacked_bufs, True, torch.stack(norms)
 
     def _perturb_if_fitted(self, example: Any, params: Params, buffers: Params, gen: torch.Generator) -> Any:
         inputs, rest = example[0], tuple(example[1:])
@@ -306,7 +343,7 @@ class ForwardINF(Estimator):
                 radius *= 1.1
         return candidate
 
-    def _update_joint(self, qset: Any) -> tuple[Params, Params, bool]:
+    def _update_joint(self, qset: Any) -> Update:
         """One update on the whole query set (gradient of the mean objective, accumulated in batches)."""
         device = self._device()
         params = select_params(self.model, self.params)
@@ -323,21 +360,23 @@ class ForwardINF(Estimator):
                     g = grad(lambda q, bufs, data: self._objective(bind(self.model, q, bufs), data))(p, buffers, b)
                     total = {k: total[k] + weight * g[k] for k in total}
                 p = rule.step(p, total, stacked=False)
+        norm = rule.state["direction_norm"].reshape(1)
         if self.train_mode:
-            return {k: v.unsqueeze(0) for k, v in p.items()}, {k: b.unsqueeze(0) for k, b in buffers.items()}, True
-        return {k: v.unsqueeze(0) for k, v in p.items()}, buffers, False
+            return {k: v.unsqueeze(0) for k, v in p.items()}, {k: b.unsqueeze(0) for k, b in buffers.items()}, True, norm
+        return {k: v.unsqueeze(0) for k, v in p.items()}, buffers, False, norm
 
     # -- scoring ----------------------------------------------------------------------------
-    def _score(self, update: tuple[Params, Params, bool], rows: Tensor | None = None) -> Tensor:
+    def _score(self, update: Update, rows: Tensor | None = None) -> Tensor:
         """``[Q, n]`` scores of updated parameters ``[Q, ...]`` against the cached base values.
 
-        ``update = (params, buffers, stacked_buffers)``: buffers carry the query dim too when the
-        update ran in train mode (each query's own running statistics). ``rows``: the training
+        ``update = (params, buffers, stacked_buffers, direction_norm)``: buffers carry the query dim
+        too when the update ran in train mode (each query's own running statistics);
+        ``direction_norm [Q]``: ``||d₀||`` of each update (for ``score="influence"``). ``rows``: the training
         positions ``[n]`` to score (None: all of them).
         """
-        params, buffers, stacked_buffers = update
+        params, buffers, stacked_buffers, direction_norm = update
         cache = self._ensure_cache(self.score)
-        kind = "loss" if self.score in ("loss", "abs") else "score_loss"
+        kind = _measure(self.score)
         fn = getattr(self.task, kind)
         base = select_params(self.model, self.params)
         for k, v in params.items():
@@ -368,6 +407,10 @@ class ForwardINF(Estimator):
         sign = 1.0 if self.direction == "ascent" else -1.0
         if self.score == "abs":
             return delta.abs()
+        if self.score == "influence":  # Δℓ per unit step along d₀: θ moved by ||θ_q - θ|| / ||d₀|| units
+            step = flat_norm({k: params[k] - base[k] for k in params}, stacked=True).double().cpu()
+            per_unit = direction_norm.double().cpu() / step.clamp_min(1e-30)
+            return (sign * delta.double() * per_unit[:, None]).float()
         if self.score == "cosine":
             return sign * self._cosine(delta, {k: params[k] - base[k] for k in params}, pick(cache["directional"]))
         return sign * delta
@@ -423,12 +466,20 @@ class ForwardINF(Estimator):
         check_choice(name, "optimizer", self.optimizer, OPTIMIZERS)
         check_choice(name, "direction", self.direction, ("ascent", "descent"))
         check_choice(name, "score", self.score, SCORES)
+        if self.optimizer == "kfac":
+            check_choice(name, "fisher", self.fisher, FISHERS)
+            if (not isinstance(self.damping, (int, float)) or isinstance(self.damping, bool)
+                    or not math.isfinite(self.damping) or self.damping <= 0):
+                raise ValueError(f"{name}: damping={self.damping!r}; expected a finite number > 0 (relative to each "
+                                 "layer's mean curvature eigenvalue; 0.5 is the counterfactual preset's)")
         check_positive(name, "query_repeat", self.query_repeat, integer=True)
         check_positive(name, "n_directions", self.n_directions, integer=True)
         if self.batch_size != "auto":
             check_positive(name, "batch_size", self.batch_size, integer=True)
         check_positive(name, "query_chunk", self.query_chunk, integer=True)
-        select_params(self.model, self.params)  # raises if the patterns match nothing
+        chosen = select_params(self.model, self.params)  # raises if the patterns match nothing
+        if self.optimizer == "kfac":
+            layer_of(self.model, chosen)  # raises for parameters K-FAC does not cover
 
     def _resolve_batch_size(self) -> int:
         if self.batch_size != "auto":
@@ -455,6 +506,12 @@ class ForwardINF(Estimator):
 
 
 _DIRECTION_CHUNK = 8
+Update = tuple[Params, Params, bool, Tensor]  # (params [Q, ...], buffers, stacked_buffers, direction_norm [Q])
+
+
+def _measure(score: str) -> str:
+    """What a score measures on the training points: the loss, or the non-saturating margin loss."""
+    return "loss" if score in ("loss", "abs", "influence") else "score_loss"
 _COSINE_BLOCK = 8192  # training points per block of the cosine's float64 arithmetic
 
 

@@ -45,6 +45,8 @@ FORWARD_INF_VARIANTS: dict[str, dict[str, Any]] = {
     **{f"forward-inf-{p}": {"preset": p} for p in _FI_PRESETS if p != "default"},
     **{f"forward-inf-{s}": {"score": s} for s in _FI_SCORES if s not in _FI_PRESETS},
     "forward-inf-tail": {"tail": True},
+    # the counterfactual preset on the tail only (cached prefix: a CNN's queries cost its classifier)
+    "forward-inf-counterfactual-tail": {"tail": True, **_FI_PRESETS["counterfactual"]},
 }
 # Image-only variants, accepted by make_method but kept out of FORWARD_INF_VARIANTS (whose every
 # entry other experiments run, e.g. lds's 'all'): ``forward-inf-invariant`` is InvariantForwardINF
