@@ -26,7 +26,6 @@ CPU seconds (on a shared machine wall time also counts other processes' turns).
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import statistics
 import sys
@@ -38,8 +37,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from forwardinf import metrics
 from forwardinf.experiments.common import markdown_table, results_object, seed_everything, write_outputs
+from forwardinf.experiments.tracing import Timed, build_pool, evaluate, within_budget
 
 METHODS = ("forward-inf", "tracin-single", "tracin-multi", "tracin-cached", "bm25")
 
@@ -149,21 +148,6 @@ def prepare_model(args: argparse.Namespace, facts: Any, progress: bool) -> dict[
             "train_seconds": train_seconds, "trained": trained, "pool": pool, "position": position}
 
 
-def build_pool(data: dict[str, torch.Tensor]) -> tuple[Any, torch.Tensor]:
-    """Every abstract once, shortest first: ``(DictDataset, position [n_abstracts])``.
-
-    Both methods fit once on this pool and score a query's candidates by their positions in it.
-    Length order makes each batch of neighbouring positions short, so the task's padding trim
-    (:meth:`LanguageModelTask.trim`) cuts most of the padding; every method gains alike.
-    """
-    from forwardinf.tasks.language_model import DictDataset
-
-    order = torch.argsort(data["attention_mask"].sum(1), stable=True)
-    position = torch.empty_like(order)
-    position[order] = torch.arange(len(order))
-    return DictDataset({k: v[order] for k, v in data.items()}), position
-
-
 @dataclass
 class Scorer:
     """A method as a user runs it: one ``fit`` on the pool, then ``score`` per query.
@@ -226,18 +210,6 @@ def bm25_texts(records: list[dict]) -> list[list[str]]:
     return [fill(r["inputs_pretokenized"], r["targets_pretokenized"]).lower().split() for r in records]
 
 
-@dataclass
-class Timed:
-    """Scores and clocks of one method over a query list. CPU seconds (``time.process_time``)
-    beside wall seconds: on a shared machine wall time also counts other processes' turns."""
-
-    scores: list[torch.Tensor]
-    cpu: list[float]
-    wall: list[float]
-    setup_cpu: float = 0.0
-    setup_wall: float = 0.0
-
-
 def fit_scorer(scorer: Scorer) -> tuple[Any, float, float]:
     """``(state, cpu seconds, wall seconds)`` of the one-time set-up."""
     c, w = time.process_time(), time.perf_counter()
@@ -281,32 +253,6 @@ def run_bm25(facts: Any, queries: list[dict], cand_sets: list[list[int]]) -> Tim
 
 
 # -- metrics ----------------------------------------------------------------------------------
-def evaluate(scores: list[torch.Tensor], relevant: list[list[int]], k: int) -> dict[str, float]:
-    """MRR and precision (``k`` = 0: number of proponents) averaged over queries."""
-    mrr = [metrics.mrr(s[None], [r]) for s, r in zip(scores, relevant)]
-    prec = [metrics.precision_at_k(s[None], [r], k=k or len(r)) for s, r in zip(scores, relevant)]
-    return {"mrr": float(np.mean(mrr)), "precision": float(np.mean(prec))}
-
-
-def within_budget(scores: list[torch.Tensor], seconds: list[float], budget: float) -> list[torch.Tensor]:
-    """What a method ranks when it must answer within ``budget`` seconds per query.
-
-    It reaches the first ``ceil(n * budget / seconds)`` candidates (the candidate order is a
-    fixed random shuffle); the others tie at the bottom (the metrics break ties at random, in
-    expectation).
-    """
-    out = []
-    for s, t in zip(scores, seconds):
-        n = len(s)
-        reached = n if t <= budget else int(math.floor(n * budget / t))
-        capped = s.clone()
-        if reached < n:
-            low = (s[:reached].min() if reached else torch.tensor(0.0)) - 1.0
-            capped[reached:] = low
-        out.append(capped)
-    return out
-
-
 def _positions(cands: list[int], props: list[int]) -> list[int]:
     where = {c: j for j, c in enumerate(cands)}
     return [where[p] for p in props]

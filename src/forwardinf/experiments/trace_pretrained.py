@@ -63,7 +63,7 @@ def run(args: argparse.Namespace, facts: Any, dataset_name: str, splits: dict) -
     from forwardinf.baselines.bm25 import BM25, rerank, tokenize
     from forwardinf.baselines.tracin import TracIn
     from forwardinf.data.facts import fill
-    from forwardinf.experiments.trace import Timed, build_pool, evaluate, within_budget
+    from forwardinf.experiments.tracing import Timed, build_pool, evaluate, within_budget
     from forwardinf.models.language import train_language_model
     from forwardinf.models.pretrained import TailLM, TailTask, load_pretrained
     from forwardinf.tasks.language_model import DictDataset

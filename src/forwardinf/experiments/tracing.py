@@ -1,0 +1,67 @@
+"""Pieces both fact-tracing pipelines share (the toy LM in ``trace`` and the pretrained LM in
+``trace_pretrained``): the candidate pool, per-method clocks, and the ranking metrics."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from forwardinf import metrics
+
+
+def build_pool(data: dict[str, torch.Tensor]) -> tuple[Any, torch.Tensor]:
+    """Every abstract once, shortest first: ``(DictDataset, position [n_abstracts])``.
+
+    Both methods fit once on this pool and score a query's candidates by their positions in it.
+    Length order makes each batch of neighbouring positions short, so the task's padding trim
+    (:meth:`LanguageModelTask.trim`) cuts most of the padding; every method gains alike.
+    """
+    from forwardinf.tasks.language_model import DictDataset
+
+    order = torch.argsort(data["attention_mask"].sum(1), stable=True)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(len(order))
+    return DictDataset({k: v[order] for k, v in data.items()}), position
+
+
+
+@dataclass
+class Timed:
+    """Scores and clocks of one method over a query list. CPU seconds (``time.process_time``)
+    beside wall seconds: on a shared machine wall time also counts other processes' turns."""
+
+    scores: list[torch.Tensor]
+    cpu: list[float]
+    wall: list[float]
+    setup_cpu: float = 0.0
+    setup_wall: float = 0.0
+
+
+
+def evaluate(scores: list[torch.Tensor], relevant: list[list[int]], k: int) -> dict[str, float]:
+    """MRR and precision (``k`` = 0: number of proponents) averaged over queries."""
+    mrr = [metrics.mrr(s[None], [r]) for s, r in zip(scores, relevant)]
+    prec = [metrics.precision_at_k(s[None], [r], k=k or len(r)) for s, r in zip(scores, relevant)]
+    return {"mrr": float(np.mean(mrr)), "precision": float(np.mean(prec))}
+
+
+def within_budget(scores: list[torch.Tensor], seconds: list[float], budget: float) -> list[torch.Tensor]:
+    """What a method ranks when it must answer within ``budget`` seconds per query.
+
+    It reaches the first ``ceil(n * budget / seconds)`` candidates (the candidate order is a
+    fixed random shuffle); the others tie at the bottom (the metrics break ties at random, in
+    expectation).
+    """
+    out = []
+    for s, t in zip(scores, seconds):
+        n = len(s)
+        reached = n if t <= budget else int(math.floor(n * budget / t))
+        capped = s.clone()
+        if reached < n:
+            low = (s[:reached].min() if reached else torch.tensor(0.0)) - 1.0
+            capped[reached:] = low
+        out.append(capped)
+    return out
