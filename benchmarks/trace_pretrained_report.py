@@ -1,4 +1,4 @@
-"""Render benchmarks/results/trace-smollm2.md (+ .json) from runs/trace-smollm2/results.json and the memory log.
+"""Render benchmarks/results/trace_pretrained.md (+ .json) from runs/trace-smollm2/results.json and the memory log.
 
     python benchmarks/trace_pretrained_report.py RUN_DATE COMMIT
 """
@@ -26,7 +26,7 @@ OMP_NUM_THREADS=1 forwardinf trace --model smollm2 --queries 200 --tune-queries 
 OMP_NUM_THREADS=1 python benchmarks/trace_pretrained_memory.py --model smollm2   # plain-inference peak
 ```
 
-`runs/trace-smollm2/results.json` is copied to `benchmarks/results/trace-smollm2.json`.
+`runs/trace-smollm2/results.json` is copied to `benchmarks/results/trace_pretrained.json`.
 
 ## Set-up
 
@@ -65,6 +65,6 @@ Ratio {c['peak_rss_mb']:.0f} / {mem['peak_rss_mb_inference']:.0f} = **{ratio:.2f
 
 Total: {c['total_cpu_seconds']:.0f} s CPU, {c['total_wall_seconds']:.0f} s wall (machine shared with ~5 other jobs).
 """
-open("benchmarks/results/trace-smollm2.md", "w").write(out)
-import shutil; shutil.copy("runs/trace-smollm2/results.json", "benchmarks/results/trace-smollm2.json")
+open("benchmarks/results/trace_pretrained.md", "w").write(out)
+import shutil; shutil.copy("runs/trace-smollm2/results.json", "benchmarks/results/trace_pretrained.json")
 print(out)
