@@ -20,6 +20,8 @@ from torch.utils.data import TensorDataset
 
 from forwardinf.core.params import mode
 from forwardinf.data.inputs import as_dataset, batches, gather, to_device
+from forwardinf.hashing import hash_tensor
+from forwardinf.io import atomic_save
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine")
@@ -161,10 +163,7 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, **meta: Any) -> P
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save({"state_dict": state, "meta": meta}, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_save({"state_dict": state, "meta": meta}, path)
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module) -> dict:
@@ -177,24 +176,18 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module) -> dict:
 
 
 # ------------------------------------------------------------------------------------- caching
-def _hash_tensor(h: "hashlib._Hash", t: Tensor) -> None:
-    t = t.detach().cpu().contiguous()
-    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-
-
 def data_fingerprint(data: Any) -> str:
     """SHA-256 (hex, 16 chars) of every tensor in ``data`` in order: equal iff the data are equal."""
     dataset = as_dataset(data, "data")
     h = hashlib.sha256()
     if isinstance(dataset, TensorDataset):
         for t in dataset.tensors:
-            _hash_tensor(h, t)
+            hash_tensor(h, t)
     else:
         for _, batch in batches(dataset, 1024):
             leaves = batch if isinstance(batch, (list, tuple)) else [batch]
             for t in leaves:
-                _hash_tensor(h, torch.as_tensor(t))
+                hash_tensor(h, torch.as_tensor(t))
     h.update(str(len(dataset)).encode())
     return h.hexdigest()[:16]
 
@@ -204,7 +197,7 @@ def state_fingerprint(model: nn.Module) -> str:
     h = hashlib.sha256()
     for k, v in model.state_dict().items():
         h.update(k.encode())
-        _hash_tensor(h, v)
+        hash_tensor(h, v)
     return h.hexdigest()[:16]
 
 

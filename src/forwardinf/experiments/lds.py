@@ -50,6 +50,8 @@ from forwardinf.baselines.retraining import run_trainings
 from forwardinf.core.params import mode
 from forwardinf.data.loaders import balanced_indices
 from forwardinf.experiments.common import markdown_table, results_object, seed_everything, timer, warm_up, write_outputs
+from forwardinf.hashing import json_hash
+from forwardinf.io import atomic_save, write_json
 from forwardinf.experiments.setup import (FORWARD_INF_VARIANTS, Prepared, add_model_arguments, make_method,
                                           method_options, prepare_classifier)
 from forwardinf.models import build_model
@@ -177,9 +179,7 @@ def check_manifest(folder: Path, manifest: dict) -> None:
                              f"use another --out or delete {folder}")
         return
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"manifest.json.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_json(path, manifest, sort_keys=True)
 
 
 # ------------------------------------------------------------------------------------ problem
@@ -338,8 +338,7 @@ def run_method(name: str, args: argparse.Namespace, options: dict | None, folder
         result = torch.load(tmp, weights_only=False)
         tmp.unlink()
     if "error" not in result or result["error"].startswith("not installed"):
-        torch.save({"key": key, "result": result}, tmp)
-        os.replace(tmp, path)
+        atomic_save({"key": key, "result": result}, path)
     return result
 
 
@@ -450,8 +449,7 @@ def run(args: argparse.Namespace) -> dict:
     key_base = {"code": code_fingerprint(), "model": state_fingerprint(prepared.model), "config": prepared.config,
                 "queries": problem.query_index.tolist()}
     for name in methods:
-        key = hashlib.sha256(json.dumps({**key_base, "method": name, "options": options.get(name, {})},
-                                        sort_keys=True, default=str).encode()).hexdigest()[:16]
+        key = json_hash({**key_base, "method": name, "options": options.get(name, {})})
         res = run_method(name, args, options.get(name), Path(args.out) / "methods", key)
         if "error" in res:
             results[name] = {"error": res["error"]}

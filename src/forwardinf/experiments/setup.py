@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 from forwardinf.data.loaders import DataSplit, load_dataset, subset
 from forwardinf.estimators.forward_inf import PRESETS as _FI_PRESETS
+from forwardinf.hashing import json_hash
 from forwardinf.estimators.forward_inf import SCORES as _FI_SCORES
 from forwardinf.models import build_model
 from forwardinf.training import accuracy, load_checkpoint, save_checkpoint, train_classifier
@@ -199,7 +199,7 @@ def prepare_classifier(args: argparse.Namespace, progress: bool = False) -> Prep
             raise ValueError("HyDRA needs the model's training trajectory: pass --trajectory FILE "
                              "(TrajectoryRecorder.save of the run that produced --checkpoint)")
     else:
-        key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+        key = json_hash(config)
         cache = Path(args.out) / "cache" / f"model-{key}.pt"
         traj_file = cache.parent / f"model-{key}-trajectory.pt"
         if cache.exists() and (traj_file.exists() or not want_trajectory):
