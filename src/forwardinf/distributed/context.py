@@ -63,6 +63,9 @@ class DistContext:
     def close(self) -> None:
         """Destroy the process group if :func:`init_distributed` created it."""
         if self.owns_group and dist.is_initialized():
+            # Leave together: a gloo rank that tears its group down while a peer is still writing
+            # its outputs can abort the peer at exit ("terminate called without an active exception").
+            dist.barrier()
             dist.destroy_process_group()
             self.owns_group = False
 
