@@ -134,8 +134,10 @@ def test_tail_options_are_checked(digits_cnn):
         TailForwardINF(model, split="classifier", fitted_fallback=True).fit(train)
     with pytest.raises(ValueError, match="precision"):
         TailForwardINF(model, split="classifier", precision="int8").fit(train)
-    with pytest.raises(ValueError, match="ForwardINF keywords"):
-        TailForwardINF(model, split="classifier", stepz=2).fit(train)
+    with pytest.raises(TypeError, match=r"TailForwardINF: unexpected keyword\(s\) \['stepz'\]"):
+        TailForwardINF(model, split="classifier", stepz=2)
+    with pytest.raises(TypeError, match="split="):
+        TailForwardINF(model)
     with pytest.raises(fi.NotFittedError):
         TailForwardINF(model, split="classifier").influence(train)
 

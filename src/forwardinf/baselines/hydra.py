@@ -48,7 +48,7 @@ from forwardinf.baselines.influence_function import GradientEstimator
 from forwardinf.core import gradients as G
 from forwardinf.core.params import mode
 from forwardinf.data.inputs import DataLike, as_dataset, batch_len, gather, to_device
-from forwardinf.estimators.base import check_choice, check_positive
+from forwardinf.estimators.base import Capabilities, check_choice, check_positive
 from forwardinf.io import atomic_save
 from forwardinf.tasks.base import Task
 
@@ -295,6 +295,9 @@ class HyDRA(GradientEstimator):
     step uses its own BatchNorm statistics, else the model's. ``self_influence()`` ``[n]`` is
     ``-(1/n) ∇ℓ(z_i; θ_T) · h_i``: how much removing ``z_i`` would raise its own loss.
     """
+
+    # the hypergradients follow the whole training run: not shardable
+    capabilities = Capabilities(self_influence="-(1/n) ∇ℓ(z_i; θ_T) · h_i: the diagonal of influence(train)")
 
     def __init__(self, model: nn.Module, task: Task | None = None, *, trajectory: Any = None,
                  params: str | Iterable[str] | None = None, hessian: bool = False, batch_size: int = 64,

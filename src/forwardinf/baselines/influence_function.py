@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
@@ -16,7 +17,7 @@ from tqdm.auto import tqdm
 from forwardinf.core import gradients as G
 from forwardinf.core.params import Params, mode, select_params
 from forwardinf.data.inputs import DataLike, batch_len, batches, check_finite, gather, to_device
-from forwardinf.estimators.base import Estimator, check_choice, check_positive
+from forwardinf.estimators.base import Capabilities, Estimator, EstimatorConfig, check_choice, check_positive
 from forwardinf.tasks.base import Task
 
 SOLVERS = ("exact", "cg", "lissa")
@@ -27,13 +28,9 @@ class GradientEstimator(Estimator):
     """Shared plumbing: parameter subset, functional loss, input checks, training gradients.
 
     Gradients are always taken with the model in eval mode (dropout off, BatchNorm running
-    statistics), on a functional view: the user's model is never written to.
+    statistics), on a functional view: the user's model is never written to. Subclasses have
+    ``params``, ``batch_size``, ``cache_mb`` and ``progress`` knobs.
     """
-
-    params: str | Iterable[str] | None = None
-    batch_size: int = 64
-    cache_mb: float = 512.0
-    progress: bool = False
 
     # -- parameter subset -----------------------------------------------------------------
     def _patterns(self) -> str | list[str] | None:
@@ -140,6 +137,25 @@ def _shapes(batch: Any) -> list[tuple[int, ...]]:
     return [tuple(t.shape[1:]) for t in leaves if torch.is_tensor(t) and t.is_floating_point()]
 
 
+@dataclass(frozen=True)
+class InfluenceFunctionConfig(EstimatorConfig):
+    """Every knob of :class:`InfluenceFunction` (see its docstring)."""
+
+    solver: str = "cg"
+    damping: float | str = 0.01
+    depth: int = 100
+    scale: float | None = None
+    repeats: int = 1
+    lissa_batch_size: int = 32
+    tol: float = 1e-6
+    params: str | Iterable[str] | None = None
+    batch_size: int = 64
+    query_chunk: int = 32
+    cache_mb: float = 512.0
+    seed: int = 0
+    progress: bool = False
+
+
 class InfluenceFunction(GradientEstimator):
     """Influence functions: ``score(q, i) = g_q^T (H + λI)^{-1} g_i``.
 
@@ -194,39 +210,13 @@ class InfluenceFunction(GradientEstimator):
     (cheap for ``exact``, ``n`` solves for ``cg``/``lissa``).
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        task: Task | None = None,
-        *,
-        solver: str = "cg",
-        damping: float | str = 0.01,
-        depth: int = 100,
-        scale: float | None = None,
-        repeats: int = 1,
-        lissa_batch_size: int = 32,
-        tol: float = 1e-6,
-        params: str | Iterable[str] | None = None,
-        batch_size: int = 64,
-        query_chunk: int = 32,
-        cache_mb: float = 512.0,
-        seed: int = 0,
-        progress: bool = False,
-    ) -> None:
-        super().__init__(model, task)
-        self.solver = solver
-        self.damping = damping
-        self.depth = depth
-        self.scale = scale
-        self.repeats = repeats
-        self.lissa_batch_size = lissa_batch_size
-        self.tol = tol
-        self.params = params
-        self.batch_size = batch_size
-        self.query_chunk = query_chunk
-        self.cache_mb = cache_mb
-        self.seed = seed
-        self.progress = progress
+    Config = InfluenceFunctionConfig
+    capabilities = Capabilities(self_influence="g_iᵀ (H + λI)⁻¹ g_i: the diagonal of influence(train)")
+
+    def __init__(self, model: nn.Module, task: Task | None = None, *, config: InfluenceFunctionConfig | None = None,
+                 **knobs: Any) -> None:
+        """Every knob a keyword (the fields of :class:`InfluenceFunctionConfig`), or ``config=``."""
+        super().__init__(model, task, config, **knobs)
 
     # -- fit --------------------------------------------------------------------------------
     def fit(self, train: DataLike) -> "InfluenceFunction":

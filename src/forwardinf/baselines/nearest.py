@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from forwardinf.data.inputs import DataLike
-from forwardinf.estimators.base import Estimator, check_choice
+from forwardinf.estimators.base import Capabilities, Estimator, check_choice
 from forwardinf.tasks.base import Task
 
 EMBEDDINGS = ("inputs", "penultimate")
@@ -33,6 +33,8 @@ class NearestNeighbour(Estimator):
 
     ``joint=True`` scores the query set as a whole by its mean similarity.
     """
+
+    capabilities = Capabilities(shardable=True)  # a point's similarity ignores the other points
 
     def __init__(self, model: nn.Module | None = None, task: Task | None = None, *, embedding: str = "inputs",
                  metric: str | None = None, batch_size: int = 512) -> None:

@@ -1,6 +1,7 @@
 """Representer points (Yeh et al. 2018; survey section 5.1.2)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -9,10 +10,22 @@ from torch import Tensor, nn
 from forwardinf.baselines.influence_function import GradientEstimator
 from forwardinf.core.params import mode
 from forwardinf.data.inputs import DataLike, batches, gather, to_device
-from forwardinf.estimators.base import check_choice, check_positive
+from forwardinf.estimators.base import Capabilities, EstimatorConfig, check_choice, check_positive
 from forwardinf.tasks.base import Task
 
 TARGETS = ("label", "prediction")
+
+
+@dataclass(frozen=True)
+class RepresenterPointConfig(EstimatorConfig):
+    """Every knob of :class:`RepresenterPoint` (see its docstring)."""
+
+    head: str = "auto"
+    l2: float = 1e-3
+    target: str = "label"
+    max_iter: int = 500
+    batch_size: int = 256
+    progress: bool = False
 
 
 class RepresenterPoint(GradientEstimator):
@@ -49,25 +62,14 @@ class RepresenterPoint(GradientEstimator):
     ``self_influence()`` is ``α_i[y_i] ||f_i||²``: the training point's own term in its label's logit.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        task: Task | None = None,
-        *,
-        head: str = "auto",
-        l2: float = 1e-3,
-        target: str = "label",
-        max_iter: int = 500,
-        batch_size: int = 256,
-        progress: bool = False,
-    ) -> None:
-        super().__init__(model, task)
-        self.head = head
-        self.l2 = l2
-        self.target = target
-        self.max_iter = max_iter
-        self.batch_size = batch_size
-        self.progress = progress
+    Config = RepresenterPointConfig
+    # the head is re-fitted on the whole training set: a slice would give another head
+    capabilities = Capabilities(self_influence="α_i[y_i] ||f_i||²: the diagonal of influence(train)")
+
+    def __init__(self, model: nn.Module, task: Task | None = None, *, config: RepresenterPointConfig | None = None,
+                 **knobs: Any) -> None:
+        """Every knob a keyword (the fields of :class:`RepresenterPointConfig`), or ``config=``."""
+        super().__init__(model, task, config, **knobs)
 
     def fit(self, train: DataLike) -> "RepresenterPoint":
         """Extract features, re-fit the head with L2 to stationarity, compute ``alpha_ [n, C]``."""

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from forwardinf.core.params import device_of, mode
 from forwardinf.data.inputs import DataLike, as_dataset, batches, to_device
-from forwardinf.estimators.base import Estimator, check_choice, check_positive
+from forwardinf.estimators.base import Capabilities, Estimator, check_choice, check_positive
 from forwardinf.hashing import fingerprint, sha256_hex
 from forwardinf.io import atomic_save
 from forwardinf.tasks.base import Task
@@ -352,6 +352,9 @@ class LeaveOneOut(_Retraining):
         workers, cache_dir, config, progress: see :func:`run_trainings`.
     """
 
+    capabilities = Capabilities(self_influence="how much leaving D_i out raises its own mean loss: the diagonal "
+                                               "of influence(train)")
+
     def __init__(self, train_fn: TrainFn, task: Task | None = None, *, groups: Any = None,
                  seeds: int | Sequence[int] = 1, workers: int = 1, cache_dir: str | os.PathLike | None = None,
                  config: Any = None, batch_size: int = 1024, progress: bool = False) -> None:
@@ -487,6 +490,9 @@ class Downsampling(_Retraining):
         metric: ``"loss"`` or ``"accuracy"`` (classification). seed: draws the subsets; model ``k``
             trains with seed ``seed + k``.
     """
+
+    capabilities = Capabilities(self_influence="the in-vs-out contrast at z_i itself (Feldman's memorization with "
+                                               "metric='accuracy'): the diagonal of influence(train)")
 
     def __init__(self, train_fn: TrainFn, task: Task | None = None, *, n_models: int = 100,
                  fraction: float = 0.5, metric: str = "loss", seed: int = 0, workers: int = 1,

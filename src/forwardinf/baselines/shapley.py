@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from forwardinf.baselines.retraining import AccuracyProbe, LossProbe, TrainFn, load_cached, process_map, subset_of
 from forwardinf.core.params import device_of, mode
 from forwardinf.data.inputs import DataLike, as_dataset, batches, to_device
-from forwardinf.estimators.base import Estimator, check_choice, check_positive
+from forwardinf.estimators.base import Capabilities, Estimator, check_choice, check_positive
 from forwardinf.hashing import fingerprint, sha256_hex
 from forwardinf.io import atomic_save
 from forwardinf.tasks.base import Task
@@ -237,6 +237,10 @@ class KNNShapley(Estimator):
     ``(inputs, targets, ...)`` or dicts with ``"inputs"``/``"targets"`` (class indices).
     """
 
+    # a value depends on the point's rank among all training points: not shardable
+    capabilities = Capabilities(self_influence="the point's value in its own game (q = z_i): the diagonal of "
+                                               "influence(train)")
+
     def __init__(self, model: nn.Module | None = None, task: Task | None = None, *, k: int = 10,
                  embedding: str | Callable[[Tensor], Tensor] = "penultimate", metric: str = "euclidean",
                  weighting: str = "shapley", beta: Sequence[float] = (16.0, 1.0), batch_size: int = 512,
@@ -308,9 +312,6 @@ class KNNShapley(Estimator):
             if not seen:
                 raise ValueError("KNNShapley: the model's last layer was not called; pass embedding= explicitly")
             return seen[-1]
-
-    def _device(self) -> torch.device:
-        return device_of(self.model) if self.model is not None else torch.device("cpu")
 
     # -- influence --------------------------------------------------------------------------
     def influence(self, queries: DataLike, joint: bool = False) -> Tensor:
@@ -600,6 +601,9 @@ class TMCShapley(Estimator):
     (``-ℓ(z_i; A(S))``), i.e. how much a model must learn it to fit it (large for mislabeled
     points); it never truncates (a point's own loss keeps changing when it comes late).
     """
+
+    capabilities = Capabilities(self_influence="the point's value in the game of its own loss, never truncated "
+                                               "(not the diagonal of influence(train))")
 
     def __init__(self, train_fn: TrainFn, task: Task | None = None, *, permutations: int = 100,
                  truncation: float = 0.0, utility: str = "loss", empty: Any = "uniform",

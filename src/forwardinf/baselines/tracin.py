@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
@@ -12,10 +13,23 @@ from forwardinf.baselines.influence_function import GradientEstimator
 from forwardinf.core import gradients as G
 from forwardinf.core.params import Params, mode
 from forwardinf.data.inputs import DataLike, batches, gather, to_device
-from forwardinf.estimators.base import check_indices, check_positive
+from forwardinf.estimators.base import Capabilities, EstimatorConfig, check_indices, check_positive
 from forwardinf.tasks.base import Task
 
 Checkpoint = Any  # a state dict, or a path to one saved with torch.save
+
+
+@dataclass(frozen=True)
+class TracInConfig(EstimatorConfig):
+    """Every knob of :class:`TracIn` (see its docstring)."""
+
+    checkpoints: Sequence[Checkpoint] | None = None
+    lrs: Sequence[float] | None = None
+    params: str | Iterable[str] | None = None
+    normalize: bool = False
+    batch_size: int = 64
+    cache_mb: float = 512.0
+    progress: bool = False
 
 
 class TracIn(GradientEstimator):
@@ -53,27 +67,14 @@ class TracIn(GradientEstimator):
     every later call), otherwise by computing the gradients of just those points.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        task: Task | None = None,
-        *,
-        checkpoints: Sequence[Checkpoint] | None = None,
-        lrs: Sequence[float] | None = None,
-        params: str | Iterable[str] | None = None,
-        normalize: bool = False,
-        batch_size: int = 64,
-        cache_mb: float = 512.0,
-        progress: bool = False,
-    ) -> None:
-        super().__init__(model, task)
-        self.checkpoints = checkpoints
-        self.lrs = lrs
-        self.params = params
-        self.normalize = normalize
-        self.batch_size = batch_size
-        self.cache_mb = cache_mb
-        self.progress = progress
+    Config = TracInConfig
+    capabilities = Capabilities(indices=True, shardable=True,
+                                self_influence="Σ_c η_c ||∇ℓ(z_i; θ_c)||²: the diagonal of influence(train)")
+
+    def __init__(self, model: nn.Module, task: Task | None = None, *, config: TracInConfig | None = None,
+                 **knobs: Any) -> None:
+        """Every knob a keyword (the fields of :class:`TracInConfig`), or ``config=``."""
+        super().__init__(model, task, config, **knobs)
 
     def fit(self, train: DataLike) -> "TracIn":
         """Load the checkpoints and store the training set (its gradients are computed lazily)."""

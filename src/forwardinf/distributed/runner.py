@@ -7,8 +7,9 @@ are skipped, which is what makes a killed run resumable. After a barrier, rank 0
 blocks into the final top-k.
 
 Only estimators whose score for a training point does not depend on the rest of the training
-set can be sharded this way (Forward-INF and its tail-only mode; TracIn). Influence functions,
-whose Hessian is fitted on the whole training set, cannot.
+set can be sharded this way: those that declare ``capabilities.shardable`` (Forward-INF and its
+tail-only mode without K-FAC, TracIn). Influence functions, whose Hessian is fitted on the whole
+training set, cannot: :func:`score_to_store` refuses them when there is more than one shard.
 """
 from __future__ import annotations
 
@@ -111,6 +112,17 @@ class ScoreRun:
     world_size: int = 1
 
 
+def check_shardable(estimator: Any, n_train: int, shard_size: int) -> None:
+    """Refuse an estimator that does not declare ``capabilities.shardable`` when ``n_train``
+    points make more than one shard (a copy fitted on a shard would score it differently)."""
+    if n_train <= shard_size or getattr(getattr(estimator, "capabilities", None), "shardable", False):
+        return
+    raise ValueError(f"{type(estimator).__name__} cannot be sharded: its scores of a training point depend on the "
+                     f"rest of the training set (it does not declare capabilities.shardable), so fitting it on "
+                     f"shards of {shard_size} of the {n_train} training points would change them; use a "
+                     f"shard size of at least {n_train} (one shard) or a shardable estimator")
+
+
 def store_manifest(estimator: Any, train: Dataset, queries: Dataset, *, shard_size: int,
                    query_block: int, extra_config: dict | None = None) -> dict:
     """The manifest a store of ``estimator``'s scores on ``train`` x ``queries`` must carry."""
@@ -145,8 +157,10 @@ def score_to_store(estimator: Any, train: DataLike, queries: DataLike, path: str
     for name, v in (("shard_size", shard_size), ("query_block", query_block), ("k", k)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"score_to_store: invalid {name}={v!r}; expected a positive integer")
-    ctx = ctx or init_distributed()
     train_ds, query_ds = as_dataset(train, "train"), as_dataset(queries, "queries")
+    if scorer is None:
+        check_shardable(estimator, len(train_ds), shard_size)
+    ctx = ctx or init_distributed()
     scorer = scorer or EstimatorBlocks(estimator, train_ds, query_ds)
 
     store: ScoreStore | None = None

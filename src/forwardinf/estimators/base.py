@@ -1,16 +1,27 @@
-"""The contract every estimator follows: ``fit`` / ``influence`` / ``top_k`` / ``self_influence``."""
+"""The contract every estimator follows: ``fit`` / ``influence`` / ``top_k`` / ``self_influence``.
+
+Also the frozen per-estimator configuration (:class:`EstimatorConfig`, kronfluence's pattern: every
+constructor keyword in one validated-at-``fit`` dataclass with ``to_dict`` and named presets) and
+what an estimator declares it can do (:class:`Capabilities`).
+"""
 from __future__ import annotations
 
-from typing import Any, Iterable
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterable, Iterator, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from forwardinf.core.params import device_of
 from forwardinf.data.inputs import DataLike, as_dataset
-from forwardinf.storage.topk import TopK
+from forwardinf.storage.topk import RunningTopK, TopK, concat_topk
 from forwardinf.tasks.base import Task
 from forwardinf.tasks.classification import ClassificationTask
+
+C = TypeVar("C", bound="EstimatorConfig")
+E = TypeVar("E", bound="Estimator")
+TRAIN_CHUNK = 8192  # training points scored at once by the streaming top_k
 
 
 class NotFittedError(RuntimeError):
@@ -31,16 +42,130 @@ def check_positive(owner: str, name: str, value: Any, integer: bool = False) -> 
         raise ValueError(f"{owner}: invalid {name}={value!r}; expected {kind}")
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What an estimator can do beyond ``fit`` / ``influence`` / ``top_k``.
+
+    indices: ``influence(queries, indices=...)`` scores only those training positions (from the
+        fit on the whole set); ``top_k`` then streams over training chunks.
+    shardable: a training point's score does not depend on the rest of the training set, so a
+        copy fitted on a slice scores that slice as the fit on the whole set would
+        (:func:`forwardinf.distributed.score_to_store`, ``forwardinf score``).
+    self_influence: what ``self_influence()`` means; None when the estimator has none.
+    """
+
+    indices: bool = False
+    shardable: bool = False
+    self_influence: str | None = None
+
+
+@dataclass(frozen=True)
+class EstimatorConfig:
+    """Base of the frozen configuration of an estimator: every constructor keyword, one field each.
+
+    Values are stored as given and checked by the estimator's ``fit`` (with the same messages as
+    the keywords). ``PRESETS`` maps a recipe's name to the fields it sets.
+    """
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{field: value}`` for every field (values as given, not copied)."""
+        return {name: getattr(self, name) for name in self.names()}
+
+    @classmethod
+    def check_names(cls, owner: str, names: Iterable[str]) -> None:
+        """Raise ``TypeError`` naming any of ``names`` that is not a field (and the fields)."""
+        unknown = sorted(set(names) - set(cls.names()))
+        if unknown:
+            raise TypeError(f"{owner}: unexpected keyword(s) {unknown}; expected some of {cls.names()}")
+
+    def replace(self: C, **changes: Any) -> C:
+        """A copy with ``changes``; an unknown name raises ``TypeError`` naming the known ones."""
+        self.check_names(type(self).__name__, changes)
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def preset(cls: type[C], name: str, **overrides: Any) -> C:
+        """The named recipe (``PRESETS[name]``) with ``overrides``."""
+        check_choice(cls.__name__, "preset", name, cls.PRESETS)
+        return cls().replace(**{**cls.PRESETS[name], **overrides})
+
+    def changed(self) -> dict[str, Any]:
+        """The fields that differ from the defaults."""
+        default = type(self)()
+        return {k: v for k, v in self.to_dict().items() if not _same(v, getattr(default, k))}
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b) and type(a) is type(b)
+    except (RuntimeError, TypeError, ValueError):  # tensors, arrays
+        return a is b
+
+
 class Estimator:
     """Base class: scores are ``[n_query, n_train]``, higher = more influential (proponent).
 
     Subclasses store their keyword arguments in ``__init__``, do the work in ``fit`` (learned
-    state ends in ``_``), and implement :meth:`influence`.
+    state ends in ``_``), and implement :meth:`influence`. A subclass with a ``Config`` (an
+    :class:`EstimatorConfig`) takes every knob as a keyword or ``config=`` (keywords override
+    it); the configuration is frozen: ``est.config``, its fields read as ``est.<name>``, and
+    :meth:`with_config` gives an estimator with another one. ``capabilities`` says what else
+    the estimator can do.
     """
 
-    def __init__(self, model: nn.Module, task: Task | None = None) -> None:
+    Config: ClassVar[type[EstimatorConfig] | None] = None
+    capabilities = Capabilities()
+
+    def __init__(self, model: nn.Module, task: Task | None = None, config: EstimatorConfig | None = None,
+                 **knobs: Any) -> None:
         self.model = model
         self.task = task if task is not None else ClassificationTask()
+        cls = type(self)
+        if cls.Config is None:
+            if config is not None or knobs:
+                raise TypeError(f"{cls.__name__} takes no configuration keywords, got {sorted(knobs) or 'config'}")
+            return
+        cls.Config.check_names(cls.__name__, knobs)
+        if config is None:
+            config = cls.Config()
+        elif not isinstance(config, cls.Config):
+            if not isinstance(config, EstimatorConfig) or not set(config.names()) <= set(cls.Config.names()):
+                raise TypeError(f"{cls.__name__}: config must be a {cls.Config.__name__}, got {type(config).__name__}")
+            config = cls.Config(**config.to_dict())  # e.g. a ForwardINFConfig for TailForwardINF
+        self.config = config.replace(**knobs) if knobs else config
+
+    def __getattr__(self, name: str) -> Any:
+        # Called only when normal lookup fails: the configuration's fields read as attributes.
+        config = self.__dict__.get("config")
+        if isinstance(config, EstimatorConfig) and name in config.names():
+            return getattr(config, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        cls = type(self)
+        if cls.Config is not None and name in cls.Config.names():
+            raise AttributeError(f"{cls.__name__}: {name} is part of the frozen configuration; use "
+                                 f"est.with_config(est.config.replace({name}=...))")
+        object.__setattr__(self, name, value)
+
+    def with_config(self: E, config: EstimatorConfig) -> E:
+        """A new estimator of this kind, on the same model and task, with ``config``.
+
+        If this one is fitted, the new one is fitted on the same training set, reusing what this
+        one cached that ``config`` does not change (e.g. Forward-INF's base losses).
+        """
+        new = type(self)(self.model, self.task, config=config)
+        return new._fit_like(self) if hasattr(self, "train_") else new
+
+    def _fit_like(self: E, other: "Estimator") -> E:
+        """Fit on ``other``'s training set (subclasses reuse ``other``'s caches where they can)."""
+        return self.fit(other.train_)
 
     # -- contract -------------------------------------------------------------------
     def fit(self, train: DataLike) -> "Estimator":
@@ -54,14 +179,35 @@ class Estimator:
         """``[n_train]`` influence of each training point on itself."""
         raise NotImplementedError(f"{type(self).__name__} has no self-influence")
 
-    def top_k(self, queries: DataLike, k: int = 10) -> TopK:
-        """The ``k`` highest-scoring training points per query, best first; equal scores in
-        training-index order (a stable sort: ``torch.topk`` leaves the order of ties unspecified)."""
-        check_positive(type(self).__name__, "k", k, integer=True)
-        scores = self.influence(queries)
-        k = min(k, scores.shape[-1])
-        values, indices = torch.sort(scores, dim=-1, descending=True, stable=True)
-        return TopK(indices[..., :k], values[..., :k])
+    def top_k(self, queries: DataLike, k: int = 10, *, chunk: int | None = None) -> TopK:
+        """The ``k`` highest-scoring training points per query, best first (``indices``,
+        ``scores`` ``[n_query, k]``), and the ``k`` lowest, lowest first (``opponents``,
+        ``opponent_scores``); equal scores in training-index order, exactly as a stable sort of
+        :meth:`influence` (``torch.topk`` leaves the order of ties unspecified).
+
+        When the estimator scores slices (``capabilities.indices``) the training set is scored
+        ``chunk`` points at a time (default 8192) into a running top-k: memory
+        ``[n_query, chunk]``, never ``[n_query, n_train]``.
+        """
+        name = type(self).__name__
+        check_positive(name, "k", k, integer=True)
+        if chunk is not None:
+            check_positive(name, "chunk", chunk, integer=True)
+        running: dict[int, RunningTopK] = {}
+        for q0, start, block in self._score_blocks(queries, chunk or TRAIN_CHUNK):
+            running.setdefault(q0, RunningTopK(block.shape[0], k)).update(block, start)
+        return concat_topk([running[q0].result() for q0 in sorted(running)])
+
+    def _score_blocks(self, queries: DataLike, chunk: int) -> Iterator[tuple[int, int, Tensor]]:
+        """``(first query, first training position, scores [q, b])`` blocks covering the matrix."""
+        if not self.capabilities.indices:
+            yield 0, 0, self.influence(queries)
+            return
+        self._check_fitted()
+        qset = self._dataset(queries, "queries")
+        n = len(self.train_)
+        for start in range(0, n, chunk):
+            yield 0, start, self.influence(qset, indices=torch.arange(start, min(start + chunk, n)))
 
     # -- helpers for subclasses -----------------------------------------------------
     def _check_fitted(self) -> None:
@@ -69,14 +215,19 @@ class Estimator:
             raise NotFittedError(f"{type(self).__name__} is not fitted: call fit(train) before influence()")
 
     def _device(self) -> torch.device:
-        return device_of(self.model)
+        return device_of(self.model) if self.model is not None else torch.device("cpu")
 
     def _dataset(self, data: DataLike, name: str) -> Any:
         return as_dataset(data, name)
 
     def __repr__(self) -> str:
-        keys = [k for k in vars(self) if not k.endswith("_") and not k.startswith("_") and k not in ("model", "task")]
-        return f"{type(self).__name__}({', '.join(f'{k}={getattr(self, k)!r}' for k in keys)})"
+        config = self.__dict__.get("config")
+        if isinstance(config, EstimatorConfig):
+            shown = config.changed()
+        else:
+            shown = {k: v for k, v in vars(self).items()
+                     if not k.endswith("_") and not k.startswith("_") and k not in ("model", "task")}
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
 
 def check_indices(owner: str, indices: Any, n: int) -> Tensor | None:

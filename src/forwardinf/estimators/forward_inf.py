@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -14,7 +15,8 @@ from forwardinf.core.params import Params, bind, buffers_of, flat_norm, mode, se
 from forwardinf.core.sweep import sweep
 from forwardinf.core.update import OPTIMIZERS, UpdateRule
 from forwardinf.data.inputs import DataLike, batch_len, batches, check_finite, gather, repeat, subset, to_device, unsqueeze
-from forwardinf.estimators.base import Estimator, TopK, check_choice, check_indices, check_positive
+from forwardinf.estimators.base import (Capabilities, Estimator, EstimatorConfig, check_choice, check_indices,
+                                        check_positive)
 from forwardinf.tasks.base import Task
 
 SCORES = ("cosine", "margin", "loss", "abs", "influence")
@@ -39,6 +41,33 @@ PRESETS: dict[str, dict[str, Any]] = {
     # / 0.560 at 0.3 / 0.5 / 1.0), checked unchanged on Fashion-MNIST: benchmarks/results/lds.md.
     "counterfactual": dict(steps=1, lr=1e-4, optimizer="kfac", score="influence", damping=0.5, fisher="empirical"),
 }
+
+
+@dataclass(frozen=True)
+class ForwardINFConfig(EstimatorConfig):
+    """Every knob of :class:`ForwardINF` (see its docstring); ``ForwardINFConfig.preset("paper")``
+    is a named recipe of :data:`PRESETS`. Frozen: ``cfg.replace(lr=...)`` gives another one."""
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = PRESETS
+
+    steps: int = 1
+    lr: float = 1e-3
+    optimizer: str = "nsgd"
+    direction: str = "ascent"
+    score: str = "cosine"
+    params: str | Iterable[str] | None = None
+    train_mode: bool = False
+    query_repeat: int = 1
+    fitted_fallback: bool = False
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    n_directions: int = 16
+    damping: float = 0.5
+    fisher: str = "empirical"
+    batch_size: int | str = "auto"
+    query_chunk: int = 16
+    seed: int = 0
+    progress: bool = False
 
 
 class ForwardINF(Estimator):
@@ -93,65 +122,48 @@ class ForwardINF(Estimator):
         progress: show progress bars.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        task: Task | None = None,
-        *,
-        steps: int = 1,
-        lr: float = 1e-3,
-        optimizer: str = "nsgd",
-        direction: str = "ascent",
-        score: str = "cosine",
-        params: str | Iterable[str] | None = None,
-        train_mode: bool = False,
-        query_repeat: int = 1,
-        fitted_fallback: bool = False,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
-        n_directions: int = 16,
-        damping: float = 0.5,
-        fisher: str = "empirical",
-        batch_size: int | str = "auto",
-        query_chunk: int = 16,
-        seed: int = 0,
-        progress: bool = False,
-    ) -> None:
-        super().__init__(model, task)
-        self.steps = steps
-        self.lr = lr
-        self.optimizer = optimizer
-        self.direction = direction
-        self.score = score
-        self.params = params
-        self.train_mode = train_mode
-        self.query_repeat = query_repeat
-        self.fitted_fallback = fitted_fallback
-        self.momentum = momentum
-        self.weight_decay = weight_decay
-        self.n_directions = n_directions
-        self.damping = damping
-        self.fisher = fisher
-        self.batch_size = batch_size
-        self.query_chunk = query_chunk
-        self.seed = seed
-        self.progress = progress
+    Config = ForwardINFConfig
+
+    def __init__(self, model: nn.Module, task: Task | None = None, *, config: ForwardINFConfig | None = None,
+                 **knobs: Any) -> None:
+        """Every knob a keyword (the fields of :class:`ForwardINFConfig`), or ``config=`` (keywords override it)."""
+        super().__init__(model, task, config, **knobs)
 
     @classmethod
     def preset(cls, name: str, model: nn.Module, task: Task | None = None, **overrides: Any) -> "ForwardINF":
         """A named recipe: ``"default"``, ``"paper"``, ``"authors"``, ``"group"`` or ``"counterfactual"`` (``PRESETS``)."""
-        check_choice(cls.__name__, "preset", name, PRESETS)
-        return cls(model, task, **{**PRESETS[name], **overrides})
+        return cls(model, task, config=cls.Config.preset(name), **overrides)
+
+    @property
+    def capabilities(self) -> Capabilities:  # type: ignore[override]
+        return forward_inf_capabilities(self.optimizer)
 
     # -- fit --------------------------------------------------------------------------------
     def fit(self, train: DataLike) -> "ForwardINF":
         """Cache ``m(θ, z_i)`` (and sensitivities for ``score="cosine"``) for every training point."""
         self._check_params()
         self.train_ = self._dataset(train, "train")
+        self._cache_: dict[tuple, Any] = {}
         self.batch_size_ = self._resolve_batch_size()
-        self._cache_: dict[str, Tensor] = {}
-        self._ensure_cache(self.score)
-        self.curvature_ = self._curvature() if self.optimizer == "kfac" else None
+        return self._prepare()
+
+    def _fit_like(self, other: Estimator) -> "ForwardINF":
+        """Fitted on ``other``'s training set, sharing its cache (entries are keyed by what they depend on)."""
+        if not isinstance(other, ForwardINF) or other.model is not self.model or other.task is not self.task:
+            return self.fit(other.train_)
+        self._check_params()
+        self.train_, self._cache_ = other.train_, other._cache_
+        self.batch_size_ = self._resolve_batch_size()
+        if self.batch_size == "auto" == other.batch_size:  # the fitted batch if it fits this configuration's budget
+            self.batch_size_ = min(self.batch_size_, other.batch_size_)
+        return self._prepare()
+
+    def _prepare(self) -> "ForwardINF":
+        self._base(_measure(self.score))
+        if self.score == "cosine":
+            self._base("directional")
+        self.curvature_ = self._cached(("kfac", _key(self.params), self.fisher, self.seed), self._curvature) \
+            if self.optimizer == "kfac" else None
         return self
 
     def _curvature(self) -> list:
@@ -164,26 +176,35 @@ class ForwardINF(Estimator):
     def base_losses_(self) -> Tensor:
         """``[n_train]`` losses of the unchanged model, ``m(θ, z_i)``."""
         self._check_fitted()
-        return self._ensure_cache("loss")["loss"]
+        return self._base("loss")
 
-    def _ensure_cache(self, score: str) -> dict[str, Tensor]:
-        kind = _measure(score)
-        if kind not in self._cache_:
-            fn = getattr(self.task, kind)
+    def _cached(self, key: tuple, compute: Any) -> Any:
+        """``compute()`` once per ``key`` and batch size (sweeps in other batches may differ in the last bit)."""
+        key = (*key, self.batch_size_)
+        if key not in self._cache_:
+            self._cache_[key] = compute()
+        return self._cache_[key]
 
-            def checked(batch: Any) -> Tensor:
-                self._validate(batch, "train")  # every batch: a bad label may hide anywhere
-                return fn(self.model, batch)
+    def _base(self, kind: str) -> Tensor:
+        """Cached values of the unchanged model on the training set: ``[n_train]`` for ``"loss"`` /
+        ``"score_loss"``, ``[n_train, n_directions]`` for ``"directional"``."""
+        if kind == "directional":
+            return self._cached(("directional", _key(self.params), self.seed, self.n_directions), self._directional)
+        return self._cached((kind,), lambda: self._sweep_base(kind))
 
-            with mode(self.model, False):
-                values = sweep(checked, self.train_, self.batch_size_, self._device(), self.progress, desc=f"base {kind}")
-            if not torch.isfinite(values).all():
-                bad = int((~torch.isfinite(values)).nonzero()[0])
-                raise ValueError(f"non-finite loss on training example {bad} with the unchanged model")
-            self._cache_[kind] = values
-        if score == "cosine" and "directional" not in self._cache_:
-            self._cache_["directional"] = self._directional()
-        return self._cache_
+    def _sweep_base(self, kind: str) -> Tensor:
+        fn = getattr(self.task, kind)
+
+        def checked(batch: Any) -> Tensor:
+            self._validate(batch, "train")  # every batch: a bad label may hide anywhere
+            return fn(self.model, batch)
+
+        with mode(self.model, False):
+            values = sweep(checked, self.train_, self.batch_size_, self._device(), self.progress, desc=f"base {kind}")
+        if not torch.isfinite(values).all():
+            bad = int((~torch.isfinite(values)).nonzero()[0])
+            raise ValueError(f"non-finite loss on training example {bad} with the unchanged model")
+        return values
 
     def _directional(self) -> Tensor:
         """``[n_train, n_directions]``: ``∇m(θ, z_i)·v_j`` for fixed Gaussian directions ``v_j``.
@@ -254,24 +275,35 @@ class ForwardINF(Estimator):
         """
         self._check_fitted()
         rows_of = check_indices(type(self).__name__, indices, len(self.train_))
-        qset = self._dataset(queries, "queries")
-        all_queries = gather(qset, range(len(qset)))
-        self._validate(all_queries, "queries")
+        qset = self._queries(queries)
         if joint:
             return self._score(self._update_joint(qset), rows_of)[0]
-        rows = []
+        return torch.cat([self._score(update, rows_of) for _, update in self._updates(qset)], 0)
+
+    def _queries(self, queries: DataLike) -> Any:
+        qset = self._dataset(queries, "queries")
+        self._validate(gather(qset, range(len(qset))), "queries")
+        return qset
+
+    def _updates(self, qset: Any) -> Iterator[tuple[int, Update]]:
+        """``(first query, update)`` for each chunk of ``query_chunk`` queries."""
         for start in range(0, len(qset), self.query_chunk):
             idx = range(start, min(start + self.query_chunk, len(qset)))
-            rows.append(self._score(self._update_each(gather(qset, idx), len(idx)), rows_of))
-        return torch.cat(rows, 0)
+            yield start, self._update_each(gather(qset, idx), len(idx))
+
+    def _score_blocks(self, queries: DataLike, chunk: int) -> Iterator[tuple[int, int, Tensor]]:
+        """One update per query chunk, then the training set in chunks that start on batch
+        boundaries: the very batches of a whole sweep, so every score is bit-identical to it."""
+        self._check_fitted()
+        n, step = len(self.train_), math.ceil(chunk / self.batch_size_) * self.batch_size_
+        for q0, update in self._updates(self._queries(queries)):
+            for start in range(0, n, step):
+                yield q0, start, self._score(update, torch.arange(start, min(start + step, n)))
 
     def self_influence(self) -> Tensor:
         """``[n_train]``: the paper's self mode (D_tst = D_trn): one joint update on the training set."""
         self._check_fitted()
         return self.influence(self.train_, joint=True)
-
-    def top_k(self, queries: DataLike, k: int = 10) -> TopK:
-        return super().top_k(queries, k)
 
     # -- the update -------------------------------------------------------------------------
     def _objective(self, model: Any, batch: Any) -> Tensor:
@@ -375,7 +407,6 @@ class ForwardINF(Estimator):
         positions ``[n]`` to score (None: all of them).
         """
         params, buffers, stacked_buffers, direction_norm = update
-        cache = self._ensure_cache(self.score)
         kind = _measure(self.score)
         fn = getattr(self.task, kind)
         base = select_params(self.model, self.params)
@@ -403,7 +434,7 @@ class ForwardINF(Estimator):
         if not torch.isfinite(values).all():
             raise FloatingPointError("non-finite loss on the training set after the update (diverging update: lower lr or steps)")
         pick = (lambda t: t) if rows is None else (lambda t: t[rows])
-        delta = values - pick(cache[kind])
+        delta = values - pick(self._base(kind))
         sign = 1.0 if self.direction == "ascent" else -1.0
         if self.score == "abs":
             return delta.abs()
@@ -412,17 +443,19 @@ class ForwardINF(Estimator):
             per_unit = direction_norm.double().cpu() / step.clamp_min(1e-30)
             return (sign * delta.double() * per_unit[:, None]).float()
         if self.score == "cosine":
-            return sign * self._cosine(delta, {k: params[k] - base[k] for k in params}, pick(cache["directional"]))
+            return sign * self._cosine(delta, {k: params[k] - base[k] for k in params}, pick(self._base("directional")))
         return sign * delta
 
     # -- tuning -----------------------------------------------------------------------------
     def tune(self, queries: DataLike, targets: Tensor | Iterable[int], *, lrs: Iterable[float] | None = None,
-             steps: Iterable[int] | None = None, scores: Iterable[str] | None = None) -> "ForwardINF":
-        """Pick ``lr``, ``steps`` and ``score`` so each query's known proponent ranks first.
+             steps: Iterable[int] | None = None, scores: Iterable[str] | None = None) -> ForwardINFConfig:
+        """The configuration (``lr``, ``steps`` and ``score`` picked from a grid) under which each
+        query's known proponent ranks first; this estimator is left as it is.
 
         ``targets [n_query]``: the training index that should rank first for each query (e.g. the
         training point the query duplicates, as in the paper's 20% tuning split). Ties are broken by
-        mean rank. Sets the chosen values on ``self``; the grid's results are in ``tune_results_``.
+        mean rank. The grid's results are in ``tune_results_``. Use the result with
+        ``est.with_config(cfg)`` (reuses the cached base values) or ``ForwardINF(model, task, config=cfg)``.
         """
         self._check_fitted()
         targets = torch.as_tensor(list(targets) if not torch.is_tensor(targets) else targets, dtype=torch.long)
@@ -434,29 +467,24 @@ class ForwardINF(Estimator):
         lrs = list(lrs) if lrs is not None else _lr_grid(self.optimizer, self.lr)
         steps = list(steps) if steps is not None else sorted({1, 3, self.steps})
         scores = list(scores) if scores is not None else list(SCORES)
-        saved = (self.lr, self.steps, self.score)
         results = []
-        try:
-            for sc in scores:
-                for k in steps:
-                    for lr in lrs:
-                        self.lr, self.steps, self.score = lr, k, sc
-                        try:
-                            s = self.influence(qset)
-                        except FloatingPointError:
-                            continue
-                        target_scores = s.gather(1, targets[:, None])
-                        ranks = (s > target_scores).sum(1) + 1
-                        results.append({"score": sc, "steps": k, "lr": lr,
-                                        "top1": float((ranks == 1).float().mean()), "mean_rank": float(ranks.float().mean())})
-        finally:
-            self.lr, self.steps, self.score = saved
+        for sc in scores:
+            for k in steps:
+                for lr in lrs:
+                    trial = self.with_config(self.config.replace(lr=lr, steps=k, score=sc))
+                    try:
+                        s = trial.influence(qset)
+                    except FloatingPointError:
+                        continue
+                    target_scores = s.gather(1, targets[:, None])
+                    ranks = (s > target_scores).sum(1) + 1
+                    results.append({"score": sc, "steps": k, "lr": lr,
+                                    "top1": float((ranks == 1).float().mean()), "mean_rank": float(ranks.float().mean())})
         if not results:
             raise FloatingPointError("tune: every setting diverged; try smaller learning rates")
         best = max(results, key=lambda r: (r["top1"], -r["mean_rank"]))
-        self.lr, self.steps, self.score = best["lr"], best["steps"], best["score"]
         self.tune_results_ = results
-        return self
+        return self.config.replace(lr=best["lr"], steps=best["steps"], score=best["score"])
 
     # -- checks -----------------------------------------------------------------------------
     def _check_params(self) -> None:
@@ -507,6 +535,19 @@ class ForwardINF(Estimator):
 
 _DIRECTION_CHUNK = 8
 Update = tuple[Params, Params, bool, Tensor]  # (params [Q, ...], buffers, stacked_buffers, direction_norm [Q])
+
+
+def forward_inf_capabilities(optimizer: str) -> Capabilities:
+    """Forward-INF's capabilities; K-FAC factors come from the whole training set, so a copy
+    fitted on a slice would score it differently: not shardable."""
+    return Capabilities(indices=True, shardable=optimizer != "kfac",
+                        self_influence="one joint update on the whole training set (the paper's self mode), "
+                                       "not the diagonal of influence(train)")
+
+
+def _key(params: Any) -> Any:
+    """``params`` (None, a pattern or patterns) as a hashable cache-key part."""
+    return params if params is None or isinstance(params, str) else tuple(params)
 
 
 def _measure(score: str) -> str:

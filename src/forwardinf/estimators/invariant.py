@@ -22,6 +22,7 @@ update is ``θ_q = θ ± lr · ∇ mean_v m(θ, view_v(q))`` (gradient of the me
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 
 from forwardinf.data.augment import default_shift, views
 from forwardinf.data.inputs import DataLike, gather
-from forwardinf.estimators.forward_inf import ForwardINF
+from forwardinf.estimators.forward_inf import ForwardINF, ForwardINFConfig
 from forwardinf.tasks.base import Task
 from forwardinf.tasks.classification import ClassificationTask
 
@@ -68,6 +69,14 @@ class ViewAveragedTask(Task):
         self.task.validate(model, self._fold(batch)[0])
 
 
+@dataclass(frozen=True)
+class InvariantForwardINFConfig(ForwardINFConfig):
+    """Every knob of :class:`InvariantForwardINF`: ``shift``, ``flip`` and those of :class:`ForwardINF`."""
+
+    shift: int | None = None
+    flip: bool | str = "max"
+
+
 class InvariantForwardINF(ForwardINF):
     """Forward-INF whose query update averages over shifted (and mirrored) views of each query.
 
@@ -85,11 +94,13 @@ class InvariantForwardINF(ForwardINF):
     costs ``updates_per_query_`` forward sweeps of the training set (ForwardINF: 1).
     """
 
-    def __init__(self, model: nn.Module, task: Task | None = None, *, shift: int | None = None,
-                 flip: bool | str = "max", **kwargs: Any) -> None:
-        super().__init__(model, ViewAveragedTask(task if task is not None else ClassificationTask()), **kwargs)
-        self.shift = shift
-        self.flip = flip
+    Config = InvariantForwardINFConfig
+
+    def __init__(self, model: nn.Module, task: Task | None = None, *, config: ForwardINFConfig | None = None,
+                 **knobs: Any) -> None:
+        task = task if task is not None else ClassificationTask()
+        super().__init__(model, task if isinstance(task, ViewAveragedTask) else ViewAveragedTask(task),
+                         config=config, **knobs)
 
     def influence(self, queries: DataLike, joint: bool = False, indices: Any = None) -> Tensor:
         """Scores ``[n_query, n]`` (``[n]`` with ``joint``), each query updated on its views."""

@@ -35,9 +35,9 @@ from tqdm.auto import tqdm
 
 from forwardinf.core.autobatch import auto_batch_size
 from forwardinf.core.params import mode
-from forwardinf.data.inputs import DataLike, batch_len, batches, to_device
-from forwardinf.estimators.base import Estimator, TopK, check_choice
-from forwardinf.estimators.forward_inf import ForwardINF
+from forwardinf.data.inputs import DataLike, TensorDict, batch_len, batches, to_device
+from forwardinf.estimators.base import Capabilities, Estimator, check_choice
+from forwardinf.estimators.forward_inf import ForwardINF, ForwardINFConfig, forward_inf_capabilities
 from forwardinf.tasks.base import Task
 
 CACHES = ("auto", "memory", "disk")
@@ -216,6 +216,18 @@ def _device_type(batch: Any) -> str:
 
 
 # ----------------------------------------------------------------------------- the estimator
+@dataclass(frozen=True)
+class TailForwardINFConfig(ForwardINFConfig):
+    """Every knob of :class:`TailForwardINF`: ``split``, ``precision``, ``cache``, ``cache_dir``
+    and those of :class:`ForwardINF` (``params`` are patterns within the tail)."""
+
+    split: str | None = None
+    precision: str = "float32"
+    cache: str = "auto"
+    cache_dir: str | None = None
+
+
+
 class TailForwardINF(Estimator):
     """Forward-INF that updates only the model's tail, on a cached pass of the frozen prefix.
 
@@ -238,53 +250,73 @@ class TailForwardINF(Estimator):
             256 MiB of features, disk above. The scores are the same to the bit either way; the
             choice made is ``cache_``.
         cache_dir: folder of the ``"disk"`` cache.
-        options: any :class:`ForwardINF` keyword (``steps``, ``lr``, ``optimizer``, ``score``,
-            ``params`` (patterns within the tail), ``batch_size``, ``query_chunk``, ...).
-            ``fitted_fallback`` is refused: it perturbs inputs the tail never sees.
+        and any :class:`ForwardINF` keyword (``steps``, ``lr``, ``optimizer``, ``score``,
+            ``params`` (patterns within the tail), ``batch_size``, ``query_chunk``, ...);
+            ``fitted_fallback`` is refused: it perturbs inputs the tail never sees. All of them
+            are the fields of :class:`TailForwardINFConfig` (``config=``).
 
     The model must take one input: the first element (or ``"inputs"``) of every batch.
     """
 
-    def __init__(self, model: nn.Module, task: Task | None = None, *, split: str,
-                 precision: str = "float32", cache: str = "auto", cache_dir: str | None = None,
-                 **options: Any) -> None:
-        super().__init__(model, task)
-        self.split = split
-        self.precision = precision
-        self.cache = cache
-        self.cache_dir = cache_dir
-        self.options = options
+    Config = TailForwardINFConfig
+
+    def __init__(self, model: nn.Module, task: Task | None = None, *, config: ForwardINFConfig | None = None,
+                 **knobs: Any) -> None:
+        """``split`` and every :class:`ForwardINF` knob a keyword, or ``config=`` (keywords override it)."""
+        super().__init__(model, task, config, **knobs)
+        if self.split is None:
+            raise TypeError("TailForwardINF: missing the keyword split= (the module where the tail begins, e.g. 'fc')")
+
+    @property
+    def capabilities(self) -> Capabilities:  # type: ignore[override]
+        return forward_inf_capabilities(self.optimizer)
+
+    @property
+    def forward_config(self) -> ForwardINFConfig:
+        """The configuration of the tail's :class:`ForwardINF`."""
+        return ForwardINFConfig(**{k: getattr(self.config, k) for k in ForwardINFConfig.names()})
 
     # -- fit --------------------------------------------------------------------------------
     def fit(self, train: DataLike) -> "TailForwardINF":
         """Cut the model, cache the prefix over ``train``, fit the tail's ForwardINF on the cache."""
-        name = type(self).__name__
-        check_choice(name, "precision", self.precision, PRECISIONS)
-        check_choice(name, "cache", self.cache, CACHES)
-        if not isinstance(self.split, str) or not self.split:
-            raise ValueError(f"{name}: invalid split={self.split!r}; expected a module name such as 'fc'")
-        if self.options.get("fitted_fallback"):
-            raise ValueError(f"{name}: fitted_fallback perturbs the query's inputs, which the tail never sees; "
-                             "use ForwardINF for it")
+        self._check_params()
         dataset = self._dataset(train, "train")
         first = to_device(next(batches(dataset, 8))[1], self._device())
         self.split_ = split_model(self.model, self.split, _inputs(first))
-        size = self.options.get("batch_size", "auto")
         with mode(self.model, False):  # the prefix pass: one no-grad forward of the whole model at most
-            self.prefix_batch_ = (auto_batch_size(self.model, self.task, first, max_batch=512) if size == "auto"
-                                  else int(size))
-        try:
-            self.estimator_ = ForwardINF(self.split_.tail, self.task, **self.options)
-        except TypeError as e:
-            raise ValueError(f"{name}: {e} (options are ForwardINF keywords)") from e
+            self.prefix_batch_ = (auto_batch_size(self.model, self.task, first, max_batch=512)
+                                  if self.batch_size == "auto" else int(self.batch_size))
         self.cache_ = self.cache
         if self.cache == "auto":
             size = len(dataset) * self.split_.width * PRECISIONS[self.precision].itemsize
             self.cache_ = "disk" if size > AUTO_MEMORY_BYTES else "memory"
         self.features_ = self.features(dataset, "train", on_disk=self.cache_ == "disk")
-        self.estimator_.fit(self.features_)
+        self.estimator_ = ForwardINF(self.split_.tail, self.task, config=self.forward_config).fit(self.features_)
         self.train_ = dataset
         return self
+
+    def _fit_like(self, other: Estimator) -> "TailForwardINF":
+        """Reuses ``other``'s cut and cached features when the prefix is configured the same."""
+        prefix = ("split", "precision", "cache", "cache_dir", "batch_size")
+        if (not isinstance(other, TailForwardINF) or other.model is not self.model or other.task is not self.task
+                or any(getattr(self, k) != getattr(other, k) for k in prefix)):
+            return self.fit(other.train_)
+        self._check_params()
+        for attr in ("split_", "prefix_batch_", "cache_", "features_"):
+            setattr(self, attr, getattr(other, attr))
+        self.estimator_ = other.estimator_.with_config(self.forward_config)
+        self.train_ = other.train_
+        return self
+
+    def _check_params(self) -> None:
+        name = type(self).__name__
+        check_choice(name, "precision", self.precision, PRECISIONS)
+        check_choice(name, "cache", self.cache, CACHES)
+        if not isinstance(self.split, str) or not self.split:
+            raise ValueError(f"{name}: invalid split={self.split!r}; expected a module name such as 'fc'")
+        if self.fitted_fallback:
+            raise ValueError(f"{name}: fitted_fallback perturbs the query's inputs, which the tail never sees; "
+                             "use ForwardINF for it")
 
     def features(self, data: DataLike, name: str = "data", on_disk: bool = False) -> Dataset:
         """``data`` with each batch's inputs replaced by the prefix's features ``[N, D]``.
@@ -300,7 +332,7 @@ class TailForwardINF(Estimator):
         rest: list[list[Any]] = []
         keys: list[str] | None = None
         with torch.no_grad(), mode(self.model, False), tqdm(total=n, desc=f"prefix ({name})", unit="ex", leave=False,
-                                                          disable=not self.options.get("progress")) as bar:
+                                                          disable=not self.progress) as bar:
             for start, batch in batches(dataset, self.prefix_batch_):
                 x = to_device(_inputs(batch), device)
                 if dtype == torch.float32:
@@ -321,7 +353,7 @@ class TailForwardINF(Estimator):
             return _FileDataset(out, others, keys)
         if keys is None:
             return TensorDataset(out, *others)
-        return _DictDataset(out, dict(zip(keys, others)))
+        return TensorDict({"inputs": out, **dict(zip(keys, others))})
 
     def _check_split(self) -> None:
         if not hasattr(self, "split_"):
@@ -339,8 +371,9 @@ class TailForwardINF(Estimator):
         self._check_fitted()
         return self.estimator_.self_influence()
 
-    def top_k(self, queries: DataLike, k: int = 10) -> TopK:
-        return super().top_k(queries, k)
+    def _score_blocks(self, queries: DataLike, chunk: int) -> Any:
+        self._check_fitted()
+        return self.estimator_._score_blocks(self.features(queries, "queries"), chunk)
 
     @property
     def base_losses_(self) -> Tensor:
@@ -348,14 +381,12 @@ class TailForwardINF(Estimator):
         self._check_fitted()
         return self.estimator_.base_losses_
 
-    def tune(self, queries: DataLike, targets: Any, **grid: Any) -> "TailForwardINF":
-        """:meth:`ForwardINF.tune` on the tail; the chosen ``lr``/``steps``/``score`` go into ``options``."""
+    def tune(self, queries: DataLike, targets: Any, **grid: Any) -> "TailForwardINFConfig":
+        """:meth:`ForwardINF.tune` on the tail: this configuration with the chosen ``lr``/``steps``/``score``."""
         self._check_fitted()
-        self.estimator_.tune(self.features(queries, "queries"), targets, **grid)
-        for key in ("lr", "steps", "score"):
-            self.options[key] = getattr(self.estimator_, key)
+        chosen = self.estimator_.tune(self.features(queries, "queries"), targets, **grid)
         self.tune_results_ = self.estimator_.tune_results_
-        return self
+        return self.config.replace(lr=chosen.lr, steps=chosen.steps, score=chosen.score)
 
 
 def _inputs(batch: Any) -> Tensor:
@@ -376,17 +407,6 @@ def _other_fields(batch: Any) -> tuple[list[Any], list[str] | None]:
         keys = [k for k in batch if k != "inputs"]
         return [batch[k] for k in keys], keys
     return list(batch[1:]), None
-
-
-class _DictDataset(Dataset):
-    def __init__(self, features: Tensor, others: dict[str, Tensor]) -> None:
-        self.features, self.others = features, others
-
-    def __len__(self) -> int:
-        return len(self.features)
-
-    def __getitem__(self, i: int) -> dict[str, Tensor]:
-        return {"inputs": self.features[i], **{k: v[i] for k, v in self.others.items()}}
 
 
 class FeatureFile:

@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> dict:
             tuned = None
             if n_tune and isinstance(est, fi.ForwardINF):
                 _, xq, yq = queries[kinds[0]]
-                est.tune((xq[:n_tune], yq[:n_tune]), idx[:n_tune])
+                est = est.with_config(est.tune((xq[:n_tune], yq[:n_tune]), idx[:n_tune]))
                 tuned = {"lr": est.lr, "steps": est.steps, "score": est.score}
         per_kind = {}
         for kind in kinds:

@@ -434,8 +434,7 @@ def _run(args: argparse.Namespace, ctx: Any) -> dict:
                             progress=progress)
     seconds = time.perf_counter() - start
     config = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("quiet",)}
-    config.update(world_size=ctx.world_size, batch_size_used=estimator.options["batch_size"]
-                  if isinstance(estimator, TailForwardINF) else estimator.batch_size)
+    config.update(world_size=ctx.world_size, batch_size_used=estimator.batch_size)
     method = {"seconds": seconds, "n_train": len(train), "n_query": len(queries), "blocks": result.store.n_query_blocks
               * result.store.n_shards, "blocks_written_rank0": result.stats.written,
               "blocks_reused_rank0": result.stats.reused, "store": str(store_path)}

@@ -128,9 +128,14 @@ def _config_diff(saved: Mapping[str, Any], expected: Mapping[str, Any]) -> str:
 
 def config_of(estimator: Any) -> dict[str, Any]:
     """The public configuration of an estimator-like object: its class, its task's class and
-    every constructor argument it stored (attributes not starting or ending with ``_``)."""
-    cfg = {k: v for k, v in vars(estimator).items()
-           if not k.startswith("_") and not k.endswith("_") and k not in ("model", "task", "progress")}
+    every field of its frozen ``config`` (an estimator with a ``Config`` class), else every
+    constructor argument it stored (attributes not starting or ending with ``_``); all of it but
+    ``progress``, which changes no score."""
+    if getattr(type(estimator), "Config", None) is not None:
+        stored = estimator.config.to_dict()
+    else:
+        stored = {k: v for k, v in vars(estimator).items() if k not in ("model", "task")}
+    cfg = {k: v for k, v in stored.items() if not k.startswith("_") and not k.endswith("_") and k != "progress"}
     cfg["estimator"] = type(estimator).__name__
     task = getattr(estimator, "task", None)
     if task is not None:

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from forwardinf.io import atomic_path, write_json
 from forwardinf.storage.manifest import StoreMismatchError, check_manifest
-from forwardinf.storage.topk import StreamingTopK, TopK
+from forwardinf.storage.topk import RunningTopK, TopK, concat_topk
 
 MANIFEST = "manifest.json"
 
@@ -156,25 +156,22 @@ class ScoreStore:
                              "run the scoring again to finish it")
 
     def top_k(self, k: int = 10, *, opponents: bool = False) -> TopK:
-        """``TopK(indices [n_query, k], scores [n_query, k])``: the proponents (highest scores) best
-        first, or with ``opponents`` the ``k`` lowest scores (most negative influence) lowest first;
-        ties to the lower index either way.
+        """``TopK``: per query the ``k`` highest scores (proponents) best first, and the ``k``
+        lowest (``opponents``) lowest first; ties to the lower index either way. With
+        ``opponents=True`` the two swap places (``indices``/``scores`` are the lowest).
 
         Streams over blocks: memory is one query block's ``[Qb, k + shard_size]``.
         """
         self._check_complete()
-        k = min(k, self.n_train)
-        sign = -1.0 if opponents else 1.0  # the k lowest scores are the k highest of their negation
-        idx, val = [], []
+        parts = []
         for qb in range(self.n_query_blocks):
             q0, q1 = self.query_range(qb)
-            top = StreamingTopK(q1 - q0, k)
+            top = RunningTopK(q1 - q0, k)
             for s in range(self.n_shards):
-                top.update(sign * torch.from_numpy(np.array(self.read(qb, s))), self.shard_range(s)[0])
-            i, v = top.result()
-            idx.append(i)
-            val.append(sign * v)
-        return TopK(torch.cat(idx), torch.cat(val))
+                top.update(torch.from_numpy(np.array(self.read(qb, s))), self.shard_range(s)[0])
+            parts.append(top.result())
+        top = concat_topk(parts)
+        return TopK(top.opponents, top.opponent_scores, top.indices, top.scores) if opponents else top
 
     def rows(self, start: int, stop: int) -> Tensor:
         """Scores ``[stop - start, n_train]`` of queries ``start..stop-1`` (the full width in memory)."""

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import csv
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -13,11 +14,22 @@ from torch import Tensor
 from forwardinf.io import atomic_path
 
 
-class TopK(NamedTuple):
-    """Most influential training points per query: ``indices [Q, k]`` (positions in train), ``scores [Q, k]``."""
+@dataclass(frozen=True, eq=False)
+class TopK:
+    """Most influential training points per query: ``indices [Q, k]`` (positions in train) and
+    ``scores [Q, k]``, highest first; ``opponents`` / ``opponent_scores`` ``[Q, k]``: the ``k``
+    lowest scores (most negative influence), lowest first, when computed (else None).
+
+    Unpacks as ``indices, scores``.
+    """
 
     indices: Tensor
     scores: Tensor
+    opponents: Tensor | None = None
+    opponent_scores: Tensor | None = None
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return iter((self.indices, self.scores))
 
 
 class StreamingTopK:
@@ -25,7 +37,8 @@ class StreamingTopK:
 
     Holds ``[n_rows, k]`` values and indices, never the whole ``[n_rows, n_cols]`` matrix. Ties
     are broken towards the lower column index, so the result does not depend on the order in
-    which blocks arrive (hence the same on one process or many).
+    which blocks arrive (hence the same on one process or many). Values keep the blocks' floating
+    dtype (float32 for integer blocks).
     """
 
     def __init__(self, n_rows: int, k: int) -> None:
@@ -37,14 +50,15 @@ class StreamingTopK:
 
     def update(self, scores: Tensor | np.ndarray, offset: int) -> None:
         """Merge a block ``[n_rows, B]`` whose column ``j`` is global column ``offset + j``."""
-        block = torch.as_tensor(np.asarray(scores) if not torch.is_tensor(scores) else scores).float()
+        block = torch.as_tensor(np.asarray(scores) if not torch.is_tensor(scores) else scores)
+        block = block if block.is_floating_point() else block.float()
         if block.ndim != 2 or block.shape[0] != self.values.shape[0]:
             raise ValueError(f"StreamingTopK: block of shape {tuple(block.shape)} for {self.values.shape[0]} rows")
         if torch.isnan(block).any():
             raise ValueError("StreamingTopK: NaN score in the block at column offset "
                              f"{offset + int(torch.isnan(block).nonzero()[0, 1])}")
         cols = torch.arange(offset, offset + block.shape[1]).expand(block.shape[0], -1)
-        values = torch.cat([self.values, block], 1)
+        values = torch.cat([self.values.to(block.dtype), block], 1)
         indices = torch.cat([self.indices, cols], 1)
         # Sort by index, then stably by value: equal values keep the lower index first.
         by_index = indices.argsort(dim=1, stable=True)
@@ -55,6 +69,29 @@ class StreamingTopK:
     def result(self) -> tuple[Tensor, Tensor]:
         """``(indices [n_rows, k'], values [n_rows, k'])`` best first, ``k' = min(k, columns seen)``."""
         return self.indices, self.values
+
+
+class RunningTopK:
+    """Proponents and opponents at once: the ``k`` highest and the ``k`` lowest scores per row."""
+
+    def __init__(self, n_rows: int, k: int) -> None:
+        self.best, self.worst = StreamingTopK(n_rows, k), StreamingTopK(n_rows, k)
+
+    def update(self, scores: Tensor | np.ndarray, offset: int) -> None:
+        """Merge a block ``[n_rows, B]`` whose column ``j`` is global column ``offset + j``."""
+        block = torch.as_tensor(scores)
+        self.best.update(block, offset)
+        self.worst.update(-block, offset)  # the k lowest are the k highest of the negation
+
+    def result(self) -> TopK:
+        (i, v), (j, w) = self.best.result(), self.worst.result()
+        return TopK(i, v, j, -w)
+
+
+def concat_topk(parts: Sequence[TopK]) -> TopK:
+    """Row blocks of a top-k (consecutive queries) as one."""
+    cat = lambda name: None if getattr(parts[0], name) is None else torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+    return TopK(cat("indices"), cat("scores"), cat("opponents"), cat("opponent_scores"))
 
 
 FORMATS = ("csv", "parquet")
