@@ -1,4 +1,6 @@
-"""One contract suite over every estimator of the registry, Forward-INF included.
+"""One contract suite over every estimator of the registry, Forward-INF included, and the library's
+estimators outside it: tail-only Forward-INF and the retraining ones (leave-one-out, Downsampling),
+whose tiny training function re-fits the model's last layer (milliseconds per training).
 
 Shapes, determinism, the user's model untouched (parameters, buffers, per-module train/eval
 flags), and bad input refused with ValueError / NotFittedError.
@@ -16,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 
+import forwardinf as fi
 from forwardinf.baselines import METHODS, make_estimator
 from forwardinf.baselines.hydra import TrajectoryRecorder
 from forwardinf.baselines.registry import requirements
@@ -32,6 +35,19 @@ N_TRAIN, N_QUERY, N_FEATURES, N_CLASSES = 24, 4, 6, 3
 pytestmark = pytest.mark.filterwarnings("ignore:.*positive definite")
 
 
+def _last_layer_trainer(model: nn.Module) -> fi.LastLayerTrainer:
+    return fi.LastLayerTrainer(model, max_iter=5)
+
+
+# Estimators outside the registry: name -> builder(model, task).
+EXTRA = {
+    "tail-forward-inf": lambda model, task: fi.TailForwardINF(model, task, split="4", batch_size=8),
+    "leave-one-out": lambda model, task: fi.LeaveOneOut(_last_layer_trainer(model), task),
+    "downsampling": lambda model, task: fi.Downsampling(_last_layer_trainer(model), task, n_models=16),
+}
+ALL = (*METHODS, *EXTRA)
+
+
 def _model(name: str | None = None) -> nn.Module:
     """The mixed-mode model under test; for a method that needs a trajectory, trained (and recorded)
     for a few SGD steps on the training data first, so the trajectory ends at this model."""
@@ -41,7 +57,7 @@ def _model(name: str | None = None) -> nn.Module:
     with torch.no_grad():  # non-trivial running statistics
         model[1].running_mean.uniform_(-0.5, 0.5)
         model[1].running_var.uniform_(0.5, 1.5)
-    if name is not None and "trajectory" in requirements(name):
+    if name is not None and name not in EXTRA and "trajectory" in requirements(name):
         TRAJECTORIES[name] = _record(model)
     model.train()
     model[3].eval()  # a mixed-mode model: every flag must come back as it was
@@ -81,6 +97,8 @@ def _checkpoints(model: nn.Module) -> list[dict]:
 def _make(name: str, model: nn.Module):
     if name == "forward-inf" and not HAVE_FORWARD_INF:
         pytest.skip("forwardinf.estimators.forward_inf is not there yet")
+    if name in EXTRA:
+        return EXTRA[name](model, ClassificationTask())
     return make_estimator(name, model, ClassificationTask(), checkpoints=_checkpoints(model),
                           trajectory=TRAJECTORIES.get(name), **OVERRIDES.get(name, {}))
 
@@ -89,7 +107,7 @@ def _flags(model: nn.Module) -> list[bool]:
     return [m.training for m in model.modules()]
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", ALL)
 def test_shapes_and_model_untouched(name):
     model = _model(name)
     before, flags = fingerprint(model), _flags(model)
@@ -105,12 +123,23 @@ def test_shapes_and_model_untouched(name):
     # Best first; equal scores in training-index order (the first index attaining the maximum first).
     order = torch.sort(scores, dim=1, descending=True, stable=True)
     assert torch.equal(top.indices, order.indices[:, :5]) and torch.equal(top.scores, order.values[:, :5])
+    lowest = torch.sort(scores, dim=1, stable=True)
+    assert torch.equal(top.opponents, lowest.indices[:, :5]) and torch.equal(top.opponent_scores, lowest.values[:, :5])
+    # streamed over training chunks (estimators that score slices): the very same answer
+    streamed = est.top_k(queries, k=5, chunk=5)
+    for a, b in [(streamed.indices, top.indices), (streamed.scores, top.scores), (streamed.opponents, top.opponents)]:
+        assert torch.equal(a, b)
+    caps = est.capabilities
+    assert isinstance(caps, fi.Capabilities)
+    if caps.indices:
+        torch.testing.assert_close(est.influence(queries, indices=[3, 0, 17]), scores[:, [3, 0, 17]], rtol=1e-3, atol=1e-4)
     try:
         own = est.self_influence()
     except NotImplementedError:
         own = None
     if own is not None:
         assert own.shape == (N_TRAIN,) and torch.isfinite(own).all()
+    assert (own is None) == (caps.self_influence is None), "capabilities.self_influence must say what it means"
     after = fingerprint(model)
     assert [n for n, _ in before] == [n for n, _ in after]
     for (n, a), (_, b) in zip(before, after):
@@ -120,13 +149,14 @@ def test_shapes_and_model_untouched(name):
 
 # Self-influence that is NOT the diagonal of influence(train), by definition.
 SELF_NOT_DIAGONAL = {
+    "tail-forward-inf": "as forward-inf",
     "forward-inf": "the paper's self mode: ONE joint update on the whole training set, not one per point",
     "tmc-shapley": "each point's value in the game of its own loss, never truncated; the diagonal of "
                    "influence(train) comes from the joint game of all n queries, truncated",
 }
 
 
-@pytest.mark.parametrize("name", [m for m in METHODS if m not in SELF_NOT_DIAGONAL])
+@pytest.mark.parametrize("name", [m for m in ALL if m not in SELF_NOT_DIAGONAL])
 def test_self_influence_is_the_diagonal(name):
     model = _model(name)
     train = _data(N_TRAIN, 0)
@@ -135,11 +165,12 @@ def test_self_influence_is_the_diagonal(name):
         own = est.self_influence()
     except NotImplementedError:
         pytest.skip(f"{name} has no self-influence")
+    assert "not the diagonal" not in est.capabilities.self_influence
     diagonal = est.influence(train).diagonal()
     torch.testing.assert_close(own.double(), diagonal.double(), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", ALL)
 def test_deterministic(name):
     model = _model(name)
     train, queries = _data(N_TRAIN, 0), _data(N_QUERY, 1)
@@ -148,7 +179,7 @@ def test_deterministic(name):
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", ALL)
 def test_bad_input_refused(name):
     model = _model(name)
     train = _data(N_TRAIN, 0)

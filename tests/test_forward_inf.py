@@ -1,4 +1,6 @@
 """ForwardINF: exact answers on small problems, the API contract, and refusal of bad input."""
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -282,12 +284,87 @@ def test_tune_picks_a_working_setting(digits_mlp):
     model, split = digits_mlp
     x, y = split.train()
     idx = torch.arange(0, 300, 30)
-    est = fi.ForwardINF(model).fit((x[:300], y[:300]))
-    est.tune((x[idx], y[idx]), idx, lrs=[1e-3], steps=[1], scores=["loss", "cosine"])
-    assert est.score == "cosine"
+    est = fi.ForwardINF(model, score="margin").fit((x[:300], y[:300]))
+    before = est.influence((x[:3], y[:3]))
+    cfg = est.tune((x[idx], y[idx]), idx, lrs=[1e-3], steps=[1], scores=["loss", "cosine"])
+    assert isinstance(cfg, fi.ForwardINFConfig) and cfg.score == "cosine" and cfg.lr == 1e-3
+    assert cfg == est.config.replace(score="cosine")  # everything else as configured
+    assert est.score == "margin" and torch.equal(est.influence((x[:3], y[:3])), before)  # est is left as it was
     assert {r["score"] for r in est.tune_results_} == {"loss", "cosine"}
     best = max(r["top1"] for r in est.tune_results_)
     assert best >= 0.9
+    tuned = est.with_config(cfg)
+    assert tuned.score == "cosine" and tuned.train_ is est.train_
+    torch.testing.assert_close(tuned.influence((x[:3], y[:3])),
+                               fi.ForwardINF(model, config=cfg).fit((x[:300], y[:300])).influence((x[:3], y[:3])))
+
+
+def test_config_and_keywords_are_one_thing(digits_mlp):
+    model, split = digits_mlp
+    x, y = split.train()
+    cfg = fi.ForwardINFConfig(steps=2, lr=5e-3, optimizer="adam", score="loss")
+    by_config = fi.ForwardINF(model, config=cfg)
+    by_keywords = fi.ForwardINF(model, steps=2, lr=5e-3, optimizer="adam", score="loss")
+    assert by_config.config == by_keywords.config and by_keywords.lr == 5e-3 and by_keywords.steps == 2
+    assert fi.ForwardINF(model, config=cfg, lr=1e-2).config == cfg.replace(lr=1e-2)  # keywords override config=
+    assert cfg.to_dict()["optimizer"] == "adam" and set(cfg.to_dict()) == set(fi.ForwardINFConfig.names())
+    assert fi.ForwardINFConfig.preset("paper") == fi.ForwardINFConfig(**{**fi.ForwardINFConfig().to_dict(),
+                                                                         **fi.PRESETS["paper"]})
+    assert fi.ForwardINF.preset("paper", model, steps=3).config == fi.ForwardINFConfig.preset("paper", steps=3)
+    assert repr(fi.ForwardINF.preset("paper", model)) == "ForwardINF(lr=0.005, optimizer='adam', score='loss')"
+    train, q = (x[:100], y[:100]), (x[:3], y[:3])
+    assert torch.equal(by_config.fit(train).influence(q), by_keywords.fit(train).influence(q))
+    by_config.lr = 0.1  # swaps in another configuration; the old object is frozen
+    assert by_config.config == cfg.replace(lr=0.1) and cfg.lr == 5e-3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.lr = 0.1
+    with pytest.raises(TypeError, match=r"ForwardINF: unexpected keyword\(s\) \['stepz'\]"):
+        fi.ForwardINF(model, stepz=2)
+    with pytest.raises(TypeError, match="config must be a ForwardINFConfig"):
+        fi.ForwardINF(model, config={"lr": 1.0})
+    with pytest.raises(ValueError, match="preset"):
+        fi.ForwardINFConfig.preset("nope")
+    with pytest.raises(ValueError, match=r"invalid lr=-1"):  # values are checked by fit, as before
+        fi.ForwardINF(model, config=cfg.replace(lr=-1)).fit(train)
+
+
+def test_with_config_reuses_the_cached_base_values(digits_mlp):
+    model, split = digits_mlp
+    x, y = split.train()
+    train, q = (x[:200], y[:200]), (x[:4], y[:4])
+    est = fi.ForwardINF(model, batch_size=50).fit(train)
+    other = est.with_config(est.config.replace(lr=3e-3, steps=2))
+    assert other._cache_ is est._cache_  # one cache, keyed by what each entry depends on
+    assert other._base("score_loss") is est._base("score_loss") and other._base("directional") is est._base("directional")
+    assert torch.equal(other.influence(q), fi.ForwardINF(model, batch_size=50, lr=3e-3, steps=2).fit(train).influence(q))
+    loss = est.with_config(est.config.replace(score="loss"))
+    assert torch.equal(loss.base_losses_, est.base_losses_)  # computed once, shared
+    seeded = est.with_config(est.config.replace(seed=1))  # other random directions: not reused
+    assert not torch.equal(seeded._base("directional"), est._base("directional"))
+    assert torch.equal(seeded.influence(q), fi.ForwardINF(model, batch_size=50, seed=1).fit(train).influence(q))
+    assert not hasattr(fi.ForwardINF(model).with_config(est.config), "train_")  # unfitted stays unfitted
+
+
+def test_streaming_top_k_equals_the_full_matrix_with_ties(digits_mlp):
+    model, split = digits_mlp
+    x, y = split.train()
+    # every training point three times: ties everywhere, spread over different chunks
+    train = (torch.cat([x[:40]] * 3), torch.cat([y[:40]] * 3))
+    q = (x[:5], y[:5])
+    for kw in ({"batch_size": 7}, {"batch_size": 16, "score": "loss", "optimizer": "adam", "lr": 5e-3}):
+        est = fi.ForwardINF(model, query_chunk=2, **kw).fit(train)
+        full = est.influence(q)
+        best = torch.sort(full, dim=1, descending=True, stable=True)
+        worst = torch.sort(full, dim=1, stable=True)
+        for chunk in (1, 10, 33, 8192):
+            top = est.top_k(q, k=9, chunk=chunk)
+            assert torch.equal(top.indices, best.indices[:, :9]) and torch.equal(top.scores, best.values[:, :9])
+            assert torch.equal(top.opponents, worst.indices[:, :9])
+            assert torch.equal(top.opponent_scores, worst.values[:, :9])
+        idx, val = top  # unpacks as before
+        assert (val[:, :3] == val[:, :1]).all()  # the three copies of the best point tie
+    assert est.capabilities.indices and est.capabilities.shardable
+    assert not fi.ForwardINF(model, optimizer="kfac").capabilities.shardable
 
 
 # -- bad input ---------------------------------------------------------------------------------

@@ -1,14 +1,14 @@
 """forwardinf: training-data attribution with Forward-INF and the classic estimators it is measured against."""
 from forwardinf._version import __version__
 from forwardinf.baselines.hydra import HyDRA, TrajectoryRecorder
-from forwardinf.baselines.influence_function import InfluenceFunction
-from forwardinf.baselines.representer import RepresenterPoint
+from forwardinf.baselines.influence_function import InfluenceFunction, InfluenceFunctionConfig
+from forwardinf.baselines.representer import RepresenterPoint, RepresenterPointConfig
 from forwardinf.baselines.retraining import Downsampling, LeaveGroupOut, LeaveOneOut, TestToTrain
 from forwardinf.baselines.shapley import KNNShapley, LastLayerTrainer, TMCShapley
-from forwardinf.baselines.tracin import TracIn
-from forwardinf.estimators.base import Estimator, NotFittedError, TopK
-from forwardinf.estimators.forward_inf import PRESETS, ForwardINF
-from forwardinf.estimators.tail import ReducedPrecisionTask, TailForwardINF
+from forwardinf.baselines.tracin import TracIn, TracInConfig
+from forwardinf.estimators.base import Capabilities, Estimator, EstimatorConfig, NotFittedError, TopK
+from forwardinf.estimators.forward_inf import PRESETS, ForwardINF, ForwardINFConfig
+from forwardinf.estimators.tail import ReducedPrecisionTask, TailForwardINF, TailForwardINFConfig
 from forwardinf.tasks import ClassificationTask, Task
 from forwardinf.tasks.diffusion import DiffusionTask
 from forwardinf.tasks.language_model import LanguageModelTask
@@ -18,4 +18,7 @@ __all__ = [
     "KNNShapley", "LanguageModelTask", "LastLayerTrainer", "LeaveGroupOut", "LeaveOneOut", "NotFittedError", "PRESETS",
     "ReducedPrecisionTask", "RepresenterPoint", "TMCShapley", "TailForwardINF", "Task", "TestToTrain", "TopK", "TracIn", "TrajectoryRecorder",
     "__version__",
+    # configurations and capabilities
+    "Capabilities", "EstimatorConfig", "ForwardINFConfig", "InfluenceFunctionConfig", "RepresenterPointConfig",
+    "TailForwardINFConfig", "TracInConfig",
 ]

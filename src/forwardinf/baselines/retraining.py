@@ -65,6 +65,7 @@ __all__ = [
     "LeaveGroupOut",
     "TestToTrain",
     "Downsampling",
+    "check_data",
 ]
 
 logger = logging.getLogger(__name__)
@@ -290,6 +291,48 @@ def run_trainings(
     return results
 
 
+# ------------------------------------------------------------------------- input checks
+def _feature_shapes(batch: Any) -> list[tuple[int, ...]]:
+    leaves = [batch] if torch.is_tensor(batch) else list(batch.values() if isinstance(batch, dict) else batch)
+    return [tuple(t.shape[1:]) for t in leaves if torch.is_tensor(t) and t.is_floating_point()]
+
+
+def check_data(data: Any, name: str, model: nn.Module | None, task: Task | None,
+               shapes: list[tuple[int, ...]] | None = None, batch_size: int = 1024) -> list[tuple[int, ...]]:
+    """Refuse bad data with a ``ValueError`` naming it; return the per-example feature shapes.
+
+    Every batch: finite inputs, the same per-example shapes throughout (and as ``shapes``, the
+    training data's, when given), and, with a ``model`` and ``task``, ``task.validate`` in eval
+    mode (labels in range, the model runs on the inputs).
+    """
+    dataset = as_dataset(data, name)
+    if len(dataset) == 0:
+        raise ValueError(f"{name} is empty")
+    seen = None
+    for start, batch in batches(dataset, batch_size):
+        here = _feature_shapes(batch)
+        if seen is None:
+            seen = here
+            if shapes is not None and here != shapes:
+                raise ValueError(f"{name}: per-example shapes {here} do not match the training data's {shapes}")
+        elif here != seen:
+            raise ValueError(f"{name}: examples from {start} on have shapes {here}, earlier ones {seen}")
+        if model is not None and task is not None:
+            with mode(model, False):
+                try:
+                    task.validate(model, to_device(batch, device_of(model)))
+                except ValueError as e:
+                    raise ValueError(f"{name}: {e}") from e
+                except (RuntimeError, IndexError) as e:  # e.g. a shape mismatch inside the model
+                    raise ValueError(f"{name}: the model cannot run on these inputs: {e}") from e
+        else:
+            leaves = [batch] if torch.is_tensor(batch) else (batch.values() if isinstance(batch, dict) else batch)
+            for t in leaves:
+                if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all():
+                    raise ValueError(f"{name} contains NaN or inf values")
+    return seen or []
+
+
 # --------------------------------------------------------------------------- the estimators
 class _Retraining(Estimator):
     """Shared plumbing: a training function instead of a trained model."""
@@ -323,6 +366,17 @@ class _Retraining(Estimator):
     def _run(self, pool: Dataset, jobs: Sequence[Job], probe: Any = None, desc: str = "retraining") -> list[Any]:
         return run_trainings(self.train_fn, pool, jobs, probe, workers=self.workers, cache_dir=self.cache_dir,
                              config=self.config, progress=self.progress, desc=desc)
+
+    def _checked(self, data: DataLike, name: str, model: nn.Module | None = None) -> Dataset:
+        """``data`` as a dataset, refused with a ``ValueError`` naming the problem: empty, non-finite,
+        per-example shapes unlike the training data's, or (with a trained ``model``) labels out of
+        range or inputs the model cannot run on. Records the training shapes on the first call."""
+        dataset = as_dataset(data, name)
+        shapes = check_data(dataset, name, model, self.task if model is not None else None,
+                            getattr(self, "shapes_", None), self.batch_size)
+        if not hasattr(self, "shapes_"):
+            self.shapes_ = shapes
+        return dataset
 
     def _losses(self, models: Sequence[nn.Module], data: Dataset) -> Tensor:
         """``[len(models), n]`` per-example losses."""
@@ -365,27 +419,30 @@ class LeaveOneOut(_Retraining):
     def fit(self, train: DataLike) -> "LeaveOneOut":
         """Train the full model and every leave-out model (per seed); returns self."""
         seeds = self._check()
-        train = as_dataset(train, "train")
+        self.__dict__.pop("shapes_", None)
+        train = self._checked(train, "train")
         n = len(train)
         if self.groups is None:
             ids, members = list(range(n)), [np.array([i]) for i in range(n)]
         else:
             ids, members = group_members(self.groups, n)
         everyone = np.arange(n)
-        jobs: list[Job] = [(everyone, s) for s in seeds]
+        jobs: list[Job] = []
         for m in members:
             keep = np.setdiff1d(everyone, m)
             if keep.size == 0:
                 raise ValueError("a source covers the whole training set; nothing would be left to train on")
             jobs += [(keep, s) for s in seeds]
+        # the full models first: they check the labels before the n leave-out trainings run
+        self.base_models_ = self._run(train, [(everyone, s) for s in seeds], None, desc=type(self).__name__)
+        self._checked(train, "train", self.base_models_[0])
         models = self._run(train, jobs, None, desc=type(self).__name__)
         r = len(seeds)
         self.train_ = train
         self.seeds_ = seeds
         self.group_ids_ = ids
         self.members_ = members
-        self.base_models_ = models[:r]
-        self.left_out_models_ = [models[r + k * r: r + (k + 1) * r] for k in range(len(members))]
+        self.left_out_models_ = [models[k * r: (k + 1) * r] for k in range(len(members))]
         return self
 
     def _deltas(self, data: Dataset) -> Tensor:
@@ -397,7 +454,7 @@ class LeaveOneOut(_Retraining):
     def influence(self, queries: DataLike, joint: bool = False) -> Tensor:
         """``[n_query, n_sources]``, or ``[n_sources]`` for the mean loss over the queries (``joint``)."""
         self._check_fitted()
-        deltas = self._deltas(as_dataset(queries, "queries"))  # [S, Q]
+        deltas = self._deltas(self._checked(queries, "queries", self.base_models_[0]))  # [S, Q]
         return deltas.mean(1) if joint else deltas.T.contiguous()
 
     def self_influence(self) -> Tensor:
@@ -446,7 +503,8 @@ class TestToTrain(_Retraining):
 
     def fit(self, train: DataLike) -> "TestToTrain":
         seeds = self._check()
-        train = as_dataset(train, "train")
+        self.__dict__.pop("shapes_", None)
+        train = self._checked(train, "train")
         everyone = np.arange(len(train))
         probe = LossProbe(train, self.task, self.batch_size)
         base = self._run(train, [(everyone, s) for s in seeds], probe, desc="TestToTrain base")
@@ -458,7 +516,7 @@ class TestToTrain(_Retraining):
     def influence(self, queries: DataLike, joint: bool = False) -> Tensor:
         """``[n_query, n_train]`` (one retraining per query and seed) or ``[n_train]`` (``joint``)."""
         self._check_fitted()
-        qset = as_dataset(queries, "queries")
+        qset = self._checked(queries, "queries")  # shapes and values (no trained model is kept to check labels)
         n, nq = len(self.train_), len(qset)
         pool = concat(self.train_, qset)
         everyone = np.arange(n)
@@ -514,11 +572,13 @@ class Downsampling(_Retraining):
             raise ValueError(f"{name}: invalid fraction={self.fraction!r}; expected a number in (0, 1)")
         from forwardinf.metrics import random_subsets
 
-        train = as_dataset(train, "train")
+        self.__dict__.pop("shapes_", None)
+        train = self._checked(train, "train")
         n = len(train)
         masks = random_subsets(n, self.n_models, float(self.fraction), seed=self.seed)
         jobs = [(np.flatnonzero(m), self.seed + k) for k, m in enumerate(masks)]
         self.models_ = self._run(train, jobs, None, desc=name)
+        self._checked(train, "train", self.models_[0])
         self.train_ = train
         self.masks_ = torch.from_numpy(masks)
         counts = self.masks_.sum(0)
@@ -537,7 +597,7 @@ class Downsampling(_Retraining):
     def losses(self, queries: DataLike) -> Tensor:
         """``[K, n_query]`` loss of each subset model on each query."""
         self._check_fitted()
-        return self._losses(self.models_, as_dataset(queries, "queries"))
+        return self._losses(self.models_, self._checked(queries, "queries", self.models_[0]))
 
     def _contrast(self, values: Tensor) -> Tensor:
         """``values [K, Q]`` -> ``[Q, n_train]`` mean(in) - mean(out), oriented so higher = helps."""
@@ -553,7 +613,7 @@ class Downsampling(_Retraining):
     def influence(self, queries: DataLike, joint: bool = False) -> Tensor:
         """``[n_query, n_train]``, or ``[n_train]`` for the mean metric over the queries (``joint``)."""
         self._check_fitted()
-        values = self._metric(as_dataset(queries, "queries"))
+        values = self._metric(self._checked(queries, "queries", self.models_[0]))
         if joint:
             values = values.mean(1, keepdim=True)
         scores = self._contrast(values)

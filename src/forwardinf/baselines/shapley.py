@@ -38,7 +38,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from forwardinf.baselines.retraining import AccuracyProbe, LossProbe, TrainFn, load_cached, process_map, subset_of
+from forwardinf.baselines.retraining import (AccuracyProbe, LossProbe, TrainFn, check_data, load_cached, process_map,
+                                             subset_of)
 from forwardinf.core.params import device_of, mode
 from forwardinf.data.inputs import DataLike, as_dataset, batches, to_device
 from forwardinf.estimators.base import Capabilities, Estimator, check_choice, check_positive
@@ -382,47 +383,6 @@ def _inputs_targets(batch: Any, name: str) -> tuple[Any, Any]:
     if torch.is_tensor(inputs) and inputs.is_floating_point() and not torch.isfinite(inputs).all():
         raise ValueError(f"{name} contains NaN or inf values")
     return inputs, t
-
-
-def _feature_shapes(batch: Any) -> list[tuple[int, ...]]:
-    leaves = [batch] if torch.is_tensor(batch) else list(batch.values() if isinstance(batch, dict) else batch)
-    return [tuple(t.shape[1:]) for t in leaves if torch.is_tensor(t) and t.is_floating_point()]
-
-
-def check_data(data: Any, name: str, model: nn.Module | None, task: Task | None,
-               shapes: list[tuple[int, ...]] | None = None, batch_size: int = 1024) -> list[tuple[int, ...]]:
-    """Refuse bad data with a ``ValueError`` naming it; return the per-example feature shapes.
-
-    Every batch: finite inputs, the same per-example shapes throughout (and as ``shapes``, the
-    training data's, when given), and, with a ``model`` and ``task``, ``task.validate`` in eval
-    mode (labels in range, the model runs on the inputs).
-    """
-    dataset = as_dataset(data, name)
-    if len(dataset) == 0:
-        raise ValueError(f"{name} is empty")
-    seen = None
-    for start, batch in batches(dataset, batch_size):
-        here = _feature_shapes(batch)
-        if seen is None:
-            seen = here
-            if shapes is not None and here != shapes:
-                raise ValueError(f"{name}: per-example shapes {here} do not match the training data's {shapes}")
-        elif here != seen:
-            raise ValueError(f"{name}: examples from {start} on have shapes {here}, earlier ones {seen}")
-        if model is not None and task is not None:
-            with mode(model, False):
-                try:
-                    task.validate(model, to_device(batch, device_of(model)))
-                except ValueError as e:
-                    raise ValueError(f"{name}: {e}") from e
-                except (RuntimeError, IndexError) as e:  # e.g. a shape mismatch inside the model
-                    raise ValueError(f"{name}: the model cannot run on these inputs: {e}") from e
-        else:
-            leaves = [batch] if torch.is_tensor(batch) else (batch.values() if isinstance(batch, dict) else batch)
-            for t in leaves:
-                if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all():
-                    raise ValueError(f"{name} contains NaN or inf values")
-    return seen or []
 
 
 # ------------------------------------------------------------------------------ TMC-Shapley

@@ -114,7 +114,7 @@ class Estimator:
     Subclasses store their keyword arguments in ``__init__``, do the work in ``fit`` (learned
     state ends in ``_``), and implement :meth:`influence`. A subclass with a ``Config`` (an
     :class:`EstimatorConfig`) takes every knob as a keyword or ``config=`` (keywords override
-    it); the configuration is frozen: ``est.config``, its fields read as ``est.<name>``, and
+    it); the configuration is frozen (``est.config``; its fields read as ``est.<name>``), and
     :meth:`with_config` gives an estimator with another one. ``capabilities`` says what else
     the estimator can do.
     """
@@ -148,11 +148,13 @@ class Estimator:
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __setattr__(self, name: str, value: Any) -> None:
+        # Setting a field swaps in a new configuration (the old object stays as it was); caches
+        # are keyed by the fields they depend on. est.with_config(...) is the cleaner way.
         cls = type(self)
         if cls.Config is not None and name in cls.Config.names():
-            raise AttributeError(f"{cls.__name__}: {name} is part of the frozen configuration; use "
-                                 f"est.with_config(est.config.replace({name}=...))")
-        object.__setattr__(self, name, value)
+            object.__setattr__(self, "config", self.config.replace(**{name: value}))
+        else:
+            object.__setattr__(self, name, value)
 
     def with_config(self: E, config: EstimatorConfig) -> E:
         """A new estimator of this kind, on the same model and task, with ``config``.

@@ -162,15 +162,17 @@ class ForwardINF(Estimator):
         self._base(_measure(self.score))
         if self.score == "cosine":
             self._base("directional")
-        self.curvature_ = self._cached(("kfac", _key(self.params), self.fisher, self.seed), self._curvature) \
-            if self.optimizer == "kfac" else None
+        self.curvature_ = self._curvature() if self.optimizer == "kfac" else None
         return self
 
     def _curvature(self) -> list:
-        """K-FAC blocks of the mean training loss (one batched forward + backward sweep)."""
-        with mode(self.model, False):
-            return kfac(self.model, self.task.loss, select_params(self.model, self.params), self.train_,
-                        self.batch_size_, self._device(), fisher=self.fisher, seed=self.seed, progress=self.progress)
+        """K-FAC blocks of the mean training loss (one batched forward + backward sweep, cached)."""
+        def compute() -> list:
+            with mode(self.model, False):
+                return kfac(self.model, self.task.loss, select_params(self.model, self.params), self.train_,
+                            self.batch_size_, self._device(), fisher=self.fisher, seed=self.seed, progress=self.progress)
+
+        return self._cached(("kfac", _key(self.params), self.fisher, self.seed), compute)
 
     @property
     def base_losses_(self) -> Tensor:
@@ -315,7 +317,8 @@ class ForwardINF(Estimator):
     def _rule(self) -> UpdateRule:
         pre = None
         if self.optimizer == "kfac":
-            pre = lambda g, stacked: precondition(self.curvature_, g, self.damping, stacked)  # noqa: E731
+            factors = self._curvature()
+            pre = lambda g, stacked: precondition(factors, g, self.damping, stacked)  # noqa: E731
         return UpdateRule(self.optimizer, self.lr, self.direction == "ascent", self.momentum, self.weight_decay,
                           precondition=pre)
 

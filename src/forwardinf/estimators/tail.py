@@ -335,11 +335,11 @@ class TailForwardINF(Estimator):
                                                           disable=not self.progress) as bar:
             for start, batch in batches(dataset, self.prefix_batch_):
                 x = to_device(_inputs(batch), device)
-                if dtype == torch.float32:
-                    f = self.split_.features(x)
-                else:
-                    with torch.autocast(device.type, dtype=dtype):
+                try:
+                    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                         f = self.split_.features(x)
+                except RuntimeError as e:  # e.g. inputs of another shape than the training data's
+                    raise ValueError(f"{name}: the model cannot run on these inputs: {e}") from e
                 # checked batch by batch: isfinite over the whole cache would briefly need 2.5x its size
                 if not torch.isfinite(f).all():
                     raise ValueError(f"{name}: the prefix produced non-finite features")
