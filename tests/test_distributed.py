@@ -71,6 +71,23 @@ def test_one_process_store_equals_in_memory_estimator(tmp_path):
     assert not hasattr(est, "train_")  # the template is never fitted
 
 
+def test_store_refuses_estimators_that_cannot_be_sharded(tmp_path):
+    torch.manual_seed(0)
+    model = MLP((1, 6, 6), 5, hidden=(12,)).eval()
+    x, y = torch.randn(40, 1, 6, 6), torch.randint(0, 5, (40,))
+    for est in (fi.InfluenceFunction(model, solver="exact", damping=0.1),
+                fi.ForwardINF(model, optimizer="kfac", score="influence")):  # curvature of the whole set
+        assert not est.capabilities.shardable
+        with pytest.raises(ValueError, match=f"{type(est).__name__} cannot be sharded.*at least 40"):
+            score_to_store(est, (x, y), (x[:3], y[:3]), tmp_path / "refused", shard_size=20)
+        assert not (tmp_path / "refused").exists()  # refused before anything is written
+    # one shard: nothing is sharded, the scores are the whole fit's
+    est = fi.InfluenceFunction(model, solver="exact", damping=0.1)
+    run = score_to_store(est, (x, y), (x[:3], y[:3]), tmp_path / "one", shard_size=40, k=3)
+    assert torch.equal(run.store.to_tensor(), est.fit((x, y)).influence((x[:3], y[:3])))
+    assert fi.TracIn(model).capabilities.shardable and fi.ForwardINF(model).capabilities.shardable
+
+
 def test_agree_in_one_process_reraises():
     ctx = DistContext()
     ctx.agree(None)

@@ -89,6 +89,8 @@ def test_store_proponents_and_opponents_with_ties_match_a_full_sort(tmp_path):
         top = store.top_k(6, opponents=opponents)  # ties to the lower index: a stable sort's order
         assert isinstance(top, TopK)
         assert torch.equal(top.indices, order[:, :6]) and torch.equal(top.scores, full.gather(1, order[:, :6]))
+        other = torch.argsort(full, dim=1, stable=True) if not opponents else torch.argsort(-full, dim=1, stable=True)
+        assert torch.equal(top.opponents, other[:, :6]) and torch.equal(top.opponent_scores, full.gather(1, other[:, :6]))
 
 
 def test_incomplete_store_says_so(tmp_path):

@@ -171,3 +171,21 @@ def test_auto_cache_goes_to_disk_only_when_large(digits_cnn, tmp_path, monkeypat
     large = TailForwardINF(model, fi.ClassificationTask(), split="classifier", cache_dir=str(tmp_path)).fit(train)
     assert large.cache_ == "disk" and len(list(tmp_path.iterdir())) == 1
     assert torch.equal(large.influence(queries), small.influence(queries))
+
+
+def test_tail_tune_returns_a_config_and_with_config_reuses_the_prefix(digits_cnn):
+    model, train, queries = digits_cnn
+    est = TailForwardINF(model, split="classifier", batch_size=64).fit(train)
+    cfg = est.tune(queries, list(range(len(queries[0]))), lrs=[1e-3, 3e-3], steps=[1], scores=["loss", "cosine"])
+    assert isinstance(cfg, fi.TailForwardINFConfig) and cfg.split == "classifier" and est.score == "cosine"
+    assert len(est.tune_results_) == 4
+    tuned = est.with_config(cfg)
+    assert tuned.features_ is est.features_ and tuned.split_ is est.split_  # the prefix ran once
+    assert torch.equal(tuned.influence(queries), TailForwardINF(model, config=cfg).fit(train).influence(queries))
+    # a knob assigned after fit reaches the tail's estimator; a prefix knob makes the fit stale
+    est.lr = 3e-3
+    assert torch.equal(est.influence(queries), TailForwardINF(model, split="classifier", batch_size=64,
+                                                              lr=3e-3).fit(train).influence(queries))
+    est.precision = "bfloat16"
+    with pytest.raises(ValueError, match="precision changed since fit"):
+        est.influence(queries)

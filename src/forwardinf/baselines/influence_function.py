@@ -211,6 +211,7 @@ class InfluenceFunction(GradientEstimator):
     """
 
     Config = InfluenceFunctionConfig
+    fit_fields = ("solver", "damping", "scale", "lissa_batch_size", "params", "seed")
     capabilities = Capabilities(self_influence="g_iᵀ (H + λI)⁻¹ g_i: the diagonal of influence(train)")
 
     def __init__(self, model: nn.Module, task: Task | None = None, *, config: InfluenceFunctionConfig | None = None,
@@ -224,6 +225,7 @@ class InfluenceFunction(GradientEstimator):
         ``H + λI``; for ``lissa``, pick ``scale_``)."""
         self._check_params()
         self.train_ = self._load_train(train)
+        self.fitted_config_ = self.config
         self._grad_cache_: dict[Any, Tensor] = {}
         params = self._select()
         d = G.dim(params)

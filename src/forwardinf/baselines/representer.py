@@ -63,6 +63,7 @@ class RepresenterPoint(GradientEstimator):
     """
 
     Config = RepresenterPointConfig
+    fit_fields = ("head", "l2", "max_iter")
     # the head is re-fitted on the whole training set: a slice would give another head
     capabilities = Capabilities(self_influence="α_i[y_i] ||f_i||²: the diagonal of influence(train)")
 
@@ -75,6 +76,7 @@ class RepresenterPoint(GradientEstimator):
         """Extract features, re-fit the head with L2 to stationarity, compute ``alpha_ [n, C]``."""
         self._check_params()
         self.train_ = self._load_train(train)
+        self.fitted_config_ = self.config
         self.head_name_, head = self._head()
         feats, rest = self._features(self.train_)  # [n, d+1] float64
         theta0 = torch.cat([head.weight.detach(), _bias(head)[:, None]], 1).double().to(feats.device)

@@ -68,6 +68,7 @@ class TracIn(GradientEstimator):
     """
 
     Config = TracInConfig
+    fit_fields = ("checkpoints", "lrs", "params")
     capabilities = Capabilities(indices=True, shardable=True,
                                 self_influence="Σ_c η_c ||∇ℓ(z_i; θ_c)||²: the diagonal of influence(train)")
 
@@ -80,6 +81,7 @@ class TracIn(GradientEstimator):
         """Load the checkpoints and store the training set (its gradients are computed lazily)."""
         self._check_params()
         self.train_ = self._load_train(train)
+        self.fitted_config_ = self.config
         self._grad_cache_: dict[Any, Tensor] = {}
         device = self._device()
         checkpoints = list(self.checkpoints or [])

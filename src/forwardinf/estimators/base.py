@@ -121,6 +121,9 @@ class Estimator:
 
     Config: ClassVar[type[EstimatorConfig] | None] = None
     capabilities = Capabilities()
+    # Configuration fields the fitted state depends on: changing one after fit (by assigning the
+    # attribute) makes influence() refuse the stale fit. The others may change freely.
+    fit_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: nn.Module, task: Task | None = None, config: EstimatorConfig | None = None,
                  **knobs: Any) -> None:
@@ -215,6 +218,11 @@ class Estimator:
     def _check_fitted(self) -> None:
         if not hasattr(self, "train_"):
             raise NotFittedError(f"{type(self).__name__} is not fitted: call fit(train) before influence()")
+        fitted = self.__dict__.get("fitted_config_")
+        changed = [k for k in self.fit_fields if fitted is not None and not _same(getattr(fitted, k), getattr(self, k))]
+        if changed:
+            raise ValueError(f"{type(self).__name__}: {', '.join(changed)} changed since fit, and the fit depends on "
+                             "it (stale state); call fit(train) again, or est.with_config(config) for a fitted copy")
 
     def _device(self) -> torch.device:
         return device_of(self.model) if self.model is not None else torch.device("cpu")

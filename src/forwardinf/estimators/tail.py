@@ -259,6 +259,7 @@ class TailForwardINF(Estimator):
     """
 
     Config = TailForwardINFConfig
+    fit_fields = ("split", "precision", "cache", "cache_dir", "batch_size")  # the cached prefix
 
     def __init__(self, model: nn.Module, task: Task | None = None, *, config: ForwardINFConfig | None = None,
                  **knobs: Any) -> None:
@@ -293,20 +294,28 @@ class TailForwardINF(Estimator):
         self.features_ = self.features(dataset, "train", on_disk=self.cache_ == "disk")
         self.estimator_ = ForwardINF(self.split_.tail, self.task, config=self.forward_config).fit(self.features_)
         self.train_ = dataset
+        self.fitted_config_ = self.config
         return self
 
     def _fit_like(self, other: Estimator) -> "TailForwardINF":
         """Reuses ``other``'s cut and cached features when the prefix is configured the same."""
-        prefix = ("split", "precision", "cache", "cache_dir", "batch_size")
         if (not isinstance(other, TailForwardINF) or other.model is not self.model or other.task is not self.task
-                or any(getattr(self, k) != getattr(other, k) for k in prefix)):
+                or any(getattr(self, k) != getattr(other, k) for k in self.fit_fields)):
             return self.fit(other.train_)
         self._check_params()
         for attr in ("split_", "prefix_batch_", "cache_", "features_"):
             setattr(self, attr, getattr(other, attr))
         self.estimator_ = other.estimator_.with_config(self.forward_config)
         self.train_ = other.train_
+        self.fitted_config_ = self.config
         return self
+
+    def _tail(self) -> ForwardINF:
+        """The tail's fitted ForwardINF under this estimator's current knobs (its caches reused)."""
+        self._check_fitted()
+        if self.estimator_.config != self.forward_config:  # a knob was assigned since fit
+            self.estimator_ = self.estimator_.with_config(self.forward_config)
+        return self.estimator_
 
     def _check_params(self) -> None:
         name = type(self).__name__
@@ -363,29 +372,24 @@ class TailForwardINF(Estimator):
     def influence(self, queries: DataLike, joint: bool = False, indices: Any = None) -> Tensor:
         """Scores ``[n_query, n]`` (or ``[n]`` if ``joint``), as :meth:`ForwardINF.influence`;
         ``indices``: training positions ``[n]`` to score (default all)."""
-        self._check_fitted()
-        return self.estimator_.influence(self.features(queries, "queries"), joint=joint, indices=indices)
+        return self._tail().influence(self.features(queries, "queries"), joint=joint, indices=indices)
 
     def self_influence(self) -> Tensor:
         """``[n_train]``: one joint update of the tail on the whole training set, as ForwardINF's."""
-        self._check_fitted()
-        return self.estimator_.self_influence()
+        return self._tail().self_influence()
 
     def _score_blocks(self, queries: DataLike, chunk: int) -> Any:
-        self._check_fitted()
-        return self.estimator_._score_blocks(self.features(queries, "queries"), chunk)
+        return self._tail()._score_blocks(self.features(queries, "queries"), chunk)
 
     @property
     def base_losses_(self) -> Tensor:
         """``[n_train]`` losses of the unchanged model."""
-        self._check_fitted()
-        return self.estimator_.base_losses_
+        return self._tail().base_losses_
 
     def tune(self, queries: DataLike, targets: Any, **grid: Any) -> "TailForwardINFConfig":
         """:meth:`ForwardINF.tune` on the tail: this configuration with the chosen ``lr``/``steps``/``score``."""
-        self._check_fitted()
-        chosen = self.estimator_.tune(self.features(queries, "queries"), targets, **grid)
-        self.tune_results_ = self.estimator_.tune_results_
+        chosen = self._tail().tune(self.features(queries, "queries"), targets, **grid)
+        self.tune_results_ = self._tail().tune_results_
         return self.config.replace(lr=chosen.lr, steps=chosen.steps, score=chosen.score)
 
 
