@@ -203,6 +203,21 @@ def test_bad_input_refused(name):
         _make(name, model).fit((train[0], torch.full_like(train[1], N_CLASSES)))  # bad training labels
 
 
+@pytest.mark.parametrize("name", [m for m in ALL if m not in ("tmc-shapley", "leave-one-out", "downsampling")])
+def test_config_round_trip(name):
+    """Keywords, ``config=`` and ``with_config`` are one thing: the same configuration, the same scores."""
+    model = _model(name)
+    train, queries = _data(N_TRAIN, 0), _data(N_QUERY, 1)
+    est = _make(name, model)
+    cfg = est.config
+    assert isinstance(cfg, fi.EstimatorConfig) and list(cfg.to_dict()) == list(type(cfg).names())
+    again = type(est)(est.model, est.task, config=cfg)
+    assert all(getattr(again, k) is v for k, v in cfg.to_dict().items())  # every field reads as an attribute
+    scores = est.fit(train).influence(queries)
+    assert torch.equal(est.with_config(cfg).influence(queries), scores)  # fitted like est
+    assert torch.equal(again.fit(train).influence(queries), scores)
+
+
 def test_registry_refuses_unknown_names_and_missing_checkpoints():
     model = _model()
     with pytest.raises(ValueError, match="needs trajectory="):

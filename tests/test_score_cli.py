@@ -176,3 +176,6 @@ def test_bad_specs_fail_clearly(user, capsys):
     np.savez(tmp / "odd.npz", a=np.zeros(3))
     assert cli_main(_args(tmp, tmp / "bad5", "--model", f"{tmp / 'net.py'}:trained", "--train", str(tmp / "odd.npz"))) == 2
     assert "no arrays inputs/targets or x/y or X/y; it holds ['a']" in capsys.readouterr().err
+    # K-FAC's curvature comes from the whole training set: 200 points in shards of 64 are refused
+    assert cli_main(_args(tmp, tmp / "bad6", "--model", f"{tmp / 'net.py'}:trained", "--preset", "counterfactual")) == 2
+    assert "ForwardINF cannot be sharded" in capsys.readouterr().err

@@ -1,10 +1,10 @@
 """forwardinf: training-data attribution with Forward-INF and the classic estimators it is measured against."""
 from forwardinf._version import __version__
-from forwardinf.baselines.hydra import HyDRA, TrajectoryRecorder
+from forwardinf.baselines.hydra import HyDRA, HyDRAConfig, TrajectoryRecorder
 from forwardinf.baselines.influence_function import InfluenceFunction, InfluenceFunctionConfig
 from forwardinf.baselines.representer import RepresenterPoint, RepresenterPointConfig
 from forwardinf.baselines.retraining import Downsampling, LeaveGroupOut, LeaveOneOut, TestToTrain
-from forwardinf.baselines.shapley import KNNShapley, LastLayerTrainer, TMCShapley
+from forwardinf.baselines.shapley import KNNShapley, KNNShapleyConfig, LastLayerTrainer, TMCShapley
 from forwardinf.baselines.tracin import TracIn, TracInConfig
 from forwardinf.estimators.base import Capabilities, Estimator, EstimatorConfig, NotFittedError, TopK
 from forwardinf.estimators.forward_inf import PRESETS, ForwardINF, ForwardINFConfig
@@ -19,6 +19,6 @@ __all__ = [
     "ReducedPrecisionTask", "RepresenterPoint", "TMCShapley", "TailForwardINF", "Task", "TestToTrain", "TopK", "TracIn", "TrajectoryRecorder",
     "__version__",
     # configurations and capabilities
-    "Capabilities", "EstimatorConfig", "ForwardINFConfig", "InfluenceFunctionConfig", "RepresenterPointConfig",
-    "TailForwardINFConfig", "TracInConfig",
+    "Capabilities", "EstimatorConfig", "ForwardINFConfig", "HyDRAConfig", "InfluenceFunctionConfig", "KNNShapleyConfig",
+    "RepresenterPointConfig", "TailForwardINFConfig", "TracInConfig",
 ]

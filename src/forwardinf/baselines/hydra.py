@@ -35,7 +35,7 @@ import contextlib
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -44,7 +44,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from forwardinf.baselines.influence_function import GradientEstimator
+from forwardinf.baselines.influence_function import GradientConfig, GradientEstimator
 from forwardinf.core import gradients as G
 from forwardinf.core.params import mode
 from forwardinf.data.inputs import DataLike, as_dataset, batch_len, gather, to_device
@@ -269,6 +269,15 @@ def step_coefficients(hypers: Sequence[Hyper | None]) -> np.ndarray:
     return out
 
 
+@dataclass(frozen=True, kw_only=True)
+class HyDRAConfig(GradientConfig):
+    """Every knob of :class:`HyDRA` (see its docstring)."""
+
+    trajectory: Any = None
+    hessian: bool = False
+    chunk: int = 256
+
+
 class HyDRA(GradientEstimator):
     """HyDRA leave-one-out estimates from a recorded SGD trajectory (module docstring).
 
@@ -299,23 +308,20 @@ class HyDRA(GradientEstimator):
     # the hypergradients follow the whole training run: not shardable
     capabilities = Capabilities(self_influence="-(1/n) ∇ℓ(z_i; θ_T) · h_i: the diagonal of influence(train)")
 
-    def __init__(self, model: nn.Module, task: Task | None = None, *, trajectory: Any = None,
-                 params: str | Iterable[str] | None = None, hessian: bool = False, batch_size: int = 64,
-                 chunk: int = 256, cache_mb: float = 512.0, progress: bool = False) -> None:
-        super().__init__(model, task)
-        self.trajectory = trajectory
-        self.params = params
-        self.hessian = hessian
-        self.batch_size = batch_size
-        self.chunk = chunk
-        self.cache_mb = cache_mb
-        self.progress = progress
+    Config = HyDRAConfig
+    fit_fields = ("trajectory", "params", "hessian")
+
+    def __init__(self, model: nn.Module, task: Task | None = None, *, config: HyDRAConfig | None = None,
+                 **knobs: Any) -> None:
+        """Every knob a keyword (the fields of :class:`HyDRAConfig`), or ``config=``."""
+        super().__init__(model, task, config, **knobs)
 
     # -- fit --------------------------------------------------------------------------------
     def fit(self, train: DataLike) -> "HyDRA":
         """Unroll the trajectory: ``hypergradients_ [n_train, D]``; returns self."""
         steps = self._check_params()
         self.train_ = self._load_train(train)
+        self.fitted_config_ = self.config
         self._grad_cache_: dict[Any, Tensor] = {}
         n = len(self.train_)
         seen = torch.zeros(n, dtype=torch.bool)

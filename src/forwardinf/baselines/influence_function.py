@@ -29,7 +29,7 @@ class GradientEstimator(Estimator):
 
     Gradients are always taken with the model in eval mode (dropout off, BatchNorm running
     statistics), on a functional view: the user's model is never written to. Subclasses have
-    ``params``, ``batch_size``, ``cache_mb`` and ``progress`` knobs.
+    ``params``, ``batch_size``, ``cache_mb`` and ``progress`` knobs (:class:`GradientConfig`).
     """
 
     # -- parameter subset -----------------------------------------------------------------
@@ -137,8 +137,18 @@ def _shapes(batch: Any) -> list[tuple[int, ...]]:
     return [tuple(t.shape[1:]) for t in leaves if torch.is_tensor(t) and t.is_floating_point()]
 
 
-@dataclass(frozen=True)
-class InfluenceFunctionConfig(EstimatorConfig):
+@dataclass(frozen=True, kw_only=True)
+class GradientConfig(EstimatorConfig):
+    """The knobs every gradient-based baseline has (see :class:`InfluenceFunction`)."""
+
+    params: str | Iterable[str] | None = None
+    batch_size: int = 64
+    cache_mb: float = 512.0
+    progress: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class InfluenceFunctionConfig(GradientConfig):
     """Every knob of :class:`InfluenceFunction` (see its docstring)."""
 
     solver: str = "cg"
@@ -148,12 +158,8 @@ class InfluenceFunctionConfig(EstimatorConfig):
     repeats: int = 1
     lissa_batch_size: int = 32
     tol: float = 1e-6
-    params: str | Iterable[str] | None = None
-    batch_size: int = 64
     query_chunk: int = 32
-    cache_mb: float = 512.0
     seed: int = 0
-    progress: bool = False
 
 
 class InfluenceFunction(GradientEstimator):

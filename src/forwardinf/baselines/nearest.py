@@ -9,17 +9,27 @@ reference and is measured against the feature one. Embeddings come from
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from forwardinf.data.inputs import DataLike
-from forwardinf.estimators.base import Capabilities, Estimator, check_choice
+from forwardinf.estimators.base import Capabilities, Estimator, EstimatorConfig, check_choice
 from forwardinf.tasks.base import Task
 
 EMBEDDINGS = ("inputs", "penultimate")
 METRICS = ("euclidean", "cosine")
+
+
+@dataclass(frozen=True, kw_only=True)
+class NearestNeighbourConfig(EstimatorConfig):
+    """Every knob of :class:`NearestNeighbour` (see its docstring)."""
+
+    embedding: str = "inputs"
+    metric: str | None = None
+    batch_size: int = 512
 
 
 class NearestNeighbour(Estimator):
@@ -34,14 +44,14 @@ class NearestNeighbour(Estimator):
     ``joint=True`` scores the query set as a whole by its mean similarity.
     """
 
+    Config = NearestNeighbourConfig
+    fit_fields = ("embedding", "metric")
     capabilities = Capabilities(shardable=True)  # a point's similarity ignores the other points
 
-    def __init__(self, model: nn.Module | None = None, task: Task | None = None, *, embedding: str = "inputs",
-                 metric: str | None = None, batch_size: int = 512) -> None:
-        super().__init__(model, task)  # type: ignore[arg-type]
-        self.embedding = embedding
-        self.metric = metric
-        self.batch_size = batch_size
+    def __init__(self, model: nn.Module | None = None, task: Task | None = None, *,
+                 config: NearestNeighbourConfig | None = None, **knobs: Any) -> None:
+        """Every knob a keyword (the fields of :class:`NearestNeighbourConfig`), or ``config=``."""
+        super().__init__(model, task, config, **knobs)  # type: ignore[arg-type]
 
     def fit(self, train: DataLike) -> "NearestNeighbour":
         """Embed the training set: ``features_ [n, d]`` (float64)."""
@@ -53,6 +63,7 @@ class NearestNeighbour(Estimator):
         self._embedder = KNNShapley(self.model, self.task, embedding=self.embedding, batch_size=self.batch_size)
         self.train_ = self._dataset(train, "train")
         self.features_ = self._embedder.embed(self.train_, "train")[0]
+        self.fitted_config_ = self.config
         return self
 
     def influence(self, queries: DataLike, joint: bool = False) -> Tensor:

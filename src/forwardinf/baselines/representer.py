@@ -16,7 +16,7 @@ from forwardinf.tasks.base import Task
 TARGETS = ("label", "prediction")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RepresenterPointConfig(EstimatorConfig):
     """Every knob of :class:`RepresenterPoint` (see its docstring)."""
 

@@ -43,7 +43,7 @@ from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
 from tqdm.auto import tqdm
 
 from forwardinf.core.params import device_of, mode
-from forwardinf.data.inputs import DataLike, as_dataset, batches, to_device
+from forwardinf.data.inputs import DataLike, as_dataset, batches, check_finite, to_device
 from forwardinf.estimators.base import Capabilities, Estimator, check_choice, check_positive
 from forwardinf.hashing import fingerprint, sha256_hex
 from forwardinf.io import atomic_save
@@ -326,10 +326,7 @@ def check_data(data: Any, name: str, model: nn.Module | None, task: Task | None,
                 except (RuntimeError, IndexError) as e:  # e.g. a shape mismatch inside the model
                     raise ValueError(f"{name}: the model cannot run on these inputs: {e}") from e
         else:
-            leaves = [batch] if torch.is_tensor(batch) else (batch.values() if isinstance(batch, dict) else batch)
-            for t in leaves:
-                if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all():
-                    raise ValueError(f"{name} contains NaN or inf values")
+            check_finite(batch, name)
     return seen or []
 
 

@@ -30,6 +30,7 @@ import itertools
 import math
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -42,7 +43,7 @@ from forwardinf.baselines.retraining import (AccuracyProbe, LossProbe, TrainFn, 
                                              subset_of)
 from forwardinf.core.params import device_of, mode
 from forwardinf.data.inputs import DataLike, as_dataset, batches, to_device
-from forwardinf.estimators.base import Capabilities, Estimator, check_choice, check_positive
+from forwardinf.estimators.base import Capabilities, Estimator, EstimatorConfig, check_choice, check_positive
 from forwardinf.hashing import fingerprint, sha256_hex
 from forwardinf.io import atomic_save
 from forwardinf.tasks.base import Task
@@ -209,6 +210,19 @@ def knn_values(matches: Tensor, k: int, coefficients: tuple[Tensor, float]) -> T
     return torch.cat([suffix + tail, tail], 1)
 
 
+@dataclass(frozen=True, kw_only=True)
+class KNNShapleyConfig(EstimatorConfig):
+    """Every knob of :class:`KNNShapley` (see its docstring)."""
+
+    k: int = 10
+    embedding: str | Callable[[Tensor], Tensor] = "penultimate"
+    metric: str = "euclidean"
+    weighting: str = "shapley"
+    beta: Sequence[float] = (16.0, 1.0)
+    batch_size: int = 512
+    progress: bool = False
+
+
 class KNNShapley(Estimator):
     """Exact KNN-Shapley (Jia et al. 2019) on embeddings: ``[n_query, n_train]`` values.
 
@@ -242,18 +256,13 @@ class KNNShapley(Estimator):
     capabilities = Capabilities(self_influence="the point's value in its own game (q = z_i): the diagonal of "
                                                "influence(train)")
 
-    def __init__(self, model: nn.Module | None = None, task: Task | None = None, *, k: int = 10,
-                 embedding: str | Callable[[Tensor], Tensor] = "penultimate", metric: str = "euclidean",
-                 weighting: str = "shapley", beta: Sequence[float] = (16.0, 1.0), batch_size: int = 512,
-                 progress: bool = False) -> None:
-        super().__init__(model, task)  # type: ignore[arg-type]
-        self.k = k
-        self.embedding = embedding
-        self.metric = metric
-        self.weighting = weighting
-        self.beta = beta
-        self.batch_size = batch_size
-        self.progress = progress
+    Config = KNNShapleyConfig
+    fit_fields = ("k", "embedding", "weighting", "beta")
+
+    def __init__(self, model: nn.Module | None = None, task: Task | None = None, *,
+                 config: KNNShapleyConfig | None = None, **knobs: Any) -> None:
+        """Every knob a keyword (the fields of :class:`KNNShapleyConfig`), or ``config=``."""
+        super().__init__(model, task, config, **knobs)  # type: ignore[arg-type]
 
     # -- fit --------------------------------------------------------------------------------
     def fit(self, train: DataLike) -> "KNNShapley":
@@ -263,6 +272,7 @@ class KNNShapley(Estimator):
             self.__dict__.pop(attr, None)
         dataset = self._dataset(train, "train")
         features, labels = self.embed(dataset, "train")
+        self.fitted_config_ = self.config
         self.coefficients_ = knn_coefficients(len(labels), self.k, self.weighting, self.beta)
         self.train_, self.features_, self.labels_ = dataset, features, labels
         return self

@@ -4,32 +4,28 @@ from __future__ import annotations
 import fnmatch
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from forwardinf.baselines.influence_function import GradientEstimator
+from forwardinf.baselines.influence_function import GradientConfig, GradientEstimator
 from forwardinf.core import gradients as G
 from forwardinf.core.params import Params, mode
 from forwardinf.data.inputs import DataLike, batches, gather, to_device
-from forwardinf.estimators.base import Capabilities, EstimatorConfig, check_indices, check_positive
+from forwardinf.estimators.base import Capabilities, check_indices, check_positive
 from forwardinf.tasks.base import Task
 
 Checkpoint = Any  # a state dict, or a path to one saved with torch.save
 
 
-@dataclass(frozen=True)
-class TracInConfig(EstimatorConfig):
+@dataclass(frozen=True, kw_only=True)
+class TracInConfig(GradientConfig):
     """Every knob of :class:`TracIn` (see its docstring)."""
 
     checkpoints: Sequence[Checkpoint] | None = None
     lrs: Sequence[float] | None = None
-    params: str | Iterable[str] | None = None
     normalize: bool = False
-    batch_size: int = 64
-    cache_mb: float = 512.0
-    progress: bool = False
 
 
 class TracIn(GradientEstimator):

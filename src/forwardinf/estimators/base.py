@@ -42,7 +42,7 @@ def check_positive(owner: str, name: str, value: Any, integer: bool = False) -> 
         raise ValueError(f"{owner}: invalid {name}={value!r}; expected {kind}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Capabilities:
     """What an estimator can do beyond ``fit`` / ``influence`` / ``top_k``.
 
@@ -59,7 +59,7 @@ class Capabilities:
     self_influence: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EstimatorConfig:
     """Base of the frozen configuration of an estimator: every constructor keyword, one field each.
 

@@ -43,7 +43,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ForwardINFConfig(EstimatorConfig):
     """Every knob of :class:`ForwardINF` (see its docstring); ``ForwardINFConfig.preset("paper")``
     is a named recipe of :data:`PRESETS`. Frozen: ``cfg.replace(lr=...)`` gives another one."""

@@ -69,7 +69,7 @@ class ViewAveragedTask(Task):
         self.task.validate(model, self._fold(batch)[0])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class InvariantForwardINFConfig(ForwardINFConfig):
     """Every knob of :class:`InvariantForwardINF`: ``shift``, ``flip`` and those of :class:`ForwardINF`."""
 

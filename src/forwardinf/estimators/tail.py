@@ -216,7 +216,7 @@ def _device_type(batch: Any) -> str:
 
 
 # ----------------------------------------------------------------------------- the estimator
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TailForwardINFConfig(ForwardINFConfig):
     """Every knob of :class:`TailForwardINF`: ``split``, ``precision``, ``cache``, ``cache_dir``
     and those of :class:`ForwardINF` (``params`` are patterns within the tail)."""
@@ -225,7 +225,6 @@ class TailForwardINFConfig(ForwardINFConfig):
     precision: str = "float32"
     cache: str = "auto"
     cache_dir: str | None = None
-
 
 
 class TailForwardINF(Estimator):
@@ -250,10 +249,11 @@ class TailForwardINF(Estimator):
             256 MiB of features, disk above. The scores are the same to the bit either way; the
             choice made is ``cache_``.
         cache_dir: folder of the ``"disk"`` cache.
-        and any :class:`ForwardINF` keyword (``steps``, ``lr``, ``optimizer``, ``score``,
-            ``params`` (patterns within the tail), ``batch_size``, ``query_chunk``, ...);
-            ``fitted_fallback`` is refused: it perturbs inputs the tail never sees. All of them
-            are the fields of :class:`TailForwardINFConfig` (``config=``).
+        steps, lr, optimizer, score, ...: any :class:`ForwardINF` keyword (``params`` are
+            patterns within the tail; ``batch_size`` also sets the prefix pass's batch);
+            ``fitted_fallback`` is refused: it perturbs inputs the tail never sees.
+
+    All of them are the fields of :class:`TailForwardINFConfig` (``config=``).
 
     The model must take one input: the first element (or ``"inputs"``) of every batch.
     """
@@ -414,43 +414,48 @@ def _other_fields(batch: Any) -> tuple[list[Any], list[str] | None]:
 
 
 class FeatureFile:
-    """A ``[n, D]`` matrix in a raw file: written in row blocks, read back in row blocks.
+    """A ``[n, D]`` matrix in a ``.npy`` file (``np.lib.format.open_memmap``), written in row
+    blocks, read back in row blocks.
 
-    Reads copy the rows into a fresh tensor (no memory map), so the process holds only what it
-    asked for. The file lives in ``folder`` (default: the temporary folder) and is deleted when
-    this object is garbage-collected.
+    Each read maps the file, copies the rows asked for into a fresh tensor and drops the map, so
+    the process holds only those rows (the operating system's page cache keeps the file warm).
+    ``bfloat16``, which NumPy lacks, is stored as its raw 16-bit words. The file lives in
+    ``folder`` (default: the temporary folder) and is deleted when this object is
+    garbage-collected.
     """
 
     def __init__(self, n: int, width: int, dtype: torch.dtype, folder: str | None = None) -> None:
         if folder is not None:
             os.makedirs(folder, exist_ok=True)
-        fd, self.path = tempfile.mkstemp(prefix="forwardinf-tail-", suffix=".bin", dir=folder)
+        fd, self.path = tempfile.mkstemp(prefix="forwardinf-tail-", suffix=".npy", dir=folder)
+        os.close(fd)
         self._finalizer = weakref.finalize(self, _unlink, self.path)
-        self._file: Any = os.fdopen(fd, "wb")
         self.shape, self.dtype = (n, width), dtype
-        self.row_bytes = width * torch.empty(0, dtype=dtype).element_size()
+        self._words = torch.int16 if dtype == torch.bfloat16 else dtype  # what NumPy stores
+        self._file: Any = np.lib.format.open_memmap(self.path, mode="w+", shape=self.shape,
+                                                    dtype=torch.empty(0, dtype=self._words).numpy().dtype)
         self._written = 0
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def __setitem__(self, rows: slice, block: Tensor) -> None:
-        """Append the rows ``[start, stop)`` (blocks must come in order)."""
+        """Write the rows ``[start, stop)`` (blocks must come in order)."""
         if rows.start != self._written or block.shape != (rows.stop - rows.start, self.shape[1]):
             raise ValueError(f"FeatureFile: rows must be written in order as [B, {self.shape[1]}] blocks")
-        self._file.write(block.to(self.dtype).contiguous().view(torch.uint8).numpy().tobytes())
+        self._file[rows] = block.to(self.dtype).view(self._words).numpy()
         self._written = rows.stop
 
     def close(self) -> None:
-        self._file.close()
+        self._file.flush()
+        self._file = None  # unmapped
         if self._written != self.shape[0]:
             raise ValueError(f"FeatureFile: {self._written} of {self.shape[0]} rows written")
 
     def rows(self, start: int, stop: int) -> Tensor:
         """``[stop - start, D]``: rows ``start..stop-1`` read from the file."""
-        raw = np.fromfile(self.path, dtype=np.uint8, count=(stop - start) * self.row_bytes,
-                          offset=start * self.row_bytes)
-        return torch.from_numpy(raw).view(self.dtype).view(stop - start, self.shape[1])
+        block = np.array(np.load(self.path, mmap_mode="r")[start:stop])  # a copy; the map goes with it
+        return torch.from_numpy(block).view(self.dtype)
 
 
 def _unlink(path: str) -> None:

@@ -39,7 +39,7 @@ import forwardinf as fi
 from forwardinf.core.params import device_of
 from forwardinf.data.inputs import as_dataset, gather, to_device
 from forwardinf.distributed import activation_bytes, auto_batch_size, init_distributed, score_to_store, shard_dataset
-from forwardinf.estimators.forward_inf import PRESETS, SCORES
+from forwardinf.estimators.forward_inf import PRESETS, SCORES, ForwardINFConfig
 from forwardinf.estimators.tail import PRECISIONS, ReducedPrecisionTask, TailForwardINF, split_model
 from forwardinf.experiments.common import markdown_table, results_object, write_outputs
 from forwardinf.storage import write_topk
@@ -363,31 +363,31 @@ def build_estimator(args: argparse.Namespace, model: nn.Module, task: fi.Task, t
                  if getattr(args, k) is not None}
     if args.params:
         overrides["params"] = args.params
-    options = {**PRESETS[args.preset], **overrides, "query_chunk": args.query_chunk, "seed": args.seed}
+    config = ForwardINFConfig.preset(args.preset, **overrides, query_chunk=args.query_chunk, seed=args.seed)
     if args.batch_size == "auto":
         probe = to_device(gather(train, range(min(8, len(train)))), device_of(model))
-        score = options.get("score", "cosine")
         # in flight at once: the stacked query models, or the vmapped directional tangents (+ primal)
-        n_models = max(args.query_chunk, 2 * min(8, options.get("n_directions", 16)) if score == "cosine" else 1)
+        n_models = max(args.query_chunk, 2 * min(8, config.n_directions) if config.score == "cosine" else 1)
         budget = int(args.memory_budget * 2**20)
         if args.tail:
             # The prefix runs one model; only the (smaller) tail runs n_models at once.
             split = split_model(model, args.tail, probe[0])
             tail_probe = (split.features(probe[0]).detach(), *probe[1:])
             per_example = max(activation_bytes(model, task, probe), n_models * activation_bytes(split.tail, task, tail_probe))
-            options["batch_size"] = int(max(1, min(1024, budget // per_example)))
+            batch_size = int(max(1, min(1024, budget // per_example)))
         else:
-            options["batch_size"] = auto_batch_size(model, task, probe, n_models=n_models, budget_bytes=budget)
+            batch_size = auto_batch_size(model, task, probe, n_models=n_models, budget_bytes=budget)
     else:
         try:
-            options["batch_size"] = int(args.batch_size)
+            batch_size = int(args.batch_size)
         except ValueError:
             raise ValueError(f"--batch-size must be a positive integer or 'auto', got {args.batch_size!r}") from None
+    config = config.replace(batch_size=batch_size)
     if args.tail:
-        return TailForwardINF(model, task, split=args.tail, precision=args.precision, cache=args.tail_cache, **options)
+        return TailForwardINF(model, task, config=config, split=args.tail, precision=args.precision, cache=args.tail_cache)
     if args.precision != "float32":
         task = ReducedPrecisionTask(task, args.precision)
-    return fi.ForwardINF(model, task, **options)
+    return fi.ForwardINF(model, task, config=config)
 
 
 # -------------------------------------------------------------------------------------- run
