@@ -8,11 +8,13 @@ point by each method and inspects them in that order. Paper: section 4.4, Figure
 Forward-INF runs in self mode (D_tst = D_trn): one joint ascent update on the whole training set,
 then every point's loss change. Its score is the training set's influence on each point, i.e. how
 much the *rest of the data supports* it; a randomly relabeled point has no support, so Forward-INF
-inspects the **lowest** scores first ("support" order). ``forward-inf`` uses the non-saturating
-margin score (``score="margin"``); the raw cross-entropy change (``"loss"``, the paper's) mixes
-that signal with each point's own gradient norm and ranks far worse (see the sweep, ``--sweep``). The ``abs`` score is ranked by magnitude
-(the authors' ``|change|``) and ``forward-inf-paper`` literally as the paper says (self-influence
-sorted in descending order). ``forward-inf-cp`` averages the standardised support over the saved
+inspects the **lowest** scores first ("support" order). The default, ``forward-inf-margin``, uses
+the non-saturating margin score (``score="margin"``; this experiment's ``forward-inf`` before the
+method registry, ``forwardinf.baselines.registry``); the raw cross-entropy change
+(``forward-inf-loss``, the paper's score) mixes that signal with each point's own gradient norm and
+ranks far worse (see the sweep, ``--sweep``). The ``abs`` score is ranked by magnitude (the authors'
+``|change|``) and ``forward-inf-paper`` literally as the paper says (self-influence sorted in
+descending order). ``forward-inf-margin-cp`` averages the standardised support over the saved
 training checkpoints, as TracIn-CP does with gradients. Influence functions and TracIn rank by
 their self-influence ``g_i^T H^-1 g_i`` / ``sum_c eta_c ||g_i(c)||^2`` (descending); ``hydra`` by
 how much removing a point would raise its own loss (over the recorded training trajectory),
@@ -44,6 +46,7 @@ from torch import Tensor, nn
 import forwardinf as fi
 from forwardinf.data.loaders import DataSplit, load_dataset, subset
 from forwardinf.experiments.common import markdown_table, results_object, seed_everything, timer, warm_up, write_outputs
+from forwardinf.baselines.registry import FORWARD_INF, forward_inf_names, make_estimator
 from forwardinf.experiments.setup import add_option_argument, method_options
 from forwardinf.hashing import json_hash
 from forwardinf.io import atomic_save, write_json
@@ -60,24 +63,18 @@ RECIPES: dict[str, dict[str, Any]] = {
     "cifar10": dict(n_train=2000, model="resnet18", width=16, epochs=40, lr=0.05, batch_size=64, weight_decay=5e-4),
 }
 
-# Forward-INF variants: estimator keywords (or a preset) and the inspection order.
-#   support   = lowest score first (least supported by the rest of the training data)
+# Forward-INF variants come from the registry (baselines.registry.FORWARD_INF: one definition per
+# name); what is this experiment's is the inspection order of each variant's self-influence:
+#   support   = lowest score first (least supported by the rest of the training data; the default)
 #   magnitude = largest |score| first;  descending = highest score first (the paper's wording)
-# The default is the margin score: it ranks like the library's default "cosine" score here (see the
-# sweep in benchmarks/results/mislabel.md) without cosine's extra forward-mode sweeps in fit.
-FI_VARIANTS: dict[str, dict[str, Any]] = {
-    "forward-inf": dict(kw={"score": "margin"}, order="support"),
-    "forward-inf-cp": dict(kw={"score": "margin"}, order="support", checkpoints=True),
-    "forward-inf-cosine": dict(kw={}, order="support"),
-    "forward-inf-cosine-cp": dict(kw={}, order="support", checkpoints=True),
-    "forward-inf-loss": dict(kw={"score": "loss"}, order="support"),
-    "forward-inf-abs": dict(kw={"score": "abs"}, order="magnitude"),
-    "forward-inf-paper": dict(kw={"preset": "paper"}, order="descending"),
-    "forward-inf-authors": dict(kw={"preset": "authors"}, order="magnitude"),
-}
+# The default is the margin score (forward-inf-margin, labelled "forward-inf" here before the
+# registry): it ranks like the library's default "cosine" score here (see the sweep in
+# benchmarks/results/mislabel.md) without cosine's extra forward-mode sweeps in fit.
+FI_VARIANTS = forward_inf_names(checkpoints=True)
+ORDERS = {"forward-inf-abs": "magnitude", "forward-inf-authors": "magnitude", "forward-inf-paper": "descending"}
 BASELINES = ("if-exact", "if-100", "if-1000", "if-cg", "tracin-1", "tracin-3", "tracin-5", "tracin-last",
              "knn-shapley", "tmc-shapley", "hydra", "hydra-last", "loss", "random")
-DEFAULT_METHODS = "forward-inf,forward-inf-cp,forward-inf-paper,if-exact,tracin-1,tracin-5,loss,random"
+DEFAULT_METHODS = "forward-inf-margin,forward-inf-margin-cp,forward-inf-paper,if-exact,tracin-1,tracin-5,loss,random"
 
 # The sweep behind the default (--sweep): every score x update rule, both orders, final model.
 SWEEP_RULES = (("nsgd", 1e-4), ("nsgd", 1e-3), ("nsgd", 1e-2), ("adam", 5e-3), ("adam", 5e-2), ("sgd", 0.1))
@@ -149,7 +146,7 @@ def train_noisy(split: DataSplit, noisy: Tensor, recipe: dict, seed: int, n_chec
     the recorded SGD trajectory (a ``TrajectoryRecorder``, for HyDRA; None unless ``record``).
 
     Training runs in ``n_checkpoints`` equal stages (the last snapshot is the final model), each
-    with its own seed, so TracIn and ``forward-inf-cp`` can use the trajectory.
+    with its own seed, so TracIn and ``forward-inf-*-cp`` can use the trajectory.
     """
     from forwardinf.experiments.setup import trajectory_recorder
 
@@ -197,10 +194,9 @@ def _cached_training(cache_dir: Path, config: dict, make: Callable[[bool], tuple
 
 
 # ---------------------------------------------------------------------------------- methods
-def _forward_inf(model: nn.Module, train: tuple[Tensor, Tensor], kw: dict, progress: bool) -> Tensor:
-    kw = dict(kw)
-    preset = kw.pop("preset", "default")
-    est = fi.ForwardINF.preset(preset, model, fi.ClassificationTask(), progress=progress, **kw)
+def _forward_inf(name: str, model: nn.Module, train: tuple[Tensor, Tensor], kw: dict, progress: bool) -> Tensor:
+    """Self-influence ``[N]`` of registry variant ``name`` with keywords ``kw`` overriding its own."""
+    est = make_estimator(name, model, fi.ClassificationTask(), progress=progress, **kw)
     return est.fit(train).self_influence()
 
 
@@ -224,17 +220,16 @@ def rank_scores(name: str, model: nn.Module, train: tuple[Tensor, Tensor], check
     ``options``: keywords for its estimator (``--option``)."""
     options = options or {}
     if name in FI_VARIANTS:
-        spec = {**FI_VARIANTS[name]}
-        spec["kw"] = {**spec["kw"], **options}
-        if spec.get("checkpoints"):
+        order = ORDERS.get(name, "support")
+        if FORWARD_INF[name].checkpoints:
             per = []
             for state in checkpoints:
                 snapshot = copy.deepcopy(model)
                 snapshot.load_state_dict(state)
-                per.append(_standardise(_oriented(_forward_inf(snapshot.eval(), train, spec["kw"], progress),
-                                                  spec["order"])))
+                per.append(_standardise(_oriented(_forward_inf(name, snapshot.eval(), train, options, progress),
+                                                  order)))
             return torch.stack(per).mean(0)
-        return _oriented(_forward_inf(model, train, spec["kw"], progress), spec["order"])
+        return _oriented(_forward_inf(name, model, train, options, progress), order)
     if options and name in ("loss", "random"):
         raise ValueError(f"{name} takes no --option keywords, got {sorted(options)}")
     if name == "loss":
@@ -243,8 +238,6 @@ def rank_scores(name: str, model: nn.Module, train: tuple[Tensor, Tensor], check
     if name == "random":
         return torch.rand(len(train[1]), generator=torch.Generator().manual_seed(seed + 99), dtype=torch.float64)
     if name in BASELINES:
-        from forwardinf.baselines.registry import make_estimator
-
         est = make_estimator(name, model, fi.ClassificationTask(), checkpoints=checkpoints, trajectory=trajectory,
                              **options)
         return est.fit(train).self_influence()
@@ -258,7 +251,8 @@ def sweep(model: nn.Module, train: tuple[Tensor, Tensor], flipped: Tensor) -> li
         for optimizer, lr in SWEEP_RULES:
             try:
                 with timer() as t:
-                    s = _forward_inf(model, train, {"score": score, "optimizer": optimizer, "lr": lr}, False)
+                    s = _forward_inf("forward-inf", model, train, {"score": score, "optimizer": optimizer, "lr": lr},
+                                     False)
             except FloatingPointError:
                 rows.append({"score": score, "optimizer": optimizer, "lr": lr, "diverged": True})
                 continue
@@ -281,7 +275,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=None, help="cnn channels / resnet base width")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: per dataset)")
     p.add_argument("--train-lr", type=float, default=None, help="training learning rate (default: per dataset)")
-    p.add_argument("--checkpoints", type=int, default=5, help="training snapshots for TracIn / forward-inf-cp (default: 5)")
+    p.add_argument("--checkpoints", type=int, default=5, help="training snapshots for TracIn / forward-inf-*-cp (default: 5)")
     p.add_argument("--sweep", action="store_true", help="also sweep Forward-INF's score and update rule (sweep.json)")
 
 
@@ -398,7 +392,7 @@ def _curve_figure(path: Path, curves: dict, fraction: float, dataset: str) -> No
     for j, (name, (inspected, found)) in enumerate(curves.items()):
         style = "-" if name.startswith("forward-inf") else "--"
         color = "0.45" if name == "random" else colors[j % len(colors)]
-        ax.plot(inspected, found, style, color=color, lw=1.6 if name == "forward-inf" else 1.1, label=name)
+        ax.plot(inspected, found, style, color=color, lw=1.6 if j == 0 else 1.1, label=name)
     ax.axvline(0.15, color="0.75", lw=0.8)
     ax.set_xlabel("fraction of training data inspected")
     ax.set_ylabel("fraction of flipped labels found")

@@ -18,10 +18,9 @@ from typing import Any
 
 import torch
 
+from forwardinf.baselines.registry import FORWARD_INF, forward_inf_names, make_estimator
 from forwardinf.data.loaders import DataSplit, load_dataset, subset
-from forwardinf.estimators.forward_inf import PRESETS as _FI_PRESETS
 from forwardinf.hashing import json_hash
-from forwardinf.estimators.forward_inf import SCORES as _FI_SCORES
 from forwardinf.models import build_model
 from forwardinf.training import accuracy, load_checkpoint, save_checkpoint, train_classifier
 
@@ -35,24 +34,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 # Training augmentation under ``--train-augment auto``: what real models of the dataset train with.
 AUTO_AUGMENT = {"cifar10": "crop+flip"}
 N_CHECKPOINTS = 5
-# Named Forward-INF variants every experiment accepts in --methods: ``forward-inf`` (the library
-# default), ``forward-inf-<preset>`` for every preset and ``forward-inf-<score>`` for every score of
-# ForwardINF (so a new score or preset is a method name at once), and ``forward-inf-tail``
-# (TailForwardINF from the last top-level module holding parameters on; --option
-# forward-inf-tail.split=NAME picks another).
-FORWARD_INF_VARIANTS: dict[str, dict[str, Any]] = {
-    "forward-inf": {},
-    **{f"forward-inf-{p}": {"preset": p} for p in _FI_PRESETS if p != "default"},
-    **{f"forward-inf-{s}": {"score": s} for s in _FI_SCORES if s not in _FI_PRESETS},
-    "forward-inf-tail": {"tail": True},
-    # the counterfactual preset on the tail only (cached prefix: a CNN's queries cost its classifier)
-    "forward-inf-counterfactual-tail": {"tail": True, **_FI_PRESETS["counterfactual"]},
-}
-# Image-only variants, accepted by make_method but kept out of FORWARD_INF_VARIANTS (whose every
-# entry other experiments run, e.g. lds's 'all'): ``forward-inf-invariant`` is InvariantForwardINF
-# (the update averages over shifted views of each query, mirrored ones scored apart; mirrors only
-# where a flip keeps the label, see data.augment.flip_is_sensible).
-IMAGE_VARIANTS: dict[str, dict[str, Any]] = {"forward-inf-invariant": {"invariant": True}}
+# The registry's Forward-INF variants for classifiers (baselines.registry.FORWARD_INF, one definition
+# per name): every one of FORWARD_INF_VARIANTS runs on any classifier (lds's 'all' runs them all);
+# IMAGE_VARIANTS need images (forward-inf-invariant). Values: each variant's estimator keywords.
+FORWARD_INF_VARIANTS: dict[str, dict[str, Any]] = {n: dict(FORWARD_INF[n].kw) for n in forward_inf_names()}
+IMAGE_VARIANTS: dict[str, dict[str, Any]] = {n: dict(FORWARD_INF[n].kw) for n in forward_inf_names("image")}
 TRAJECTORY_MB = 1024  # parameter snapshots beyond this are thinned (TrajectoryRecorder's ``every``)
 
 
@@ -95,42 +81,26 @@ def method_options(args: argparse.Namespace, methods: list[str]) -> dict[str, di
 
 def make_method(name: str, model: torch.nn.Module, prepared: "Prepared", progress: bool = False,
                 options: dict[str, Any] | None = None) -> Any:
-    """A fresh estimator for ``--methods`` entry ``name`` (a Forward-INF variant or a registry name),
+    """A fresh estimator for ``--methods`` entry ``name`` (a registry name, ``baselines.registry``),
     with its ``--option`` keywords. ``NAME@LABEL`` is method ``NAME`` under another label, so that
     one method can run with several ``--option`` settings (``trak@reg``, ``--option trak@reg.lambda_reg=100``)."""
     import forwardinf as fi
-    from forwardinf.baselines.registry import make_estimator
 
     name = name.split("@", 1)[0]
-    kw = {**FORWARD_INF_VARIANTS.get(name, IMAGE_VARIANTS.get(name, {})), **(options or {})}
-    try:
-        if kw.pop("tail", False):
-            kw.setdefault("split", default_split(model))
-            return fi.TailForwardINF(model, fi.ClassificationTask(), progress=progress, **kw)
-        if kw.pop("invariant", False):
+    kw = dict(options or {})
+    variant = FORWARD_INF.get(name)
+    if variant is not None:
+        kw.setdefault("progress", progress)
+        if variant.estimator == "invariant" and prepared.split is not None:
             from forwardinf.data.augment import flip_is_sensible
-            from forwardinf.estimators.invariant import InvariantForwardINF
 
-            if prepared.split is not None and not flip_is_sensible(prepared.split.name):
+            if not flip_is_sensible(prepared.split.name):
                 kw.setdefault("flip", False)
-            return InvariantForwardINF(model, fi.ClassificationTask(), progress=progress, **kw)
-        if name in FORWARD_INF_VARIANTS:
-            preset = kw.pop("preset", "default")
-            return fi.ForwardINF.preset(preset, model, fi.ClassificationTask(), progress=progress, **kw)
+    try:
         return make_estimator(name, model, fi.ClassificationTask(), checkpoints=prepared.checkpoints,
                               trajectory=prepared.trajectory, **kw)
     except TypeError as e:  # an unknown keyword
         raise ValueError(f"{name}: {e}; check its --option keywords") from e
-
-
-def default_split(model: torch.nn.Module) -> str:
-    """The last top-level submodule holding parameters: TailForwardINF's default ``split``
-    (an MLP's last Linear, SmallCNN's ``classifier``, ResNet's ``fc``)."""
-    names = [n for n, m in model.named_children() if any(True for _ in m.parameters())]
-    if not names:
-        raise ValueError("forward-inf-tail: the model has no submodule with parameters; pass --option "
-                         "forward-inf-tail.split=NAME")
-    return names[-1]
 
 
 @dataclass
