@@ -37,6 +37,7 @@ from forwardinf.baselines.registry import FORWARD_INF, forward_inf_names
 from forwardinf.experiments.common import markdown_table, results_object, seed_everything, timer, write_outputs
 from forwardinf.hashing import sha256_hex
 from forwardinf.io import atomic_save
+from forwardinf.metrics import target_ranks
 from forwardinf.tasks.diffusion import SCORE_AVERAGES, DiffusionTask
 
 # Per dataset: the held-out concepts (class indices) and the recipe.
@@ -212,13 +213,15 @@ def run(args: argparse.Namespace) -> dict:
             cands = everything[sets[size]]
             for method, scores, clock in _score_all(model, task, variants, methods_wanted, cands, generated,
                                                      reference, ref_clock):
+                # the best exemplar's rank, ties against the method (candidates 0..exemplars-1)
+                rank = int(target_ranks(scores[None], [list(range(len(exemplars)))])[0])
                 order = scores.argsort(descending=True)
                 is_ex = order < len(exemplars)
                 st = stats[method, size]
-                st["hits"] += int(is_ex[0])
+                st["hits"] += int(rank == 1)
                 st["seconds"] += clock["seconds"]
                 st["cpu_seconds"] += clock["cpu_seconds"]
-                st["ranks"].append(int(is_ex.nonzero()[0]) + 1)
+                st["ranks"].append(rank)
                 if method == methods_wanted[0] and size == sizes[-1] and len(shown) < 4:
                     shown.append((classes[concept], exemplars[0], generated[0], cands[order[:args.k]],
                                   scores[order[:args.k]], is_ex[:args.k]))

@@ -25,6 +25,7 @@ from forwardinf.data.augment import ALL_KINDS, KINDS
 from forwardinf.experiments.common import markdown_table, results_object, seed_everything, timer, warm_up, write_outputs
 from forwardinf.experiments.setup import (FORWARD_INF_VARIANTS, IMAGE_VARIANTS, add_model_arguments, make_method,
                                           method_options, prepare_classifier)
+from forwardinf.metrics import target_ranks
 from forwardinf.training import AUGMENTATIONS
 
 
@@ -80,11 +81,11 @@ def near_kinds(near: str | None) -> list[str]:
 
 
 def detection(scores: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-    """T-1/T-5/T-10 and mean rank of ``targets [Q]`` in ``scores [Q, N]`` (ties count against)."""
-    target_scores = scores.gather(1, targets[:, None])
-    ranks = (scores >= target_scores).sum(1)
-    return {"top1": float((ranks <= 1).float().mean()), "top5": float((ranks <= 5).float().mean()),
-            "top10": float((ranks <= 10).float().mean()), "mean_rank": float(ranks.float().mean())}
+    """T-1/T-5/T-10 and mean rank of ``targets [Q]`` in ``scores [Q, N]`` (ties count against the
+    method: :func:`forwardinf.metrics.target_ranks`)."""
+    ranks = target_ranks(scores, targets)
+    return {"top1": float((ranks <= 1).mean()), "top5": float((ranks <= 5).mean()),
+            "top10": float((ranks <= 10).mean()), "mean_rank": float(ranks.mean())}
 
 
 def run(args: argparse.Namespace) -> dict:
