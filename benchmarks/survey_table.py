@@ -41,7 +41,7 @@ import forwardinf as fi
 from forwardinf.baselines.hydra import HyDRA, TrajectoryRecorder
 from forwardinf.baselines.shapley import KNNShapley, LastLayerTrainer, TMCShapley
 from forwardinf.data.loaders import load_digits, subset
-from forwardinf.experiments.common import markdown_table
+from forwardinf.experiments.report import markdown_table
 from forwardinf.experiments.leakage import detection, leaked_queries
 from forwardinf.experiments.mislabel import detection_metrics, flip_labels, rank_scores
 from forwardinf.models import build_model

@@ -34,7 +34,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from forwardinf.baselines.registry import FORWARD_INF, forward_inf_names
-from forwardinf.experiments.common import markdown_table, results_object, seed_everything, timer, write_outputs
+from forwardinf.experiments.common import seed_everything, timer
+from forwardinf.experiments.report import markdown_table, pyplot, results_object, write_outputs
 from forwardinf.hashing import sha256_hex
 from forwardinf.io import atomic_save
 from forwardinf.metrics import target_ranks
@@ -360,10 +361,7 @@ def _figure(path: Path, shown: list) -> None:
     """Figure 3 of the paper: per set an exemplar, a generated image, the top-k candidates with scores."""
     if not shown:
         return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     k = len(shown[0][3])
     fig, axes = plt.subplots(len(shown), k + 2, figsize=(1.2 * (k + 2), 1.45 * len(shown)), squeeze=False)

@@ -22,7 +22,9 @@ import torch
 
 import forwardinf as fi
 from forwardinf.data.augment import ALL_KINDS, KINDS
-from forwardinf.experiments.common import markdown_table, results_object, seed_everything, timer, warm_up, write_outputs
+from forwardinf.experiments.common import seed_everything, timer, warm_up
+from forwardinf.experiments.report import (can_plot, markdown_table, results_object, save_query_grid, write_outputs,
+                                           write_query_html)
 from forwardinf.experiments.setup import (FORWARD_INF_VARIANTS, IMAGE_VARIANTS, add_model_arguments, make_method,
                                           method_options, prepare_classifier)
 from forwardinf.metrics import target_ranks
@@ -168,9 +170,7 @@ def _cost_ratios(results: dict, kinds: list[str]) -> None:
 def _figure(out: Any, split: Any, xq: torch.Tensor, yq: torch.Tensor, scores: torch.Tensor,
             truth: torch.Tensor, method: str, k: int) -> None:
     """``queries.png`` (top-k per query) and ``queries.html`` (top-k proponents and opponents)."""
-    try:
-        from forwardinf.experiments.report import save_query_grid, write_query_html
-    except ImportError:  # matplotlib missing: the numbers are still written
+    if not can_plot():  # matplotlib missing: the numbers are still written
         return
     k = min(k, scores.shape[1])
     top, bottom = scores.topk(k, dim=1), scores.topk(k, dim=1, largest=False)

@@ -38,7 +38,8 @@ import forwardinf as fi
 from forwardinf.baselines.retraining import Downsampling
 from forwardinf.data.inputs import gather
 from forwardinf.data.loaders import subset
-from forwardinf.experiments.common import markdown_table, results_object, seed_everything, timer, warm_up, write_outputs
+from forwardinf.experiments.common import seed_everything, timer, warm_up
+from forwardinf.experiments.report import markdown_table, results_object, save_query_grid, write_outputs, write_query_html
 from forwardinf.experiments.setup import (FORWARD_INF_VARIANTS, add_model_arguments, make_method, method_options,
                                           prepare_classifier)
 from forwardinf.hashing import json_hash
@@ -313,8 +314,6 @@ def _half_agreement(a: Tensor, b: Tensor, mask: Tensor) -> float | None:
 def _figures(out: Path, split: Any, gt: Tensor, gt_top: Tensor, gt_val: Tensor, scores: dict[str, Tensor],
              n_pairs: int) -> list[str]:
     """Figure 4-style rows (test point, ground-truth top, each method's top) and an HTML page of the top-k."""
-    from forwardinf.experiments.report import save_query_grid, write_query_html
-
     order = torch.argsort(gt_val, descending=True)[:n_pairs]  # the most influential pairs first
     picks = [s.argmax(1) for s in scores.values()]
     idx = torch.stack([gt_top[order]] + [p[order] for p in picks], 1)

@@ -45,7 +45,8 @@ from torch import Tensor, nn
 
 import forwardinf as fi
 from forwardinf.data.loaders import DataSplit, load_dataset, subset
-from forwardinf.experiments.common import markdown_table, results_object, seed_everything, timer, warm_up, write_outputs
+from forwardinf.experiments.common import seed_everything, timer, warm_up
+from forwardinf.experiments.report import markdown_table, pyplot, results_object, write_outputs
 from forwardinf.baselines.registry import FORWARD_INF, forward_inf_names, make_estimator
 from forwardinf.experiments.setup import add_option_argument, method_options
 from forwardinf.hashing import json_hash
@@ -378,10 +379,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _curve_figure(path: Path, curves: dict, fraction: float, dataset: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5.2, 4.2))
     xs = np.linspace(0, 1, 201)
