@@ -43,7 +43,8 @@ from forwardinf.baselines.shapley import KNNShapley, LastLayerTrainer, TMCShaple
 from forwardinf.data.loaders import load_digits, subset
 from forwardinf.experiments.report import markdown_table
 from forwardinf.experiments.leakage import detection, leaked_queries
-from forwardinf.experiments.mislabel import detection_metrics, flip_labels, rank_scores
+from forwardinf.data.labels import flip_labels
+from forwardinf.experiments.mislabel import detection_metrics, rank_scores
 from forwardinf.models import build_model
 from forwardinf.training import accuracy, train_classifier
 

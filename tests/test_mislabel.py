@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from forwardinf.experiments import mislabel
-from forwardinf.experiments.mislabel import detection_metrics, flip_labels, oracle_found_at
+from forwardinf.data.labels import flip_labels
+from forwardinf.experiments.mislabel import detection_metrics, oracle_found_at
 
 
 @pytest.mark.parametrize("n,fraction,classes", [(1347, 0.2, 10), (2000, 0.2, 10), (101, 0.33, 3), (50, 1.0, 2), (7, 0.0, 4)])

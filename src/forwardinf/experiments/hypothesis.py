@@ -46,7 +46,7 @@ from forwardinf import metrics as M
 from forwardinf.baselines.retraining import LossProbe, concat, group_mean, run_trainings
 from forwardinf.data.inputs import gather
 from forwardinf.data.loaders import DataSplit, balanced_indices, load_dataset
-from forwardinf.experiments import convex as cvx
+from forwardinf.workloads import convex as cvx
 from forwardinf.experiments.common import seed_everything
 from forwardinf.experiments.report import markdown_table, pyplot, results_object, write_outputs
 from forwardinf.tasks.classification import ClassificationTask
