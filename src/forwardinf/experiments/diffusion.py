@@ -171,7 +171,9 @@ def run(args: argparse.Namespace) -> dict:
     methods_wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods_wanted if m not in VARIANTS and m not in BASELINES]
     if unknown or not methods_wanted:
-        raise ValueError(f"--methods: unknown {unknown}; choose from {[*VARIANTS, *BASELINES]}")
+        hint = (f" ({', '.join(m for m in unknown if m in FORWARD_INF)}: registry names for other tasks; this "
+                f"experiment's Forward-INF is {DEFAULT_VARIANT})" if any(m in FORWARD_INF for m in unknown) else "")
+        raise ValueError(f"--methods: unknown {unknown}; choose from {[*VARIANTS, *BASELINES]}{hint}")
     variants = {m: dict(VARIANTS[m]) for m in methods_wanted if m in VARIANTS}
     if DEFAULT_VARIANT in variants:
         flags = {"optimizer": args.optimizer, "lr": args.lr, "steps": args.steps, "score": args.score}

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 import forwardinf as fi
+from forwardinf.baselines.registry import METHODS
 from forwardinf.baselines.retraining import Downsampling
 from forwardinf.data.inputs import gather
 from forwardinf.data.loaders import subset
@@ -169,7 +170,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fraction of the training set each model sees (default: 0.7, as Feldman & Zhang)")
     p.add_argument("--n-test", type=int, default=None, help="class-balanced test points used as queries (default: all)")
     p.add_argument("--methods", default="forward-inf-paper,forward-inf,tracin-5",
-                   help="comma-separated: " + ", ".join(FORWARD_INF_VARIANTS) + " and baselines (grad-cos, tracin-last, if-exact, ...)")
+                   help="comma-separated registry names (forwardinf.baselines.registry): "
+                        + ", ".join([*FORWARD_INF_VARIANTS, *METHODS[1:]]) + " (default: %(default)s)")
     p.add_argument("--workers", type=int, default=1, help="processes for the K trainings (default: 1)")
     p.add_argument("--pairs", type=int, default=8, help="(test, ground-truth top, method top) rows in the figure")
 
@@ -184,8 +186,6 @@ def run(args: argparse.Namespace) -> dict:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
         raise ValueError("--methods is empty")
-    from forwardinf.baselines.registry import METHODS
-
     unknown = [m for m in methods if m not in FORWARD_INF_VARIANTS and m not in METHODS]
     if unknown:  # before the K trainings, not after
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join([*FORWARD_INF_VARIANTS, *METHODS[1:]])}")
