@@ -31,7 +31,6 @@ as many points as were flipped), ``inspect_for_80pct`` (fraction of the data ins
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import sys
 import time
@@ -54,7 +53,8 @@ from forwardinf.hashing import json_hash
 from forwardinf.io import atomic_save, write_json
 from forwardinf.metrics import detection_curve, found_at, roc_auc
 from forwardinf.models import build_model
-from forwardinf.training import accuracy, train_classifier
+from forwardinf.training import accuracy
+from forwardinf.workloads.classifier import train_with_checkpoints
 
 # Per dataset: subset size and a recipe that fits the noisy training labels (as the paper's 100
 # epochs do), sized for 2 CPU cores.
@@ -120,23 +120,11 @@ def train_noisy(split: DataSplit, noisy: Tensor, recipe: dict, seed: int, n_chec
     Training runs in ``n_checkpoints`` equal stages (the last snapshot is the final model), each
     with its own seed, so TracIn and ``forward-inf-*-cp`` can use the trajectory.
     """
-    from forwardinf.workloads.classifier import trajectory_recorder
-
     kw = {"width": recipe["width"]} if recipe.get("width") else {}
     model = build_model(recipe["model"], split.input_shape, split.n_classes, seed=seed, **kw)
-    epochs = recipe["epochs"]
-    bounds = np.linspace(0, epochs, n_checkpoints + 1).round().astype(int)[1:]
-    done, checkpoints = 0, []
-    recorder = trajectory_recorder(model, len(noisy), epochs, recipe["batch_size"]) if record else None
-    with (recorder.recording((split.x_train, noisy)) if recorder is not None
-          else contextlib.nullcontext((split.x_train, noisy))) as data:
-        for stage, until in enumerate(bounds):
-            if until > done:
-                train_classifier(model, data, epochs=int(until - done), lr=recipe["lr"],
-                                 batch_size=recipe["batch_size"], weight_decay=recipe["weight_decay"],
-                                 seed=seed * 1000 + stage, schedule="constant", progress=progress)
-                done = int(until)
-            checkpoints.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    checkpoints, recorder = train_with_checkpoints(
+        model, (split.x_train, noisy), recipe, seed, progress, record, n_checkpoints=n_checkpoints,
+        seeds=[seed * 1000 + stage for stage in range(n_checkpoints)])
     return model.eval(), checkpoints, recorder
 
 

@@ -15,8 +15,9 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from forwardinf.data.loaders import DataSplit, load_dataset, subset
@@ -113,7 +114,7 @@ def train_or_load(dataset: str | None = None, data_root: str | None = None, *, n
 
                 recorded = TrajectoryRecorder.load(traj_file, net)
         else:
-            checkpoints, recorded = train_with_checkpoints(net, split, recipe, seed, progress,
+            checkpoints, recorded = train_with_checkpoints(net, split.train(), recipe, seed, progress,
                                                            record=record_trajectory)
             cache.parent.mkdir(parents=True, exist_ok=True)
             names = []
@@ -129,25 +130,31 @@ def train_or_load(dataset: str | None = None, data_root: str | None = None, *, n
     return Prepared(split, net, model_name, acc, checkpoints, config, seconds, recorded)
 
 
-def train_with_checkpoints(model: torch.nn.Module, split: DataSplit, recipe: dict, seed: int, progress: bool,
-                            record: bool = False) -> tuple[list, Any]:
-    """Train in ``N_CHECKPOINTS`` stages, keeping a copy of the weights after each (TracIn uses them).
+def train_with_checkpoints(model: torch.nn.Module, train: tuple[torch.Tensor, torch.Tensor], recipe: dict,
+                           seed: int, progress: bool = False, record: bool = False, *,
+                           n_checkpoints: int = N_CHECKPOINTS, seeds: Sequence[int] | None = None) -> tuple[list, Any]:
+    """Train ``model`` on ``train`` ``(x, y)`` in ``n_checkpoints`` stages of equal epochs (the last
+    snapshot is the final model), keeping a copy of the weights after each (TracIn uses them).
 
-    With ``record``, every SGD step is recorded for HyDRA; returns ``(checkpoints, recorder or None)``.
+    ``recipe``: ``epochs`` and the :func:`~forwardinf.training.train_classifier` keywords ``lr``,
+    ``batch_size``, ``optimizer``, ``weight_decay``, ``augment`` (those present). Stage ``s`` trains
+    with seed ``seeds[s]`` (default ``seed + s``). With ``record``, every SGD step is recorded for
+    HyDRA. Returns ``(checkpoints, recorder or None)``.
     """
     epochs = recipe["epochs"]
-    stages = [e for e in torch.linspace(0, epochs, N_CHECKPOINTS + 1).round().int().tolist()[1:]]
+    stages = np.linspace(0, epochs, n_checkpoints + 1).round().astype(int).tolist()[1:]
+    seeds = list(seeds) if seeds is not None else [seed + s for s in range(n_checkpoints)]
     done, checkpoints = 0, []
     kw = {k: recipe[k] for k in ("lr", "batch_size", "optimizer", "weight_decay", "augment") if k in recipe}
-    recorder, train = None, split.train()
+    recorder = None
     context: Any = contextlib.nullcontext(train)
     if record:
-        recorder = trajectory_recorder(model, len(split.y_train), epochs, recipe["batch_size"])
+        recorder = trajectory_recorder(model, len(train[1]), epochs, recipe["batch_size"])
         context = recorder.recording(train)
     with context as data:
         for stage, until in enumerate(stages):
             if until > done:
-                train_classifier(model, data, epochs=until - done, seed=seed + stage, progress=progress, **kw)
+                train_classifier(model, data, epochs=until - done, seed=seeds[stage], progress=progress, **kw)
                 done = until
             checkpoints.append({k: v.detach().clone() for k, v in model.state_dict().items()})
     return checkpoints, recorder
