@@ -29,16 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from forwardinf.baselines.registry import FORWARD_INF, forward_inf_names
 from forwardinf.experiments.common import seed_everything, timer
 from forwardinf.experiments.report import markdown_table, pyplot, results_object, write_outputs
-from forwardinf.hashing import sha256_hex
-from forwardinf.io import atomic_save
 from forwardinf.metrics import target_ranks
+from forwardinf.workloads.diffusion import IMAGE_SIZE, concept_images, pretrained_denoiser
 from forwardinf.tasks.diffusion import SCORE_AVERAGES, DiffusionTask
 
 # Per dataset: the held-out concepts (class indices) and the recipe.
@@ -47,7 +45,6 @@ DATASETS: dict[str, dict[str, Any]] = {
     "fashion-mnist": dict(concepts=(1, 8)),  # Trouser, Bag
     "mnist": dict(concepts=(0, 7)),
 }
-IMAGE_SIZE = 16
 
 # Forward-INF variants (ascent on the generated images, joint mode): the registry's diffusion
 # entries (baselines.registry.FORWARD_INF). "forward-inf-diffusion" (this experiment's "forward-inf"
@@ -103,19 +100,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # -- data ------------------------------------------------------------------------------------
-def concept_images(name: str, root: str | None = None) -> tuple[Tensor, Tensor, list[str]]:
-    """All images of a dataset (train + test) at 16x16 in [-1, 1]: ``([N, C, 16, 16], [N], classes)``."""
-    from forwardinf.data.loaders import load_dataset
-
-    split = load_dataset(name, root)
-    x = split.denormalize(torch.cat([split.x_train, split.x_test]))
-    y = torch.cat([split.y_train, split.y_test])
-    if x.shape[-1] != IMAGE_SIZE:
-        # Bilinear up-sampling (8x8 digits); anti-aliased down-sampling (28x28 MNIST-style).
-        x = F.interpolate(x, size=IMAGE_SIZE, mode="bilinear", align_corners=False, antialias=x.shape[-1] > IMAGE_SIZE)
-    return (x.clamp(0, 1) * 2 - 1).contiguous(), y, split.classes
-
-
 def candidate_sets(exemplars: Tensor, pool: Tensor, sizes: list[int], gen: torch.Generator) -> dict[int, Tensor]:
     """Per size, indices into ``cat([exemplars, pool])``: the exemplars first, then half nearest, half random.
 
@@ -185,7 +169,7 @@ def run(args: argparse.Namespace) -> dict:
     recipe = dict(channels=channels, steps=args.pretrain_steps, lr=args.pretrain_lr, batch_size=64, seed=args.seed,
                   concepts=concepts)
     out_dir = Path(args.out)
-    pretrained, pretrain_time, cached = _pretrain(pool, recipe, scheduler, out_dir, name, progress)
+    pretrained, pretrain_time, cached = pretrained_denoiser(pool, recipe, scheduler, out_dir, name, progress)
     print(f"diffusion: {name}, {len(pool)} pre-training images at {IMAGE_SIZE}x{IMAGE_SIZE}, held-out concepts "
           f"{[classes[c] for c in concepts]}; UNet {channels} "
           f"({sum(p.numel() for p in pretrained.parameters()):,} parameters), pre-trained "
@@ -334,29 +318,6 @@ def _check_variants(model: torch.nn.Module, task: Any, variants: dict, x: Tensor
             ForwardINF(model, task, **{**_estimator_kwargs(kw), "n_directions": 1}).fit((x[:1],))
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
-
-
-def _pretrain(pool: Tensor, recipe: dict, scheduler: Any, out_dir: Path, name: str,
-              progress: bool) -> tuple[torch.nn.Module, dict, bool]:
-    """The pre-trained UNet, loaded from ``out_dir`` when the recipe and the data match."""
-    from forwardinf.models.diffusion import build_unet, train_denoiser
-
-    key = sha256_hex(repr(sorted(recipe.items())), pool.numpy().tobytes(), length=12)
-    path = out_dir / f"pretrained-{name}-{key}.pt"
-    unet = build_unet(sample_size=IMAGE_SIZE, channels=pool.shape[1], block_out_channels=recipe["channels"],
-                      seed=recipe["seed"])
-    if path.is_file():
-        try:
-            unet.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            return unet.eval(), {"seconds": 0.0, "cpu_seconds": 0.0}, True
-        except Exception:  # a stale or foreign file is replaced
-            pass
-    with timer() as t:
-        train_denoiser(unet, scheduler, pool, steps=recipe["steps"], batch_size=recipe["batch_size"], lr=recipe["lr"],
-                       seed=recipe["seed"], warmup=min(100, recipe["steps"] // 10), progress=progress)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_save(unet.state_dict(), path)
-    return unet.eval(), t, False
 
 
 def _figure(path: Path, shown: list) -> None:
