@@ -33,9 +33,8 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,26 +43,16 @@ from torch import Tensor, nn
 
 import forwardinf as fi
 from forwardinf.data.labels import flip_labels
-from forwardinf.data.loaders import DataSplit, load_dataset, subset
+from forwardinf.data.loaders import load_dataset, subset
 from forwardinf.experiments.common import seed_everything, timer, warm_up
 from forwardinf.experiments.report import markdown_table, pyplot, results_object, write_outputs
 from forwardinf.baselines.registry import FORWARD_INF, forward_inf_names, make_estimator
 from forwardinf.experiments.setup import add_option_argument, method_options
-from forwardinf.hashing import json_hash
-from forwardinf.io import atomic_save, write_json
+from forwardinf.io import write_json
 from forwardinf.metrics import detection_curve, found_at, roc_auc
 from forwardinf.models import build_model
 from forwardinf.training import accuracy
-from forwardinf.workloads.classifier import train_with_checkpoints
-
-# Per dataset: subset size and a recipe that fits the noisy training labels (as the paper's 100
-# epochs do), sized for 2 CPU cores.
-RECIPES: dict[str, dict[str, Any]] = {
-    "digits": dict(n_train=None, model="mlp", epochs=100, lr=0.05, batch_size=64, weight_decay=0.0),
-    "fashion-mnist": dict(n_train=2000, model="cnn", width=16, epochs=40, lr=0.02, batch_size=64, weight_decay=0.0),
-    "mnist": dict(n_train=2000, model="cnn", width=16, epochs=40, lr=0.02, batch_size=64, weight_decay=0.0),
-    "cifar10": dict(n_train=2000, model="resnet18", width=16, epochs=40, lr=0.05, batch_size=64, weight_decay=5e-4),
-}
+from forwardinf.workloads.classifier import NOISY_RECIPES, cached_training, train_noisy
 
 # Forward-INF variants come from the registry (baselines.registry.FORWARD_INF: one definition per
 # name); what is this experiment's is the inspection order of each variant's self-influence:
@@ -112,47 +101,6 @@ def oracle_found_at(fraction_flipped: float, inspect: float) -> float:
 
 
 # ---------------------------------------------------------------------------------- training
-def train_noisy(split: DataSplit, noisy: Tensor, recipe: dict, seed: int, n_checkpoints: int,
-                progress: bool = False, record: bool = False) -> tuple[nn.Module, list[dict], Any]:
-    """Train ``recipe["model"]`` on ``(x_train, noisy)``; return it, ``n_checkpoints`` state dicts and
-    the recorded SGD trajectory (a ``TrajectoryRecorder``, for HyDRA; None unless ``record``).
-
-    Training runs in ``n_checkpoints`` equal stages (the last snapshot is the final model), each
-    with its own seed, so TracIn and ``forward-inf-*-cp`` can use the trajectory.
-    """
-    kw = {"width": recipe["width"]} if recipe.get("width") else {}
-    model = build_model(recipe["model"], split.input_shape, split.n_classes, seed=seed, **kw)
-    checkpoints, recorder = train_with_checkpoints(
-        model, (split.x_train, noisy), recipe, seed, progress, record, n_checkpoints=n_checkpoints,
-        seeds=[seed * 1000 + stage for stage in range(n_checkpoints)])
-    return model.eval(), checkpoints, recorder
-
-
-def _cached_training(cache_dir: Path, config: dict, make: Callable[[bool], tuple[nn.Module, list[dict], Any]],
-                     build: Callable[[], nn.Module], trajectory: bool = False) -> tuple[nn.Module, list[dict], float, Any]:
-    """Train via ``make(trajectory)`` or load the result saved under a hash of ``config``; also the
-    seconds spent and the recorded trajectory (``trajectory``: needed; a cache without one retrains)."""
-    from forwardinf.baselines.hydra import TrajectoryRecorder
-
-    key = json_hash(config)
-    path = cache_dir / f"mislabel-{key}.pt"
-    traj_path = cache_dir / f"mislabel-{key}-trajectory.pt"
-    if path.exists() and (traj_path.exists() or not trajectory):
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        model = build()
-        model.load_state_dict(saved["checkpoints"][-1])
-        rec = TrajectoryRecorder.load(traj_path, model) if trajectory else None
-        return model.eval(), saved["checkpoints"], float(saved["seconds"]), rec
-    start = time.perf_counter()
-    model, checkpoints, rec = make(trajectory)
-    seconds = time.perf_counter() - start
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save({"checkpoints": checkpoints, "seconds": seconds}, path)
-    if rec is not None:
-        rec.save(traj_path)
-    return model, checkpoints, seconds, rec
-
-
 # ---------------------------------------------------------------------------------- methods
 def _forward_inf(name: str, model: nn.Module, train: tuple[Tensor, Tensor], kw: dict, progress: bool) -> Tensor:
     """Self-influence ``[N]`` of registry variant ``name`` with keywords ``kw`` overriding its own."""
@@ -240,7 +188,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _recipe(args: argparse.Namespace, name: str) -> dict:
-    recipe = dict(RECIPES.get(name, RECIPES["fashion-mnist"]))
+    recipe = dict(NOISY_RECIPES.get(name, NOISY_RECIPES["fashion-mnist"]))
     for key, value in (("n_train", args.n_train), ("model", args.model), ("width", args.width),
                        ("epochs", args.epochs), ("lr", args.train_lr)):
         if value is not None:
@@ -274,7 +222,7 @@ def run(args: argparse.Namespace) -> dict:
     from forwardinf.baselines.registry import METHODS as REGISTERED, requirements
 
     record = any(m in REGISTERED and "trajectory" in requirements(m) for m in methods)
-    model, checkpoints, train_seconds, trajectory = _cached_training(
+    model, checkpoints, train_seconds, trajectory = cached_training(
         Path(args.out) / "cache", config,
         lambda rec: train_noisy(split, noisy, recipe, args.seed, args.checkpoints, progress, record=rec),
         lambda: build_model(recipe["model"], split.input_shape, split.n_classes, **kw), trajectory=record)

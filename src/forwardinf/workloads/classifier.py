@@ -1,5 +1,6 @@
 """Image classifiers for the experiments: per-dataset training recipes, and a classifier trained on
-a dataset (or loaded from a cache or a user's checkpoint) with what the baselines need.
+a dataset (or loaded from a cache or a user's checkpoint) with what the baselines need; the same
+on noisy labels for the mislabel experiment (:data:`NOISY_RECIPES`, :func:`train_noisy`).
 
 Training keeps what the baselines need, cached beside the model in ``cache_dir``:
 ``N_CHECKPOINTS`` snapshots (TracIn) and, when asked (HyDRA), the recorded SGD trajectory
@@ -15,13 +16,15 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from torch import Tensor, nn
 
 from forwardinf.data.loaders import DataSplit, load_dataset, subset
 from forwardinf.hashing import json_hash
+from forwardinf.io import atomic_save
 from forwardinf.models import build_model
 from forwardinf.training import accuracy, load_checkpoint, save_checkpoint, train_classifier
 
@@ -37,6 +40,14 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 # Training augmentation under ``--train-augment auto``: what real models of the dataset train with.
 AUTO_AUGMENT = {"cifar10": "crop+flip"}
 N_CHECKPOINTS = 5
+# Per dataset: subset size and a recipe that fits the noisy training labels (as the paper's 100
+# epochs do), sized for 2 CPU cores.
+NOISY_RECIPES: dict[str, dict[str, Any]] = {
+    "digits": dict(n_train=None, model="mlp", epochs=100, lr=0.05, batch_size=64, weight_decay=0.0),
+    "fashion-mnist": dict(n_train=2000, model="cnn", width=16, epochs=40, lr=0.02, batch_size=64, weight_decay=0.0),
+    "mnist": dict(n_train=2000, model="cnn", width=16, epochs=40, lr=0.02, batch_size=64, weight_decay=0.0),
+    "cifar10": dict(n_train=2000, model="resnet18", width=16, epochs=40, lr=0.05, batch_size=64, weight_decay=5e-4),
+}
 TRAJECTORY_MB = 1024  # parameter snapshots beyond this are thinned (TrajectoryRecorder's ``every``)
 
 
@@ -177,3 +188,45 @@ def trajectory_recorder(model: torch.nn.Module, n: int, epochs: int, batch_size:
 
 def _load_state(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ------------------------------------------------------------------- noisy labels (mislabel)
+def train_noisy(split: DataSplit, noisy: Tensor, recipe: dict, seed: int, n_checkpoints: int,
+                progress: bool = False, record: bool = False) -> tuple[nn.Module, list[dict], Any]:
+    """Train ``recipe["model"]`` on ``(x_train, noisy)``; return it, ``n_checkpoints`` state dicts and
+    the recorded SGD trajectory (a ``TrajectoryRecorder``, for HyDRA; None unless ``record``).
+
+    Training runs in ``n_checkpoints`` equal stages (the last snapshot is the final model), each
+    with its own seed, so TracIn and ``forward-inf-*-cp`` can use the trajectory.
+    """
+    kw = {"width": recipe["width"]} if recipe.get("width") else {}
+    model = build_model(recipe["model"], split.input_shape, split.n_classes, seed=seed, **kw)
+    checkpoints, recorder = train_with_checkpoints(
+        model, (split.x_train, noisy), recipe, seed, progress, record, n_checkpoints=n_checkpoints,
+        seeds=[seed * 1000 + stage for stage in range(n_checkpoints)])
+    return model.eval(), checkpoints, recorder
+
+
+def cached_training(cache_dir: Path, config: dict, make: Callable[[bool], tuple[nn.Module, list[dict], Any]],
+                     build: Callable[[], nn.Module], trajectory: bool = False) -> tuple[nn.Module, list[dict], float, Any]:
+    """Train via ``make(trajectory)`` or load the result saved under a hash of ``config``; also the
+    seconds spent and the recorded trajectory (``trajectory``: needed; a cache without one retrains)."""
+    from forwardinf.baselines.hydra import TrajectoryRecorder
+
+    key = json_hash(config)
+    path = cache_dir / f"mislabel-{key}.pt"
+    traj_path = cache_dir / f"mislabel-{key}-trajectory.pt"
+    if path.exists() and (traj_path.exists() or not trajectory):
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        model = build()
+        model.load_state_dict(saved["checkpoints"][-1])
+        rec = TrajectoryRecorder.load(traj_path, model) if trajectory else None
+        return model.eval(), saved["checkpoints"], float(saved["seconds"]), rec
+    start = time.perf_counter()
+    model, checkpoints, rec = make(trajectory)
+    seconds = time.perf_counter() - start
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save({"checkpoints": checkpoints, "seconds": seconds}, path)
+    if rec is not None:
+        rec.save(traj_path)
+    return model, checkpoints, seconds, rec
