@@ -121,7 +121,7 @@ def mislabel(split: Any, args: argparse.Namespace) -> tuple[str, dict]:
     train = (split.x_train, noisy)
     task = fi.ClassificationTask()
     methods: dict[str, Callable[[], torch.Tensor]] = {
-        "forward-inf (support order)": lambda: rank_scores("forward-inf", model, train, [], args.seed),
+        "forward-inf-margin (support order)": lambda: rank_scores("forward-inf-margin", model, train, [], args.seed),
         "loss": lambda: rank_scores("loss", model, train, [], args.seed),
         "random": lambda: rank_scores("random", model, train, [], args.seed),
         "knn-shapley self (K=10, penultimate)": lambda: KNNShapley(model, task, k=10).fit(train).self_influence(),
