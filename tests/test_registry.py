@@ -51,3 +51,11 @@ def test_the_experiments_read_the_registry():
 def test_unknown_names_are_refused_with_the_list():
     with pytest.raises(ValueError, match="forward-inf-margin"):
         requirements("forward-inf-bogus")
+
+
+def test_the_classifier_experiments_refuse_other_protocols_variants():
+    from forwardinf.experiments.setup import make_method
+
+    for name in ("forward-inf-margin-cp", "forward-inf-diffusion", "forward-inf-trace"):
+        with pytest.raises(ValueError, match="choose a classifier's"):
+            make_method(name, _mlp(), None)

@@ -72,7 +72,6 @@ from forwardinf.estimators.forward_inf import SCORES as _FI_SCORES
 from forwardinf.tasks.base import Task
 
 
-
 @dataclass(frozen=True)
 class Variant:
     """One named Forward-INF configuration.

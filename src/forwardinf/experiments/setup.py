@@ -1,6 +1,6 @@
 """Shared experiment set-up from the command line: the model arguments, ``--option`` keywords,
 methods by registry name (:mod:`forwardinf.baselines.registry`) and a classifier
-(:mod:`forwardinf.workloads.classifier`, whose names are re-exported here).
+(:func:`forwardinf.workloads.classifier.train_or_load`; its ``Prepared`` is re-exported here).
 
 The trajectory is recorded when a requested method needs it (HyDRA, see ``registry.requirements``).
 """
@@ -71,6 +71,10 @@ def make_method(name: str, model: torch.nn.Module, prepared: "Prepared", progres
     kw = dict(options or {})
     variant = FORWARD_INF.get(name)
     if variant is not None:
+        if variant.task not in ("classification", "image") or variant.checkpoints or variant.contrast:
+            raise ValueError(f"{name} is a {variant.task} variant" + (" averaged over checkpoints (forwardinf "
+                             "mislabel)" if variant.checkpoints else "") + "; choose a classifier's: "
+                             + ", ".join(forward_inf_names("classification", "image")))
         kw.setdefault("progress", progress)
         if variant.estimator == "invariant" and prepared.split is not None:
             from forwardinf.data.augment import flip_is_sensible
