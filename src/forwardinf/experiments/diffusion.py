@@ -82,11 +82,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps per generated image (default: 50)")
     p.add_argument("--methods", default=f"{DEFAULT_VARIANT},pixel-l2",
                    help="comma-separated: " + ", ".join([*VARIANTS, *BASELINES]) + " (default: %(default)s)")
-    p.add_argument("--optimizer", default=None, help="forward-inf-diffusion's update: adam, sgd or nsgd (default: adam)")
+    p.add_argument("--optimizer", default=None,
+                   help="forward-inf-diffusion's update: adam, sgd or nsgd (default: adam)")
     p.add_argument("--lr", type=float, default=None, help="forward-inf-diffusion's ascent lr (default: 3e-4)")
-    p.add_argument("--steps", type=int, default=None, help="forward-inf-diffusion's ascent iterations (default: 3, the paper's)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="forward-inf-diffusion's ascent iterations (default: 3, the paper's)")
     p.add_argument("--score", default=None,
-                   help="forward-inf-diffusion's score: margin (change of the log loss), loss (the paper's raw change), abs, "
+                   help="forward-inf-diffusion's score: margin (change of the log loss), loss (the paper's raw "
+                        "change), abs, "
                         "cosine (default: margin)")
     p.add_argument("--timesteps", default=",".join(map(str, TIMESTEPS)),
                    help="the fixed diffusion timesteps of the loss (default: "

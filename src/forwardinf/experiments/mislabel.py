@@ -42,11 +42,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import forwardinf as fi
+from forwardinf.baselines.registry import FORWARD_INF, forward_inf_names, make_estimator
 from forwardinf.data.labels import flip_labels
 from forwardinf.data.loaders import load_dataset, subset
 from forwardinf.experiments.common import seed_everything, timer, warm_up
 from forwardinf.experiments.report import markdown_table, pyplot, results_object, write_outputs
-from forwardinf.baselines.registry import FORWARD_INF, forward_inf_names, make_estimator
 from forwardinf.experiments.setup import add_option_argument, method_options
 from forwardinf.io import write_json
 from forwardinf.metrics import detection_curve, found_at, roc_auc
