@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 # Wall/CPU time and memory vary from run to run on a shared machine; they are not results.
-NOISE = ("seconds", "_mb", "peak", "time", "minutes", "speedup", "cost_vs")
+NOISE = ("seconds", "_mb", "peak", "time", "minutes", "speedup", "cost_vs", "per_min", "at_budget")
 
 
 def _leaves(obj: Any, path: str = "") -> Iterator[tuple[str, Any]]:
