@@ -1,10 +1,11 @@
 """Compare the measured numbers of two runs of the experiments (results.json), timings and memory left out.
 
-    .venv/bin/python benchmarks/compare_results.py RUNS_A RUNS_B [--rtol 0]
+    .venv/bin/python benchmarks/compare_results.py RUNS_A RUNS_B [--rtol 0] [--rename OLD=NEW ...]
 
 RUNS_A / RUNS_B: folders holding one sub-folder per run (each with a results.json), or two results.json
 files. Prints one line per run: identical, or every number that differs (with both values). Exit 1 if any
-run differs beyond ``--rtol``.
+run differs beyond ``--rtol``. ``--rename OLD=NEW`` reads method ``OLD`` of RUNS_A as ``NEW`` (a method
+renamed between the runs; ``OLD@LABEL`` follows), in keys and in string values such as config lists.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 # Wall/CPU time and memory vary from run to run on a shared machine; they are not results.
-NOISE = ("seconds", "_mb", "peak", "time", "minutes", "speedup")
+NOISE = ("seconds", "_mb", "peak", "time", "minutes", "speedup", "cost_vs", "per_min", "at_budget")
 
 
 def _leaves(obj: Any, path: str = "") -> Iterator[tuple[str, Any]]:
@@ -28,6 +29,21 @@ def _leaves(obj: Any, path: str = "") -> Iterator[tuple[str, Any]]:
             yield from _leaves(v, f"{path}[{i}]")
     else:
         yield path, obj
+
+
+def renamed(obj: Any, names: dict[str, str]) -> Any:
+    """``obj`` with every dict key and string equal to a name in ``names`` (or ``NAME@...``) renamed."""
+    def one(text: Any) -> Any:
+        if not isinstance(text, str):
+            return text
+        base, at, label = text.partition("@")
+        return names[base] + at + label if base in names else text
+
+    if isinstance(obj, dict):
+        return {one(k): renamed(v, names) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [renamed(v, names) for v in obj]
+    return one(obj)
 
 
 def differences(a: dict, b: dict, rtol: float = 0.0) -> list[str]:
@@ -51,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("a", type=Path)
     ap.add_argument("b", type=Path)
     ap.add_argument("--rtol", type=float, default=0.0, help="relative tolerance on floats (default: exact)")
+    ap.add_argument("--rename", action="append", default=[], metavar="OLD=NEW",
+                    help="method OLD in RUNS_A is NEW in RUNS_B (repeatable)")
     args = ap.parse_args(argv)
     if not args.a.exists():
         ap.error(f"{args.a} not found")
@@ -65,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: missing in {args.b}")
             bad += 1
             continue
-        diff = differences(json.loads(fa.read_text()), json.loads(fb.read_text()), args.rtol)
+        names = dict(item.split("=", 1) for item in args.rename)
+        diff = differences(renamed(json.loads(fa.read_text()), names), json.loads(fb.read_text()), args.rtol)
         n = sum(1 for p, _ in _leaves(json.loads(fa.read_text()).get("methods")) if not any(k in p for k in NOISE))
         print(f"{name}: identical ({n} numbers)" if not diff else f"{name}: {len(diff)} differ\n  " + "\n  ".join(diff))
         bad += bool(diff)

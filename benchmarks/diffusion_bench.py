@@ -21,41 +21,43 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 GEO = ["--score-average", "geometric"]  # the geometric mean over timesteps (Fashion diagnostic; not the default)
+FI = "forward-inf-diffusion"  # the experiment's Forward-INF (registry name); its variants are FI-<x>
+PLAIN = f"{FI},pixel-l2"
+CONTRAST = f"{FI},{FI}-contrast,pixel-l2"
 RUNS = {
     # Pre-training from scratch into an empty folder (the runs after it reuse its UNet): its seconds.
-    "pretrain": ["--sets", "2", "--sizes", "100", "--methods", "forward-inf,pixel-l2"],
+    "pretrain": ["--sets", "2", "--sizes", "100", "--methods", PLAIN],
     # The recorded benchmark: 20 exemplar sets, candidate sets of 100 and 1K, in three shards run
     # side by side (the same sets as one run of --sets 20; merged into "main" in the markdown).
-    "main-1": ["--first-set", "0", "--sets", "7", "--methods", "forward-inf,pixel-l2"],
-    "main-2": ["--first-set", "7", "--sets", "7", "--methods", "forward-inf,pixel-l2"],
-    "main-3": ["--first-set", "14", "--sets", "6", "--methods", "forward-inf,pixel-l2"],
+    "main-1": ["--first-set", "0", "--sets", "7", "--methods", PLAIN],
+    "main-2": ["--first-set", "7", "--sets", "7", "--methods", PLAIN],
+    "main-3": ["--first-set", "14", "--sets", "6", "--methods", PLAIN],
     # The other variants on 6 sets of the small candidate sets (the paper's recipe among them).
     "variants": ["--sets", "6", "--sizes", "100", "--methods",
-                 "forward-inf,forward-inf-paper,forward-inf-loss,forward-inf-abs,forward-inf-nsgd,pixel-l2"],
+                 f"{FI},{FI}-paper,{FI}-loss,{FI}-abs,{FI}-nsgd,pixel-l2"],
     # The old default loss (low timesteps only), for the "why the timesteps changed" note.
-    "low-timesteps": ["--sets", "6", "--timesteps", "2,5,10,20,35,50", "--methods", "forward-inf,pixel-l2"],
+    "low-timesteps": ["--sets", "6", "--timesteps", "2,5,10,20,35,50", "--methods", PLAIN],
     # Fashion-MNIST (apt-get install -y dataset-fashion-mnist), held out: Trouser, Bag. Its 56K
     # pre-training images leave room for 10K candidates (add 10000 to --sizes: ~140 s CPU per set).
-    "fashion": ["--dataset", "fashion-mnist", "--sets", "4", "--sizes", "100,1000", "--methods", "forward-inf,pixel-l2"],
+    "fashion": ["--dataset", "fashion-mnist", "--sets", "4", "--sizes", "100,1000", "--methods", PLAIN],
     # The scores that normalise by each candidate's own sensitivity (cosine) on the same Fashion sets.
     "fashion-variants": ["--dataset", "fashion-mnist", "--sets", "4", "--sizes", "100", "--methods",
-                         "forward-inf,forward-inf-cosine,forward-inf-loss,pixel-l2"],
+                         f"{FI},{FI}-cosine,{FI}-loss,pixel-l2"],
     # The Fashion diagnostic (see the notes): the geometric mean over timesteps (plain and with the
     # contrast variant) beside the default on sets that played no part in finding them: Trouser/Bag
     # sets 4-11, a second pre-trained UNet with Dress and Sandal held out; then digits sets 0-5 and
     # the 4 Fashion sets the two were found on.
     "fashion-heldout": ["--dataset", "fashion-mnist", "--first-set", "4", "--sets", "8", "--sizes", "100,1000",
-                        "--methods", "forward-inf,pixel-l2"],
+                        "--methods", PLAIN],
     "fashion-heldout-geometric": ["--dataset", "fashion-mnist", "--first-set", "4", "--sets", "8", "--sizes",
-                                  "100,1000", "--methods", "forward-inf,forward-inf-contrast,pixel-l2", *GEO],
+                                  "100,1000", "--methods", CONTRAST, *GEO],
     "fashion-dress-sandal": ["--dataset", "fashion-mnist", "--concepts", "3,5", "--sets", "6", "--sizes", "100,1000",
-                             "--methods", "forward-inf,pixel-l2"],
+                             "--methods", PLAIN],
     "fashion-dress-sandal-geometric": ["--dataset", "fashion-mnist", "--concepts", "3,5", "--sets", "6", "--sizes",
-                                       "100,1000", "--methods", "forward-inf,forward-inf-contrast,pixel-l2", *GEO],
-    "digits-geometric": ["--sets", "6", "--sizes", "100,1000", "--methods", "forward-inf,forward-inf-contrast,pixel-l2",
-                         *GEO],
+                                       "100,1000", "--methods", CONTRAST, *GEO],
+    "digits-geometric": ["--sets", "6", "--sizes", "100,1000", "--methods", CONTRAST, *GEO],
     "fashion-geometric": ["--dataset", "fashion-mnist", "--sets", "4", "--sizes", "100,1000", "--methods",
-                          "forward-inf,forward-inf-contrast,pixel-l2", *GEO],
+                          CONTRAST, *GEO],
 }
 
 
@@ -118,7 +120,7 @@ def write_markdown(out: Path, names: list[str], path: Path) -> None:
                   f"{TUNED_SETS}-19 only | pixel-L2 to the generated images | "
                   "Forward-INF seconds per set (wall / CPU) |", "|---|---|---|---|---|---|"]
         for size in sizes:
-            f, px = m.get(f"forward-inf@{size}"), m.get(f"pixel-l2@{size}")
+            f, px = m.get(f"{FI}@{size}"), m.get(f"pixel-l2@{size}")
             fresh = f["ranks"][TUNED_SETS:]
             parts.append(f"| {size} | {PAPER_TABLE8.get(size, float('nan')):.3f} | "
                          f"{f['top1']:.2f} | {sum(r == 1 for r in fresh) / max(1, len(fresh)):.2f} | "

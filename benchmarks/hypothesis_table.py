@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from forwardinf.experiments.common import markdown_table
+from forwardinf.experiments.report import markdown_table
 from forwardinf.experiments.hypothesis import PAPER
 
 # Table 7 Spearman at 500 validation points (PAPER holds its Pearson).

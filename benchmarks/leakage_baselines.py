@@ -28,7 +28,8 @@ import torch
 
 import forwardinf as fi
 from forwardinf.cli import build_parser
-from forwardinf.experiments.common import markdown_table, timer, warm_up
+from forwardinf.experiments.common import timer, warm_up
+from forwardinf.experiments.report import markdown_table
 from forwardinf.experiments.leakage import detection, leaked_queries
 from forwardinf.experiments.setup import Prepared, make_method, prepare_classifier
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from forwardinf.experiments.common import markdown_table
+from forwardinf.experiments.report import markdown_table
 
 
 _LINE = re.compile(r"^  (\S+)\s+(\S+)\s+fit\s+([\d.]+)s query\s+([\d.]+)s\s+T-1 ([\d.]+)\s+T-5 ([\d.]+)\s+T-10 ([\d.]+)")

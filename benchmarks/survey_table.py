@@ -41,9 +41,10 @@ import forwardinf as fi
 from forwardinf.baselines.hydra import HyDRA, TrajectoryRecorder
 from forwardinf.baselines.shapley import KNNShapley, LastLayerTrainer, TMCShapley
 from forwardinf.data.loaders import load_digits, subset
-from forwardinf.experiments.common import markdown_table
+from forwardinf.experiments.report import markdown_table
 from forwardinf.experiments.leakage import detection, leaked_queries
-from forwardinf.experiments.mislabel import detection_metrics, flip_labels, rank_scores
+from forwardinf.data.labels import flip_labels
+from forwardinf.experiments.mislabel import detection_metrics, rank_scores
 from forwardinf.models import build_model
 from forwardinf.training import accuracy, train_classifier
 
@@ -120,7 +121,7 @@ def mislabel(split: Any, args: argparse.Namespace) -> tuple[str, dict]:
     train = (split.x_train, noisy)
     task = fi.ClassificationTask()
     methods: dict[str, Callable[[], torch.Tensor]] = {
-        "forward-inf (support order)": lambda: rank_scores("forward-inf", model, train, [], args.seed),
+        "forward-inf-margin (support order)": lambda: rank_scores("forward-inf-margin", model, train, [], args.seed),
         "loss": lambda: rank_scores("loss", model, train, [], args.seed),
         "random": lambda: rank_scores("random", model, train, [], args.seed),
         "knn-shapley self (K=10, penultimate)": lambda: KNNShapley(model, task, k=10).fit(train).self_influence(),

@@ -280,13 +280,13 @@ def test_experiment_end_to_end_tiny(tmp_path):
     argv = ["diffusion", "--out", str(tmp_path), "--quiet", "--pretrain-steps", "3", "--finetune-steps", "2",
             "--sets", "2", "--sizes", "6,12", "--channels", "8,16", "--timesteps", "5,10", "--noise-draws", "1",
             "--sample-steps", "2", "--generated", "2", "--exemplars", "2", "--methods",
-            "forward-inf,forward-inf-contrast,pixel-l2"]
+            "forward-inf-diffusion,forward-inf-diffusion-contrast,pixel-l2"]
     args = build_parser().parse_args(argv)
     results = args._module.run(args)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["experiment"] == "diffusion" and saved["dataset"] == "digits"
-    assert set(saved["methods"]) == {f"{m}@{s}" for m in ("forward-inf", "forward-inf-contrast", "pixel-l2")
-                                     for s in (6, 12)}
+    assert set(saved["methods"]) == {f"{m}@{s}" for s in (6, 12)
+                                     for m in ("forward-inf-diffusion", "forward-inf-diffusion-contrast", "pixel-l2")}
     for m in saved["methods"].values():
         assert 0 <= m["top1"] <= 1 and m["seconds"] >= 0 and 1 <= m["mean_rank"] <= m["candidates"]
     assert (tmp_path / "diffusion.png").is_file() and (tmp_path / "report.md").is_file()
@@ -330,13 +330,14 @@ def test_contrast_variant_subtracts_the_ascent_on_reference_images():
     unet, sched = tiny_unet(), build_scheduler(100)
     task = DiffusionTask(sched, timesteps=[5, 40], noise_draws=1)
     cands, gen, ref = images(6, seed=1), images(2, seed=2), images(2, seed=3)
-    variants = {m: dict(VARIANTS[m]) for m in ("forward-inf", "forward-inf-contrast")}
-    methods = ["forward-inf", "forward-inf-contrast"]
+    variants = {m: dict(VARIANTS[m]) for m in ("forward-inf-diffusion", "forward-inf-diffusion-contrast")}
+    methods = ["forward-inf-diffusion", "forward-inf-diffusion-contrast"]
     out = {m: s for m, s, _ in _score_all(unet, task, variants, methods, cands, gen, ref)}
-    plain_ref = {m: s for m, s, _ in _score_all(unet, task, variants, ["forward-inf"], cands, ref, ref)}
-    torch.testing.assert_close(out["forward-inf-contrast"], out["forward-inf"] - plain_ref["forward-inf"])
+    plain_ref = {m: s for m, s, _ in _score_all(unet, task, variants, ["forward-inf-diffusion"], cands, ref, ref)}
+    plain = out["forward-inf-diffusion"] - plain_ref["forward-inf-diffusion"]
+    torch.testing.assert_close(out["forward-inf-diffusion-contrast"], plain)
     # Reference = generated images: the two ascents are the same computation, the contrast is exactly 0.
     same = {m: s for m, s, _ in _score_all(unet, task, variants, methods, cands, gen, gen.clone())}
-    assert torch.equal(same["forward-inf-contrast"], torch.zeros(6))
+    assert torch.equal(same["forward-inf-diffusion-contrast"], torch.zeros(6))
     with pytest.raises(ValueError, match="reference"):
-        _score_all(unet, task, variants, ["forward-inf-contrast"], cands, gen)
+        _score_all(unet, task, variants, ["forward-inf-diffusion-contrast"], cands, gen)

@@ -19,6 +19,7 @@ LAYERS = [
     ["forwardinf.tasks", "forwardinf.data", "forwardinf.models", "forwardinf.metrics", "forwardinf.storage"],
     ["forwardinf.estimators", "forwardinf.distributed", "forwardinf.training"],
     ["forwardinf.baselines"],
+    ["forwardinf.workloads"],  # experiment material: recipes, training of the experiments' models
     ["forwardinf.experiments", "forwardinf.cli", "forwardinf"],
 ]
 # Library code reports through return values, warnings and logging; only the experiments and the

@@ -11,17 +11,18 @@ import forwardinf as fi
 from forwardinf.baselines.retraining import Downsampling
 from forwardinf.data.loaders import load_digits, subset
 from forwardinf.experiments import memorization
-from forwardinf.experiments.memorization import (SubsetTrainer, agreement, all_ranks, correctness, expected_rank, fz_influence,
-                                                 nan_argmax, split_half)
+from forwardinf.experiments.memorization import (SubsetTrainer, agreement, all_ranks, correctness, fz_influence, nan_argmax,
+                                                 split_half)
+from forwardinf.metrics import target_ranks
 
 
-def test_expected_rank_and_nan_argmax():
+def test_ranks_count_ties_against_the_method_and_nan_argmax():
     s = torch.tensor([[0.1, 0.9, 0.5, 0.5], [1.0, 1.0, 1.0, 1.0]])
-    assert expected_rank(s, torch.tensor([1, 0])).tolist() == [1.0, 2.5]  # 4-way tie: (1+2+3+4)/4
-    assert expected_rank(s, torch.tensor([2, 3])).tolist() == [2.5, 2.5]
+    assert target_ranks(s, torch.tensor([1, 0])).tolist() == [1, 4]  # 4-way tie: last of the four
+    assert target_ranks(s, torch.tensor([2, 3])).tolist() == [3, 4]
     r = all_ranks(s)
-    assert r[0].tolist() == [4.0, 1.0, 2.5, 2.5] and r[1].tolist() == [2.5] * 4
-    assert torch.equal(r.gather(1, torch.tensor([[1], [0]]))[:, 0], expected_rank(s, torch.tensor([1, 0])))
+    assert r[0].tolist() == [4.0, 1.0, 3.0, 3.0] and r[1].tolist() == [4.0] * 4
+    assert r.gather(1, torch.tensor([[1], [0]]))[:, 0].tolist() == target_ranks(s, torch.tensor([1, 0])).tolist()
     idx, val = nan_argmax(torch.tensor([[float("nan"), 0.2, 0.1], [0.3, float("nan"), 0.7]]))
     assert idx.tolist() == [1, 2] and val.tolist() == pytest.approx([0.2, 0.7])
 

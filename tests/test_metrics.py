@@ -20,14 +20,21 @@ def test_topk_detection_rate_by_hand():
     assert M.topk_detection_rate(scores, torch.tensor(targets), k=10) == 1.0  # k > N is clipped
 
 
-def test_topk_ties_count_in_expectation():
-    # The target is tied with 3 others for first place: top-1 hit with probability 1/4, top-2 1/2.
+def test_topk_ties_count_against_the_method():
+    # The target is tied with 3 others for first place: it ranks 4th.
     scores = np.array([[1.0, 1.0, 1.0, 1.0, 0.0]])
-    assert M.topk_detection_rate(scores, [2], k=1) == pytest.approx(0.25)
-    assert M.topk_detection_rate(scores, [2], k=2) == pytest.approx(0.5)
-    # two acceptable targets among the 4 tied: P(at least one in top-1) = 1/2, top-2 = 1 - C(2,2)/C(4,2)
-    assert M.topk_detection_rate(scores, [[0, 1]], k=1) == pytest.approx(0.5)
-    assert M.topk_detection_rate(scores, [[0, 1]], k=2) == pytest.approx(1 - 1 / 6)
+    assert M.target_ranks(scores, [2]).tolist() == [4]
+    assert M.topk_detection_rate(scores, [2], k=3) == 0.0
+    assert M.topk_detection_rate(scores, [2], k=4) == 1.0
+    # two acceptable targets among the 4 tied: both go after the 2 other tied points
+    assert M.target_ranks(scores, [[0, 1]]).tolist() == [3]
+    assert M.topk_detection_rate(scores, [[0, 1]], k=2) == 0.0
+    assert M.precision_at_k(scores, [[0, 1]], k=3) == pytest.approx(1 / 3)
+    # one target: the rank is the number of points scoring at least as high (leakage's old count)
+    rng = np.random.default_rng(0)
+    s = rng.integers(0, 4, (20, 30)).astype(float)
+    t = rng.integers(0, 30, 20)
+    assert M.target_ranks(s, t).tolist() == (s >= s[np.arange(20), t][:, None]).sum(1).tolist()
 
 
 def test_precision_and_mrr_by_hand():
@@ -40,19 +47,27 @@ def test_precision_and_mrr_by_hand():
     assert M.mrr(scores, [[1, 3], [0]]) == pytest.approx((1 / 2 + 1 / 5) / 2)
 
 
-def test_mrr_with_ties_is_the_expectation():
-    # one relevant among 3 tied at the top: E[1/rank] = (1 + 1/2 + 1/3) / 3
-    scores = np.array([[2.0, 2.0, 2.0, 1.0]])
-    assert M.mrr(scores, [[1]]) == pytest.approx((1 + 1 / 2 + 1 / 3) / 3)
-    # brute force over all tie-breaks for 2 relevant among 4 tied, behind one higher point
-    scores = np.array([[3.0, 1.0, 1.0, 1.0, 1.0]])
-    rel = [[1, 2]]
-    import itertools
-    vals = []
-    for perm in itertools.permutations([1, 2, 3, 4]):
-        order = [0, *perm]
-        vals.append(1 / (1 + min(order.index(1), order.index(2))))
-    assert M.mrr(scores, rel) == pytest.approx(np.mean(vals))
+def test_mrr_with_ties_counts_against_the_method():
+    # one relevant among 3 tied at the top ranks 3rd
+    assert M.mrr(np.array([[2.0, 2.0, 2.0, 1.0]]), [[1]]) == pytest.approx(1 / 3)
+    # 2 relevant among 4 tied behind one higher point: the first relevant is at rank 1 + 2 + 1
+    assert M.mrr(np.array([[3.0, 1.0, 1.0, 1.0, 1.0]]), [[1, 2]]) == pytest.approx(1 / 4)
+    # a relevant point above the ties is unaffected
+    assert M.mrr(np.array([[3.0, 1.0, 1.0]]), [[0, 1]]) == 1.0
+
+
+def test_correlations_and_auc_match_scipy_and_sklearn():
+    from scipy import stats
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        a, b = rng.integers(0, 6, 50).astype(float), rng.normal(size=50)  # a has many ties
+        assert M.pearson(a, b) == pytest.approx(stats.pearsonr(a, b)[0], abs=1e-12)
+        assert M.spearman(a, b) == pytest.approx(stats.spearmanr(a, b)[0], abs=1e-12)
+        np.testing.assert_array_equal(M.rankdata(a), stats.rankdata(a))
+        labels = rng.random(50) < 0.3
+        assert M.roc_auc(a, labels) == pytest.approx(roc_auc_score(labels, a), abs=1e-12)
 
 
 def test_no_relevant_gives_zero_rr_and_bad_input_is_refused():

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from forwardinf.experiments import mislabel
-from forwardinf.experiments.mislabel import detection_metrics, flip_labels, oracle_found_at
+from forwardinf.data.labels import flip_labels
+from forwardinf.experiments.mislabel import detection_metrics, oracle_found_at
 
 
 @pytest.mark.parametrize("n,fraction,classes", [(1347, 0.2, 10), (2000, 0.2, 10), (101, 0.33, 3), (50, 1.0, 2), (7, 0.0, 4)])
@@ -90,27 +91,27 @@ def test_end_to_end_tiny(tmp_path):
     parser = argparse.ArgumentParser()
     mislabel.add_arguments(parser)
     args = parser.parse_args(["--n-train", "300", "--epochs", "10", "--checkpoints", "2",
-                              "--methods", "forward-inf,forward-inf-cp,loss,random"])
+                              "--methods", "forward-inf-margin,forward-inf-margin-cp,loss,random"])
     args.dataset, args.data_root, args.out, args.seed, args.quiet = "digits", None, str(tmp_path), 0, True
     res = mislabel.run(args)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["experiment"] == "mislabel" and saved["dataset"] == "digits"
-    assert set(saved["methods"]) == {"forward-inf", "forward-inf-cp", "loss", "random"}
+    assert set(saved["methods"]) == {"forward-inf-margin", "forward-inf-margin-cp", "loss", "random"}
     assert saved["config"]["n_flipped"] == 60
     for m in saved["methods"].values():
         assert {"found_at_15pct", "auc", "seconds"} <= set(m)
     assert (tmp_path / "detection_curve.png").read_bytes()[:4] == b"\x89PNG"
-    fi_ = res["methods"]["forward-inf"]
+    fi_ = res["methods"]["forward-inf-margin"]
     # Max is 0.75; a random order finds ~0.15 (sd ~0.05 here).
     assert fi_["found_at_15pct"] > 0.4 and fi_["auc"] > 0.8
     # A second run loads the cached model instead of retraining: identical numbers.
     res2 = mislabel.run(args)
-    assert res2["methods"]["forward-inf"]["auc"] == fi_["auc"]
+    assert res2["methods"]["forward-inf-margin"]["auc"] == fi_["auc"]
     # --option changes that method alone, on the same cached model; loss/random take none.
-    args.methods, args.option = "forward-inf,random", ["forward-inf.score='loss'"]
+    args.methods, args.option = "forward-inf-margin,random", ["forward-inf-margin.score='loss'"]
     res3 = mislabel.run(args)
-    assert res3["config"]["options"] == {"forward-inf": {"score": "loss"}}
-    assert res3["methods"]["forward-inf"]["auc"] != fi_["auc"]
+    assert res3["config"]["options"] == {"forward-inf-margin": {"score": "loss"}}
+    assert res3["methods"]["forward-inf-margin"]["auc"] != fi_["auc"]
     assert res3["methods"]["random"]["auc"] == res["methods"]["random"]["auc"]
     args.option = ["random.seed=3"]
     with pytest.raises(ValueError, match="no --option"):

@@ -22,7 +22,7 @@ from forwardinf.baselines.retraining import (
 )
 from forwardinf.data.loaders import load_digits
 from forwardinf.estimators.base import NotFittedError
-from forwardinf.experiments.convex import (
+from forwardinf.workloads.convex import (
     LBFGSLogistic,
     NewtonLogistic,
     influence_scores,

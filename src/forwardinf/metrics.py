@@ -5,9 +5,14 @@ Conventions:
   per query, one column per training point) or ``[N]``.
 - Inputs may be torch tensors, numpy arrays or lists; results are Python floats (or numpy arrays
   for curves).
-- **Ties** are resolved in expectation over a uniformly random tie-break, so no metric is
-  flattered (or penalised) by the order in which tied points happen to be stored: a target tied
-  with 3 others at the top counts 1/4 towards top-1.
+- **Ties**, one policy per kind of metric, never the order in which tied points happen to be stored:
+  - *rank metrics* (the rank of a known target: :func:`target_ranks`, :func:`topk_detection_rate`,
+    :func:`precision_at_k`, :func:`mean_reciprocal_rank`) count ties **against** the method: a
+    relevant point tied with irrelevant ones ranks after all of them (a target tied with 3 others
+    at the top ranks 4th). A method has detected a point only when it ranks it above the rest.
+  - *detection curves* over a whole ranking (:func:`roc_auc`, :func:`detection_curve`,
+    :func:`found_at`) take the expectation over a uniformly random tie-break (AUC: ties count
+    1/2, as Mann-Whitney U and scikit-learn do).
 - NaN scores are refused with a ``ValueError``.
 """
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 __all__ = [
+    "target_ranks",
     "topk_detection_rate",
     "precision_at_k",
     "mean_reciprocal_rank",
@@ -103,6 +109,30 @@ def _expected_found(scores: np.ndarray, labels: np.ndarray, ks: np.ndarray) -> n
 
 
 # ----------------------------------------------------------------------------------- ranking
+def _ranked(scores: Any, relevant: Any, name: str = "relevant") -> tuple[np.ndarray, np.ndarray]:
+    """``(hits [Q, N] bool, s [Q, N])``: ``hits[q, j]`` is whether the ``j``-th ranked point of query
+    ``q`` is relevant, ranking by descending score with ties against the method (relevant last)."""
+    s = _scores_2d(scores)
+    mask = _relevance_2d(relevant, s.shape, name)
+    # lexsort's last key is the primary one: score descending, then the irrelevant points first.
+    order = np.stack([np.lexsort((m, -row)) for row, m in zip(s, mask)])
+    return np.take_along_axis(mask, order, axis=1), s
+
+
+def target_ranks(scores: Any, targets: Any) -> np.ndarray:
+    """``[Q]`` 1-based rank of each query's best-ranked target, ties counted against the method.
+
+    ``scores`` ``[Q, N]`` (or ``[N]``); ``targets``: ``[Q]`` indices, per-query index collections or
+    a bool mask ``[Q, N]``. A target tied with other points ranks after all of them, so for one
+    target per query the rank is the number of points scoring at least as high as it. A query
+    without a target gets rank ``N + 1``. The one tie policy of every rank metric here and in the
+    experiments (leakage T-k and mean rank, memorization ranks, ``ForwardINF.tune``).
+    """
+    hits, s = _ranked(scores, targets, "targets")
+    first = np.where(hits.any(1), hits.argmax(1) + 1, s.shape[1] + 1)
+    return first.astype(np.int64)
+
+
 def topk_detection_rate(scores: Any, targets: Any, k: int = 1) -> float:
     """Fraction of queries whose target training point ranks within the top ``k``.
 
@@ -113,75 +143,38 @@ def topk_detection_rate(scores: Any, targets: Any, k: int = 1) -> float:
             ``k``), or a bool mask ``[Q, N]``.
         k: how many top-ranked points are inspected.
 
-    Returns the mean over queries of P(hit) (ties broken uniformly at random, in expectation).
+    Ties count against the method (:func:`target_ranks`).
     """
     _check_k(k)
-    s = _scores_2d(scores)
-    mask = _relevance_2d(targets, s.shape, "targets")
-    if not mask.any(axis=1).all():
+    hits, _ = _ranked(scores, targets, "targets")
+    if not hits.any(axis=1).all():
         raise ValueError("every query needs at least one target")
-    kk = min(k, s.shape[1])
-    return float(np.mean([_p_any_in_top(row, m, kk) for row, m in zip(s, mask)]))
-
-
-def _p_any_in_top(row: np.ndarray, mask: np.ndarray, k: int) -> float:
-    """P(at least one relevant point among the top ``k``) under a uniformly random tie-break."""
-    cut = np.sort(row)[::-1][k - 1]  # score of the k-th ranked point
-    if np.any(mask & (row > cut)):
-        return 1.0
-    slots = k - int(np.sum(row > cut))  # places left for the points tied at the cut
-    tied = int(np.sum(row == cut))
-    rel_tied = int(np.sum(mask & (row == cut)))
-    # P(no relevant among `slots` drawn from `tied`) = C(tied - rel, slots) / C(tied, slots)
-    p_none = 1.0
-    for j in range(slots):
-        p_none *= max(tied - rel_tied - j, 0) / (tied - j)
-    return 1.0 - p_none
+    return float(np.mean(hits.argmax(1) + 1 <= k))
 
 
 def precision_at_k(scores: Any, relevant: Any, k: int = 10) -> float:
-    """Mean over queries of (relevant points among the top ``k``) / ``k``.
+    """Mean over queries of (relevant points among the top ``k``) / ``k``, ties against the method.
 
     ``scores`` ``[Q, N]``; ``relevant``: bool mask ``[Q, N]`` or per-query index collections.
     """
     _check_k(k)
-    s = _scores_2d(scores)
-    mask = _relevance_2d(relevant, s.shape)
+    hits, s = _ranked(scores, relevant)
     kk = min(k, s.shape[1])
-    found = [_expected_found(row, m, np.array([kk]))[0] for row, m in zip(s, mask)]
-    return float(np.mean(found) / kk)
+    return float(hits[:, :kk].sum(1).mean() / kk)
 
 
 def mean_reciprocal_rank(scores: Any, relevant: Any) -> float:
-    """Mean over queries of ``1 / rank`` of the first relevant training point (0 if none).
+    """Mean over queries of ``1 / rank`` of the first relevant training point (0 if none), ties
+    against the method.
 
     ``scores`` ``[Q, N]``; ``relevant``: bool mask ``[Q, N]`` or per-query index collections.
-    With ties the reciprocal rank is its expectation under a random tie-break.
     """
-    s = _scores_2d(scores)
-    mask = _relevance_2d(relevant, s.shape)
-    return float(np.mean([_expected_rr(row, m) for row, m in zip(s, mask)]))
+    hits, _ = _ranked(scores, relevant)
+    rr = np.where(hits.any(1), 1.0 / (hits.argmax(1) + 1), 0.0)
+    return float(rr.mean())
 
 
 mrr = mean_reciprocal_rank
-
-
-def _expected_rr(row: np.ndarray, mask: np.ndarray) -> float:
-    if not mask.any():
-        return 0.0
-    best = row[mask].max()
-    n_higher = int(np.sum(row > best))  # none of these is relevant
-    tied = int(np.sum(row == best))
-    r = int(np.sum(mask & (row == best)))
-    # First relevant among `tied` shuffled items sits at offset j with probability
-    # C(tied-1-j, r-1) / C(tied, r); computed as a running product to stay in floating range.
-    total, p = 0.0, r / tied  # P(j = 0)
-    for j in range(tied - r + 1):
-        total += p / (n_higher + j + 1)
-        # P(j+1) / P(j) = (tied - r - j) / (tied - 1 - j)
-        if j < tied - r:
-            p *= (tied - r - j) / (tied - 1 - j)
-    return total
 
 
 def _check_k(k: int) -> None:
@@ -206,7 +199,7 @@ def roc_auc(scores: Any, labels: Any) -> float:
     """Area under the ROC curve of ``scores`` ``[N]`` for the positives ``labels`` ``[N]`` (bool/0-1).
 
     Equals P(score of a random positive > score of a random negative), ties counting 1/2
-    (Mann-Whitney U / (n_pos n_neg)). Raises ``ValueError`` unless both classes are present.
+    (Mann-Whitney U / (n_pos n_neg); ``sklearn.metrics.roc_auc_score`` to rounding). Raises ``ValueError`` unless both classes are present.
     """
     s, y = _binary(scores, labels)
     n_pos, n_neg = int(y.sum()), int((~y).sum())
@@ -249,17 +242,10 @@ def found_at(scores: Any, labels: Any, fraction: float) -> float:
 
 # -------------------------------------------------------------------------------- correlation
 def rankdata(x: Any) -> np.ndarray:
-    """Ranks ``1..N`` of ``x`` ``[N]``, tied values sharing their average rank."""
-    a = _np(x, "x").reshape(-1)
-    order = np.argsort(a, kind="stable")
-    s = a[order]
-    new = np.r_[True, s[1:] != s[:-1]]
-    starts = np.flatnonzero(new)
-    ends = np.r_[starts[1:], len(s)]
-    avg = (starts + ends + 1) / 2.0  # mean of the 1-based ranks starts+1 .. ends
-    ranks = np.empty(len(a))
-    ranks[order] = np.repeat(avg, ends - starts)
-    return ranks
+    """Ranks ``1..N`` of ``x`` ``[N]``, tied values sharing their average rank (``scipy.stats.rankdata``)."""
+    from scipy.stats import rankdata as _rankdata
+
+    return _rankdata(_np(x, "x").reshape(-1), method="average").astype(np.float64)
 
 
 def _pair(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -272,7 +258,8 @@ def _pair(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def pearson(x: Any, y: Any) -> float:
-    """Pearson correlation of two ``[N]`` vectors; NaN if either is constant."""
+    """Pearson correlation of two ``[N]`` vectors; NaN if either is constant (``scipy.stats.pearsonr``
+    to rounding, without its warning)."""
     a, b = _pair(x, y)
     a, b = a - a.mean(), b - b.mean()
     den = np.sqrt((a * a).sum() * (b * b).sum())
@@ -280,7 +267,7 @@ def pearson(x: Any, y: Any) -> float:
 
 
 def spearman(x: Any, y: Any) -> float:
-    """Spearman rank correlation (Pearson of average ranks) of two ``[N]`` vectors."""
+    """Spearman rank correlation (Pearson of average ranks) of two ``[N]`` vectors (``scipy.stats.spearmanr``)."""
     a, b = _pair(x, y)
     return pearson(rankdata(a), rankdata(b))
 

@@ -1,7 +1,7 @@
 """One module per paper experiment. Each exposes ``add_arguments(parser)`` and ``run(args) -> dict``.
 
 ``run`` returns the ``results.json`` object and writes its outputs with
-:func:`forwardinf.experiments.common.write_outputs`.
+:func:`forwardinf.experiments.report.write_outputs`.
 """
 
 EXPERIMENTS = ("leakage", "mislabel", "memorization", "hypothesis", "diffusion", "trace", "score", "lds")

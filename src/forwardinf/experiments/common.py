@@ -1,17 +1,18 @@
-"""What every experiment shares: seeding, timing, tables, and writing ``--out``."""
+"""What every experiment shares: seeding, timing and warming up. Tables and ``--out`` files are the
+reporting module's (:mod:`forwardinf.experiments.report`; re-exported here for older imports)."""
 from __future__ import annotations
 
-import os
 import random
 import time
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Iterator
 
 import numpy as np
 import torch
 
-from forwardinf.io import jsonable, write_json
+from forwardinf.experiments.report import markdown_table, results_object, write_outputs
+
+__all__ = ["seed_everything", "timer", "warm_up", "markdown_table", "results_object", "write_outputs"]
 
 
 def seed_everything(seed: int) -> None:
@@ -46,29 +47,3 @@ def warm_up(model: torch.nn.Module, train: tuple[torch.Tensor, torch.Tensor]) ->
     params = [p for p in model.parameters() if p.requires_grad]
     with mode(model, False):
         torch.autograd.grad(task.loss(model, (x, y)).sum(), params)
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return str(v)
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def results_object(experiment: str, dataset: str, config: dict, methods: dict) -> dict:
-    """The fixed ``results.json`` schema."""
-    return {"experiment": experiment, "dataset": dataset, "config": jsonable(config), "methods": jsonable(methods)}
-
-
-def write_outputs(out_dir: str | os.PathLike, results: dict, report: str) -> Path:
-    """Write ``results.json`` and ``report.md`` into ``out_dir`` (created); return the folder."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "results.json", results)
-    (out / "report.md").write_text(report.rstrip() + "\n")
-    return out
-

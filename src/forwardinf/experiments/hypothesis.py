@@ -46,8 +46,9 @@ from forwardinf import metrics as M
 from forwardinf.baselines.retraining import LossProbe, concat, group_mean, run_trainings
 from forwardinf.data.inputs import gather
 from forwardinf.data.loaders import DataSplit, balanced_indices, load_dataset
-from forwardinf.experiments import convex as cvx
-from forwardinf.experiments.common import markdown_table, results_object, seed_everything, write_outputs
+from forwardinf.workloads import convex as cvx
+from forwardinf.experiments.common import seed_everything
+from forwardinf.experiments.report import markdown_table, pyplot, results_object, write_outputs
 from forwardinf.tasks.classification import ClassificationTask
 
 SETTINGS = ("convex", "noisy", "both")
@@ -490,9 +491,7 @@ def _run_agreement(train_to_test: Tensor, test_to_train: Tensor, target: float =
 
 # ---------------------------------------------------------------------------------- plots
 def _plot_convex(arrays: dict, path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), layout="constrained")
     q = arrays["loo"].shape[0]
@@ -513,9 +512,7 @@ def _plot_convex(arrays: dict, path: Path, title: str) -> None:
 
 
 def _plot_noisy(arrays: dict, path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), layout="constrained")
     r = arrays["ratios"].numpy()

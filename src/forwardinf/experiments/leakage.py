@@ -21,10 +21,14 @@ from typing import Any
 import torch
 
 import forwardinf as fi
+from forwardinf.baselines.registry import METHODS, PEER_METHODS, REFERENCE_METHODS
 from forwardinf.data.augment import ALL_KINDS, KINDS
-from forwardinf.experiments.common import markdown_table, results_object, seed_everything, timer, warm_up, write_outputs
+from forwardinf.experiments.common import seed_everything, timer, warm_up
+from forwardinf.experiments.report import (can_plot, markdown_table, results_object, save_query_grid, write_outputs,
+                                           write_query_html)
 from forwardinf.experiments.setup import (FORWARD_INF_VARIANTS, IMAGE_VARIANTS, add_model_arguments, make_method,
                                           method_options, prepare_classifier)
+from forwardinf.metrics import target_ranks
 from forwardinf.training import AUGMENTATIONS
 
 
@@ -32,9 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--n-queries", type=int, default=50, help="training points copied into the query set (default: 50)")
     p.add_argument("--methods", default="forward-inf,forward-inf-paper",
-                   help="comma-separated methods: " + ", ".join([*FORWARD_INF_VARIANTS, *IMAGE_VARIANTS]) + ", pixel-nn, feature-nn"
-                   + ", and the baselines (if-100, if-1000, if-10000, if-cg, tracin-1, tracin-3, tracin-5, "
-                     "tracin-last, grad-cos, representer, knn-shapley, tmc-shapley, hydra, hydra-last, ...)")
+                   help="comma-separated registry names (forwardinf.baselines.registry): "
+                        + ", ".join([*FORWARD_INF_VARIANTS, *IMAGE_VARIANTS, *REFERENCE_METHODS, *METHODS[1:],
+                                     *PEER_METHODS]) + "; NAME@LABEL runs NAME again under LABEL (default: %(default)s)")
     p.add_argument("--near", nargs="?", const="mix", default=None, metavar="KIND[,KIND...]",
                    help="queries are near-duplicates instead of exact copies: " + ", ".join(ALL_KINDS)
                         + " (forwardinf.data.augment; 'all' = each in turn; --near alone = mix)")
@@ -80,11 +84,11 @@ def near_kinds(near: str | None) -> list[str]:
 
 
 def detection(scores: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-    """T-1/T-5/T-10 and mean rank of ``targets [Q]`` in ``scores [Q, N]`` (ties count against)."""
-    target_scores = scores.gather(1, targets[:, None])
-    ranks = (scores >= target_scores).sum(1)
-    return {"top1": float((ranks <= 1).float().mean()), "top5": float((ranks <= 5).float().mean()),
-            "top10": float((ranks <= 10).float().mean()), "mean_rank": float(ranks.float().mean())}
+    """T-1/T-5/T-10 and mean rank of ``targets [Q]`` in ``scores [Q, N]`` (ties count against the
+    method: :func:`forwardinf.metrics.target_ranks`)."""
+    ranks = target_ranks(scores, targets)
+    return {"top1": float((ranks <= 1).mean()), "top5": float((ranks <= 5).mean()),
+            "top10": float((ranks <= 10).mean()), "mean_rank": float(ranks.mean())}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -167,9 +171,7 @@ def _cost_ratios(results: dict, kinds: list[str]) -> None:
 def _figure(out: Any, split: Any, xq: torch.Tensor, yq: torch.Tensor, scores: torch.Tensor,
             truth: torch.Tensor, method: str, k: int) -> None:
     """``queries.png`` (top-k per query) and ``queries.html`` (top-k proponents and opponents)."""
-    try:
-        from forwardinf.experiments.report import save_query_grid, write_query_html
-    except ImportError:  # matplotlib missing: the numbers are still written
+    if not can_plot():  # matplotlib missing: the numbers are still written
         return
     k = min(k, scores.shape[1])
     top, bottom = scores.topk(k, dim=1), scores.topk(k, dim=1, largest=False)

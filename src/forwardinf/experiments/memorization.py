@@ -11,8 +11,8 @@ influential training point is the ground-truth top. Forward-INF (one update per 
 model trained on all the data) retrieves its own top training point for every test point. Paper:
 section 4.3, Figure 4 (high-influence pairs, influence > 0.4).
 
-Reported: top-1 agreement, the ground-truth point's rank under each method (expected rank,
-random tie-break), the ground-truth influence of each method's pick, all over every test point and
+Reported: top-1 agreement, the ground-truth point's rank under each method (ties in the
+method's scores count against it), the ground-truth influence of each method's pick, all over every test point and
 restricted to high-influence pairs; the split-half agreement of the ground truth itself (its two
 halves of K/2 models each) as the ceiling its noise allows; wall times of the ground truth
 (K trainings + evaluation) and of each method, and their ratio.
@@ -35,14 +35,17 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 import forwardinf as fi
+from forwardinf.baselines.registry import METHODS
 from forwardinf.baselines.retraining import Downsampling
 from forwardinf.data.inputs import gather
 from forwardinf.data.loaders import subset
-from forwardinf.experiments.common import markdown_table, results_object, seed_everything, timer, warm_up, write_outputs
+from forwardinf.experiments.common import seed_everything, timer, warm_up
+from forwardinf.experiments.report import markdown_table, results_object, save_query_grid, write_outputs, write_query_html
 from forwardinf.experiments.setup import (FORWARD_INF_VARIANTS, add_model_arguments, make_method, method_options,
                                           prepare_classifier)
 from forwardinf.hashing import json_hash
 from forwardinf.io import atomic_write_text
+from forwardinf.metrics import target_ranks
 from forwardinf.models import build_model
 from forwardinf.training import train_classifier
 
@@ -72,24 +75,15 @@ class SubsetTrainer:
 
 
 # ---------------------------------------------------------------------------------- metrics
-def expected_rank(scores: Tensor, targets: Tensor) -> Tensor:
-    """``[Q]`` 1-based rank of ``targets [Q]`` in ``scores [Q, N]``, ties counted as half (random tie-break)."""
-    t = scores.gather(1, targets[:, None])
-    greater = (scores > t).sum(1).double()
-    ties = (scores == t).sum(1).double() - 1
-    return 1 + greater + ties / 2
-
-
 def all_ranks(scores: Tensor) -> Tensor:
-    """``[Q, N]`` expected 1-based rank (descending, random tie-break) of every entry in its row."""
+    """``[Q, N]`` 1-based rank (descending) of every entry in its row, ties counted against the
+    method as in :func:`forwardinf.metrics.target_ranks`: an entry's rank is the number of entries
+    scoring at least as high."""
     s = scores.double()
     out = torch.empty_like(s)
     for q in range(s.shape[0]):
-        vals, order = torch.sort(s[q], descending=True)
-        # Equal values share the average of the positions they occupy.
-        _, inverse, counts = torch.unique_consecutive(vals, return_inverse=True, return_counts=True)
-        mean_pos = torch.cumsum(counts, 0).double() - (counts.double() - 1) / 2
-        out[q, order] = mean_pos[inverse]
+        vals = torch.sort(s[q]).values
+        out[q] = (len(vals) - torch.searchsorted(vals, s[q], right=False)).double()
     return out
 
 
@@ -111,9 +105,10 @@ def agreement(scores: Tensor, gt: Tensor, mask: Tensor | None = None) -> dict[st
 
     ``top1``: the method's top point is the ground-truth top; ``mean_rank`` / ``median_rank``: the
     ground-truth top's rank under the method; ``top5`` / ``top10``: it is among the first 5 / 10;
-    ``gt_influence_of_pick``: mean ground-truth influence of the method's top point. Ties on either
-    side (e.g. a test point every model gets right has influence 0 everywhere) count in expectation
-    over a random tie-break: each tied ground-truth top is equally likely to be "the" top.
+    ``gt_influence_of_pick``: mean ground-truth influence of the method's top point. Ties in the
+    method's scores count against it (:func:`forwardinf.metrics.target_ranks`); tied ground-truth
+    tops (e.g. a test point every model gets right has influence 0 everywhere) count in expectation:
+    each is equally likely to be "the" top, and a tied method top picks each of its points alike.
     """
     if scores.shape != gt.shape:
         raise ValueError(f"scores {tuple(scores.shape)} and ground truth {tuple(gt.shape)} differ in shape")
@@ -128,7 +123,7 @@ def agreement(scores: Tensor, gt: Tensor, mask: Tensor | None = None) -> dict[st
     ranks = all_ranks(s)
     method_tops = top_sets(s).double()
     method_weight = method_tops / method_tops.sum(1, keepdim=True)
-    top1 = (weight * method_weight).sum(1)  # P(random method top == random gt top)
+    top1 = (weight * (ranks <= 1)).sum(1)  # P(the method ranks a random gt top first, alone)
     rank = (weight * ranks).sum(1)
     picked = (method_weight * torch.nan_to_num(g)).sum(1)
     return {"n": n, "top1": float(top1.mean()), "top5": float((weight * (ranks <= 5)).sum(1).mean()),
@@ -175,7 +170,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fraction of the training set each model sees (default: 0.7, as Feldman & Zhang)")
     p.add_argument("--n-test", type=int, default=None, help="class-balanced test points used as queries (default: all)")
     p.add_argument("--methods", default="forward-inf-paper,forward-inf,tracin-5",
-                   help="comma-separated: " + ", ".join(FORWARD_INF_VARIANTS) + " and baselines (grad-cos, tracin-last, if-exact, ...)")
+                   help="comma-separated registry names (forwardinf.baselines.registry): "
+                        + ", ".join([*FORWARD_INF_VARIANTS, *METHODS[1:]]) + " (default: %(default)s)")
     p.add_argument("--workers", type=int, default=1, help="processes for the K trainings (default: 1)")
     p.add_argument("--pairs", type=int, default=8, help="(test, ground-truth top, method top) rows in the figure")
 
@@ -190,8 +186,6 @@ def run(args: argparse.Namespace) -> dict:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
         raise ValueError("--methods is empty")
-    from forwardinf.baselines.registry import METHODS
-
     unknown = [m for m in methods if m not in FORWARD_INF_VARIANTS and m not in METHODS]
     if unknown:  # before the K trainings, not after
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join([*FORWARD_INF_VARIANTS, *METHODS[1:]])}")
@@ -285,7 +279,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def _pairs_table(gt_top: Tensor, gt_val: Tensor, mem: Tensor, scores: dict[str, Tensor], n: int) -> str:
     order = torch.argsort(gt_val, descending=True)[:n]
-    ranks = {name: expected_rank(s[order], gt_top[order]) for name, s in scores.items()}
+    ranks = {name: target_ranks(s[order], gt_top[order]) for name, s in scores.items()}
     rows = [[int(q), int(gt_top[q]), float(gt_val[q]), float(mem[gt_top[q]])]
             + [float(ranks[name][j]) for name in scores] for j, q in enumerate(order)]
     return markdown_table(["test point", "GT top", "GT influence", "memorization of GT top"]
@@ -320,8 +314,6 @@ def _half_agreement(a: Tensor, b: Tensor, mask: Tensor) -> float | None:
 def _figures(out: Path, split: Any, gt: Tensor, gt_top: Tensor, gt_val: Tensor, scores: dict[str, Tensor],
              n_pairs: int) -> list[str]:
     """Figure 4-style rows (test point, ground-truth top, each method's top) and an HTML page of the top-k."""
-    from forwardinf.experiments.report import save_query_grid, write_query_html
-
     order = torch.argsort(gt_val, descending=True)[:n_pairs]  # the most influential pairs first
     picks = [s.argmax(1) for s in scores.values()]
     idx = torch.stack([gt_top[order]] + [p[order] for p in picks], 1)

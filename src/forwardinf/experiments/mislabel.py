@@ -8,11 +8,13 @@ point by each method and inspects them in that order. Paper: section 4.4, Figure
 Forward-INF runs in self mode (D_tst = D_trn): one joint ascent update on the whole training set,
 then every point's loss change. Its score is the training set's influence on each point, i.e. how
 much the *rest of the data supports* it; a randomly relabeled point has no support, so Forward-INF
-inspects the **lowest** scores first ("support" order). ``forward-inf`` uses the non-saturating
-margin score (``score="margin"``); the raw cross-entropy change (``"loss"``, the paper's) mixes
-that signal with each point's own gradient norm and ranks far worse (see the sweep, ``--sweep``). The ``abs`` score is ranked by magnitude
-(the authors' ``|change|``) and ``forward-inf-paper`` literally as the paper says (self-influence
-sorted in descending order). ``forward-inf-cp`` averages the standardised support over the saved
+inspects the **lowest** scores first ("support" order). The default, ``forward-inf-margin``, uses
+the non-saturating margin score (``score="margin"``; this experiment's ``forward-inf`` before the
+method registry, ``forwardinf.baselines.registry``); the raw cross-entropy change
+(``forward-inf-loss``, the paper's score) mixes that signal with each point's own gradient norm and
+ranks far worse (see the sweep, ``--sweep``). The ``abs`` score is ranked by magnitude (the authors'
+``|change|``) and ``forward-inf-paper`` literally as the paper says (self-influence sorted in
+descending order). ``forward-inf-margin-cp`` averages the standardised support over the saved
 training checkpoints, as TracIn-CP does with gradients. Influence functions and TracIn rank by
 their self-influence ``g_i^T H^-1 g_i`` / ``sum_c eta_c ||g_i(c)||^2`` (descending); ``hydra`` by
 how much removing a point would raise its own loss (over the recorded training trajectory),
@@ -29,12 +31,10 @@ as many points as were flipped), ``inspect_for_80pct`` (fraction of the data ins
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,76 +42,34 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import forwardinf as fi
-from forwardinf.data.loaders import DataSplit, load_dataset, subset
-from forwardinf.experiments.common import markdown_table, results_object, seed_everything, timer, warm_up, write_outputs
+from forwardinf.baselines.registry import FORWARD_INF, forward_inf_names, make_estimator
+from forwardinf.data.labels import flip_labels
+from forwardinf.data.loaders import load_dataset, subset
+from forwardinf.experiments.common import seed_everything, timer, warm_up
+from forwardinf.experiments.report import markdown_table, pyplot, results_object, write_outputs
 from forwardinf.experiments.setup import add_option_argument, method_options
-from forwardinf.hashing import json_hash
-from forwardinf.io import atomic_save, write_json
+from forwardinf.io import write_json
 from forwardinf.metrics import detection_curve, found_at, roc_auc
 from forwardinf.models import build_model
-from forwardinf.training import accuracy, train_classifier
+from forwardinf.training import accuracy
+from forwardinf.workloads.classifier import NOISY_RECIPES, cached_training, train_noisy
 
-# Per dataset: subset size and a recipe that fits the noisy training labels (as the paper's 100
-# epochs do), sized for 2 CPU cores.
-RECIPES: dict[str, dict[str, Any]] = {
-    "digits": dict(n_train=None, model="mlp", epochs=100, lr=0.05, batch_size=64, weight_decay=0.0),
-    "fashion-mnist": dict(n_train=2000, model="cnn", width=16, epochs=40, lr=0.02, batch_size=64, weight_decay=0.0),
-    "mnist": dict(n_train=2000, model="cnn", width=16, epochs=40, lr=0.02, batch_size=64, weight_decay=0.0),
-    "cifar10": dict(n_train=2000, model="resnet18", width=16, epochs=40, lr=0.05, batch_size=64, weight_decay=5e-4),
-}
-
-# Forward-INF variants: estimator keywords (or a preset) and the inspection order.
-#   support   = lowest score first (least supported by the rest of the training data)
+# Forward-INF variants come from the registry (baselines.registry.FORWARD_INF: one definition per
+# name); what is this experiment's is the inspection order of each variant's self-influence:
+#   support   = lowest score first (least supported by the rest of the training data; the default)
 #   magnitude = largest |score| first;  descending = highest score first (the paper's wording)
-# The default is the margin score: it ranks like the library's default "cosine" score here (see the
-# sweep in benchmarks/results/mislabel.md) without cosine's extra forward-mode sweeps in fit.
-FI_VARIANTS: dict[str, dict[str, Any]] = {
-    "forward-inf": dict(kw={"score": "margin"}, order="support"),
-    "forward-inf-cp": dict(kw={"score": "margin"}, order="support", checkpoints=True),
-    "forward-inf-cosine": dict(kw={}, order="support"),
-    "forward-inf-cosine-cp": dict(kw={}, order="support", checkpoints=True),
-    "forward-inf-loss": dict(kw={"score": "loss"}, order="support"),
-    "forward-inf-abs": dict(kw={"score": "abs"}, order="magnitude"),
-    "forward-inf-paper": dict(kw={"preset": "paper"}, order="descending"),
-    "forward-inf-authors": dict(kw={"preset": "authors"}, order="magnitude"),
-}
+# The default is the margin score (forward-inf-margin, labelled "forward-inf" here before the
+# registry): it ranks like the library's default "cosine" score here (see the sweep in
+# benchmarks/results/mislabel.md) without cosine's extra forward-mode sweeps in fit.
+FI_VARIANTS = forward_inf_names(checkpoints=True)
+ORDERS = {"forward-inf-abs": "magnitude", "forward-inf-authors": "magnitude", "forward-inf-paper": "descending"}
 BASELINES = ("if-exact", "if-100", "if-1000", "if-cg", "tracin-1", "tracin-3", "tracin-5", "tracin-last",
              "knn-shapley", "tmc-shapley", "hydra", "hydra-last", "loss", "random")
-DEFAULT_METHODS = "forward-inf,forward-inf-cp,forward-inf-paper,if-exact,tracin-1,tracin-5,loss,random"
+DEFAULT_METHODS = "forward-inf-margin,forward-inf-margin-cp,forward-inf-paper,if-exact,tracin-1,tracin-5,loss,random"
 
 # The sweep behind the default (--sweep): every score x update rule, both orders, final model.
 SWEEP_RULES = (("nsgd", 1e-4), ("nsgd", 1e-3), ("nsgd", 1e-2), ("adam", 5e-3), ("adam", 5e-2), ("sgd", 0.1))
 SWEEP_SCORES = ("loss", "abs", "margin", "cosine")
-
-
-# ------------------------------------------------------------------------------------ labels
-def flip_labels(y: Tensor, fraction: float, n_classes: int, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """Flip exactly ``round(fraction * N)`` labels of ``y`` ``[N]`` to uniformly random *other* classes.
-
-    Returns ``(noisy [N] int64, flipped [N] bool)``; ``y`` is not modified. The positions and the
-    new classes depend only on ``seed``, ``N``, ``fraction`` and ``n_classes``.
-    """
-    y = torch.as_tensor(y)
-    if y.dim() != 1 or y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        raise ValueError(f"y must be a 1-D integer label tensor, got shape {tuple(y.shape)} dtype {y.dtype}")
-    if not isinstance(fraction, (int, float)) or not 0.0 <= float(fraction) <= 1.0:
-        raise ValueError(f"fraction must be a number in [0, 1], got {fraction!r}")
-    if not isinstance(n_classes, int) or n_classes < 2:
-        raise ValueError(f"n_classes must be an int >= 2 (a label needs another class to flip to), got {n_classes!r}")
-    y = y.long()
-    if len(y) and (y.min() < 0 or y.max() >= n_classes):
-        raise ValueError(f"labels must lie in [0, {n_classes}), got range [{int(y.min())}, {int(y.max())}]")
-    n = len(y)
-    n_flip = int(round(float(fraction) * n))
-    g = torch.Generator().manual_seed(seed)
-    positions = torch.randperm(n, generator=g)[:n_flip]
-    # An offset in 1..C-1 modulo C is uniform over the C-1 other classes and never the same one.
-    offsets = torch.randint(1, n_classes, (n_flip,), generator=g)
-    noisy = y.clone()
-    noisy[positions] = (y[positions] + offsets) % n_classes
-    flipped = torch.zeros(n, dtype=torch.bool)
-    flipped[positions] = True
-    return noisy, flipped
 
 
 # ----------------------------------------------------------------------------------- metrics
@@ -143,64 +101,10 @@ def oracle_found_at(fraction_flipped: float, inspect: float) -> float:
 
 
 # ---------------------------------------------------------------------------------- training
-def train_noisy(split: DataSplit, noisy: Tensor, recipe: dict, seed: int, n_checkpoints: int,
-                progress: bool = False, record: bool = False) -> tuple[nn.Module, list[dict], Any]:
-    """Train ``recipe["model"]`` on ``(x_train, noisy)``; return it, ``n_checkpoints`` state dicts and
-    the recorded SGD trajectory (a ``TrajectoryRecorder``, for HyDRA; None unless ``record``).
-
-    Training runs in ``n_checkpoints`` equal stages (the last snapshot is the final model), each
-    with its own seed, so TracIn and ``forward-inf-cp`` can use the trajectory.
-    """
-    from forwardinf.experiments.setup import trajectory_recorder
-
-    kw = {"width": recipe["width"]} if recipe.get("width") else {}
-    model = build_model(recipe["model"], split.input_shape, split.n_classes, seed=seed, **kw)
-    epochs = recipe["epochs"]
-    bounds = np.linspace(0, epochs, n_checkpoints + 1).round().astype(int)[1:]
-    done, checkpoints = 0, []
-    recorder = trajectory_recorder(model, len(noisy), epochs, recipe["batch_size"]) if record else None
-    with (recorder.recording((split.x_train, noisy)) if recorder is not None
-          else contextlib.nullcontext((split.x_train, noisy))) as data:
-        for stage, until in enumerate(bounds):
-            if until > done:
-                train_classifier(model, data, epochs=int(until - done), lr=recipe["lr"],
-                                 batch_size=recipe["batch_size"], weight_decay=recipe["weight_decay"],
-                                 seed=seed * 1000 + stage, schedule="constant", progress=progress)
-                done = int(until)
-            checkpoints.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-    return model.eval(), checkpoints, recorder
-
-
-def _cached_training(cache_dir: Path, config: dict, make: Callable[[bool], tuple[nn.Module, list[dict], Any]],
-                     build: Callable[[], nn.Module], trajectory: bool = False) -> tuple[nn.Module, list[dict], float, Any]:
-    """Train via ``make(trajectory)`` or load the result saved under a hash of ``config``; also the
-    seconds spent and the recorded trajectory (``trajectory``: needed; a cache without one retrains)."""
-    from forwardinf.baselines.hydra import TrajectoryRecorder
-
-    key = json_hash(config)
-    path = cache_dir / f"mislabel-{key}.pt"
-    traj_path = cache_dir / f"mislabel-{key}-trajectory.pt"
-    if path.exists() and (traj_path.exists() or not trajectory):
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        model = build()
-        model.load_state_dict(saved["checkpoints"][-1])
-        rec = TrajectoryRecorder.load(traj_path, model) if trajectory else None
-        return model.eval(), saved["checkpoints"], float(saved["seconds"]), rec
-    start = time.perf_counter()
-    model, checkpoints, rec = make(trajectory)
-    seconds = time.perf_counter() - start
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save({"checkpoints": checkpoints, "seconds": seconds}, path)
-    if rec is not None:
-        rec.save(traj_path)
-    return model, checkpoints, seconds, rec
-
-
 # ---------------------------------------------------------------------------------- methods
-def _forward_inf(model: nn.Module, train: tuple[Tensor, Tensor], kw: dict, progress: bool) -> Tensor:
-    kw = dict(kw)
-    preset = kw.pop("preset", "default")
-    est = fi.ForwardINF.preset(preset, model, fi.ClassificationTask(), progress=progress, **kw)
+def _forward_inf(name: str, model: nn.Module, train: tuple[Tensor, Tensor], kw: dict, progress: bool) -> Tensor:
+    """Self-influence ``[N]`` of registry variant ``name`` with keywords ``kw`` overriding its own."""
+    est = make_estimator(name, model, fi.ClassificationTask(), progress=progress, **kw)
     return est.fit(train).self_influence()
 
 
@@ -224,17 +128,16 @@ def rank_scores(name: str, model: nn.Module, train: tuple[Tensor, Tensor], check
     ``options``: keywords for its estimator (``--option``)."""
     options = options or {}
     if name in FI_VARIANTS:
-        spec = {**FI_VARIANTS[name]}
-        spec["kw"] = {**spec["kw"], **options}
-        if spec.get("checkpoints"):
+        order = ORDERS.get(name, "support")
+        if FORWARD_INF[name].checkpoints:
             per = []
             for state in checkpoints:
                 snapshot = copy.deepcopy(model)
                 snapshot.load_state_dict(state)
-                per.append(_standardise(_oriented(_forward_inf(snapshot.eval(), train, spec["kw"], progress),
-                                                  spec["order"])))
+                per.append(_standardise(_oriented(_forward_inf(name, snapshot.eval(), train, options, progress),
+                                                  order)))
             return torch.stack(per).mean(0)
-        return _oriented(_forward_inf(model, train, spec["kw"], progress), spec["order"])
+        return _oriented(_forward_inf(name, model, train, options, progress), order)
     if options and name in ("loss", "random"):
         raise ValueError(f"{name} takes no --option keywords, got {sorted(options)}")
     if name == "loss":
@@ -243,8 +146,6 @@ def rank_scores(name: str, model: nn.Module, train: tuple[Tensor, Tensor], check
     if name == "random":
         return torch.rand(len(train[1]), generator=torch.Generator().manual_seed(seed + 99), dtype=torch.float64)
     if name in BASELINES:
-        from forwardinf.baselines.registry import make_estimator
-
         est = make_estimator(name, model, fi.ClassificationTask(), checkpoints=checkpoints, trajectory=trajectory,
                              **options)
         return est.fit(train).self_influence()
@@ -258,7 +159,8 @@ def sweep(model: nn.Module, train: tuple[Tensor, Tensor], flipped: Tensor) -> li
         for optimizer, lr in SWEEP_RULES:
             try:
                 with timer() as t:
-                    s = _forward_inf(model, train, {"score": score, "optimizer": optimizer, "lr": lr}, False)
+                    s = _forward_inf("forward-inf", model, train, {"score": score, "optimizer": optimizer, "lr": lr},
+                                     False)
             except FloatingPointError:
                 rows.append({"score": score, "optimizer": optimizer, "lr": lr, "diverged": True})
                 continue
@@ -281,12 +183,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=None, help="cnn channels / resnet base width")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: per dataset)")
     p.add_argument("--train-lr", type=float, default=None, help="training learning rate (default: per dataset)")
-    p.add_argument("--checkpoints", type=int, default=5, help="training snapshots for TracIn / forward-inf-cp (default: 5)")
+    p.add_argument("--checkpoints", type=int, default=5, help="training snapshots for TracIn / forward-inf-*-cp (default: 5)")
     p.add_argument("--sweep", action="store_true", help="also sweep Forward-INF's score and update rule (sweep.json)")
 
 
 def _recipe(args: argparse.Namespace, name: str) -> dict:
-    recipe = dict(RECIPES.get(name, RECIPES["fashion-mnist"]))
+    recipe = dict(NOISY_RECIPES.get(name, NOISY_RECIPES["fashion-mnist"]))
     for key, value in (("n_train", args.n_train), ("model", args.model), ("width", args.width),
                        ("epochs", args.epochs), ("lr", args.train_lr)):
         if value is not None:
@@ -320,7 +222,7 @@ def run(args: argparse.Namespace) -> dict:
     from forwardinf.baselines.registry import METHODS as REGISTERED, requirements
 
     record = any(m in REGISTERED and "trajectory" in requirements(m) for m in methods)
-    model, checkpoints, train_seconds, trajectory = _cached_training(
+    model, checkpoints, train_seconds, trajectory = cached_training(
         Path(args.out) / "cache", config,
         lambda rec: train_noisy(split, noisy, recipe, args.seed, args.checkpoints, progress, record=rec),
         lambda: build_model(recipe["model"], split.input_shape, split.n_classes, **kw), trajectory=record)
@@ -384,10 +286,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _curve_figure(path: Path, curves: dict, fraction: float, dataset: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5.2, 4.2))
     xs = np.linspace(0, 1, 201)
@@ -398,7 +297,7 @@ def _curve_figure(path: Path, curves: dict, fraction: float, dataset: str) -> No
     for j, (name, (inspected, found)) in enumerate(curves.items()):
         style = "-" if name.startswith("forward-inf") else "--"
         color = "0.45" if name == "random" else colors[j % len(colors)]
-        ax.plot(inspected, found, style, color=color, lw=1.6 if name == "forward-inf" else 1.1, label=name)
+        ax.plot(inspected, found, style, color=color, lw=1.6 if j == 0 else 1.1, label=name)
     ax.axvline(0.15, color="0.75", lw=0.8)
     ax.set_xlabel("fraction of training data inspected")
     ax.set_ylabel("fraction of flipped labels found")

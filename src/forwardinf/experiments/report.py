@@ -1,4 +1,9 @@
-"""Query reports: what a model's per-query attribution looks like, as an image grid and an HTML page.
+"""Reporting for every experiment: ``results.json`` + ``report.md`` (:func:`results_object`,
+:func:`write_outputs`, :func:`markdown_table`), matplotlib set up for figures (:func:`pyplot`), and
+query reports: what a model's per-query attribution looks like, as an image grid and an HTML page.
+
+matplotlib is the optional extra ``plots``: it is imported only when a figure is drawn, with the
+non-interactive ``Agg`` backend unless the user chose one (``force=False``).
 
 Every experiment that ranks training points per query (leakage, memorization, mislabel in self mode)
 can hand its queries, the training inputs and the top-k indices/scores to :func:`save_query_grid`
@@ -21,10 +26,58 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from forwardinf.io import jsonable, write_json
+
 Denormalize = Callable[[Tensor], Tensor]
 
 _GREEN = "#1a9e3a"
 _RED = "#c0392b"
+
+
+# ------------------------------------------------------------------------------ results files
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A markdown table; floats shown with 4 significant digits."""
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def results_object(experiment: str, dataset: str, config: dict, methods: dict) -> dict:
+    """The fixed ``results.json`` schema."""
+    return {"experiment": experiment, "dataset": dataset, "config": jsonable(config), "methods": jsonable(methods)}
+
+
+def write_outputs(out_dir: str | os.PathLike, results: dict, report: str) -> Path:
+    """Write ``results.json`` and ``report.md`` into ``out_dir`` (created); return the folder."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "results.json", results)
+    (out / "report.md").write_text(report.rstrip() + "\n")
+    return out
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot``, on the ``Agg`` backend unless one was chosen before (``force=False``).
+
+    Raises ``ImportError`` without matplotlib (``pip install 'forwardinf[plots]'``)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def can_plot() -> bool:
+    """Whether matplotlib is installed (figures are skipped, the numbers still written, without it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -145,10 +198,7 @@ def save_query_grid(path: str | os.PathLike, queries: Any, train_inputs: Any, to
 
     Returns the path written.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     t = _Table(queries, train_inputs, top_indices, top_scores, query_labels=query_labels,
                train_labels=train_labels, bottom_indices=bottom_indices, bottom_scores=bottom_scores,
