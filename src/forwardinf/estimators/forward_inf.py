@@ -480,7 +480,7 @@ class ForwardINF(Estimator):
                     except FloatingPointError:
                         continue
                     target_scores = s.gather(1, targets[:, None])
-                    ranks = (s > target_scores).sum(1) + 1
+                    ranks = (s >= target_scores).sum(1)  # ties count against it (metrics.target_ranks)
                     results.append({"score": sc, "steps": k, "lr": lr,
                                     "top1": float((ranks == 1).float().mean()), "mean_rank": float(ranks.float().mean())})
         if not results:
