@@ -69,8 +69,9 @@ class LanguageModelTask(Task):
             on the batch first.
         dtype: run the model under ``torch.autocast`` in this dtype (e.g. ``torch.bfloat16``:
             bfloat16 matmuls, parameters and their updates untouched, NLL in float32); None
-            (default): the model's own dtype. Caution: a small update of float32 parameters can
-            vanish when autocast rounds them to bfloat16 (8 bits of mantissa).
+            (default): the model's own dtype. Caution: autocast rounds float32 parameters to
+            bfloat16 (8 bits of mantissa) in every matmul, so a small update moves only the
+            weights it carries across a rounding boundary.
     """
 
     def __init__(self, kind: str = "causal", *, mask: str = "4d", position_ids: bool = True,
