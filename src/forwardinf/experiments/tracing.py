@@ -27,6 +27,13 @@ def build_pool(data: dict[str, torch.Tensor]) -> tuple[Any, torch.Tensor]:
     return DictDataset({k: v[order] for k, v in data.items()}), position
 
 
+def bm25_texts(records: list[dict]) -> list[list[str]]:
+    """FTRACE records' filled-in sentences as BM25 tokens (:func:`forwardinf.baselines.bm25.tokenize`)."""
+    from forwardinf.baselines.bm25 import tokenize
+    from forwardinf.data.facts import fill
+
+    return [tokenize(fill(r["inputs_pretokenized"], r["targets_pretokenized"])) for r in records]
+
 
 @dataclass
 class Timed:

