@@ -5,8 +5,10 @@
 Each RUN_DIR holds the ``results.json`` and ``lds_per_query.npz`` of one ``forwardinf lds`` run, and
 optionally a ``NOTE.md`` printed under the section's heading.
 Methods labelled ``NAME@grid-...`` are a peer's settings search: they are listed in their own
-table, and the best of them (on the held-out margin LDS) joins the main table as ``NAME (best
-setting)``. The bar (issue 13): Forward-INF's best variant >= the best TRAK row and the best EK-FAC
+table, and the best of them (on the held-out margin LDS) joins the main table as ``NAME@best``.
+``NAME@seedK-...`` rows are reruns of a grid setting with another ``seed`` (a peer with random
+draws, e.g. kronfluence's sampled labels): listed in their own table with the spread over seeds.
+A row scored on fewer queries (``--option NAME.queries=n``) is in the table but not in the bar. The bar (issue 13): Forward-INF's best variant >= the best TRAK row and the best EK-FAC
 row, on both targets, at no more CPU time (the best variant among those within the peer's time); differences come with a paired bootstrap interval
 over the queries.
 """
@@ -73,7 +75,7 @@ def best(rows: dict, fam: str, max_cpu: float = float("inf")) -> str | None:
     """The family's row with the highest held-out margin LDS (selected on this evaluation) among
     those that took at most ``max_cpu`` CPU seconds."""
     cands = [k for k, r in rows.items() if family(k) == fam and "lds_margin_heldout" in r
-             and r["cpu_seconds"] <= max_cpu]
+             and r["cpu_seconds"] <= max_cpu and "n_queries" not in r]  # on every query only
     return max(cands, key=lambda k: rows[k]["lds_margin_heldout"]) if cands else None
 
 
@@ -106,12 +108,25 @@ def bar(run: dict, per_query: dict) -> tuple[str, dict]:
             "variant at no more CPU time than the peer's best row:\n\n" + "\n".join(lines)), out
 
 
+def seed_table(grid: dict, seeds: dict) -> str:
+    """Per setting: the held-out margin LDS of seed 0 (its grid row) and of every rerun, mean, sd, range."""
+    every, out = {**grid, **seeds}, []
+    settings = sorted({(k.split("@", 1)[0], k.split("@", 1)[1].split("-", 1)[1]) for k in seeds})  # NAME@seedK-SETTING
+    for base, setting in settings:
+        names = [f"{base}@grid-{setting}"] + sorted(k for k in seeds if k.startswith(base + "@") and k.endswith("-" + setting))
+        v = [(k, every[k]["lds_margin_heldout"]) for k in names if "lds_margin_heldout" in every.get(k, {})]
+        x = np.array([b for _, b in v])
+        out.append([f"{base} {setting}", ", ".join(f"{b:+.3f}" for _, b in v), f"{x.mean():+.3f}",
+                    f"{x.std(ddof=1):.3f}" if len(x) > 1 else "-", f"[{x.min():+.3f}, {x.max():+.3f}]"])
+    return markdown_table(["setting", "held-out margin LDS, seeds 0, 1, ...", "mean", "sd", "range"], out)
+
+
 def section(run_dir: Path) -> tuple[str, dict]:
     run = json.loads((run_dir / "results.json").read_text())
     per_query = dict(np.load(run_dir / "lds_per_query.npz"))
-    rows, grid = {}, {}
+    rows, grid, seeds = {}, {}, {}
     for k, r in run["methods"].items():
-        (grid if "@grid" in k else rows)[k] = r
+        (grid if "@grid" in k else seeds if "@seed" in k else rows)[k] = r
     for base in sorted({k.split("@", 1)[0] for k in grid}):
         mine = {k: r for k, r in grid.items() if k.startswith(base + "@") and "lds_margin_heldout" in r}
         if mine:
@@ -140,6 +155,9 @@ def section(run_dir: Path) -> tuple[str, dict]:
                  markdown_table(["label", "LDS margin, held-out", "LDS margin, all", "CPU s"],
                                 [[k, f"{r['lds_margin_heldout']:+.3f}", f"{r['lds_margin']:+.3f}", f"{r['cpu_seconds']:.1f}"]
                                  if "lds_margin" in r else [k, r.get("error", "-"), "-", "-"] for k, r in grid.items()]), ""]
+    if seeds:
+        text += ["Reruns with other seeds (the peer's own random draws; seed 0 is the grid's row):", "",
+                 seed_table(grid, seeds), ""]
     verdict, summary = bar({**run, "methods": rows}, per_query)
     text += ["### The bar", "", verdict, ""]
     return "\n".join(text), {"dataset": run["dataset"], "config": c, "methods": rows, "grid": grid, "bar": summary}
