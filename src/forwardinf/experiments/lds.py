@@ -328,7 +328,7 @@ def _child(name: str, args: argparse.Namespace, options: dict | None, path: str,
     try:
         result = measure_method(name, args, options)
     except MemoryError:
-        result = {"error": f"out of memory at the {limit_gb:g} GB limit"}
+        result = {"error": f"out of memory at the {limit_gb:g} GB limit (--memory-limit-gb)"}
     torch.save(result, path)
 
 
@@ -337,7 +337,8 @@ def run_method(name: str, args: argparse.Namespace, options: dict | None, folder
     path = folder / f"{name}.pt"
     if path.is_file() and not args.recompute:
         saved = torch.load(path, weights_only=False)
-        if saved.get("key") == key:
+        # an out-of-memory result stands only for the limit it hit
+        if saved.get("key") == key and saved.get("memory_limit_gb", args.memory_limit_gb) == args.memory_limit_gb:
             return {**saved["result"], "cached": True}
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f"{name}.tmp{os.getpid()}.pt"
@@ -352,8 +353,10 @@ def run_method(name: str, args: argparse.Namespace, options: dict | None, folder
             return {"error": f"its process ended with code {proc.exitcode} (negative: killed by signal)"}
         result = torch.load(tmp, weights_only=False)
         tmp.unlink()
-    if "error" not in result or result["error"].startswith("not installed"):
-        atomic_save({"key": key, "result": result}, path)
+    if "error" in result and "can't allocate memory" in result["error"]:  # torch's allocator, not MemoryError
+        result = {"error": f"out of memory at the {args.memory_limit_gb:g} GB limit (--memory-limit-gb)"}
+    if "error" not in result or result["error"].startswith(("not installed", "out of memory")):
+        atomic_save({"key": key, "result": result, "memory_limit_gb": args.memory_limit_gb}, path)
     return result
 
 
