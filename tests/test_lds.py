@@ -219,3 +219,22 @@ def test_a_method_runs_in_its_own_process(tmp_path):
     row = json.loads((tmp_path / "results.json").read_text())["methods"]["grad-dot"]
     assert row["cpu_seconds"] > 0 and row["peak_mb"] > row["extra_mb"] >= 0
     assert json.loads((tmp_path / "results.json").read_text())["config"]["isolation"] == "one process per method"
+
+
+def test_an_out_of_memory_result_is_cached_for_its_memory_limit_only(tmp_path, monkeypatch):
+    import argparse
+
+    calls = []
+
+    def fake(name, args, options):
+        calls.append(args.memory_limit_gb)
+        return {"error": "RuntimeError: [enforce fail] DefaultCPUAllocator: can't allocate memory: 25690112 bytes"}
+
+    monkeypatch.setattr(lds, "measure_method", fake)
+    args = argparse.Namespace(recompute=False, in_process=True, memory_limit_gb=8.0)
+    first = lds.run_method("m", args, None, tmp_path, "key")
+    assert first["error"].startswith("out of memory at the 8 GB limit")
+    assert lds.run_method("m", args, None, tmp_path, "key")["cached"] and calls == [8.0]  # not rerun
+    args.memory_limit_gb = 16.0  # a higher limit may succeed: rerun
+    lds.run_method("m", args, None, tmp_path, "key")
+    assert calls == [8.0, 16.0]
