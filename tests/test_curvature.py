@@ -70,6 +70,35 @@ def test_factors_and_inverse_match_the_explicit_kronecker_product():
     torch.testing.assert_close(got, torch.linalg.solve(G, vec.T).T, rtol=1e-9, atol=1e-12)
 
 
+def test_global_damping_is_one_lambda_for_the_whole_block_diagonal_curvature():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(40, 4, dtype=torch.float64), torch.randn(40, 3, dtype=torch.float64)
+    params = select_params(model)
+    blocks = C.kfac(model, MultiSquaredLoss().loss, params, as_dataset((x, y)), 16, torch.device("cpu"))
+    dense = [torch.kron(b.q_s @ torch.diag(b.s) @ b.q_s.T, b.q_a @ torch.diag(b.a) @ b.q_a.T) for b in blocks]
+    G = torch.block_diag(*dense)  # row-major [W | b] per layer, layers in order
+    lam = 0.3 * torch.trace(G) / len(G)  # damping x the mean eigenvalue of all of G
+    assert C.damping_of(blocks, 0.3) == pytest.approx([float(lam)] * 2)
+    per_layer = C.damping_of(blocks, 0.3, "layer")
+    assert per_layer == pytest.approx([0.3 * float(torch.trace(d)) / len(d) for d in dense])
+    assert per_layer[0] != pytest.approx(per_layer[1])  # the two layers' curvatures differ in scale
+    vec = torch.randn(2, len(G), dtype=torch.float64)
+    as_params, at = {}, 0
+    for b, (name, module) in zip(blocks, [("0", model[0]), ("2", model[2])]):
+        o, i = module.weight.shape
+        w = vec[:, at:at + o * (i + 1)].view(2, o, i + 1)
+        as_params[f"{name}.weight"], as_params[f"{name}.bias"] = w[..., :-1], w[..., -1]
+        at += o * (i + 1)
+    for scope, lams in (("global", [lam, lam]), ("layer", per_layer)):
+        out = C.precondition(blocks, as_params, 0.3, scope=scope)
+        got = torch.cat([torch.cat([out[f"{n}.weight"], out[f"{n}.bias"][..., None]], -1).flatten(1) for n in "02"], 1)
+        damped = G + torch.diag(torch.cat([torch.full((len(d),), float(v), dtype=G.dtype) for d, v in zip(dense, lams)]))
+        torch.testing.assert_close(got, torch.linalg.solve(damped, vec.T).T, rtol=1e-8, atol=1e-10)
+    with pytest.raises(ValueError, match="scope"):
+        C.damping_of(blocks, 0.3, "model")
+
+
 def test_counterfactual_score_is_the_influence_function_up_to_order_eta():
     model, x, y = regression(seed=1)
     grads, G = explicit(model, x, y, damping=1.0)

@@ -138,17 +138,56 @@ def test_bad_options_are_refused(tmp_path, capsys):
     assert "--checkpoint" in capsys.readouterr().err
 
 
+# ------------------------------------------------------------------------ the method cache
+def test_a_method_is_keyed_by_the_sources_it_runs_and_not_by_the_others(tmp_path):
+    import shutil
+
+    root = tmp_path / "forwardinf"
+    shutil.copytree(lds._ROOT, root, ignore=shutil.ignore_patterns("__pycache__"))
+    tail, grad = ["forwardinf.estimators.tail"], ["forwardinf.baselines.tracin"]
+    names = {str(f.relative_to(root)) for f in lds.method_sources(tail, root)}
+    assert {"estimators/tail.py", "estimators/forward_inf.py", "core/curvature.py", "tasks/classification.py"} <= names
+    assert not names & {"experiments/lds.py", "experiments/leakage.py", "baselines/tracin.py", "cli.py", "__init__.py"}
+
+    def keys() -> tuple[str, str]:
+        return tuple(lds.code_fingerprint(lds.method_sources(m, root), root) for m in (tail, grad))
+
+    before = keys()
+    assert keys() == before
+    with open(root / "experiments" / "leakage.py", "a") as f:  # an unrelated edit: nothing recomputes
+        f.write("\n# edited\n")
+    assert keys() == before
+    with open(root / "estimators" / "tail.py", "a") as f:  # the tail estimator's code: only it recomputes
+        f.write("\n# edited\n")
+    after = keys()
+    assert after[0] != before[0] and after[1] == before[1]
+    with open(root / "core" / "params.py", "a") as f:  # shared by every method
+        f.write("\n# edited\n")
+    assert all(a != b for a, b in zip(keys(), after))
+
+
+def test_a_method_key_follows_its_options_and_its_presets_settings(tmp_path):
+    args = _args(tmp_path)
+    prepared = lds.load_problem(args).prepared
+    key = lambda name, opts=None: lds.method_key(name, opts, prepared, {"model": "m"})  # noqa: E731
+    assert key("forward-inf-counterfactual") == key("forward-inf-counterfactual")
+    assert key("forward-inf-counterfactual") != key("forward-inf-counterfactual", {"damping": 0.1})
+    assert key("forward-inf-counterfactual") != key("forward-inf-influence")  # the preset's settings differ
+    assert key("grad-dot") != key("grad-dot", {"queries": 5})
+
+
 # ------------------------------------------------------------------------------ end to end
 def test_cli_end_to_end_on_digits(tmp_path):
     out = tmp_path / "run"
     argv = ["lds", "--out", str(out), "--subsets", "16", "--n-queries", "24", "--epochs", "8", "--quiet",
-            "--in-process", "--methods", "forward-inf-loss,if-exact,grad-dot,grad-dot@again,trak",
-            "--option", "grad-dot@again.normalize=True"]
+            "--in-process", "--methods", "forward-inf-loss,if-exact,grad-dot,grad-dot@again,trak,grad-dot@few",
+            "--option", "grad-dot@again.normalize=True", "--option", "grad-dot@few.queries=10"]
     assert main(argv) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["experiment"] == "lds" and res["dataset"] == "digits"
     rows = res["methods"]
-    assert set(rows) == {"datamodel", "forward-inf-loss", "if-exact", "grad-dot", "grad-dot@again", "trak"}
+    assert set(rows) == {"datamodel", "forward-inf-loss", "if-exact", "grad-dot", "grad-dot@again", "trak",
+                         "grad-dot@few"}
     gt = res["config"]["ground_truth"]
     assert gt["models"] == 16 and gt["cpu_seconds"] > 0
     for name in ("forward-inf-loss", "if-exact", "grad-dot"):
@@ -164,6 +203,9 @@ def test_cli_end_to_end_on_digits(tmp_path):
     assert "| if-exact |" in (out / "report.md").read_text()
     per_query = np.load(out / "lds_per_query.npz")
     assert per_query["if-exact/lds_margin"].shape == (24,)
+    # the capped method: its LDS is grad-dot's on the first 10 queries, and its row says so
+    assert rows["grad-dot@few"]["n_queries"] == 10 and "first 10" in rows["grad-dot@few"]["note"]
+    np.testing.assert_allclose(per_query["grad-dot@few/lds_margin"], per_query["grad-dot/lds_margin"][:10])
 
     # rerun: ground truth and scores come from the caches, the numbers are identical
     assert main(argv) == 0
@@ -177,3 +219,22 @@ def test_a_method_runs_in_its_own_process(tmp_path):
     row = json.loads((tmp_path / "results.json").read_text())["methods"]["grad-dot"]
     assert row["cpu_seconds"] > 0 and row["peak_mb"] > row["extra_mb"] >= 0
     assert json.loads((tmp_path / "results.json").read_text())["config"]["isolation"] == "one process per method"
+
+
+def test_an_out_of_memory_result_is_cached_for_its_memory_limit_only(tmp_path, monkeypatch):
+    import argparse
+
+    calls = []
+
+    def fake(name, args, options):
+        calls.append(args.memory_limit_gb)
+        return {"error": "RuntimeError: [enforce fail] DefaultCPUAllocator: can't allocate memory: 25690112 bytes"}
+
+    monkeypatch.setattr(lds, "measure_method", fake)
+    args = argparse.Namespace(recompute=False, in_process=True, memory_limit_gb=8.0)
+    first = lds.run_method("m", args, None, tmp_path, "key")
+    assert first["error"].startswith("out of memory at the 8 GB limit")
+    assert lds.run_method("m", args, None, tmp_path, "key")["cached"] and calls == [8.0]  # not rerun
+    args.memory_limit_gb = 16.0  # a higher limit may succeed: rerun
+    lds.run_method("m", args, None, tmp_path, "key")
+    assert calls == [8.0, 16.0]

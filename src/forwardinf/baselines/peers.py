@@ -5,6 +5,9 @@ missing peer raises ``ImportError`` whose ``name`` is the package and whose mess
 install command (:data:`INSTALL`). Classification only: cross-entropy on ``(inputs, targets)``
 tensors. The user's model is never modified: peers that load weights into, or wrap the layers
 of, the module they are given (traker, captum, kronfluence) get a deep copy, once per ``fit``.
+Every peer takes a ``seed``: its ``fit`` and ``influence`` run under a forked torch RNG seeded
+from it (kronfluence's sampled-label Fisher, dattri's LiSSA batches draw from the global RNG), and
+its projections take it, so a rerun gives identical scores and the caller's RNG is left alone.
 
 Scores follow the library's orientation, ``[n_query, n_train]``, higher = proponent:
 
@@ -12,19 +15,20 @@ Scores follow the library's orientation, ``[n_query, n_train]``, higher = propon
 |---|---|---|
 | ``trak`` | :class:`TRAK` | traker ``TRAKer`` (image classification = the margin output), float32 on CPU, ``proj_dim`` |
 | ``dattri-trak`` | :class:`DattriTRAK` | dattri ``TRAKAttributor``, ``proj_dim`` |
-| ``kronfluence-ekfac`` | :class:`KronfluenceEKFAC` | kronfluence EK-FAC factors on the training set + pairwise scores |
+| ``kronfluence-ekfac`` | :class:`KronfluenceEKFAC` | kronfluence EK-FAC factors on the training set (seeded sampled labels) + pairwise scores |
 | ``captum-tracincp`` | :class:`CaptumTracInCP` | captum ``TracInCP`` over the given checkpoints (default: the model) |
 | ``dattri-if-lissa`` / ``dattri-if-cg`` | :class:`DattriIF` | dattri influence functions |
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import shutil
 import tempfile
 import weakref
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -73,10 +77,28 @@ def _margin(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return -ClassificationTask().score_loss(model, (x, y))
 
 
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run the block on the global torch RNG seeded with ``seed``, restoring the caller's state after."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 class _Peer(Estimator):
-    """Shared plumbing: a scratch folder removed with the estimator, and the training tensors."""
+    """Shared plumbing: a scratch folder removed with the estimator, the training tensors, and the
+    seeded RNG (subclasses implement ``_fit`` / ``_influence``; ``seed`` is set by their constructor)."""
 
     package = ""
+    seed = 0
+
+    def fit(self, train: DataLike) -> "_Peer":
+        with seeded(self.seed):
+            return self._fit(train)
+
+    def influence(self, queries: DataLike, joint: bool = False) -> Tensor:
+        with seeded(self.seed + 1):  # not the fit's stream: scoring twice after one fit still agrees
+            return self._influence(queries, joint)
 
     def _start(self, train: DataLike) -> None:
         require(self.package)
@@ -99,7 +121,7 @@ class TRAK(_Peer):
     several ``checkpoints`` (independently trained models, TRAK's ensemble) the scores are summed
     by traker; default: the model alone.
 
-    Args: proj_dim, checkpoints (state dicts), batch_size, seed (projector), lambda_reg
+    Args: proj_dim, checkpoints (state dicts), batch_size, seed (projector and RNG), lambda_reg
     (traker's ridge on ``XᵀX``; needed when ``proj_dim`` exceeds the number of training points).
     """
 
@@ -115,7 +137,7 @@ class TRAK(_Peer):
         self.seed = seed
         self.lambda_reg = lambda_reg
 
-    def fit(self, train: DataLike) -> "TRAK":
+    def _fit(self, train: DataLike) -> "TRAK":
         check_positive("TRAK", "proj_dim", self.proj_dim, integer=True)
         check_positive("TRAK", "batch_size", self.batch_size, integer=True)
         self._start(train)
@@ -136,7 +158,7 @@ class TRAK(_Peer):
         self.n_scored_ = 0
         return self
 
-    def influence(self, queries: DataLike, joint: bool = False) -> Tensor:
+    def _influence(self, queries: DataLike, joint: bool = False) -> Tensor:
         xq, yq = self._queries(queries, joint)
         name = f"queries{self.n_scored_}"  # traker keeps every experiment in its folder
         self.n_scored_ += 1
@@ -174,12 +196,13 @@ class DattriTRAK(_Peer):
     package = "dattri"
 
     def __init__(self, model: nn.Module, task: Task | None = None, *, proj_dim: int = 512,
-                 batch_size: int = 64) -> None:
+                 batch_size: int = 64, seed: int = 0) -> None:
         super().__init__(model, task)
         self.proj_dim = proj_dim
         self.batch_size = batch_size
+        self.seed = seed
 
-    def fit(self, train: DataLike) -> "DattriTRAK":
+    def _fit(self, train: DataLike) -> "DattriTRAK":
         check_positive("DattriTRAK", "proj_dim", self.proj_dim, integer=True)
         self._start(train)
         from dattri.algorithm.trak import TRAKAttributor
@@ -192,11 +215,12 @@ class DattriTRAK(_Peer):
             return torch.exp(-nn.functional.cross_entropy(logits, y.unsqueeze(0)))
 
         self.attributor_ = TRAKAttributor(_dattri_task(model, "margin"), correct_probability,
-                                          projector_kwargs={"proj_dim": self.proj_dim, "device": "cpu"}, device="cpu")
+                                          projector_kwargs={"proj_dim": self.proj_dim, "proj_seed": self.seed,
+                                                            "device": "cpu"}, device="cpu")
         self.attributor_.cache(DataLoader(TensorDataset(*self.train_), batch_size=self.batch_size, shuffle=False))
         return self
 
-    def influence(self, queries: DataLike, joint: bool = False) -> Tensor:
+    def _influence(self, queries: DataLike, joint: bool = False) -> Tensor:
         xq, yq = self._queries(queries, joint)
         loader = DataLoader(TensorDataset(xq, yq), batch_size=len(yq), shuffle=False)
         return self.attributor_.attribute(loader).T.contiguous()  # dattri: [N, Q]
@@ -211,12 +235,13 @@ class DattriIF(_Peer):
     package = "dattri"
 
     def __init__(self, model: nn.Module, task: Task | None = None, *, solver: str = "lissa",
-                 batch_size: int = 256) -> None:
+                 batch_size: int = 256, seed: int = 0) -> None:
         super().__init__(model, task)
         self.solver = solver
         self.batch_size = batch_size
+        self.seed = seed
 
-    def fit(self, train: DataLike) -> "DattriIF":
+    def _fit(self, train: DataLike) -> "DattriIF":
         check_choice("DattriIF", "solver", self.solver, ("lissa", "cg"))
         self._start(train)
         from dattri.algorithm.influence_function import IFAttributorCG, IFAttributorLiSSA
@@ -231,7 +256,7 @@ class DattriIF(_Peer):
         self.attributor_.cache(self.loader_)
         return self
 
-    def influence(self, queries: DataLike, joint: bool = False) -> Tensor:
+    def _influence(self, queries: DataLike, joint: bool = False) -> Tensor:
         xq, yq = self._queries(queries, joint)
         scores = self.attributor_.attribute(self.loader_, DataLoader(TensorDataset(xq, yq), batch_size=1, shuffle=False))
         return scores.T.contiguous()  # dattri: [N, Q], larger = the training point helps the query more
@@ -239,7 +264,7 @@ class DattriIF(_Peer):
 
 class KronfluenceEKFAC(_Peer):
     """Kronfluence's EK-FAC influence: factors fitted on the training set (true Fisher: labels
-    sampled from the model, kronfluence's default), pairwise scores of the queries' measurement.
+    sampled from the model, kronfluence's default; seeded by ``seed``), pairwise scores of the queries' measurement.
 
     ``measurement``: ``"margin"`` (minus the correct-class margin, as in kronfluence's own
     classification examples) or ``"loss"`` (cross-entropy). ``damping``: kronfluence's
@@ -250,13 +275,14 @@ class KronfluenceEKFAC(_Peer):
     package = "kronfluence"
 
     def __init__(self, model: nn.Module, task: Task | None = None, *, measurement: str = "margin",
-                 damping: float | None = 1e-8, batch_size: int = 256) -> None:
+                 damping: float | None = 1e-8, batch_size: int = 256, seed: int = 0) -> None:
         super().__init__(model, task)
         self.measurement = measurement
         self.damping = damping
         self.batch_size = batch_size
+        self.seed = seed
 
-    def fit(self, train: DataLike) -> "KronfluenceEKFAC":
+    def _fit(self, train: DataLike) -> "KronfluenceEKFAC":
         check_choice("KronfluenceEKFAC", "measurement", self.measurement, ("margin", "loss"))
         self._start(train)
         from kronfluence.analyzer import Analyzer, prepare_model
@@ -288,7 +314,7 @@ class KronfluenceEKFAC(_Peer):
         self.n_scored_ = 0
         return self
 
-    def influence(self, queries: DataLike, joint: bool = False) -> Tensor:
+    def _influence(self, queries: DataLike, joint: bool = False) -> Tensor:
         from kronfluence.arguments import ScoreArguments
 
         xq, yq = self._queries(queries, joint)
@@ -308,12 +334,13 @@ class CaptumTracInCP(_Peer):
     package = "captum"
 
     def __init__(self, model: nn.Module, task: Task | None = None, *, checkpoints: Sequence[dict] | None = None,
-                 batch_size: int = 64) -> None:
+                 batch_size: int = 64, seed: int = 0) -> None:
         super().__init__(model, task)
         self.checkpoints = checkpoints
         self.batch_size = batch_size
+        self.seed = seed
 
-    def fit(self, train: DataLike) -> "CaptumTracInCP":
+    def _fit(self, train: DataLike) -> "CaptumTracInCP":
         self._start(train)
         from captum.influence import TracInCP
 
@@ -331,7 +358,7 @@ class CaptumTracInCP(_Peer):
                                 sample_wise_grads_per_batch=True)
         return self
 
-    def influence(self, queries: DataLike, joint: bool = False) -> Tensor:
+    def _influence(self, queries: DataLike, joint: bool = False) -> Tensor:
         xq, yq = self._queries(queries, joint)
         return self.tracin_.influence((xq, yq), show_progress=False)  # [Q, N], proponents positive
 

@@ -20,13 +20,15 @@ killed run rerun continues where it stopped with identical numbers, and ``--subs
 ``--seeds-per-subset`` may grow between runs (only the new models are trained). A folder made
 with another configuration (data, recipe, alpha, seed, queries) is refused. Each method runs in
 its own process (``--in-process`` to run them here): CPU seconds (one thread) and peak memory
-are its own; its scores are cached under ``--out/methods`` and reused while the code and
-configuration are unchanged. Paper context: TRAK (Park et al. 2023); dattri and Kronfluence report it.
+are its own; its scores are cached under ``--out/methods`` and reused while its key is unchanged:
+the model, data, queries, its options and settings, and the source of the modules it runs
+(:func:`method_key`; editing another method's code or the report recomputes nothing). A method
+too slow for every query can score the first n only (``--option NAME.queries=n``; its row says so). Paper context: TRAK (Park et al. 2023); dattri and Kronfluence report it.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
+import ast
 import importlib.metadata
 import json
 import math
@@ -50,7 +52,7 @@ from forwardinf.baselines.retraining import run_trainings
 from forwardinf.core.params import mode
 from forwardinf.data.loaders import balanced_indices
 from forwardinf.experiments.common import markdown_table, results_object, seed_everything, timer, warm_up, write_outputs
-from forwardinf.hashing import json_hash
+from forwardinf.hashing import fingerprint, json_hash, sha256_hex
 from forwardinf.io import atomic_save, write_json
 from forwardinf.experiments.setup import (FORWARD_INF_VARIANTS, Prepared, add_model_arguments, make_method,
                                           method_options, prepare_classifier)
@@ -264,8 +266,19 @@ def _reset_peak() -> None:
         pass
 
 
+def split_queries_option(options: dict | None) -> tuple[dict, int | None]:
+    """``(the estimator's options, n)``: the lds-level option ``NAME.queries=n`` scores only the
+    first ``n`` held-out queries (for a method too slow for all of them; its LDS is then on those)."""
+    options = dict(options or {})
+    n = options.pop("queries", None)
+    if n is not None and (not isinstance(n, int) or n < 2):
+        raise ValueError(f"option queries={n!r}: expected an integer >= 2 (the first n held-out queries)")
+    return options, n
+
+
 def measure_method(name: str, args: argparse.Namespace, options: dict | None) -> dict:
-    """Fit ``name`` on the training set and score every query, in this process, on one thread.
+    """Fit ``name`` on the training set and score every query (or the first ``queries`` of them,
+    see :func:`split_queries_option`), in this process, on one thread.
 
     Returns ``{"scores": [Q, N], "seconds", "cpu_seconds", "peak_mb", "extra_mb"}`` or
     ``{"error": ...}``. ``peak_mb``: the process's peak RSS during fit + influence (VmHWM after
@@ -273,8 +286,10 @@ def measure_method(name: str, args: argparse.Namespace, options: dict | None) ->
     just before the method started. Setup and an untimed warm-up are not billed.
     """
     torch.set_num_threads(1)
+    options, n_queries = split_queries_option(options)
     problem = load_problem(args)
     model, train = problem.prepared.model, problem.prepared.split.train()
+    queries = tuple(t[:n_queries] for t in problem.queries)
     try:
         est = make_method(name, model, problem.prepared, False, options)
     except ImportError as e:
@@ -285,7 +300,7 @@ def measure_method(name: str, args: argparse.Namespace, options: dict | None) ->
     rss = _status_kb("VmRSS")
     try:
         with timer() as t:
-            scores = est.fit(train).influence(problem.queries)
+            scores = est.fit(train).influence(queries)
     except ImportError as e:
         return {"error": _missing(e)}
     except Exception as e:  # noqa: BLE001 - a method failing is a result too
@@ -295,7 +310,7 @@ def measure_method(name: str, args: argparse.Namespace, options: dict | None) ->
     if state_fingerprint(model) != before:
         return {"error": f"{name} changed the model"}
     scores = scores.detach().float().cpu()
-    want = (len(problem.queries[1]), len(train[1]))
+    want = (len(queries[1]), len(train[1]))
     if tuple(scores.shape) != want:
         return {"error": f"scores of shape {tuple(scores.shape)}, expected {want}"}
     return {"scores": scores, "seconds": t["seconds"], "cpu_seconds": t["cpu_seconds"], "peak_mb": peak / 1024,
@@ -313,7 +328,7 @@ def _child(name: str, args: argparse.Namespace, options: dict | None, path: str,
     try:
         result = measure_method(name, args, options)
     except MemoryError:
-        result = {"error": f"out of memory at the {limit_gb:g} GB limit"}
+        result = {"error": f"out of memory at the {limit_gb:g} GB limit (--memory-limit-gb)"}
     torch.save(result, path)
 
 
@@ -322,7 +337,8 @@ def run_method(name: str, args: argparse.Namespace, options: dict | None, folder
     path = folder / f"{name}.pt"
     if path.is_file() and not args.recompute:
         saved = torch.load(path, weights_only=False)
-        if saved.get("key") == key:
+        # an out-of-memory result stands only for the limit it hit
+        if saved.get("key") == key and saved.get("memory_limit_gb", args.memory_limit_gb) == args.memory_limit_gb:
             return {**saved["result"], "cached": True}
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f"{name}.tmp{os.getpid()}.pt"
@@ -337,25 +353,95 @@ def run_method(name: str, args: argparse.Namespace, options: dict | None, folder
             return {"error": f"its process ended with code {proc.exitcode} (negative: killed by signal)"}
         result = torch.load(tmp, weights_only=False)
         tmp.unlink()
-    if "error" not in result or result["error"].startswith("not installed"):
-        atomic_save({"key": key, "result": result}, path)
+    if "error" in result and "can't allocate memory" in result["error"]:  # torch's allocator, not MemoryError
+        result = {"error": f"out of memory at the {args.memory_limit_gb:g} GB limit (--memory-limit-gb)"}
+    if "error" not in result or result["error"].startswith(("not installed", "out of memory")):
+        atomic_save({"key": key, "result": result, "memory_limit_gb": args.memory_limit_gb}, path)
     return result
 
 
-def code_fingerprint() -> str:
-    """SHA-256 of the forwardinf sources and the peers' versions: cached scores are reused only
-    while both are unchanged."""
-    h = hashlib.sha256()
-    root = Path(__file__).resolve().parents[1]
-    for f in sorted(root.rglob("*.py")):
-        h.update(str(f.relative_to(root)).encode())
-        h.update(f.read_bytes())
-    for pkg in ("torch", "traker", "dattri", "kronfluence", "captum"):
+# What a method's cached scores depend on, besides the model, data, queries and its options (all in
+# its key): the source of the modules it runs and the peers' versions. Bump MEASURE when
+# measure_method changes how scores are produced (its own file is not hashed, so that editing the
+# report does not recompute every method).
+MEASURE = 1
+ALWAYS_HASHED = ("tasks",)  # every method runs on the task's losses (reached through the task object, not an import)
+PEER_PACKAGES = ("torch", "traker", "dattri", "kronfluence", "captum")
+_ROOT = Path(__file__).resolve().parents[1]  # src/forwardinf
+
+
+def _module_file(module: str, root: Path) -> Path | None:
+    """The source file of ``forwardinf.a.b`` under ``root`` (a package's ``__init__.py``), or None."""
+    path = root.joinpath(*module.split(".")[1:])
+    for f in (path / "__init__.py", path.with_suffix(".py")):
+        if f.is_file():
+            return f
+    return None
+
+
+def _imports(module: str, root: Path) -> set[str]:
+    """The forwardinf modules ``module``'s source imports, anywhere in it (function-level included)."""
+    f = _module_file(module, root)
+    package = module if f.name == "__init__.py" else module.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(ast.parse(f.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from .x import y
+                parts = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, base] if base else parts)
+            # `from pkg import sub` names a submodule when it is one, else something pkg defines
+            out |= {f"{base}.{a.name}" if _module_file(f"{base}.{a.name}", root) else base for a in node.names}
+    # the top-level package only re-exports (importing it would make every method depend on every file)
+    return {m for m in out if m.startswith("forwardinf.") and _module_file(m, root)}
+
+
+def method_sources(modules: list[str], root: Path = _ROOT) -> list[Path]:
+    """The source files of ``modules``, of ``ALWAYS_HASHED``'s packages, and of every forwardinf
+    module they import, transitively (a static walk of the imports), sorted."""
+    todo = [*modules, *(f"forwardinf.{p}.{f.stem}" for p in ALWAYS_HASHED for f in sorted((root / p).glob("*.py")))]
+    seen: set[str] = set()
+    while todo:
+        m = todo.pop()
+        if m in seen or not m.startswith("forwardinf.") or _module_file(m, root) is None:
+            continue
+        seen.add(m)
+        todo += sorted(_imports(m, root))
+    return sorted({_module_file(m, root) for m in seen})
+
+
+def code_fingerprint(files: list[Path], root: Path = _ROOT) -> str:
+    """SHA-256 of ``files`` (paths relative to ``root`` and contents) and the peers' versions:
+    a method's cached scores are reused only while both are unchanged."""
+    parts: list[str | bytes] = [f"measure={MEASURE}"]
+    for f in files:
+        parts += [str(f.relative_to(root)), f.read_bytes()]
+    for pkg in PEER_PACKAGES:
         try:
-            h.update(f"{pkg}={importlib.metadata.version(pkg)}".encode())
+            parts.append(f"{pkg}={importlib.metadata.version(pkg)}")
         except importlib.metadata.PackageNotFoundError:
-            h.update(f"{pkg}=-".encode())
-    return h.hexdigest()[:16]
+            parts.append(f"{pkg}=-")
+    return sha256_hex(*parts, length=16)
+
+
+def method_key(name: str, options: dict | None, prepared: Prepared, base: dict) -> str:
+    """The cache key of ``name``'s scores: ``base`` (model, data, queries), the method's name and
+    options, its estimator's stored settings (a preset's expansion included) and the fingerprint
+    of the sources it runs (:func:`method_sources` of its estimator's and the model's modules)."""
+    modules = [type(prepared.model).__module__]
+    settings: Any = None
+    try:
+        est = make_method(name, prepared.model, prepared, False, split_queries_option(options)[0])
+    except ImportError:  # a missing peer: keyed by its name (its error is cached as such)
+        modules.append("forwardinf.baselines.peers")
+    else:
+        modules.append(type(est).__module__)
+        settings = fingerprint({k: v for k, v in vars(est).items() if k not in ("model", "progress")})
+        settings = [type(est).__qualname__, settings]
+    return json_hash({**base, "method": name, "options": options or {}, "estimator": settings,
+                      "code": code_fingerprint(method_sources(modules))})
 
 
 # --------------------------------------------------------------------------------- evaluation
@@ -446,17 +532,21 @@ def run(args: argparse.Namespace) -> dict:
     dm, dm_q = datamodel_reference(masks, targets, fit, args.bootstrap, args.seed)
     results["datamodel"] = {"seconds": 0.0, **dm, "note": f"ridge on {fit} subsets (upper reference)"}
     per_query.update({f"datamodel/{k}": v for k, v in dm_q.items()})
-    key_base = {"code": code_fingerprint(), "model": state_fingerprint(prepared.model), "config": prepared.config,
+    key_base = {"model": state_fingerprint(prepared.model), "config": prepared.config,
                 "queries": problem.query_index.tolist()}
     for name in methods:
-        key = json_hash({**key_base, "method": name, "options": options.get(name, {})})
+        key = method_key(name, options.get(name), prepared, key_base)
         res = run_method(name, args, options.get(name), Path(args.out) / "methods", key)
         if "error" in res:
             results[name] = {"error": res["error"]}
             print(f"  {name:24s} {res['error']}", flush=True)
             continue
-        m, pq = evaluate(res["scores"], masks, targets, fit, args.bootstrap, args.seed)
+        scored = len(res["scores"])  # all the queries, or the first `queries` of them
+        m, pq = evaluate(res["scores"], masks, {t: y[:, :scored] for t, y in targets.items()}, fit, args.bootstrap,
+                         args.seed)
         results[name] = {k: res[k] for k in ("seconds", "cpu_seconds", "peak_mb", "extra_mb")} | m
+        if scored < q:
+            results[name].update(n_queries=scored, note=f"on the first {scored} of the {q} queries")
         per_query.update({f"{name}/{k}": v for k, v in pq.items()})
         print(f"  {name:24s} LDS margin {m['lds_margin']:+.3f}  loss {m['lds_loss']:+.3f}  (held-out "
               f"{m['lds_margin_heldout']:+.3f} / {m['lds_loss_heldout']:+.3f})  {res['cpu_seconds']:8.1f} CPU s  "
