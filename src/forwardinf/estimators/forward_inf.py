@@ -37,8 +37,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # K-FAC-preconditioned ascent step on the query's margin, then each training loss's change
     # per unit step: to first order the influence function g_iᵀ (G + λI)⁻¹ g_q, with the
     # training set seen by one batched backward pass (the factors) and forward passes only.
-    # damping (relative to each layer's mean eigenvalue) set on digits (held-out LDS 0.557 / 0.563
-    # / 0.560 at 0.3 / 0.5 / 1.0), checked unchanged on Fashion-MNIST: benchmarks/results/lds.md.
+    # damping: 0.5 x the mean eigenvalue of the whole K-FAC curvature, one global value (chosen on
+    # two digits seeds held apart from the LDS evaluation: benchmarks/results/lds_tuning.md, lds.md).
     "counterfactual": dict(steps=1, lr=1e-4, optimizer="kfac", score="influence", damping=0.5, fisher="empirical"),
 }
 
@@ -107,8 +107,8 @@ class ForwardINF(Estimator):
         fitted_fallback: the authors' trick: a query with loss < 0.01 is perturbed by Gaussian
             noise of growing L2 radius (from 3.0, x1.1) until its loss is above 0.01.
         momentum, weight_decay: for ``"sgd"``/``"nsgd"`` (weight decay also for Adam).
-        damping: for ``"kfac"``: ``λ`` per layer as a multiple of that layer's mean curvature
-            eigenvalue (scale-free); > 0.
+        damping: for ``"kfac"``: ``λ`` as a multiple of the mean eigenvalue of the whole
+            block-diagonal curvature (scale-free; :mod:`forwardinf.core.curvature`); > 0.
         fisher: for ``"kfac"``: ``"empirical"`` (the given targets; any task) or ``"sampled"``
             (targets drawn from the model's softmax; classification). The factors are ``curvature_``.
         n_directions: random directions along which ``fit`` takes forward-mode derivatives of every
@@ -501,8 +501,8 @@ class ForwardINF(Estimator):
             check_choice(name, "fisher", self.fisher, FISHERS)
             if (not isinstance(self.damping, (int, float)) or isinstance(self.damping, bool)
                     or not math.isfinite(self.damping) or self.damping <= 0):
-                raise ValueError(f"{name}: damping={self.damping!r}; expected a finite number > 0 (relative to each "
-                                 "layer's mean curvature eigenvalue; 0.5 is the counterfactual preset's)")
+                raise ValueError(f"{name}: damping={self.damping!r}; expected a finite number > 0 (relative to the "
+                                 "mean curvature eigenvalue; 0.5 is the counterfactual preset's)")
         check_positive(name, "query_repeat", self.query_repeat, integer=True)
         check_positive(name, "n_directions", self.n_directions, integer=True)
         if self.batch_size != "auto":
