@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from forwardinf.core.params import mode
+from forwardinf.core.params import device_of, mode
 from forwardinf.data.inputs import as_dataset, batches, gather, to_device
 from forwardinf.hashing import hash_tensor
 from forwardinf.io import atomic_save
@@ -26,11 +26,6 @@ from forwardinf.io import atomic_save
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine")
 AUGMENTATIONS = ("crop+flip",)
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def _xy(batch: Any) -> tuple[Any, Tensor]:
@@ -66,7 +61,7 @@ def train_classifier(model: nn.Module, train: Any, *, epochs: int = 10, lr: floa
         raise ValueError(f"lr must be > 0, got {lr}")
     dataset = as_dataset(train, "train")
     n = len(dataset)
-    device = _device_of(model)
+    device = device_of(model)
     params = [p for p in model.parameters() if p.requires_grad]
     if optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -127,7 +122,7 @@ def accuracy(model: nn.Module, data: Any, batch_size: int = 512) -> float:
     The model's train/eval flags are restored afterwards.
     """
     dataset = as_dataset(data, "data")
-    device = _device_of(model)
+    device = device_of(model)
     correct = 0
     with mode(model, False):
         for _, batch in batches(dataset, batch_size):

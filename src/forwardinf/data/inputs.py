@@ -50,6 +50,9 @@ class TensorDict(Dataset):
     """A dict of tensors ``{key: [N, ...]}`` (e.g. tokenizer output) as a dataset of dicts."""
 
     def __init__(self, tensors: Mapping[str, Tensor]) -> None:
+        sizes = {len(t) for t in tensors.values()}
+        if len(sizes) > 1:
+            raise ValueError(f"{type(self).__name__}: tensors have different lengths {sorted(sizes)}")
         self.tensors = dict(tensors)
 
     def __len__(self) -> int:

@@ -20,6 +20,8 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from forwardinf.core.seeding import seeded
+
 SPECIALS = {"pad": "[PAD]", "eos": "</s>", "unk": "[UNK]", "mask": "<extra_id_0>", "bos": "<s>"}
 # T5 convention: pad 0 (also the decoder start), eos 1.
 SPECIAL_ORDER = ("pad", "eos", "unk", "mask", "bos")
@@ -74,8 +76,7 @@ def build_language_model(name: str, tokenizer: Any, *, seed: int = 0, **override
     arch = cfg.pop("arch")
     ids = {k: tokenizer.convert_tokens_to_ids(SPECIALS[k]) for k in ("pad", "eos", "bos")}
     vocab = len(tokenizer)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         if arch == "gpt2":
             config = transformers.GPT2Config(
                 vocab_size=vocab, bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"],

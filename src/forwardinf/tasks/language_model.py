@@ -22,8 +22,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
-
+from forwardinf.data.inputs import TensorDict
 from forwardinf.tasks.base import Task
 
 IGNORE = -100
@@ -238,20 +237,8 @@ class LanguageModelTask(Task):
 
 
 # -- encoding ---------------------------------------------------------------------------------
-class DictDataset(Dataset):
-    """A map-style dataset over a dict of tensors ``{name: [N, ...]}``; items are dicts of rows."""
-
-    def __init__(self, tensors: dict[str, Tensor]) -> None:
-        sizes = {len(t) for t in tensors.values()}
-        if len(sizes) != 1:
-            raise ValueError(f"DictDataset: tensors have different lengths {sorted(sizes)}")
-        self.tensors = tensors
-
-    def __len__(self) -> int:
-        return len(next(iter(self.tensors.values())))
-
-    def __getitem__(self, i: int) -> dict[str, Tensor]:
-        return {k: v[i] for k, v in self.tensors.items()}
+# A dict of ``[N, ...]`` tensors as a dataset of dicts (the library's one, kept under this name).
+DictDataset = TensorDict
 
 
 def encode(tokenizer: Any, prompts: Sequence[str], targets: Sequence[str], *, kind: str = "causal",
