@@ -13,10 +13,15 @@ import json
 from pathlib import Path
 
 from forwardinf.experiments.report import markdown_table
-from forwardinf.experiments.hypothesis import PAPER
+from forwardinf.experiments.hypothesis import FI_NAMES, PAPER
 
 # Table 7 Spearman at 500 validation points (PAPER holds its Pearson).
 PAPER_FI_SPEARMAN = {"mnist": 0.9942, "fashion-mnist": 0.9920, "cifar10": 0.9832}
+
+
+def _fi(methods: dict, setting: str) -> dict:
+    """Forward-INF's entry: its registry name, or ``forward-inf`` in runs recorded before the registry."""
+    return methods.get(f"{setting}/{FI_NAMES[setting]}") or methods[f"{setting}/forward-inf"]
 
 
 def collect(dirs: list[Path]) -> list[dict]:
@@ -31,7 +36,7 @@ def collect(dirs: list[Path]) -> list[dict]:
             rows.append({
                 "dataset": ds, "setting": setting, "run_dir": str(d),
                 "hypothesis": {k: m[f"{setting}/retraining"][k] for k in ("pearson", "spearman")},
-                "forward_inf": {k: m[f"{setting}/forward-inf"][k] for k in ("pearson", "spearman")},
+                "forward_inf": {k: _fi(m, setting)[k] for k in ("pearson", "spearman")},
                 "influence_function": ({k: m["convex/influence-function"][k] for k in ("pearson", "spearman")}
                                        if setting == "convex" else None),
                 "retraining_wall_seconds": m[f"{setting}/retraining"]["seconds"],

@@ -86,7 +86,7 @@ def test_tiny_convex_run_end_to_end(tmp_path):
         err = (arr[name] - arr["if"]).abs().max() / arr["if"].abs().max()
         assert err < 0.15, (name, float(err))
     # one small SGD step of Forward-INF is the gradient dot product to first order
-    assert res["methods"]["convex/forward-inf"]["vs_gradient_dot"] > 0.99
+    assert res["methods"]["convex/forward-inf-convex"]["vs_gradient_dot"] > 0.99
     assert res["methods"]["convex/retraining"]["cpu_seconds"] > 0
     assert (out / "hypothesis_convex.png").stat().st_size > 10_000
     assert "Pearson" in (out / "report.md").read_text()
@@ -109,7 +109,7 @@ def test_resumed_noisy_run_equals_uninterrupted_run(tmp_path, pairing):
     fresh, _ = _run(tmp_path, "fresh", tiny, tmp_path / "other-cache")
     info = first["config"]["details"]["noisy"]
     assert info["pairing"] == pairing and 0.0 <= info["correlation_ceiling"] <= 1.0
-    for name in ("noisy/retraining", "noisy/forward-inf"):
+    for name in ("noisy/retraining", "noisy/forward-inf-group"):
         for key in ("pearson", "spearman"):
             assert first["methods"][name][key] == resumed["methods"][name][key] == fresh["methods"][name][key]
     assert (out / "hypothesis_noisy.png").is_file()
@@ -197,4 +197,4 @@ def test_digits_meets_the_papers_bar(tmp_path):
     m = res["methods"]
     assert m["convex/retraining"]["pearson"] >= 0.95
     assert m["noisy/retraining"]["spearman"] >= 0.90
-    assert m["noisy/forward-inf"]["pearson"] >= 0.90
+    assert m["noisy/forward-inf-group"]["pearson"] >= 0.90

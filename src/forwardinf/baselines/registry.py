@@ -42,6 +42,7 @@ configuration in every experiment. Each experiment picks its default names from 
 | ``forward-inf-margin-cp`` / ``forward-inf-cosine-cp`` | ``forward-inf-margin`` / ``forward-inf`` averaged over the saved training checkpoints (self-influence) | mislabel |
 | ``forward-inf-diffusion`` | adam, lr 3e-4, 3 steps, ``score="margin"`` (change of the log loss) on a ``DiffusionTask`` | diffusion |
 | ``forward-inf-diffusion-{paper,loss,abs,nsgd,cosine,contrast}`` | the diffusion experiment's other variants | |
+| ``forward-inf-convex`` | one plain SGD step, lr 1e-3, ``score="loss"`` (to first order the gradient dot product) on a convex model | hypothesis (convex; noisy uses ``forward-inf-group``) |
 | ``forward-inf-trace`` | nsgd, 1 step, ``score="loss"``; lr and parameter subset tuned on held-out queries by the experiment | trace |
 
 Old labels: mislabel's ``forward-inf`` / ``forward-inf-cp`` are ``forward-inf-margin`` /
@@ -80,7 +81,7 @@ class Variant:
     ``"forward-inf"`` (:class:`ForwardINF`), ``"tail"`` (:class:`TailForwardINF`) or
     ``"invariant"`` (:class:`InvariantForwardINF`); ``task``: the kind of task it was set for
     (``"classification"``, ``"image"``: classification of images only, ``"diffusion"``,
-    ``"language"``). Protocol flags the experiments read, not the estimator: ``checkpoints``
+    ``"language"``, ``"convex"``: the hypothesis study's linear model). Protocol flags the experiments read, not the estimator: ``checkpoints``
     (average the standardised self-influence over the saved training checkpoints, as TracIn-CP
     does) and ``contrast`` (diffusion: minus the same ascent on the pre-trained model's samples).
     """
@@ -117,6 +118,9 @@ FORWARD_INF: dict[str, Variant] = {
     "forward-inf-diffusion-nsgd": Variant({**_DIFFUSION, "optimizer": "nsgd", "lr": 1e-3}, task="diffusion"),
     "forward-inf-diffusion-cosine": Variant({**_DIFFUSION, "score": "cosine", "n_directions": 16}, task="diffusion"),
     "forward-inf-diffusion-contrast": Variant(dict(_DIFFUSION), task="diffusion", contrast=True),
+    # The hypothesis study's convex setting (experiments/hypothesis.py, --convex-fi-lr): one plain
+    # SGD step, whose loss change is to first order the gradient dot product.
+    "forward-inf-convex": Variant(dict(optimizer="sgd", score="loss", steps=1, lr=1e-3), task="convex"),
     # Fact tracing in a language model: lr and the parameter subset are tuned per run on held-out
     # queries (experiments/trace.py, --fi-lr / --fi-params).
     "forward-inf-trace": Variant(dict(optimizer="nsgd", steps=1, score="loss"), task="language"),

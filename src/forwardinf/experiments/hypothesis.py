@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from forwardinf import metrics as M
+from forwardinf.baselines.registry import make_estimator
 from forwardinf.baselines.retraining import LossProbe, concat, group_mean, run_trainings
 from forwardinf.data.inputs import gather
 from forwardinf.data.loaders import DataSplit, balanced_indices, load_dataset
@@ -66,6 +67,9 @@ NOISY_EPOCHS = {"cifar10": 20}  # else 10
 # Above this many parameters the exact Hessian (P x P, float64) no longer fits comfortably:
 # 2x2-average-pool the images first (CIFAR-10: 3,072 -> 768 features).
 MAX_CONVEX_PARAMS = 10_000
+# Forward-INF per setting (registry names; the CLI's --convex-fi-lr / --fi-* override their knobs).
+CONVEX_FI, NOISY_FI = "forward-inf-convex", "forward-inf-group"
+FI_NAMES = {"convex": CONVEX_FI, "noisy": NOISY_FI}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -258,8 +262,8 @@ def run_convex(split: DataSplit, args: argparse.Namespace, cache: Path, progress
     with _clock() as t_if:
         if_scores = cvx.influence_scores(model, train, queries, n, l2, h_inv)[:, points]
     with _clock() as t_fi:
-        fi_scores = _forward_inf(model, train, queries, joint=False, steps=1, lr=args.convex_fi_lr,
-                                 weight_decay=0.0, progress=progress)[:, points]
+        fi_scores = _forward_inf(CONVEX_FI, model, train, queries, joint=False, lr=args.convex_fi_lr,
+                                 progress=progress)[:, points]
     dot = cvx.gradient_dot(model, train, queries)[:, points]
 
     def corr(a: Tensor, b: Tensor) -> dict:
@@ -277,7 +281,7 @@ def run_convex(split: DataSplit, args: argparse.Namespace, cache: Path, progress
                                       "cpu_seconds": t_if["cpu_seconds"],
                                       "compares": "influence function vs leave-one-out",
                                       "vs_test_to_train": corr(if_scores, t2t)["pearson"]},
-        "convex/forward-inf": {**corr(fi_scores, t2t), "seconds": t_fi["seconds"], "cpu_seconds": t_fi["cpu_seconds"],
+        f"convex/{CONVEX_FI}": {**corr(fi_scores, t2t), "seconds": t_fi["seconds"], "cpu_seconds": t_fi["cpu_seconds"],
                                "compares": "Forward-INF vs add-the-query (test->train)",
                                "vs_leave_one_out": corr(fi_scores, loo)["pearson"],
                                # one plain SGD step is, to first order, the gradient dot product
@@ -294,12 +298,10 @@ def run_convex(split: DataSplit, args: argparse.Namespace, cache: Path, progress
     return {"methods": methods, "info": info, "arrays": arrays}
 
 
-def _forward_inf(model: nn.Module, train: Any, queries: Any, *, joint: bool, steps: int, lr: float,
-                 weight_decay: float, progress: bool) -> Tensor:
-    from forwardinf.estimators.forward_inf import ForwardINF
-
-    est = ForwardINF(model, ClassificationTask(), steps=steps, lr=lr, optimizer="sgd", direction="ascent",
-                     score="loss", weight_decay=weight_decay, progress=progress)
+def _forward_inf(name: str, model: nn.Module, train: Any, queries: Any, *, joint: bool, progress: bool,
+                 **overrides: Any) -> Tensor:
+    """``name``'s scores (a registry variant: ``forward-inf-convex`` / ``forward-inf-group``), float64."""
+    est = make_estimator(name, model, ClassificationTask(), progress=progress, **overrides)
     return est.fit(train).influence(queries, joint=joint).double()
 
 
@@ -425,7 +427,7 @@ def run_noisy(split: DataSplit, args: argparse.Namespace, cache: Path, progress:
         per_run_t2t = group_mean(base[:, :n] - added[:, :n], members)  # [R, G]
         test_to_train = per_run_t2t.mean(0)  # [G]
     with _clock() as t_fi:
-        fi_runs = [_forward_inf(m, train, val, joint=True, steps=args.fi_steps, lr=args.fi_lr,
+        fi_runs = [_forward_inf(NOISY_FI, m, train, val, joint=True, steps=args.fi_steps, lr=args.fi_lr,
                                 weight_decay=args.fi_weight_decay, progress=progress) for m in base_models]
         forward_inf = group_mean(torch.stack(fi_runs).mean(0), members)  # [G]
 
@@ -438,7 +440,7 @@ def run_noisy(split: DataSplit, args: argparse.Namespace, cache: Path, progress:
                              "cpu_seconds": t_ret["cpu_seconds"],
                              "compares": "remove group (train->test) vs add D_tst (test->train)",
                              "trainings": len(runs) * (len(members) + 2)},
-        "noisy/forward-inf": {**corr(forward_inf, test_to_train), "seconds": t_fi["seconds"] / len(runs),
+        f"noisy/{NOISY_FI}": {**corr(forward_inf, test_to_train), "seconds": t_fi["seconds"] / len(runs),
                               "cpu_seconds": t_fi["cpu_seconds"] / len(runs),
                               "compares": "Forward-INF (joint, per run, averaged) vs add D_tst (test->train)",
                               "vs_train_to_test": corr(forward_inf, train_to_test)},
@@ -574,7 +576,7 @@ def _report(dataset: str, methods: dict, details: dict, args: argparse.Namespace
             return
         label = {"convex": "Near-noiseless (point-to-point)", "noisy": "Noisy (group-to-group)"}[setting]
         extra_if = methods.get(f"{setting}/influence-function")
-        fi = methods[f"{setting}/forward-inf"]
+        fi = methods[f"{setting}/{FI_NAMES[setting]}"]
         for i, metric in enumerate(("pearson", "spearman")):
             rows.append([label if i == 0 else "", metric.capitalize(), hyp[metric],
                          extra_if[metric] if extra_if else "-", fi[metric],
