@@ -240,7 +240,8 @@ def test_trace_forward_inf_is_the_registry_variant_and_tuning_reuses_the_fit(gpt
     scores of a fresh fit at that lr, bit for bit; ``forward-inf`` is the old label's alias."""
     import argparse
 
-    from forwardinf.experiments.trace import FI, forward_inf_estimator, parse_methods
+    from forwardinf.experiments.trace import parse_methods
+    from forwardinf.experiments.tracing import FI, forward_inf_estimator
 
     task = LanguageModelTask.for_model(gpt2)
     pool = DictDataset(encode(tok, PROMPTS, TARGETS, suffixes=SUFFIXES))

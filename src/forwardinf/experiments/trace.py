@@ -39,9 +39,9 @@ import numpy as np
 import torch
 
 from forwardinf.experiments.common import markdown_table, results_object, seed_everything, write_outputs
-from forwardinf.experiments.tracing import Timed, bm25_texts, build_pool, evaluate, within_budget
+from forwardinf.experiments.tracing import (FI, Timed, bm25_texts, build_pool, evaluate, forward_inf_estimator,
+                                            within_budget)
 
-FI = "forward-inf-trace"  # the registry's name (baselines/registry.py); its lr and parameters are tuned here
 METHODS = (FI, "tracin-single", "tracin-multi", "tracin-cached", "bm25")
 ALIASES = {"forward-inf": FI}  # the label before the registry
 
@@ -182,15 +182,6 @@ def _layer(prep: dict, name: str) -> list[str] | None:
     if name == "all":
         return None
     return [output_layer_name(prep["model"]) if name == "output" else name]
-
-
-def forward_inf_estimator(model: Any, task: Any, lr: float, params: Any, args: argparse.Namespace) -> Any:
-    """The registry's ``forward-inf-trace`` (unfitted) with this run's lr and parameters; the
-    ``--fi-optimizer/--fi-steps/--fi-score`` flags override the registry's keywords."""
-    from forwardinf.baselines.registry import make_estimator
-
-    return make_estimator(FI, model, task, lr=lr, params=params, batch_size=args.batch_size,
-                          optimizer=args.fi_optimizer, steps=args.fi_steps, score=args.fi_score)
 
 
 def forward_inf_scorer(prep: dict, setting: tuple[float, str], args: argparse.Namespace) -> Scorer:

@@ -68,8 +68,8 @@ def tail_batch(model: Any, data: dict[str, torch.Tensor], n_tail: int, batch_siz
 def run(args: argparse.Namespace, facts: Any, dataset_name: str, splits: dict) -> dict:
     from forwardinf.baselines.bm25 import BM25, rerank
     from forwardinf.baselines.tracin import TracIn
-    from forwardinf.experiments.trace import FI, forward_inf_estimator
-    from forwardinf.experiments.tracing import Timed, bm25_texts, build_pool, evaluate, within_budget
+    from forwardinf.experiments.tracing import (FI, Timed, bm25_texts, build_pool, evaluate, forward_inf_estimator,
+                                                within_budget)
     from forwardinf.models.language import train_language_model
     from forwardinf.models.pretrained import TailLM, TailTask, load_pretrained
     from forwardinf.tasks.language_model import DictDataset
