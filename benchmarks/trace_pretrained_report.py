@@ -55,9 +55,12 @@ def notes():
             f"the model's answer top-1 is {c['answer_top1_after']:.2f}. Single seed, single run.")
 
 
+PHASES = {p["phase"]: p for p in json.loads(Path("benchmarks/results/trace_pretrained_memory.json").read_text())["phases"]}
+INFERENCE_MB = PHASES["inference sweep (full model, all logits)"]["peak_mb"]
+
+
 def memory_rows():
-    phases = {p["phase"]: p for p in json.loads(Path("benchmarks/results/trace_pretrained_memory.json").read_text())["phases"]}
-    inf = phases["inference sweep (full model, all logits)"]["peak_mb"]
+    phases, inf = PHASES, INFERENCE_MB
     q, f, t = (phases[n]["peak_mb"] for n in ("forward-inf float32 queries", "forward-inf float32 fit", "tracin float32 queries"))
     return (f"| memory <= 1.3x inference sweep: Forward-INF's sweep (per-phase peak, memory section) | {q:.0f} / {inf:.0f} = "
             f"{q / inf:.2f}x; its fit {f:.0f} / {inf:.0f} = {f / inf:.2f}x **{'met' if max(q, f) <= 1.3 * inf else 'not met'}** | |\n"
@@ -87,7 +90,11 @@ OMP_NUM_THREADS=1 python benchmarks/trace_pretrained_memory.py --queries 60 --ou
 
 `{run_dir}/results.json` is copied to `benchmarks/results/trace_pretrained.json`. Rank metrics count tied
 scores against the method, every method alike (`forwardinf.metrics.target_ranks`; BM25's scores can tie: candidates
-with the same query words and lengths).
+with the same query words and lengths). Against the previous record (run 05:16-05:50 UTC the same day, commit
+f803aa4, ties broken at random in expectation, the same fine-tuned tail): BM25 MRR 0.8545 -> 0.8495 (original),
+0.7291 -> 0.7281 (paraphrased); Forward-INF 0.6968 -> 0.6965, 0.6333 -> 0.6329; TracIn 0.6525 -> 0.6517,
+0.6020 -> 0.6009; BM25 + Forward-INF 0.8843 -> 0.8843, 0.7626 -> 0.7622. The "@ budget" columns also move
+with the measured CPU times (Forward-INF 0.685 -> 0.695, TracIn 0.477 -> 0.456 original).
 
 ## Set-up
 
@@ -118,8 +125,9 @@ with the same query words and lengths).
 
 {table('-paraphrased')}
 {memory}
-Total: {c['total_cpu_seconds']:.0f} s CPU, {c['total_wall_seconds']:.0f} s wall (machine shared with other jobs);
-peak RSS of the whole run {c['peak_rss_mb']:.0f} MB.
+Total: {c['total_cpu_seconds']:.0f} s CPU, {c['total_wall_seconds']:.0f} s wall (machine shared with other jobs).
+Peak RSS of the whole 200-query run (`ru_maxrss`: every phase, TracIn's included): {c['peak_rss_mb']:.0f} MB
+= {c['peak_rss_mb'] / INFERENCE_MB:.2f}x the inference sweep's {INFERENCE_MB:.0f} MB (per-phase peaks: the memory section).
 
 ## Bars
 
