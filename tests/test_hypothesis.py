@@ -9,7 +9,8 @@ from forwardinf import metrics as M
 from forwardinf.cli import main
 from forwardinf.data.loaders import load_digits
 from forwardinf.baselines.retraining import run_trainings
-from forwardinf.experiments.hypothesis import (PairedCNNTrainer, group_ratios, make_groups, runs_needed,
+from forwardinf.workloads.trainers import PairedCNNTrainer
+from forwardinf.experiments.hypothesis import (group_ratios, make_groups, runs_needed,
                                                spearman_brown, split_train_val)
 
 TINY_NOISY = ["--setting", "noisy", "--n-train", "60", "--groups", "4", "--runs", "2", "--epochs", "1",

@@ -11,9 +11,10 @@ import forwardinf as fi
 from forwardinf.baselines.retraining import Downsampling
 from forwardinf.data.loaders import load_digits, subset
 from forwardinf.experiments import memorization
-from forwardinf.experiments.memorization import (SubsetTrainer, agreement, all_ranks, correctness, fz_influence, nan_argmax,
+from forwardinf.experiments.memorization import (agreement, all_ranks, correctness, fz_influence, nan_argmax,
                                                  split_half)
 from forwardinf.metrics import target_ranks
+from forwardinf.workloads.trainers import SubsetTrainer
 
 
 def test_ranks_count_ties_against_the_method_and_nan_argmax():
@@ -69,7 +70,7 @@ def test_fz_influence_hand_made():
 def test_downsampling_matches_own_contrast(tmp_path):
     """Our correctness-based contrast reproduces the library's Feldman-Zhang estimate exactly."""
     split = subset(load_digits(), n_train=120, n_test=20, seed=0)
-    trainer = SubsetTrainer(model="mlp", input_shape=split.input_shape, n_classes=10, epochs=3, lr=0.05)
+    trainer = SubsetTrainer("mlp", tuple(split.input_shape), 10, recipe=dict(epochs=3, lr=0.05, batch_size=64))
     ds = Downsampling(trainer, fi.ClassificationTask(), n_models=6, fraction=0.5, metric="accuracy", seed=0,
                       cache_dir=tmp_path)
     ds.fit(split.train())

@@ -32,7 +32,6 @@ import argparse
 import resource
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -45,9 +44,9 @@ from torch.utils.data import TensorDataset
 from forwardinf import metrics as M
 from forwardinf.baselines.registry import make_estimator
 from forwardinf.baselines.retraining import LossProbe, concat, group_mean, run_trainings
-from forwardinf.data.inputs import gather
 from forwardinf.data.loaders import DataSplit, balanced_indices, load_dataset
 from forwardinf.workloads import convex as cvx
+from forwardinf.workloads.trainers import CNNTrainer, PairedCNNTrainer
 from forwardinf.experiments.common import seed_everything
 from forwardinf.experiments.report import markdown_table, pyplot, results_object, write_outputs
 from forwardinf.tasks.classification import ClassificationTask
@@ -306,80 +305,6 @@ def _forward_inf(name: str, model: nn.Module, train: Any, queries: Any, *, joint
 
 
 # ------------------------------------------------------------------------------ noisy study
-@dataclass
-class CNNTrainer:
-    """Training function ``(data, seed) -> SmallCNN``: the paper's CNN (no BatchNorm) trained by SGD."""
-
-    input_shape: tuple[int, ...]
-    n_classes: int
-    epochs: int = 10
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-3
-    batch_size: int = 64
-    width: int = 32
-
-    def _model(self, seed: int) -> nn.Module:
-        from forwardinf.models import build_model
-
-        # 28x28 / 32x32: the classic unpadded layout (fc input 4 * 4 * 64 on MNIST); 8x8 digits need padding.
-        padding = 0 if min(self.input_shape[1:]) >= 28 else 2
-        return build_model("cnn", self.input_shape, self.n_classes, seed=seed, width=self.width,
-                           batchnorm=False, padding=padding)
-
-    def __call__(self, data: Any, seed: int) -> nn.Module:
-        from forwardinf.training import train_classifier
-
-        x, y = gather(data, range(len(data)))[:2]
-        return train_classifier(self._model(seed), (x, y), epochs=self.epochs, lr=self.lr,
-                                batch_size=self.batch_size, optimizer="sgd", momentum=self.momentum,
-                                weight_decay=self.weight_decay, seed=seed)
-
-
-@dataclass
-class PairedCNNTrainer(CNNTrainer):
-    """:class:`CNNTrainer` with common random numbers: every training of one seed shares one schedule.
-
-    ``data`` holds ``(x, y, slot)``: ``slot`` is each example's position in the pool of all
-    ``pool_size`` examples that any training may use (training set + D_tst). One seed fixes the
-    initialisation and, per epoch, a permutation of the pool's slots cut into ``steps_per_epoch``
-    batches; a training on a subset walks the same batches and skips the slots of absent examples
-    (each batch's loss is the mean over its present examples). Removing a group or adding D_tst
-    therefore changes only the batches those examples sit in, and the SGD noise (initialisation,
-    order) cancels in the paired difference ``L(A(D \\ D_i)) - L(A(D))`` instead of adding to it.
-    ``steps_per_epoch`` is the base recipe's ``ceil(n_train / batch_size)``, so the base model
-    sees batches of ``batch_size`` examples on average, as in :class:`CNNTrainer`.
-    """
-
-    pool_size: int = 0
-    steps_per_epoch: int = 1
-
-    def __call__(self, data: Any, seed: int) -> nn.Module:
-        x, y, slot = gather(data, range(len(data)))[:3]
-        if slot.numel() and (int(slot.min()) < 0 or int(slot.max()) >= self.pool_size):
-            raise ValueError(f"slots must lie in [0, {self.pool_size}), got {int(slot.min())}..{int(slot.max())}")
-        row = torch.full((self.pool_size,), -1, dtype=torch.long)
-        row[slot.long()] = torch.arange(len(slot))
-        model = self._model(seed)
-        opt = torch.optim.SGD(model.parameters(), lr=self.lr, momentum=self.momentum,
-                              weight_decay=self.weight_decay)
-        gen = torch.Generator().manual_seed(seed)
-        model.train()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            for _ in range(self.epochs):
-                for chunk in torch.tensor_split(torch.randperm(self.pool_size, generator=gen), self.steps_per_epoch):
-                    present = row[chunk]
-                    present = present[present >= 0]
-                    if len(present) == 0:
-                        continue
-                    loss = F.cross_entropy(model(x[present]), y[present])
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-        return model.eval()
-
-
 def run_noisy(split: DataSplit, args: argparse.Namespace, cache: Path, progress: bool) -> dict:
     """Remove-a-group vs add-the-validation-set retraining, averaged over ``--runs`` trainings.
 

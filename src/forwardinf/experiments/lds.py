@@ -36,9 +36,8 @@ import multiprocessing
 import os
 import resource
 import sys
-import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -56,9 +55,9 @@ from forwardinf.hashing import fingerprint, json_hash, sha256_hex
 from forwardinf.io import atomic_save, write_json
 from forwardinf.experiments.setup import (FORWARD_INF_VARIANTS, Prepared, add_model_arguments, make_method,
                                           method_options, prepare_classifier)
-from forwardinf.models import build_model
 from forwardinf.tasks.classification import ClassificationTask
-from forwardinf.training import data_fingerprint, state_fingerprint, train_classifier
+from forwardinf.training import data_fingerprint, state_fingerprint
+from forwardinf.workloads.trainers import SubsetTrainer
 
 # Per dataset: subsets, held-out queries, training-set size and epochs (None = setup.DEFAULTS).
 # Fashion-MNIST/MNIST: a 2,000-point class-balanced training set (a 15-epoch SmallCNN on 1,000
@@ -105,27 +104,6 @@ def all_methods() -> list[str]:
 
 
 # ------------------------------------------------------------------------------- ground truth
-@dataclass
-class SubsetTrainer:
-    """``trainer(data, seed) -> model``: a fresh model trained with the attributed model's recipe.
-
-    Records its own CPU seconds on the model (``fit_cpu_seconds_``) for :class:`OutputProbe`.
-    """
-
-    model: str
-    input_shape: tuple
-    n_classes: int
-    model_kw: dict = field(default_factory=dict)
-    recipe: dict = field(default_factory=dict)  # epochs, lr, batch_size, optimizer, weight_decay
-
-    def __call__(self, data: Any, seed: int) -> nn.Module:
-        cpu = time.process_time()
-        net = build_model(self.model, self.input_shape, self.n_classes, seed=seed, **self.model_kw)
-        train_classifier(net, data, seed=seed, **self.recipe)
-        net.fit_cpu_seconds_ = time.process_time() - cpu
-        return net
-
-
 class OutputProbe:
     """``probe(model) -> {"margin": [Q], "loss": [Q], "cpu_seconds": float}`` on fixed queries.
 

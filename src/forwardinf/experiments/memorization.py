@@ -26,18 +26,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 
 import forwardinf as fi
 from forwardinf.baselines.registry import METHODS
 from forwardinf.baselines.retraining import Downsampling
-from forwardinf.data.inputs import gather
 from forwardinf.data.loaders import subset
 from forwardinf.experiments.common import seed_everything, timer, warm_up
 from forwardinf.experiments.report import markdown_table, results_object, save_query_grid, write_outputs, write_query_html
@@ -46,32 +43,9 @@ from forwardinf.experiments.setup import (FORWARD_INF_VARIANTS, add_model_argume
 from forwardinf.hashing import json_hash
 from forwardinf.io import atomic_write_text
 from forwardinf.metrics import target_ranks
-from forwardinf.models import build_model
-from forwardinf.training import train_classifier
+from forwardinf.workloads.trainers import SubsetTrainer
 
 HIGH_INFLUENCE = 0.4  # the paper's threshold for a high-influence pair
-
-
-@dataclass(frozen=True)
-class SubsetTrainer:
-    """``(data, seed) -> model``: the experiment's training recipe on a subset (picklable for workers)."""
-
-    model: str
-    input_shape: tuple[int, int, int]
-    n_classes: int
-    epochs: int
-    lr: float
-    batch_size: int = 64
-    optimizer: str = "sgd"
-    weight_decay: float = 0.0
-    width: int | None = None
-
-    def __call__(self, data: Dataset, seed: int) -> nn.Module:
-        kw = {"width": self.width} if self.width else {}
-        model = build_model(self.model, self.input_shape, self.n_classes, seed=seed, **kw)
-        x, y = gather(data, range(len(data)))[:2]
-        return train_classifier(model, (x, y), epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
-                                optimizer=self.optimizer, weight_decay=self.weight_decay, seed=seed)
 
 
 # ---------------------------------------------------------------------------------- metrics
@@ -196,9 +170,9 @@ def run(args: argparse.Namespace) -> dict:
         split = subset(split, n_test=args.n_test, seed=args.seed)
     train, test = split.train(), split.test()
     cfg = prepared.config
-    trainer = SubsetTrainer(model=cfg["model"], input_shape=tuple(split.input_shape), n_classes=split.n_classes,
-                            epochs=cfg["epochs"], lr=cfg["lr"], batch_size=cfg["batch_size"],
-                            optimizer=cfg["optimizer"], weight_decay=cfg["weight_decay"], width=cfg.get("width"))
+    trainer = SubsetTrainer(cfg["model"], tuple(split.input_shape), split.n_classes,
+                            {"width": cfg["width"]} if cfg.get("width") else {},
+                            {k: cfg[k] for k in ("epochs", "lr", "batch_size", "optimizer", "weight_decay")})
     print(f"memorization: {split.name}, {len(train[1])} training points, {len(test[1])} test queries, "
           f"model {prepared.model_name} (test accuracy {prepared.accuracy:.3f}); ground truth from "
           f"{args.n_models} models on {args.subset_fraction:.0%} subsets", flush=True)

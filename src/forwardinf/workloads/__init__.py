@@ -6,4 +6,6 @@
   them (cached).
 - :mod:`forwardinf.workloads.convex`: L2-regularised multinomial logistic regression solved exactly,
   and its exact influence (the hypothesis experiment's near-noiseless setting).
+- :mod:`forwardinf.workloads.trainers`: the retraining experiments' training functions
+  ``(data, seed) -> model`` (lds and memorization's subset recipe, the hypothesis study's CNN).
 """
