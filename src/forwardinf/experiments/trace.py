@@ -38,9 +38,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from forwardinf.experiments.common import markdown_table, results_object, seed_everything, write_outputs
+from forwardinf.experiments.common import markdown_table, seed_everything
 from forwardinf.experiments.tracing import (FI, Timed, bm25_texts, build_pool, evaluate, forward_inf_estimator,
-                                            within_budget)
+                                            within_budget, write_report)
 
 METHODS = (FI, "tracin-single", "tracin-multi", "tracin-cached", "bm25")
 ALIASES = {"forward-inf": FI}  # the label before the registry
@@ -416,13 +416,7 @@ def run(args: argparse.Namespace) -> dict:
               f"{len(facts.abstracts)} abstracts; model {config['model']} ({n_params:,} parameters); "
               f"{len(eval_q)} queries, {args.candidates} candidates each; tuned: {tuned}. Clocks in CPU seconds "
               f"(time.process_time); queries/min excludes the one-time set-up, 'incl. set-up' spreads it over these queries.", ""]
-    for variant, table in tables.items():
-        report += [f"## {variant} queries", "", table, ""]
-    out = write_outputs(args.out, results_object("trace", dataset_name, config, methods_out), "\n".join(report))
-    for variant, table in tables.items():
-        print(f"\n{variant} queries\n{table}")
-    print(f"wrote {out}/results.json, report.md")
-    return results_object("trace", dataset_name, config, methods_out)
+    return write_report(args.out, dataset_name, config, methods_out, report, tables)
 
 
 def _pick(values: list, scorer: Scorer, apply: Callable[[Any, Any], Any], queries: list, cands: list,

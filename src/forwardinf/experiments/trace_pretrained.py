@@ -24,17 +24,15 @@ Clocks: CPU seconds (``time.process_time``); peak memory: the process's max RSS.
 from __future__ import annotations
 
 import argparse
-import random
 import resource
 import statistics
 import sys
 import time
 from typing import Any
 
-import numpy as np
 import torch
 
-from forwardinf.experiments.common import markdown_table, results_object, seed_everything, write_outputs
+from forwardinf.experiments.common import markdown_table, seed_everything
 
 WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 
@@ -69,7 +67,7 @@ def run(args: argparse.Namespace, facts: Any, dataset_name: str, splits: dict) -
     from forwardinf.baselines.bm25 import BM25, rerank
     from forwardinf.baselines.tracin import TracIn
     from forwardinf.experiments.tracing import (FI, Timed, bm25_texts, build_pool, evaluate, forward_inf_estimator,
-                                                within_budget)
+                                                within_budget, write_report)
     from forwardinf.models.language import train_language_model
     from forwardinf.models.pretrained import TailLM, TailTask, load_pretrained
     from forwardinf.tasks.language_model import DictDataset
@@ -225,11 +223,4 @@ def run(args: argparse.Namespace, facts: Any, dataset_name: str, splits: dict) -
               f"{len(facts.abstracts)} abstracts; {len(eval_q)} queries, {args.candidates} candidates each; "
               f"tail {k} blocks ({n_train:,} trainable parameters); BM25 top-{args.rerank_k} reranked; tuned {tuned}; "
               f"peak RSS {config['peak_rss_mb']:.0f} MB.", ""]
-    for variant, table in tables.items():
-        report += [f"## {variant} queries", "", table, ""]
-    obj = results_object("trace", dataset_name, config, methods_out)
-    out = write_outputs(args.out, obj, "\n".join(report))
-    for variant, table in tables.items():
-        print(f"\n{variant} queries\n{table}")
-    print(f"wrote {out}/results.json, report.md")
-    return obj
+    return write_report(args.out, dataset_name, config, methods_out, report, tables)

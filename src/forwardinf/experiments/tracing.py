@@ -1,6 +1,6 @@
 """Pieces both fact-tracing pipelines share (the toy LM in ``trace`` and the pretrained LM in
 ``trace_pretrained``): Forward-INF's registry variant, the candidate pool, per-method clocks, and the
-ranking metrics."""
+ranking metrics, and the report."""
 from __future__ import annotations
 
 import math
@@ -85,3 +85,20 @@ def within_budget(scores: list[torch.Tensor], seconds: list[float], budget: floa
             capped[reached:] = low
         out.append(capped)
     return out
+
+
+def write_report(out: Any, dataset: str, config: dict, methods: dict, head: list[str],
+                 tables: dict[str, str]) -> dict:
+    """Write ``results.json`` and ``report.md`` (``head`` lines, then one section per query variant's
+    table) into ``out``, print the tables, and return the results object."""
+    from forwardinf.experiments.report import results_object, write_outputs
+
+    obj = results_object("trace", dataset, config, methods)
+    report = list(head)
+    for variant, table in tables.items():
+        report += [f"## {variant} queries", "", table, ""]
+    path = write_outputs(out, obj, "\n".join(report))
+    for variant, table in tables.items():
+        print(f"\n{variant} queries\n{table}")
+    print(f"wrote {path}/results.json, report.md")
+    return obj
