@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from forwardinf import metrics as M
-from forwardinf.experiments.common import markdown_table
+from forwardinf.experiments.report import markdown_table
 from forwardinf.experiments.lds import TARGETS, table
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -23,7 +23,7 @@ from forwardinf import metrics as M
 from forwardinf.cli import build_parser
 from forwardinf.core import curvature
 from forwardinf.experiments import lds
-from forwardinf.experiments.common import markdown_table
+from forwardinf.experiments.report import markdown_table
 from forwardinf.experiments.setup import make_method
 
 RESULTS = Path(__file__).resolve().parent / "results"

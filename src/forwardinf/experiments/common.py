@@ -1,8 +1,9 @@
 """What every experiment shares: seeding, timing and warming up. Tables and ``--out`` files are the
-reporting module's (:mod:`forwardinf.experiments.report`; re-exported here for older imports)."""
+reporting module's (:mod:`forwardinf.experiments.report`)."""
 from __future__ import annotations
 
 import random
+import resource
 import time
 from contextlib import contextmanager
 from typing import Iterator
@@ -10,9 +11,6 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from forwardinf.experiments.report import markdown_table, results_object, write_outputs
-
-__all__ = ["seed_everything", "timer", "warm_up", "markdown_table", "results_object", "write_outputs"]
 
 
 def seed_everything(seed: int) -> None:
@@ -22,16 +20,23 @@ def seed_everything(seed: int) -> None:
 
 
 @contextmanager
-def timer() -> Iterator[dict]:
+def timer(children: bool = False) -> Iterator[dict]:
     """``with timer() as t: ...`` then ``t["seconds"]`` (wall) and ``t["cpu_seconds"]`` (this process's
-    CPU time, ``time.process_time``: steadier than wall time on a shared machine)."""
+    CPU time, ``time.process_time``: steadier than wall time on a shared machine; with ``children``
+    also the CPU time of worker processes that finished meanwhile)."""
+    def cpu() -> float:
+        if not children:
+            return time.process_time()
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return time.process_time() + kids.ru_utime + kids.ru_stime
+
     t: dict = {}
-    start, cpu = time.perf_counter(), time.process_time()
+    start, c0 = time.perf_counter(), cpu()
     try:
         yield t
     finally:
         t["seconds"] = time.perf_counter() - start
-        t["cpu_seconds"] = time.process_time() - cpu
+        t["cpu_seconds"] = cpu() - c0
 
 
 def warm_up(model: torch.nn.Module, train: tuple[torch.Tensor, torch.Tensor]) -> None:

@@ -29,11 +29,9 @@ paper's Inf(->) and Inf(<-) negated; correlations are unaffected and the plots u
 from __future__ import annotations
 
 import argparse
-import resource
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,7 +45,7 @@ from forwardinf.baselines.retraining import LossProbe, concat, group_mean, run_t
 from forwardinf.data.loaders import DataSplit, balanced_indices, load_dataset
 from forwardinf.workloads import convex as cvx
 from forwardinf.workloads.trainers import CNNTrainer, PairedCNNTrainer
-from forwardinf.experiments.common import seed_everything
+from forwardinf.experiments.common import seed_everything, timer
 from forwardinf.experiments.report import markdown_table, pyplot, results_object, write_outputs
 from forwardinf.tasks.classification import ClassificationTask
 
@@ -116,24 +114,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fi-steps", type=int, default=2, help="Forward-INF ascent steps (default: 2, Table 7)")
     g.add_argument("--fi-lr", type=float, default=0.01, help="Forward-INF SGD ascent lr (default: 0.01)")
     g.add_argument("--fi-weight-decay", type=float, default=1e-3, help="Forward-INF weight decay (default: 1e-3)")
-
-
-@contextmanager
-def _clock() -> Iterator[dict]:
-    """``t["seconds"]`` (wall) and ``t["cpu_seconds"]``: this process plus finished worker processes.
-
-    The machine may be shared: wall time then overstates the cost, CPU time does not.
-    """
-    def cpu() -> float:
-        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-        return time.process_time() + kids.ru_utime + kids.ru_stime
-
-    t: dict = {}
-    w, c = time.perf_counter(), cpu()
-    try:
-        yield t
-    finally:
-        t["seconds"], t["cpu_seconds"] = time.perf_counter() - w, cpu() - c
 
 
 # ------------------------------------------------------------------------------------ data
@@ -233,7 +213,7 @@ def run_convex(split: DataSplit, args: argparse.Namespace, cache: Path, progress
     n = len(yt)
     l2 = args.l2 if args.sklearn_c is None else 1.0 / (args.sklearn_c * n)
 
-    with _clock() as t_fit:
+    with timer(children=True) as t_fit:
         model, h_inv = cvx.solve_reference(train, c, n, l2)
     val_losses = LossProbe((xv.double(), y_val))(model)
     nq = min(args.n_queries, len(y_val))
@@ -247,20 +227,20 @@ def run_convex(split: DataSplit, args: argparse.Namespace, cache: Path, progress
     k = n if args.loo_points is None else min(args.loo_points, n)
     points = everyone if k == n else np.sort(np.random.default_rng(args.seed).choice(n, k, replace=False))
 
-    with _clock() as t_loo:
+    with timer(children=True) as t_loo:
         jobs = [(everyone, 0)] + [(np.delete(everyone, i), 0) for i in points]
         res = run_trainings(train_fn, train, jobs, LossProbe(queries), workers=args.workers, cache_dir=cache,
                             progress=progress, desc="convex leave-one-out")
         loo = torch.stack(res[1:]).T - res[0][:, None]  # [Q, K]: L(θ_{-i}, q) - L(θ, q)
-    with _clock() as t_add:
+    with timer(children=True) as t_add:
         pool = concat(train, queries)
         jobs = [(everyone, 0)] + [(np.append(everyone, n + j), 0) for j in range(nq)]
         res = run_trainings(train_fn, pool, jobs, LossProbe(train), workers=args.workers, cache_dir=cache,
                             progress=progress, desc="convex add-the-query")
         t2t = (res[0] - torch.stack(res[1:]))[:, points]  # [Q, K]: L(θ, z_i) - L(θ_{+q}, z_i)
-    with _clock() as t_if:
+    with timer(children=True) as t_if:
         if_scores = cvx.influence_scores(model, train, queries, n, l2, h_inv)[:, points]
-    with _clock() as t_fi:
+    with timer(children=True) as t_fi:
         fi_scores = _forward_inf(CONVEX_FI, model, train, queries, joint=False, lr=args.convex_fi_lr,
                                  progress=progress)[:, points]
     dot = cvx.gradient_dot(model, train, queries)[:, points]
@@ -331,7 +311,7 @@ def run_noisy(split: DataSplit, args: argparse.Namespace, cache: Path, progress:
     else:
         train_fn, train_pool = CNNTrainer(*recipe), pool
 
-    with _clock() as t_ret:
+    with timer(children=True) as t_ret:
         base_models = run_trainings(train_fn, train_pool, [(everyone, r) for r in runs], None, workers=args.workers,
                                     cache_dir=cache, progress=progress, desc="noisy base models")
         base = torch.stack([probe(m) for m in base_models]).double()  # [R, n + nv]
@@ -351,7 +331,7 @@ def run_noisy(split: DataSplit, args: argparse.Namespace, cache: Path, progress:
         # test -> train (proponent-oriented): L(A(D), D_g) - L(A(D ∪ D_tst), D_g)
         per_run_t2t = group_mean(base[:, :n] - added[:, :n], members)  # [R, G]
         test_to_train = per_run_t2t.mean(0)  # [G]
-    with _clock() as t_fi:
+    with timer(children=True) as t_fi:
         fi_runs = [_forward_inf(NOISY_FI, m, train, val, joint=True, steps=args.fi_steps, lr=args.fi_lr,
                                 weight_decay=args.fi_weight_decay, progress=progress) for m in base_models]
         forward_inf = group_mean(torch.stack(fi_runs).mean(0), members)  # [G]
@@ -473,7 +453,7 @@ def run(args: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     for setting in settings:
-        with _clock() as t:
+        with timer(children=True) as t:
             result = (run_convex if setting == "convex" else run_noisy)(split, args, cache, progress)
         methods.update(result["methods"])
         details[setting] = {**result["info"], "wall_seconds": t["seconds"], "cpu_seconds": t["cpu_seconds"]}

@@ -50,7 +50,8 @@ from forwardinf.baselines.peers import INSTALL
 from forwardinf.baselines.retraining import run_trainings
 from forwardinf.core.params import mode
 from forwardinf.data.loaders import balanced_indices
-from forwardinf.experiments.common import markdown_table, results_object, seed_everything, timer, warm_up, write_outputs
+from forwardinf.experiments.common import seed_everything, timer, warm_up
+from forwardinf.experiments.report import markdown_table, results_object, write_outputs
 from forwardinf.hashing import fingerprint, json_hash, sha256_hex
 from forwardinf.io import atomic_save, write_json
 from forwardinf.experiments.setup import (FORWARD_INF_VARIANTS, Prepared, add_model_arguments, make_method,

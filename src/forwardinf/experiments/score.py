@@ -41,7 +41,7 @@ from forwardinf.data.inputs import as_dataset, gather, to_device
 from forwardinf.distributed import activation_bytes, auto_batch_size, init_distributed, score_to_store, shard_dataset
 from forwardinf.estimators.forward_inf import PRESETS, SCORES, ForwardINFConfig
 from forwardinf.estimators.tail import PRECISIONS, ReducedPrecisionTask, TailForwardINF, split_model
-from forwardinf.experiments.common import markdown_table, results_object, write_outputs
+from forwardinf.experiments.report import markdown_table, results_object, write_outputs
 from forwardinf.storage import write_topk
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")

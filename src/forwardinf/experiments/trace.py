@@ -38,7 +38,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from forwardinf.experiments.common import markdown_table, seed_everything
+from forwardinf.experiments.common import seed_everything
+from forwardinf.experiments.report import markdown_table
 from forwardinf.experiments.tracing import (FI, Timed, bm25_texts, build_pool, evaluate, forward_inf_estimator,
                                             within_budget, write_report)
 

@@ -32,7 +32,8 @@ from typing import Any
 
 import torch
 
-from forwardinf.experiments.common import markdown_table, seed_everything
+from forwardinf.experiments.common import seed_everything
+from forwardinf.experiments.report import markdown_table
 
 WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 
