@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from forwardinf.memory import reset_peak, status_mb
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 MODES = ("inference", "full", "tail", "tail-memory", "tail-bf16", "tail-last", "full-bf16", "full-fp16")
@@ -51,23 +53,12 @@ TAIL_MODES = {  # mode: (split, precision, cache)
 }
 
 
-def rss_kb(field: str = "VmRSS") -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(field)
-
-
 def commit() -> str:
     """The library's git commit (with ``+`` if the working tree differs), to tell rows of merged runs apart."""
     def git(*a: str) -> str:
         return subprocess.run(["git", *a], cwd=HERE, capture_output=True, text=True).stdout.strip()
     dirty = git("status", "--porcelain", "--", "../src", "cost.py")
     return git("rev-parse", "--short", "HEAD") + ("+" if dirty else "")
-
-
-def reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
 
 
 class Clock:
@@ -117,7 +108,7 @@ def child(args) -> dict:
     task = fi.ClassificationTask()
     out = {"mode": args.child, "n_train": len(y), "n_queries": len(leaked), "commit": commit()}
     inference_sweep(model, x[:1024], 512)  # warm-up (allocator, kernels)
-    out["rss_before_mb"] = rss_kb() / 1024
+    out["rss_before_mb"] = status_mb("VmRSS")
     if args.child == "inference":
         reset_peak()
         times = {}
@@ -127,7 +118,7 @@ def child(args) -> dict:
                     inference_sweep(model, x, batch)
                 times.setdefault(batch, []).append((c.cpu, c.wall))
             if batch == 512:
-                out["peak_mb"] = rss_kb("VmHWM") / 1024
+                out["peak_mb"] = status_mb("VmHWM")
         best = min(min(t[0] for t in v) for v in times.values())
         out.update(sweep_cpu=best, sweep_times={str(b): v for b, v in times.items()}, load_average=os.getloadavg()[0],
                    test_accuracy=accuracy(model, data.test()))
@@ -158,7 +149,7 @@ def child(args) -> dict:
     queries = (x[leaked], y[leaked])
     with Clock() as many:
         scores = est.influence(queries)
-    out["peak_mb"] = rss_kb("VmHWM") / 1024
+    out["peak_mb"] = status_mb("VmHWM")
     out["load_average"] = os.getloadavg()[0]
     if hasattr(est, "split_"):
         out.update(cache_width=est.split_.width, cache=est.cache_)

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from forwardinf.memory import status_mb
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
@@ -44,13 +46,6 @@ class Synthetic(Dataset):
         return torch.sin(i * self.a + self.b).float(), torch.tensor(i % 10)
 
 
-def peak_mb(field: str = "VmHWM") -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(field)
-
-
 def child(args) -> dict:
     import forwardinf as fi
     from forwardinf.distributed import score_to_store
@@ -63,13 +58,13 @@ def child(args) -> dict:
     est = fi.ForwardINF(model, fi.ClassificationTask(), batch_size=1024, query_chunk=args.queries)
     store = Path(args.store)
     shutil.rmtree(store, ignore_errors=True)
-    before = peak_mb("VmRSS")
+    before = status_mb("VmRSS")
     cpu, wall = time.process_time(), time.perf_counter()
     run = score_to_store(est, train, queries, store, shard_size=args.shard_size, query_block=args.queries, k=10)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     disk = sum(p.stat().st_size for p in (store / "blocks").iterdir()) / 2**20
     out = {"n_train": args.child, "n_queries": args.queries, "shards": run.store.n_shards, "seconds": wall,
-           "cpu_seconds": cpu, "rss_before_mb": before, "peak_mb": peak_mb(), "store_mb": disk,
+           "cpu_seconds": cpu, "rss_before_mb": before, "peak_mb": status_mb("VmHWM"), "store_mb": disk,
            "top1_index_of_query0": int(run.indices[0, 0])}
     shutil.rmtree(store, ignore_errors=True)
     return out

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from forwardinf.memory import status_mb
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 METHODS = ("forward-inf", "forward-inf-tail", "captum-tracincp", "dattri-trak", "kronfluence-ekfac", "dattri-if-lissa",
@@ -132,7 +134,7 @@ def measure(name: str, args) -> dict:
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     assert scores.shape == (args.n_queries, args.n_train), (name, scores.shape)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()), f"{name} changed the model"
-    peak = int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) / 1024
+    peak = status_mb("VmHWM")
     return {"seconds": wall, "cpu_seconds": cpu, "peak_mb": peak, "top1": topk_detection_rate(scores, leaked, 1),
             "top5": topk_detection_rate(scores, leaked, 5)}
 

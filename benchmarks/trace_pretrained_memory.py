@@ -22,7 +22,6 @@ phases, the model above all, counts in every phase alike). Phases:
 import argparse
 import json
 import random
-import re
 import time
 
 import torch
@@ -32,6 +31,7 @@ from forwardinf.data.facts import build_geo_facts, select_queries
 from forwardinf.estimators.forward_inf import ForwardINF
 from forwardinf.experiments.trace_pretrained import encode_sentences, tail_batch
 from forwardinf.experiments.tracing import build_pool, evaluate
+from forwardinf.memory import reset_peak, status_mb
 from forwardinf.models.language import train_language_model
 from forwardinf.models.pretrained import TailLM, TailTask, load_pretrained, release_memory
 from forwardinf.tasks.language_model import DictDataset
@@ -51,10 +51,6 @@ a = p.parse_args()
 torch.set_num_threads(1)
 
 
-def status_mb(key: str) -> float:
-    return int(re.search(rf"{key}:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024.0
-
-
 phases: list[dict] = []
 
 
@@ -66,8 +62,7 @@ class Phase:
         release_memory()
         self.start = status_mb("VmRSS")
         if self.reset:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset VmHWM to the current RSS
+            reset_peak()  # VmHWM := the current RSS
         self.cpu, self.wall = time.process_time(), time.perf_counter()
         return self
 

@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # Bottom to top. A module may import modules of its own layer and of layers below it, never above.
 LAYERS = [
     # the bottom layer: file and hash utilities, and the two contracts everything is written against
-    ["forwardinf._version", "forwardinf.io", "forwardinf.hashing", "forwardinf.data.inputs", "forwardinf.tasks.base"],
+    ["forwardinf._version", "forwardinf.io", "forwardinf.hashing", "forwardinf.memory", "forwardinf.data.inputs", "forwardinf.tasks.base"],
     ["forwardinf.core"],
     ["forwardinf.tasks", "forwardinf.data", "forwardinf.models", "forwardinf.metrics", "forwardinf.storage"],
     ["forwardinf.estimators", "forwardinf.distributed", "forwardinf.training"],

@@ -54,6 +54,7 @@ from forwardinf.experiments.common import seed_everything, timer, warm_up
 from forwardinf.experiments.report import markdown_table, results_object, write_outputs
 from forwardinf.hashing import fingerprint, json_hash, sha256_hex
 from forwardinf.io import atomic_save, write_json
+from forwardinf.memory import reset_peak, status_mb
 from forwardinf.experiments.setup import (FORWARD_INF_VARIANTS, Prepared, add_model_arguments, make_method,
                                           method_options, prepare_classifier)
 from forwardinf.tasks.classification import ClassificationTask
@@ -232,19 +233,6 @@ def ground_truth(args: argparse.Namespace, problem: Problem, progress: bool) -> 
 
 
 # ------------------------------------------------------------------------------------ methods
-def _status_kb(field_name: str) -> float:
-    text = Path("/proc/self/status").read_text()
-    return float(text.split(field_name + ":")[1].split()[0]) if field_name + ":" in text else float("nan")
-
-
-def _reset_peak() -> None:
-    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux ``clear_refs`` 5)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:  # not Linux, or not permitted: the peak then includes the set-up
-        pass
-
-
 def split_queries_option(options: dict | None) -> tuple[dict, int | None]:
     """``(the estimator's options, n)``: the lds-level option ``NAME.queries=n`` scores only the
     first ``n`` held-out queries (for a method too slow for all of them; its LDS is then on those)."""
@@ -275,8 +263,8 @@ def measure_method(name: str, args: argparse.Namespace, options: dict | None) ->
         return {"error": _missing(e)}
     warm_up(model, train)
     before = state_fingerprint(model)
-    _reset_peak()
-    rss = _status_kb("VmRSS")
+    reset_peak()  # if not permitted, the peak includes the set-up
+    rss = status_mb("VmRSS")
     try:
         with timer() as t:
             scores = est.fit(train).influence(queries)
@@ -285,15 +273,15 @@ def measure_method(name: str, args: argparse.Namespace, options: dict | None) ->
     except Exception as e:  # noqa: BLE001 - a method failing is a result too
         traceback.print_exc()
         return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-    peak = _status_kb("VmHWM")
+    peak = status_mb("VmHWM")
     if state_fingerprint(model) != before:
         return {"error": f"{name} changed the model"}
     scores = scores.detach().float().cpu()
     want = (len(queries[1]), len(train[1]))
     if tuple(scores.shape) != want:
         return {"error": f"scores of shape {tuple(scores.shape)}, expected {want}"}
-    return {"scores": scores, "seconds": t["seconds"], "cpu_seconds": t["cpu_seconds"], "peak_mb": peak / 1024,
-            "extra_mb": (peak - rss) / 1024}
+    return {"scores": scores, "seconds": t["seconds"], "cpu_seconds": t["cpu_seconds"], "peak_mb": peak,
+            "extra_mb": peak - rss}
 
 
 def _missing(e: ImportError) -> str:
