@@ -126,7 +126,7 @@ with the measured CPU times (Forward-INF 0.685 -> 0.695, TracIn 0.477 -> 0.456 o
 {table('-paraphrased')}
 {memory}
 Total: {c['total_cpu_seconds']:.0f} s CPU, {c['total_wall_seconds']:.0f} s wall (machine shared with other jobs).
-Peak RSS of the whole 200-query run (`ru_maxrss`: every phase, TracIn's included): {c['peak_rss_mb']:.0f} MB
+Peak RSS of the whole 200-query run (VmHWM: every phase, TracIn's included): {c['peak_rss_mb']:.0f} MB
 = {c['peak_rss_mb'] / INFERENCE_MB:.2f}x the inference sweep's {INFERENCE_MB:.0f} MB (per-phase peaks: the memory section).
 
 ## Bars

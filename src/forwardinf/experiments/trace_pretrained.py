@@ -24,7 +24,6 @@ Clocks: CPU seconds (``time.process_time``); peak memory: the process's max RSS.
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
 import sys
 import time
@@ -34,12 +33,9 @@ import torch
 
 from forwardinf.experiments.common import seed_everything
 from forwardinf.experiments.report import markdown_table
+from forwardinf.memory import status_mb
 
 WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def encode_sentences(tokenizer: Any, records: list[dict]) -> dict[str, torch.Tensor]:
@@ -91,7 +87,7 @@ def run(args: argparse.Namespace, facts: Any, dataset_name: str, splits: dict) -
     c1 = time.process_time()
     tb = tail_batch(model, data, k, args.batch_size, progress, dtype)
     prefix_s = time.process_time() - c1
-    rss_after_prefix = peak_rss_mb()
+    rss_after_prefix = status_mb("VmHWM")
 
     tune_q, eval_q = splits["tune_q"], splits["eval_q"]
 
@@ -217,7 +213,7 @@ def run(args: argparse.Namespace, facts: Any, dataset_name: str, splits: dict) -
               "abstracts": len(facts.abstracts), "queries": len(eval_q), "tune_queries": len(tune_q),
               "candidates": args.candidates, "rerank_k": args.rerank_k, "tuned": tuned, "fi_optimizer": args.fi_optimizer,
               "fi_score": args.fi_score, "batch_size": args.batch_size, "tracin_cache_mb": args.tracin_cache_mb,
-              "peak_rss_mb_after_prefix_pass": rss_after_prefix, "peak_rss_mb": peak_rss_mb(),
+              "peak_rss_mb_after_prefix_pass": rss_after_prefix, "peak_rss_mb": status_mb("VmHWM"),
               "total_cpu_seconds": time.process_time() - c0, "total_wall_seconds": time.perf_counter() - t0,
               "seed": args.seed, "threads": torch.get_num_threads(), "clock": "CPU seconds (time.process_time)"}
     report = [f"# Fact tracing on {args.model} ({dataset_name})", "",
