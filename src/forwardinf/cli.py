@@ -1,23 +1,43 @@
-"""``forwardinf <experiment> [options]``: parse, then hand over to the experiment module."""
+"""``forwardinf <experiment> [options]``: parse, then hand over to the experiment module.
+
+Every refusal ends the same way: one line ``forwardinf <experiment>: error: ...`` on stderr and
+exit status 2, no traceback (``FORWARDINF_TRACEBACK=1`` re-raises, for debugging). What each
+refusal means and how to get past it: docs/guides/refusals.md.
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
+from typing import NoReturn
 
 from forwardinf.experiments import EXPERIMENTS
+from forwardinf.experiments.checks import UsageError, check_device, check_out
 
 # Experiments whose figures need matplotlib (the optional extra "plots"; leakage and lds skip theirs without it).
 DRAWING = ("mislabel", "memorization", "hypothesis", "diffusion")
+# What a run may raise on bad input or a broken file, reported as one line. Anything else is a bug:
+# it keeps its traceback. (zipfile.BadZipFile and EOFError: a truncated .npz; OSError covers
+# unreadable files and folders, PIL's unidentified images; FloatingPointError: a diverging update;
+# ImportError: an optional package missing, its message naming the pip command.)
+USER_ERRORS = (ValueError, TypeError, OSError, ImportError, FloatingPointError, EOFError)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (``forwardinf score: error: ...``), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="forwardinf",
         description="Training-data attribution with Forward-INF: which training examples made the model do this?",
     )
-    sub = parser.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
+    sub = parser.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True, parser_class=_Parser)
     for name in EXPERIMENTS:
         try:
             module = importlib.import_module(f"forwardinf.experiments.{name}")
@@ -30,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dataset", default=None, help="dataset name (default: the experiment's embedded default)")
         p.add_argument("--data-root", default=None, help="the dataset's file or folder (default: searched in $FORWARDINF_DATA, "
                        "then ~/.cache/forwardinf; see forwardinf.data.loaders)")
-        p.add_argument("--out", default=f"runs/{name}", help=f"output folder (default: runs/{name})")
+        p.add_argument("--out", default=f"runs/{name}", help=f"output folder (default: runs/{name}); one experiment "
+                       "per folder: a folder holding another experiment's results is refused")
         p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         module.add_arguments(p)
@@ -38,17 +59,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(e: BaseException) -> str:
+    """The message of ``e`` on one line; an OS-level error keeps its type's name (``PermissionError: ...``)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, (OSError, EOFError)):
+        text = f"{type(e).__name__}: {text}"
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    prog = f"forwardinf {args.experiment}"
     if args.experiment in DRAWING and importlib.util.find_spec("matplotlib") is None:
-        print(f"forwardinf {args.experiment}: error: its figures need matplotlib: pip install 'forwardinf[plots]'",
-              file=sys.stderr)
+        print(f"{prog}: error: its figures need matplotlib: pip install 'forwardinf[plots]'", file=sys.stderr)
         return 2
     try:
+        # Up front, before any work: a run must not train for an hour and then find it cannot write.
+        check_out(args.out, args.experiment)
+        if getattr(args, "device", None) is not None:
+            check_device(args.device)
         args._module.run(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"forwardinf {args.experiment}: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        if os.environ.get("FORWARDINF_TRACEBACK"):
+            raise
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0
 

@@ -8,8 +8,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import importlib.metadata
+import inspect
 import json
+import re
+import sys
+import sysconfig
 import types
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -116,4 +122,72 @@ def _feed(h: Any, obj: Any, depth: int) -> None:
         h.update(f"repr:{obj!r};".encode())
 
 
-__all__ = ["sha256_hex", "json_hash", "tensor_bytes", "hash_tensor", "fingerprint"]
+def module_repr(model: nn.Module) -> str:
+    """``repr(model)`` (the module tree: every submodule's class and settings) without memory
+    addresses, so that equal structures give equal text in every process."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(model))
+
+
+def fingerprint_code(obj: Any) -> str:
+    """SHA-256 (16 hex chars) of the code that runs when ``obj`` runs.
+
+    For an ``nn.Module``: the classes of every submodule; for any other object (a task): its class
+    and the classes of the objects it holds (one level down, e.g. a wrapped task). A class counts
+    by the source file of the module defining it (each file once) when that file is the user's or
+    forwardinf's own, by its package's version when it comes from an installed package or the
+    standard library (``torch==2.x``), and by its qualified name when it has no file. Graph code
+    a module carries as text (``torch.fx`` / ``torch.export`` graphs, TorchScript wrappers: a
+    string attribute ``code``) is hashed too.
+
+    Not covered: functions of other user files that a model's ``forward`` calls (edit-proof only
+    for the files defining its classes).
+    """
+    classes: list[type] = []
+    texts: list[str] = []
+    for part in (obj.modules() if isinstance(obj, nn.Module) else _held(obj)):
+        classes += [c for c in type(part).__mro__ if c not in (object, nn.Module)]
+        code = getattr(part, "code", None)
+        if isinstance(code, str):
+            texts.append(code)
+    seen: dict[str, str | bytes] = {}
+    for cls in classes:
+        key, content = _class_source(cls)
+        seen.setdefault(key, content)
+    return sha256_hex(*[x for key in sorted(seen) for x in (key, seen[key])], *texts, length=16)
+
+
+def _held(obj: Any) -> list[Any]:
+    """``obj`` and the plain objects among its attributes (not tensors, modules, containers)."""
+    held = [obj]
+    for v in (vars(obj).values() if hasattr(obj, "__dict__") else ()):
+        if hasattr(v, "__dict__") and not isinstance(v, (nn.Module, type, types.FunctionType, types.ModuleType)) \
+                and not torch.is_tensor(v):
+            held.append(v)
+    return held
+
+
+_STDLIB = Path(sysconfig.get_paths()["stdlib"]).resolve()
+
+
+@functools.lru_cache(maxsize=None)
+def _class_source(cls: type) -> tuple[str, str | bytes]:
+    """``(key, content)`` standing for ``cls``'s code (see :func:`fingerprint_code`)."""
+    module = getattr(cls, "__module__", "") or ""
+    name = f"{module}.{cls.__qualname__}"
+    try:
+        path = Path(inspect.getsourcefile(cls) or "").resolve()
+    except (TypeError, OSError):
+        path = None
+    top = module.split(".")[0]
+    installed = path is None or not path.is_file() or "site-packages" in path.parts or "dist-packages" in path.parts \
+        or _STDLIB in path.parents or top in sys.builtin_module_names
+    if not installed:  # keyed by the module's name, not the path: a moved project keeps its fingerprints
+        return module, path.read_bytes()
+    try:
+        version = importlib.metadata.version(top)
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        version = str(getattr(sys.modules.get(top), "__version__", sys.version.split()[0]))
+    return name, f"{top}=={version}"
+
+
+__all__ = ["sha256_hex", "json_hash", "tensor_bytes", "hash_tensor", "fingerprint", "fingerprint_code", "module_repr"]

@@ -194,6 +194,7 @@ def score_to_store(estimator: Any, train: DataLike, queries: DataLike, path: str
     if ctx.is_main:
         try:
             indices, scores = store.top_k(k)
+            store.remove_stale_temporaries()  # every block is whole: a killed writer's leftovers go
         except Exception as e:  # noqa: BLE001
             error = e
     ctx.agree(error)

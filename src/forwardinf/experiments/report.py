@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from forwardinf.io import jsonable, write_json
+from forwardinf.io import atomic_write_text, jsonable, write_json
 
 Denormalize = Callable[[Tensor], Tensor]
 
@@ -53,11 +53,12 @@ def results_object(experiment: str, dataset: str, config: dict, methods: dict) -
 
 
 def write_outputs(out_dir: str | os.PathLike, results: dict, report: str) -> Path:
-    """Write ``results.json`` and ``report.md`` into ``out_dir`` (created); return the folder."""
+    """Write ``results.json`` and ``report.md`` into ``out_dir`` (created), each atomically (a
+    reader sees the old file or the whole new one); return the folder."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", results)
-    (out / "report.md").write_text(report.rstrip() + "\n")
+    atomic_write_text(out / "report.md", report.rstrip() + "\n")
     return out
 
 

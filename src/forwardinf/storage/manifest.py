@@ -1,10 +1,17 @@
 """What a score store was made from: fingerprints of the model, the data and the configuration.
 
 A store is only ever extended by a run that would have written the very same numbers, so its
-manifest records everything the scores depend on: the model's weights (and names/shapes), every
-example of the training set and of the queries, the estimator's configuration, the block layout
-and the library version. :func:`check_manifest` refuses anything else with a message naming what
-differs.
+manifest records everything the scores depend on: the model's weights (and names/shapes), its
+structure (the module tree) and code (the source of its classes' modules), every example of the
+training set and of the queries, the estimator's configuration and the code of its task, the block
+layout and the library version. :func:`check_manifest` refuses anything else with a message
+naming what differs.
+
+Settings that change how the work is cut up but no score beyond float32 rounding
+(:data:`RUNTIME`: batch size, queries per sweep, where the tail's features are cached) are
+recorded under ``"runtime"`` and not checked: a run killed for lack of memory resumes with a
+smaller ``--batch-size``. tests/test_trust_cli.py checks that scores agree within
+:data:`RUNTIME_TOLERANCE` across batch sizes.
 """
 from __future__ import annotations
 
@@ -15,11 +22,16 @@ from torch import nn
 
 from forwardinf._version import __version__
 from forwardinf.data.inputs import as_dataset, batches
-from forwardinf.hashing import hash_tensor, sha256_hex
+from forwardinf.hashing import fingerprint_code, hash_tensor, module_repr, sha256_hex
 from forwardinf.io import canonical_json
 from forwardinf.io import jsonable as _jsonable
 
-FORMAT = 1
+FORMAT = 2  # 2: the model fingerprint covers structure and code, the configuration the task's code
+
+# Estimator settings that change no score beyond float32 rounding: kept out of the configuration hash.
+RUNTIME = ("progress", "batch_size", "query_chunk", "cache", "cache_dir")
+# What "beyond rounding" means: |a - b| <= RUNTIME_TOLERANCE * (1 + max |score|) (tested).
+RUNTIME_TOLERANCE = 1e-4
 
 # Fields that must agree for a run to reuse a store, with the words used in error messages.
 CHECKED = {
@@ -41,11 +53,15 @@ class StoreMismatchError(ValueError):
 
 
 def fingerprint_module(model: nn.Module) -> str:
-    """SHA-256 (16 hex chars) of every parameter and buffer: names, dtypes, shapes and values."""
+    """SHA-256 (16 hex chars) of what a model computes: every parameter and buffer (names, dtypes,
+    shapes, values), its module tree (``repr``: a ReLU and a Tanh model of equal weights differ)
+    and its code (:func:`forwardinf.hashing.fingerprint_code`)."""
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
         h.update(name.encode())
         hash_tensor(h, t)
+    h.update(module_repr(model).encode())
+    h.update(fingerprint_code(model).encode())
     return h.hexdigest()[:16]
 
 
@@ -85,8 +101,13 @@ def jsonable(obj: Any) -> Any:
 
 
 def make_manifest(*, model: str, train: str, queries: str, n_train: int, n_query: int, shard_size: int,
-                  query_block: int, config: Mapping[str, Any]) -> dict[str, Any]:
-    """The manifest of a store: fingerprints (strings from the functions above), layout and config."""
+                  query_block: int, config: Mapping[str, Any], runtime: Mapping[str, Any] | None = None
+                  ) -> dict[str, Any]:
+    """The manifest of a store: fingerprints (strings from the functions above), layout and config.
+
+    ``runtime``: settings recorded but not checked (:data:`RUNTIME`); the ones in ``config`` move there."""
+    runtime = {**{k: config[k] for k in RUNTIME if k in config}, **(runtime or {})}
+    config = {k: v for k, v in config.items() if k not in RUNTIME}
     return {
         "format": FORMAT,
         "version": __version__,
@@ -100,6 +121,7 @@ def make_manifest(*, model: str, train: str, queries: str, n_train: int, n_query
         "dtype": "float32",
         "config_hash": config_hash(config),
         "config": jsonable(config),
+        "runtime": jsonable(runtime),
     }
 
 
@@ -116,7 +138,8 @@ def check_manifest(saved: Mapping[str, Any], expected: Mapping[str, Any], where:
     if problems:
         raise StoreMismatchError(
             f"the score store at {where} was made from something else: " + "; ".join(problems)
-            + ". Use another store folder, or overwrite=True (--overwrite) to start it afresh.")
+            + ". Use another store folder (--store), or overwrite=True (--overwrite) to start it afresh; "
+            f"only {', '.join(RUNTIME[1:])} may change between runs of one store.")
 
 
 def _config_diff(saved: Mapping[str, Any], expected: Mapping[str, Any]) -> str:
@@ -127,10 +150,11 @@ def _config_diff(saved: Mapping[str, Any], expected: Mapping[str, Any]) -> str:
 
 
 def config_of(estimator: Any) -> dict[str, Any]:
-    """The public configuration of an estimator-like object: its class, its task's class and
-    every field of its frozen ``config`` (an estimator with a ``Config`` class), else every
-    constructor argument it stored (attributes not starting or ending with ``_``); all of it but
-    ``progress``, which changes no score."""
+    """The public configuration of an estimator-like object: its class, its task's settings and
+    code (``task_code``, :func:`forwardinf.hashing.fingerprint_code`) and every field of its
+    frozen ``config`` (an estimator with a ``Config`` class), else every constructor argument it
+    stored (attributes not starting or ending with ``_``); all of it but ``progress``, which
+    changes no score (:func:`make_manifest` moves the other :data:`RUNTIME` settings aside)."""
     if getattr(type(estimator), "Config", None) is not None:
         stored = estimator.config.to_dict()
     else:
@@ -140,8 +164,9 @@ def config_of(estimator: Any) -> dict[str, Any]:
     task = getattr(estimator, "task", None)
     if task is not None:
         cfg["task"] = jsonable(task)
+        cfg["task_code"] = fingerprint_code(task)
     return jsonable(cfg)
 
 
-__all__ = ["StoreMismatchError", "fingerprint_module", "fingerprint_data", "config_hash", "make_manifest",
+__all__ = ["RUNTIME", "RUNTIME_TOLERANCE", "StoreMismatchError", "fingerprint_module", "fingerprint_data", "config_hash", "make_manifest",
            "check_manifest", "config_of", "jsonable", "canonical_json"]

@@ -72,9 +72,14 @@ class ScoreStore:
         path = Path(path)
         if not (path / MANIFEST).is_file():
             raise FileNotFoundError(f"{path} is not a score store (no {MANIFEST})")
-        saved = json.loads((path / MANIFEST).read_text())
+        try:
+            saved = json.loads((path / MANIFEST).read_text())
+        except ValueError as e:
+            raise StoreMismatchError(f"{path / MANIFEST} is not valid JSON ({e}); delete the store or use "
+                                     "--overwrite") from None
         if expected is not None:
             check_manifest(saved, expected, str(path))
+        _check_layout(saved, path / MANIFEST)
         return cls(path, saved)
 
     # -- layout -------------------------------------------------------------------------------
@@ -124,6 +129,23 @@ class ScoreStore:
     def complete(self) -> bool:
         return not self.missing()
 
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete the temporary block files of writers that no longer run (a run killed while
+        writing leaves one, ``blocks/.q...npy.<pid>-<hex>.tmp``); return what was deleted.
+
+        A temporary file of a live process on this machine is left alone (it may be a concurrent
+        writer). Processes on other machines sharing the folder cannot be told apart by pid: call
+        this only when no other machine writes (``score_to_store`` does once the store is complete).
+        """
+        removed = []
+        for tmp in (self.path / "blocks").glob(".*.tmp"):
+            pid = tmp.name.rsplit(".", 2)[-2].split("-")[0]
+            if pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid():
+                continue
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+        return removed
+
     def write(self, qb: int, s: int, scores: Tensor | np.ndarray) -> Path:
         """Store block ``(qb, s)``: scores ``[Qb, Ns]`` of that query block and training shard."""
         q0, q1 = self.query_range(qb)
@@ -145,7 +167,18 @@ class ScoreStore:
         path = self.block_path(qb, s)
         if not path.is_file():
             raise FileNotFoundError(f"block ({qb}, {s}) of {self.path} has not been computed yet")
-        return np.load(path, mmap_mode="r")
+        try:
+            block = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise ValueError(f"{path} is not a readable score block ({e}); delete it and run the scoring "
+                             "again to recompute it") from None
+        (q0, q1), (t0, t1) = self.query_range(qb), self.shard_range(s)
+        if block.shape != (q1 - q0, t1 - t0) or block.dtype != np.float32:
+            raise ValueError(f"{path} holds {block.dtype} {block.shape}, but the manifest's layout (query_block "
+                             f"{self.query_block}, shard_size {self.shard_size}) makes block ({qb}, {s}) float32 "
+                             f"{(q1 - q0, t1 - t0)}: the manifest or the block was altered; delete the store and "
+                             "score again")
+        return block
 
     # -- reading results ------------------------------------------------------------------------
     def _check_complete(self) -> None:
@@ -195,8 +228,19 @@ class ScoreStore:
                 f"blocks={done}/{self.n_query_blocks * self.n_shards})")
 
 
-def _check_layout(manifest: Mapping[str, Any]) -> None:
+def _check_layout(manifest: Mapping[str, Any], where: Any = None) -> None:
     for key in ("n_query", "n_train", "query_block", "shard_size"):
         v = manifest.get(key)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"ScoreStore: invalid {key}={v!r}; expected a positive integer")
+            raise ValueError(f"{where or 'ScoreStore'}: invalid {key}={v!r}; expected a positive integer")
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (a process of another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
