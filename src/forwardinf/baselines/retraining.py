@@ -17,7 +17,9 @@ Trainings run in ``workers`` processes (``spawn`` context; ``workers=1`` runs th
 process) with a progress bar, and each finished one is saved in ``cache_dir`` (one file per
 training, named by a hash of the training function's configuration, the training set, the chosen
 subset, the seed and the probe), so an interrupted run resumes where it stopped. Only point
-``cache_dir`` at folders you trust: the files are pickles.
+``cache_dir`` at folders you trust when ``probe`` is None: the files are then pickled models.
+With a probe (the experiments' case) they hold tensors and plain values, read with
+``torch.load(weights_only=True)``, which runs no code.
 
 Orientation: all estimators follow the library's "higher = more influential (proponent)" rule.
 The paper's train-to-test influence ``Inf(D_i -> D_tst) = L(A(D), D_tst) - L(A(D \\ D_i), D_tst)``
@@ -274,7 +276,8 @@ def run_trainings(
         todo = []
         for j, (idx, seed) in enumerate(norm_jobs):
             paths[j] = cache / f"{sha256_hex(base, idx.tobytes(), f';seed={seed}', length=32)}.pt"
-            results[j] = load_cached(paths[j], weights_only=False)
+            # Probe results are tensors and plain values: loaded weights-only (a planted file runs no code).
+            results[j] = load_cached(paths[j], weights_only=probe is not None)
             if results[j] is None:
                 todo.append(j)
         logger.info("%s: %d of %d trainings found in %s", desc, len(norm_jobs) - len(todo), len(norm_jobs), cache)

@@ -169,6 +169,8 @@ def _crop(x: Tensor, g: torch.Generator, keep: float) -> Tensor:
     if keep >= 1:
         raise ValueError(f"crop strength is the fraction of the side kept and must be in (0, 1), got {keep}")
     n, _, h, w = x.shape
+    if h < 2 or w < 2:  # no window smaller than the image but non-empty exists
+        raise ValueError(f"crop needs images of at least 2x2 pixels (it keeps a smaller window), got {h}x{w}")
     # At least one pixel removed, otherwise "crop" would return the input unchanged.
     ch, cw = min(h - 1, max(1, round(keep * h))), min(w - 1, max(1, round(keep * w)))
     ys = torch.randint(h - ch + 1, (n,), generator=g).tolist()

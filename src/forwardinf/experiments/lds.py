@@ -31,6 +31,7 @@ import argparse
 import ast
 import importlib.metadata
 import json
+import logging
 import math
 import multiprocessing
 import os
@@ -47,16 +48,17 @@ from torch import Tensor, nn
 
 from forwardinf import metrics as M
 from forwardinf.baselines.peers import INSTALL
-from forwardinf.baselines.retraining import run_trainings
+from forwardinf.baselines.retraining import load_cached, run_trainings
 from forwardinf.core.params import mode
 from forwardinf.data.loaders import balanced_indices
 from forwardinf.experiments.common import seed_everything, timer, warm_up
 from forwardinf.experiments.report import markdown_table, results_object, write_outputs
 from forwardinf.hashing import fingerprint, json_hash, sha256_hex
-from forwardinf.io import atomic_save, write_json
+from forwardinf.io import atomic_path, atomic_save, write_json
 from forwardinf.memory import reset_peak, status_mb
-from forwardinf.experiments.setup import (FORWARD_INF_VARIANTS, Prepared, add_model_arguments, make_method,
-                                          method_options, prepare_classifier)
+from forwardinf.experiments.checks import cap_workers, check_label
+from forwardinf.experiments.setup import (FORWARD_INF_VARIANTS, Prepared, add_model_arguments, check_methods,
+                                          make_method, method_options, parse_methods, prepare_classifier)
 from forwardinf.tasks.classification import ClassificationTask
 from forwardinf.training import data_fingerprint, state_fingerprint
 from forwardinf.workloads.trainers import SubsetTrainer
@@ -74,6 +76,7 @@ LIBRARY_METHODS = ("if-exact", "if-cg", "if-100", "if-1000", "tracin-1", "tracin
                    "representer", "grad-dot", "grad-cos")
 PEER_METHODS = ("trak", "dattri-trak", "kronfluence-ekfac", "captum-tracincp")
 TARGETS = ("margin", "loss")
+logger = logging.getLogger(__name__)
 SEED_STRIDE = 1_000_003  # seed of run r on subset k: seed + 1 + k + SEED_STRIDE * r (stable as M and R grow)
 FORMAT = 1
 
@@ -134,17 +137,18 @@ def subset_seed(seed: int, k: int, r: int) -> int:
 
 def retrain_outputs(train_fn: Callable, pool: Any, probe: Callable, masks: np.ndarray, seeds_per_subset: int,
                     seed: int, *, cache_dir: str | os.PathLike | None, workers: int = 1,
-                    progress: bool = False) -> dict[str, np.ndarray]:
+                    progress: bool = False, config: Any = None) -> dict[str, np.ndarray]:
     """Retrain on every subset (rows of ``masks [M, N]``), ``seeds_per_subset`` runs each, and probe.
 
     ``probe(model)`` returns a dict of ``[Q]`` tensors (or scalars); the result holds each key as
     float64 ``[M, R, Q]`` (or ``[M, R]``). Runs are cached in ``cache_dir`` by
-    :func:`forwardinf.baselines.retraining.run_trainings` (resumable, content-addressed).
+    :func:`forwardinf.baselines.retraining.run_trainings` (resumable, content-addressed; ``config``
+    identifies ``train_fn`` in the key, as there).
     """
     m, r = masks.shape[0], seeds_per_subset
     jobs = [(np.flatnonzero(masks[k]), subset_seed(seed, k, j)) for k in range(m) for j in range(r)]
     res = run_trainings(train_fn, pool, jobs, probe, workers=workers, cache_dir=cache_dir, progress=progress,
-                        desc="retraining")
+                        desc="retraining", config=config)
     return {key: np.asarray([[np.asarray(res[k * r + j][key], dtype=np.float64) for j in range(r)] for k in range(m)])
             for key in res[0]}
 
@@ -227,8 +231,12 @@ def ground_truth(args: argparse.Namespace, problem: Problem, progress: bool) -> 
         "recipe": trainer.recipe, "train": data_fingerprint(train), "queries": data_fingerprint(problem.queries),
         "alpha": args.alpha, "seed": args.seed})
     masks = M.random_subsets(len(train[1]), args.subsets, args.alpha, seed=args.seed)
+    # The cache key covers the trainer's settings and its code (and all the forwardinf code it imports):
+    # editing the training recipe's code retrains, rather than reusing models of the old code.
+    recipe = {"trainer": fingerprint(trainer),
+              "code": code_fingerprint(method_sources([type(trainer).__module__]))}
     out = retrain_outputs(trainer, train, OutputProbe(problem.queries), masks, args.seeds_per_subset, args.seed,
-                          cache_dir=folder, workers=args.workers, progress=progress)
+                          cache_dir=folder, workers=args.workers, progress=progress, config=recipe)
     return masks, out
 
 
@@ -301,12 +309,17 @@ def _child(name: str, args: argparse.Namespace, options: dict | None, path: str,
 
 def run_method(name: str, args: argparse.Namespace, options: dict | None, folder: Path, key: str) -> dict:
     """``measure_method`` in a fresh process (or here with ``--in-process``), cached in ``folder``."""
-    path = folder / f"{name}.pt"
-    if path.is_file() and not args.recompute:
-        saved = torch.load(path, weights_only=False)
-        # an out-of-memory result stands only for the limit it hit
-        if saved.get("key") == key and saved.get("memory_limit_gb", args.memory_limit_gb) == args.memory_limit_gb:
-            return {**saved["result"], "cached": True}
+    path = folder / f"{check_label(name, name)}.pt"  # a safe name: the file stays inside --out
+    # Tensors and plain values only (weights_only): a file planted in a run folder cannot run code.
+    # An unreadable file is recomputed (load_cached logs a warning naming it).
+    saved = None if args.recompute else load_cached(path)
+    if saved is not None and not (isinstance(saved, dict) and isinstance(saved.get("result"), dict)):
+        logger.warning("cache file %s does not hold a method's result; computing it again", path)
+        saved = None
+    # an out-of-memory result stands only for the limit it hit
+    if saved is not None and saved.get("key") == key \
+            and saved.get("memory_limit_gb", args.memory_limit_gb) == args.memory_limit_gb:
+        return {**saved["result"], "cached": True}
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f"{name}.tmp{os.getpid()}.pt"
     if args.in_process:
@@ -318,7 +331,7 @@ def run_method(name: str, args: argparse.Namespace, options: dict | None, folder
         proc.join()
         if not tmp.is_file():
             return {"error": f"its process ended with code {proc.exitcode} (negative: killed by signal)"}
-        result = torch.load(tmp, weights_only=False)
+        result = torch.load(tmp, weights_only=True)
         tmp.unlink()
     if "error" in result and "can't allocate memory" in result["error"]:  # torch's allocator, not MemoryError
         result = {"error": f"out of memory at the {args.memory_limit_gb:g} GB limit (--memory-limit-gb)"}
@@ -472,9 +485,15 @@ def run(args: argparse.Namespace) -> dict:
     args = apply_defaults(args)
     seed_everything(args.seed)
     progress = not args.quiet and sys.stderr.isatty()
-    methods = [name for m in args.methods.split(",") if m.strip()
-               for name in (all_methods() if m.strip() == "all" else [m.strip()])]
+    # Every name, label and --option value checked before the model is trained.
+    methods = parse_methods(args.methods, {"all": all_methods()})
     options = method_options(args, methods)
+    for name in methods:
+        split_queries_option(options.get(name))
+    check_methods(methods, options)
+    args.workers, note = cap_workers(args.workers)
+    if note:
+        print(f"lds: {note}", flush=True)
     problem = load_problem(args, progress)
     prepared = problem.prepared
     split = prepared.split
@@ -530,7 +549,8 @@ def run(args: argparse.Namespace) -> dict:
     print(report)
     results_obj = results_object("lds", split.name, config, results)
     write_outputs(out, results_obj, report)
-    np.savez(out / "lds_per_query.npz", **per_query)
+    with atomic_path(out / "lds_per_query.npz") as tmp, open(tmp, "wb") as f:
+        np.savez(f, **per_query)
     _figure(out / "lds.png", results, split.name)
     print(f"wrote {out}/results.json, report.md, lds_per_query.npz, lds.png")
     return results_obj

@@ -26,8 +26,9 @@ from forwardinf.data.augment import ALL_KINDS, KINDS
 from forwardinf.experiments.common import seed_everything, timer, warm_up
 from forwardinf.experiments.report import (can_plot, markdown_table, results_object, save_query_grid, write_outputs,
                                            write_query_html)
-from forwardinf.experiments.setup import (FORWARD_INF_VARIANTS, IMAGE_VARIANTS, add_model_arguments, make_method,
-                                          method_options, prepare_classifier)
+from forwardinf.experiments.setup import (FORWARD_INF_VARIANTS, IMAGE_VARIANTS, add_model_arguments, check_methods,
+                                          make_method, method_options, parse_methods, prepare_classifier,
+                                          run_safely)
 from forwardinf.metrics import target_ranks
 from forwardinf.training import AUGMENTATIONS
 
@@ -94,6 +95,10 @@ def detection(scores: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
 def run(args: argparse.Namespace) -> dict:
     seed_everything(args.seed)
     kinds = near_kinds(args.near)
+    # Every name and --option value checked before the model is trained.
+    methods = parse_methods(args.methods)
+    options = method_options(args, methods)
+    check_methods(methods, options)
     progress = not args.quiet and sys.stderr.isatty()
     prepared = prepare_classifier(args, progress=progress)
     split, model = prepared.split, prepared.model
@@ -102,8 +107,6 @@ def run(args: argparse.Namespace) -> dict:
     n_tune = max(1, len(idx) // 5) if args.tune else 0
     eval_idx = idx[n_tune:]
     train = split.train()
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    options = method_options(args, methods)
     print(f"leakage: {split.name}, {len(split.y_train)} training points, model {prepared.model_name} "
           f"(test accuracy {prepared.accuracy:.3f}), {len(eval_idx)} leaked queries"
           + (f" (+{n_tune} for tuning)" if n_tune else "") + f", kinds: {', '.join(kinds)}")
@@ -111,19 +114,37 @@ def run(args: argparse.Namespace) -> dict:
     warm_up(model, train)
     results, rows, best = {}, [], {}
     for name in methods:
-        est = make_method(name, model, prepared, progress, options.get(name))
-        with timer() as t_fit:
-            est.fit(train)
-            tuned = None
-            if n_tune and isinstance(est, fi.ForwardINF):
-                _, xq, yq = queries[kinds[0]]
-                est = est.with_config(est.tune((xq[:n_tune], yq[:n_tune]), idx[:n_tune]))
-                tuned = {"lr": est.lr, "steps": est.steps, "score": est.score}
+        def fit() -> tuple[Any, dict | None, dict]:
+            est = make_method(name, model, prepared, progress, options.get(name))
+            with timer() as t_fit:
+                est.fit(train)
+                tuned = None
+                if n_tune and isinstance(est, fi.ForwardINF):
+                    _, xq, yq = queries[kinds[0]]
+                    est = est.with_config(est.tune((xq[:n_tune], yq[:n_tune]), idx[:n_tune]))
+                    tuned = {"lr": est.lr, "steps": est.steps, "score": est.score}
+            return est, tuned, t_fit
+
+        def score(est: Any, xq: torch.Tensor, yq: torch.Tensor) -> tuple[torch.Tensor, dict]:
+            with timer() as t:
+                scores = est.influence((xq[n_tune:], yq[n_tune:]))
+            return scores, t
+
+        fitted, error = run_safely(name, fit)
+        if error is not None:  # a failing method is a row: the others' results are kept
+            results[name] = error
+            rows.append([name, "-", "-", "-", "-", "-", "-", error["error"]])
+            continue
+        est, tuned, t_fit = fitted
         per_kind = {}
         for kind in kinds:
             _, xq, yq = queries[kind]
-            with timer() as t:
-                scores = est.influence((xq[n_tune:], yq[n_tune:]))
+            scored, error = run_safely(name, lambda: score(est, xq, yq))
+            if error is not None:
+                per_kind[kind] = error
+                rows.append([name, kind, round(t_fit["cpu_seconds"], 2), "-", "-", "-", "-", error["error"]])
+                continue
+            scores, t = scored
             metrics = detection(scores, eval_idx)
             metrics.update(query_seconds=t["seconds"], query_cpu_seconds=t["cpu_seconds"],
                            seconds_per_query=t["seconds"] / len(eval_idx))
@@ -134,6 +155,9 @@ def run(args: argparse.Namespace) -> dict:
             print(f"  {name:22s} {kind:10s} fit {t_fit['seconds']:7.2f}s query {t['seconds']:7.2f}s  "
                   f"T-1 {metrics['top1']:.3f}  T-5 {metrics['top5']:.3f}  T-10 {metrics['top10']:.3f}", flush=True)
         first = per_kind[kinds[0]]
+        if "error" in first:
+            results[name] = {**first, **({"kinds": per_kind} if len(kinds) > 1 else {})}
+            continue
         # Top level: the first kind's metrics, timed as fit + its queries (the single-kind schema).
         results[name] = {**first, "seconds": t_fit["seconds"] + first["query_seconds"],
                          "cpu_seconds": t_fit["cpu_seconds"] + first["query_cpu_seconds"],
@@ -151,7 +175,9 @@ def run(args: argparse.Namespace) -> dict:
     out = write_outputs(args.out, results_object("leakage", split.name, config, results),
                         f"# Leakage detection ({split.name})\n\n{prepared.describe()}\n\n{table}\n")
     _, xq, yq = queries[kinds[0]]
-    _figure(out, split, xq[n_tune:], yq[n_tune:], best[methods[0]], eval_idx, methods[0], args.k)
+    shown = next((m for m in methods if m in best), None)
+    if shown is not None:
+        _figure(out, split, xq[n_tune:], yq[n_tune:], best[shown], eval_idx, shown, args.k)
     print(f"wrote {out}/results.json, report.md, queries.png, queries.html")
     return results_object("leakage", split.name, config, results)
 
@@ -165,7 +191,8 @@ def _cost_ratios(results: dict, kinds: list[str]) -> None:
         return
     for entry in results.values():
         for metrics in (entry.get("kinds") or {kinds[0]: entry}).values():
-            metrics["query_cost_vs_exact"] = metrics["query_cpu_seconds"] / ref["query_cpu_seconds"]
+            if "query_cpu_seconds" in metrics:  # not a failed method's row
+                metrics["query_cost_vs_exact"] = metrics["query_cpu_seconds"] / ref["query_cpu_seconds"]
 
 
 def _figure(out: Any, split: Any, xq: torch.Tensor, yq: torch.Tensor, scores: torch.Tensor,

@@ -38,8 +38,9 @@ from forwardinf.baselines.retraining import Downsampling
 from forwardinf.data.loaders import subset
 from forwardinf.experiments.common import seed_everything, timer, warm_up
 from forwardinf.experiments.report import markdown_table, results_object, save_query_grid, write_outputs, write_query_html
-from forwardinf.experiments.setup import (FORWARD_INF_VARIANTS, add_model_arguments, make_method, method_options,
-                                          prepare_classifier)
+from forwardinf.experiments.checks import cap_workers
+from forwardinf.experiments.setup import (FORWARD_INF_VARIANTS, add_model_arguments, check_methods, make_method,
+                                          method_options, parse_methods, prepare_classifier, run_safely)
 from forwardinf.hashing import json_hash
 from forwardinf.io import atomic_write_text
 from forwardinf.metrics import target_ranks
@@ -157,13 +158,13 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"--n-models must be >= 2, got {args.n_models}")
     if not 0 < args.subset_fraction < 1:
         raise ValueError(f"--subset-fraction must be in (0, 1), got {args.subset_fraction}")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if not methods:
-        raise ValueError("--methods is empty")
-    unknown = [m for m in methods if m not in FORWARD_INF_VARIANTS and m not in METHODS]
-    if unknown:  # before the K trainings, not after
-        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join([*FORWARD_INF_VARIANTS, *METHODS[1:]])}")
+    # Every name and --option value checked before the K trainings, not after.
+    methods = parse_methods(args.methods)
     options = method_options(args, methods)
+    check_methods(methods, options)
+    args.workers, note = cap_workers(args.workers)
+    if note:
+        print(f"memorization: {note}", flush=True)
     prepared = prepare_classifier(args, progress=progress)
     split, model = prepared.split, prepared.model
     if args.n_test:
@@ -202,9 +203,17 @@ def run(args: argparse.Namespace) -> dict:
     results: dict[str, dict] = {}
     best_scores: dict[str, Tensor] = {}
     for name in methods:
-        est = make_method(name, model, prepared, progress, options.get(name))
-        with timer() as t:
-            scores = est.fit(train).influence(test)
+        def work() -> tuple[Tensor, dict]:
+            est = make_method(name, model, prepared, progress, options.get(name))
+            with timer() as t:
+                scores = est.fit(train).influence(test)
+            return scores, t
+
+        done, error = run_safely(name, work)
+        if error is not None:  # a failing method is a row: the others' results are kept
+            results[name] = error
+            continue
+        scores, t = done
         best_scores[name] = scores
         r = {"seconds": t["seconds"], "all": agreement(scores, gt, defined), "high": agreement(scores, gt, high),
              "speedup_vs_ground_truth": t_gt["seconds"] / max(t["seconds"], 1e-9)}
@@ -223,14 +232,15 @@ def run(args: argparse.Namespace) -> dict:
 
     rows = [[n, round(r["seconds"], 2), round(r["speedup_vs_ground_truth"], 1), r["all"]["top1"], r["all"]["median_rank"],
              r["all"]["gt_influence_of_pick"], r["high"].get("top1", "-"), r["high"].get("median_rank", "-"),
-             r["high"].get("gt_influence_of_pick", "-")] for n, r in results.items() if n != "ground-truth"]
+             r["high"].get("gt_influence_of_pick", "-")] if "error" not in r else [n, "-", "-", r["error"]] + ["-"] * 5
+            for n, r in results.items() if n != "ground-truth"]
     table = markdown_table(["method", "seconds", "GT time / method time", "top-1 (GT>0)", "median rank (GT>0)",
                             "GT infl. of pick (GT>0)", f"top-1 (infl>{HIGH_INFLUENCE})", "median rank (high)",
                             "GT infl. of pick (high)"], rows)
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    figures = _figures(out, split, gt, gt_top, gt_val, best_scores, args.pairs)
+    figures = _figures(out, split, gt, gt_top, gt_val, best_scores, args.pairs) if best_scores else []
     g = results["ground-truth"]
     report = [f"# Memorization and influence ({split.name})", "", prepared.describe(), "",
               f"Ground truth: Feldman-Zhang estimator from {args.n_models} models on random "

@@ -25,8 +25,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import math
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,7 @@ from forwardinf.data.inputs import as_dataset, gather, to_device
 from forwardinf.distributed import activation_bytes, auto_batch_size, init_distributed, score_to_store, shard_dataset
 from forwardinf.estimators.forward_inf import PRESETS, SCORES, ForwardINFConfig
 from forwardinf.estimators.tail import PRECISIONS, ReducedPrecisionTask, TailForwardINF, split_model
+from forwardinf.experiments.checks import UsageError
 from forwardinf.experiments.report import markdown_table, results_object, write_outputs
 from forwardinf.storage import write_topk
 
@@ -108,10 +111,17 @@ def load_object(spec: str, what: str) -> Any:
         sys.modules[module_spec.name] = module
         module_spec.loader.exec_module(module)
     else:
+        # As `python -m` and the interpreter do: the current folder is importable (nets:build finds ./nets.py).
+        if "" not in sys.path and str(Path.cwd()) not in sys.path:
+            sys.path.insert(0, str(Path.cwd()))
         try:
             module = importlib.import_module(mod_name)
         except ModuleNotFoundError as e:
-            raise ValueError(f"{what} {spec!r}: cannot import module {mod_name!r} ({e}); is it on PYTHONPATH?") from e
+            if e.name is not None and not mod_name.startswith(e.name):  # the module imports a missing package
+                raise ValueError(f"{what} {spec!r}: importing {mod_name!r} failed: {e}") from e
+            local = Path(*mod_name.split(".")).with_suffix(".py")
+            hint = f" (or give the file: {local}:{attr})" if local.is_file() else "; is it on PYTHONPATH?"
+            raise ValueError(f"{what} {spec!r}: cannot import module {mod_name!r} ({e}){hint}") from e
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -147,6 +157,11 @@ class ScriptedModule(nn.Module):
                     holder.register_buffer(leaf, t.detach().clone())
                 self._names.append((name, leaf))
         self.train(script.training)
+
+    @property
+    def code(self) -> str:
+        """The script's inlined graph, so that score stores fingerprint its code (``hashing.fingerprint_code``)."""
+        return str(self.script.inlined_graph)
 
     def _holder(self, name: str) -> nn.Module:
         holder: nn.Module = self
@@ -228,8 +243,6 @@ class ImageFolder(Dataset):
 
     def __init__(self, root: str | Path, mean: list[float] | None = None, std: list[float] | None = None,
                  size: tuple[int, int] | None = None) -> None:
-        from PIL import Image
-
         self.root = Path(root)
         classes = sorted(d.name for d in self.root.iterdir() if d.is_dir())
         self.classes = classes
@@ -240,9 +253,18 @@ class ImageFolder(Dataset):
             self.files = [(f, -1) for f in sorted(self.root.iterdir()) if f.suffix.lower() in IMAGE_EXTENSIONS]
         if not self.files:
             raise ValueError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
-        with Image.open(self.files[0][0]) as im:
+        with _open_image(self.files[0][0]) as im:
             self.mode = "L" if im.mode in ("L", "1", "I", "I;16", "F") else "RGB"
             self.size = tuple(size) if size else (im.size[1], im.size[0])
+        for path, _ in self.files:  # up front: a damaged image must not stop the sweep halfway
+            with _open_image(path) as im:
+                try:
+                    im.verify()
+                except Exception as e:  # noqa: BLE001 - PIL raises many types for damaged files
+                    raise ValueError(f"{path}: damaged image ({e}); remove or replace it") from None
+                if size is None and (im.size[1], im.size[0]) != self.size:
+                    raise ValueError(f"{path}: size {im.size[1]}x{im.size[0]} differs from "
+                                     f"{self.size[0]}x{self.size[1]} of the first image; pass --image-size H W")
         channels = 1 if self.mode == "L" else 3
         self.mean = torch.tensor(mean if mean else [0.0] * channels, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std if std else [1.0] * channels, dtype=torch.float32).view(-1, 1, 1)
@@ -254,11 +276,12 @@ class ImageFolder(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        from PIL import Image
-
         path, label = self.files[i]
-        with Image.open(path) as im:
-            im = im.convert(self.mode)
+        with _open_image(path) as im:
+            try:
+                im = im.convert(self.mode)
+            except Exception as e:  # noqa: BLE001 - truncated pixel data shows only when decoded
+                raise ValueError(f"{path}: damaged image ({e}); remove or replace it") from None
             if self.resize:
                 im = im.resize((self.size[1], self.size[0]))
             elif (im.size[1], im.size[0]) != self.size:
@@ -272,19 +295,33 @@ class ImageFolder(Dataset):
         return [str(f.relative_to(self.root)) for f, _ in self.files]
 
 
+def _open_image(path: Path) -> Any:
+    """``PIL.Image.open(path)``, a file PIL cannot read refused naming it."""
+    from PIL import Image
+
+    try:
+        return Image.open(path)
+    except Exception as e:  # noqa: BLE001 - UnidentifiedImageError, OSError, SyntaxError, ...
+        raise ValueError(f"{path}: not a readable image ({e}); remove or replace it") from None
+
+
 def _npz(spec: str, mean: list[float] | None, std: list[float] | None) -> Dataset:
     path_str, _, split = spec.partition(".npz")
     path = Path(path_str + ".npz")
     split = split.lstrip(":")
     candidates = [(f"x_{split}", f"y_{split}")] if split else [("inputs", "targets"), ("x", "y"), ("X", "y")]
-    with np.load(path, allow_pickle=False) as d:
-        found = next(((xk, yk) for xk, yk in candidates if xk in d.files and yk in d.files), None)
-        if found is None:
-            want = " or ".join(f"{xk}/{yk}" for xk, yk in candidates)
-            raise ValueError(f"{path}: no arrays {want}; it holds {sorted(d.files)}")
-        x, y = d[found[0]], d[found[1]]
-    if len(x) != len(y):
-        raise ValueError(f"{path}: {len(x)} inputs but {len(y)} targets")
+    try:
+        with np.load(path, allow_pickle=False) as d:
+            found = next(((xk, yk) for xk, yk in candidates if xk in d.files and yk in d.files), None)
+            if found is None:
+                want = " or ".join(f"{xk}/{yk}" for xk, yk in candidates)
+                raise ValueError(f"{path}: no arrays {want}; it holds {sorted(d.files)}")
+            x, y = d[found[0]], d[found[1]]
+    except (OSError, EOFError, zipfile.BadZipFile) as e:  # truncated or not an .npz at all
+        raise ValueError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    if x.ndim == 0 or y.ndim != 1 or len(x) != len(y):
+        raise ValueError(f"{path}: expected inputs [N, ...] and targets [N], got {x.shape} and {y.shape}")
+    y = integer_labels(y, f"{path}: {found[1]}")
     xt = torch.from_numpy(np.ascontiguousarray(x))
     if x.dtype == np.uint8:  # images: [0, 255] -> [0, 1], channels first
         xt = xt.float() / 255.0
@@ -301,7 +338,22 @@ def _npz(spec: str, mean: list[float] | None, std: list[float] | None) -> Datase
         if m.shape[1] not in (1, c) or s.shape[1] not in (1, c):
             raise ValueError(f"--mean/--std need 1 or {c} values")
         xt = (xt - m) / s
-    return TensorDataset(xt, torch.from_numpy(np.asarray(y)).long())
+    return TensorDataset(xt, torch.from_numpy(y))
+
+
+def integer_labels(y: np.ndarray, what: str) -> np.ndarray:
+    """Class labels as int64, refusing what ``.long()`` would silently truncate (1.7 -> 1) or wrap."""
+    if y.dtype == np.bool_ or not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
+        raise ValueError(f"{what}: labels must be integers, got dtype {y.dtype}")
+    if np.issubdtype(y.dtype, np.floating):
+        bad = ~np.isfinite(y) | (y != np.round(y))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"{what}: labels must be whole numbers (class indices), got {y[i]!r} at position {i} "
+                             f"({int(bad.sum())} such); a float array of labels would be truncated")
+    if y.size and (y.min() < -1 or y.max() >= 2**31):
+        raise ValueError(f"{what}: labels must be class indices >= 0 (-1 = unlabelled), got range [{y.min()}, {y.max()}]")
+    return y.astype(np.int64)
 
 
 def load_data(spec: str, args: argparse.Namespace, what: str) -> Dataset:
@@ -391,7 +443,28 @@ def build_estimator(args: argparse.Namespace, model: nn.Module, task: fi.Task, t
 
 
 # -------------------------------------------------------------------------------------- run
+def check_arguments(args: argparse.Namespace) -> None:
+    """The numbers of the command line, refused before any work (a model trained, a store begun)."""
+    for name in ("k", "shard_size", "query_block", "query_chunk", "threads", "steps", "n_train", "n_queries"):
+        v = getattr(args, name, None)
+        if v is not None and v < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
+    for name in ("lr", "memory_budget"):
+        v = getattr(args, name, None)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number > 0, got {v}")
+    if args.batch_size != "auto" and not (args.batch_size.isdigit() and int(args.batch_size) > 0):
+        raise UsageError(f"--batch-size must be a positive integer or 'auto', got {args.batch_size!r}")
+    for name in ("mean", "std"):
+        v = getattr(args, name, None) or []
+        if not all(math.isfinite(x) for x in v) or (name == "std" and any(x <= 0 for x in v)):
+            raise UsageError(f"--{name} must be finite numbers" + (" > 0" if name == "std" else "") + f", got {v}")
+    if args.image_size is not None and min(args.image_size) < 1:
+        raise UsageError(f"--image-size must be two positive integers, got {args.image_size}")
+
+
 def run(args: argparse.Namespace) -> dict:
+    check_arguments(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     ctx = init_distributed()

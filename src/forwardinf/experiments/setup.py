@@ -42,6 +42,78 @@ def add_option_argument(p: argparse.ArgumentParser) -> None:
                         "(values are Python literals, else strings); repeatable")
 
 
+def parse_methods(spec: str, expand: dict[str, list[str]] | None = None) -> list[str]:
+    """``--methods`` as a list of names, each a registry name (``NAME`` or ``NAME@LABEL``, the label
+    checked by :func:`~forwardinf.experiments.checks.check_label`); ``expand`` maps a word (``all``)
+    to the names it stands for. Unknown names are refused here, before any work."""
+    from forwardinf.baselines.registry import METHODS, PEER_METHODS, REFERENCE_METHODS
+    from forwardinf.experiments.checks import UsageError, check_label
+
+    names = [n for m in str(spec or "").split(",") if m.strip()
+             for n in (expand or {}).get(m.strip(), [m.strip()])]
+    if not names:
+        raise UsageError("--methods is empty")
+    known = [*forward_inf_names("classification", "image"), *METHODS[1:], *PEER_METHODS, *REFERENCE_METHODS]
+    for name in names:
+        base, at, label = name.partition("@")
+        if at:
+            check_label(label, name)
+        if base not in known:
+            raise UsageError(f"--methods: unknown method {base!r}; choose from {', '.join(known)}")
+    return list(dict.fromkeys(names))  # once each ('all,trak' runs trak once)
+
+
+# Estimator keywords whose values name parts of the user's model: checked on the real one, not a stand-in.
+MODEL_KEYWORDS = ("split", "params", "layers", "layer")
+
+
+def check_methods(methods: list[str], options: dict[str, dict[str, Any]]) -> None:
+    """Build every method with its ``--option`` keywords on a tiny stand-in classifier, so that an
+    unknown keyword or a bad value is refused before the model is trained (the estimators check
+    their values when built). Values naming parts of the model (:data:`MODEL_KEYWORDS`), methods
+    needing a recorded trajectory and missing optional packages are left to the run, where a
+    failure is that method's row of the results."""
+    from torch import nn
+
+    from forwardinf.baselines.registry import requirements
+    from forwardinf.experiments.checks import UsageError
+
+    stand_in = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    fake = Prepared(split=None, model=stand_in, model_name="stand-in", accuracy=0.0,
+                    checkpoints=[stand_in.state_dict()] * 5)
+    for name in methods:
+        kw = {k: v for k, v in (options.get(name) or {}).items() if k not in MODEL_KEYWORDS and k != "queries"}
+        if "trajectory" in requirements(name.split("@", 1)[0]):
+            continue
+        try:
+            est = make_method(name, stand_in, fake, False, kw)
+            check = getattr(est, "_check_params", None)  # the estimator's own value checks, else run by fit
+            if callable(check):
+                check()
+        except ImportError:
+            continue
+        except (ValueError, TypeError) as e:
+            raise UsageError(f"--methods {name}: {e}") from None
+
+
+def run_safely(name: str, work: Any) -> tuple[Any, dict | None]:
+    """``(work(), None)``, or ``(None, {"error": ...})`` when it raises: one failing method is a row of
+    the results, not the end of the run (the other methods' results are kept)."""
+    import traceback
+
+    from forwardinf.baselines.peers import INSTALL
+
+    try:
+        return work(), None
+    except ImportError as e:
+        pkg = (e.name or "").split(".")[0]
+        return None, {"error": f"not installed ({INSTALL.get(pkg, 'pip install ' + pkg)})"}
+    except (ValueError, TypeError, RuntimeError, FloatingPointError, MemoryError) as e:
+        traceback.print_exc()
+        print(f"  {name}: failed ({type(e).__name__}); its row records the error, the other methods go on", flush=True)
+        return None, {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
+
+
 def method_options(args: argparse.Namespace, methods: list[str]) -> dict[str, dict[str, Any]]:
     """``--option METHOD.KEY=VALUE`` values as ``{method: {key: value}}``, each METHOD among ``methods``."""
     out: dict[str, dict[str, Any]] = {}
