@@ -309,7 +309,9 @@ def _child(name: str, args: argparse.Namespace, options: dict | None, path: str,
 
 def run_method(name: str, args: argparse.Namespace, options: dict | None, folder: Path, key: str) -> dict:
     """``measure_method`` in a fresh process (or here with ``--in-process``), cached in ``folder``."""
-    path = folder / f"{check_label(name, name)}.pt"  # a safe name: the file stays inside --out
+    for part in name.split("@", 1):  # a safe name (checked up front too): the file stays inside --out
+        check_label(part, name)
+    path = folder / f"{name}.pt"
     # Tensors and plain values only (weights_only): a file planted in a run folder cannot run code.
     # An unreadable file is recomputed (load_cached logs a warning naming it).
     saved = None if args.recompute else load_cached(path)
