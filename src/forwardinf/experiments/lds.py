@@ -231,13 +231,19 @@ def ground_truth(args: argparse.Namespace, problem: Problem, progress: bool) -> 
         "recipe": trainer.recipe, "train": data_fingerprint(train), "queries": data_fingerprint(problem.queries),
         "alpha": args.alpha, "seed": args.seed})
     masks = M.random_subsets(len(train[1]), args.subsets, args.alpha, seed=args.seed)
-    # The cache key covers the trainer's settings and its code (and all the forwardinf code it imports):
-    # editing the training recipe's code retrains, rather than reusing models of the old code.
-    recipe = {"trainer": fingerprint(trainer),
-              "code": code_fingerprint(method_sources([type(trainer).__module__]))}
     out = retrain_outputs(trainer, train, OutputProbe(problem.queries), masks, args.seeds_per_subset, args.seed,
-                          cache_dir=folder, workers=args.workers, progress=progress, config=recipe)
+                          cache_dir=folder, workers=args.workers, progress=progress, config=trainer_key(trainer))
     return masks, out
+
+
+def trainer_key(trainer: SubsetTrainer, root: Path | None = None) -> dict[str, str]:
+    """What identifies the retraining recipe in the ground-truth cache key: the trainer's settings
+    and the source of its module and every forwardinf module that imports (:func:`method_sources`
+    under ``root``, default the installed package): editing the training code retrains rather than
+    reusing models of the old code."""
+    root = root or _ROOT
+    return {"trainer": fingerprint(trainer),
+            "code": code_fingerprint(method_sources([type(trainer).__module__], root), root)}
 
 
 # ------------------------------------------------------------------------------------ methods

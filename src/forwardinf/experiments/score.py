@@ -26,6 +26,7 @@ import argparse
 import importlib
 import importlib.util
 import math
+import shutil
 import sys
 import time
 import zipfile
@@ -502,9 +503,16 @@ def _run(args: argparse.Namespace, ctx: Any) -> dict:
     estimator = build_estimator(args, model, task, train)
     store_path = Path(args.store) if args.store else out / "store"
     progress = not args.quiet and ctx.is_main
-    result = score_to_store(estimator, train, queries, store_path, shard_size=args.shard_size,
-                            query_block=args.query_block, k=args.k, overwrite=args.overwrite, ctx=ctx,
-                            progress=progress)
+    new_store = not store_path.exists()
+    try:
+        result = score_to_store(estimator, train, queries, store_path, shard_size=args.shard_size,
+                                query_block=args.query_block, k=args.k, overwrite=args.overwrite, ctx=ctx,
+                                progress=progress)
+    except Exception:
+        # A run failing before its first block (a diverging update, a bad input) leaves --out as it found it.
+        if new_store and ctx.is_main and store_path.is_dir() and not any((store_path / "blocks").glob("*.npy")):
+            shutil.rmtree(store_path, ignore_errors=True)
+        raise
     seconds = time.perf_counter() - start
     config = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("quiet",)}
     config.update(world_size=ctx.world_size, batch_size_used=estimator.batch_size)

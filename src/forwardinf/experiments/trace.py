@@ -272,6 +272,10 @@ def run(args: argparse.Namespace) -> dict:
     methods = parse_methods(args.methods)
     if args.candidates < 2 or args.queries < 1 or args.tune_queries < 0:
         raise ValueError("--candidates must be >= 2, --queries >= 1 and --tune-queries >= 0")
+    from forwardinf.models.pretrained import SHORTHANDS, find_gguf
+
+    if args.model in SHORTHANDS and not args.checkpoint:  # its package, before any work (ImportError naming pip)
+        find_gguf(SHORTHANDS[args.model])
 
     from forwardinf.data.facts import select_queries
 
