@@ -69,7 +69,10 @@ def one_line(e: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a bad argument (2, its one line already printed)
+        return e.code if isinstance(e.code, int) else 2
     prog = f"forwardinf {args.experiment}"
     if args.experiment in DRAWING and importlib.util.find_spec("matplotlib") is None:
         print(f"{prog}: error: its figures need matplotlib: pip install 'forwardinf[plots]'", file=sys.stderr)
