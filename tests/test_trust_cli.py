@@ -306,20 +306,24 @@ def test_9_one_experiment_per_out_folder(user, tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------------- item 10
-def test_10_report_and_results_are_written_atomically(tmp_path, monkeypatch):
+@pytest.mark.parametrize("victim", ["report.md", "results.json"])
+def test_10_report_and_results_are_written_atomically(tmp_path, monkeypatch, victim):
     from forwardinf.experiments.report import write_outputs
 
     write_outputs(tmp_path, {"experiment": "x"}, "# old report")
     before = snapshot(tmp_path)
+    real = os.replace
 
-    def crash(src, dst):  # the process dies between writing the new file and renaming it
-        raise OSError("disk gone")
+    def crash(src, dst):  # the process dies while writing `victim`: before its new content is in place
+        if Path(dst).name == victim:
+            raise OSError("disk gone")
+        real(src, dst)
 
     monkeypatch.setattr(os, "replace", crash)
-    for results, report in (({"experiment": "x", "new": 1}, "# old report"), ({"experiment": "x"}, "# new report")):
-        with pytest.raises(OSError):
-            write_outputs(tmp_path, results, report)
-        assert snapshot(tmp_path) == before  # the old files, whole; no temporary left
+    with pytest.raises(OSError):
+        write_outputs(tmp_path, {"experiment": "x", "new": 1}, "# new report")
+    assert (tmp_path / victim).read_bytes() == before[victim]  # the old file, whole
+    assert not list(tmp_path.glob(".*.tmp"))  # no temporary left
 
 
 # --------------------------------------------------------------------------------- item 11
