@@ -132,7 +132,7 @@ KILLED_RUN = textwrap.dedent('''
             atomic_path(path, fsync=False).__enter__().write_bytes(b"half a block")
             os.kill(os.getpid(), signal.SIGKILL)
 
-    score_to_store(est, (d.x_train[:40], d.y_train[:40]), (d.x_train[:3], d.y_train[:3]), sys.argv[1],
+    score_to_store(est, (d.x_train[:24], d.y_train[:24]), (d.x_train[:3], d.y_train[:3]), sys.argv[1],
                    shard_size=8, query_block=2, on_block=on_block)
 ''')
 
@@ -154,7 +154,7 @@ def test_1_10_resume_after_sigkill_refuses_another_architecture_and_cleans_up(tm
     store = ScoreStore.open(store_path)
     assert len(store.missing()) == store.n_query_blocks * store.n_shards - 3
     assert len(list((store_path / "blocks").glob(".*.tmp"))) == 1  # the half-written block
-    train, queries = digits()
+    train, queries = digits(24)
     tanh = small_model()
     tanh[2] = nn.Tanh()  # equal weights, another architecture
     with pytest.raises(StoreMismatchError, match="model fingerprint"):
@@ -440,6 +440,11 @@ def bad_files(tmp_path_factory, user) -> Path:
     d = load_digits()
     np.savez(tmp / "two_d_labels.npz", inputs=d.x_train[:8].numpy(), targets=d.y_train[:8, None].numpy())
     np.savez(tmp / "bad_keys.npz", a=np.zeros(3))
+    np.savez(tmp / "features.npz", inputs=d.x_train[:8, 0, :4].numpy(), targets=d.y_train[:8].numpy())  # 32 features
+    np.savez(tmp / "int64.npz", inputs=d.x_train[:8].long().numpy(), targets=d.y_train[:8].numpy())
+    y = d.y_train[:20].numpy().copy()
+    y[15] = 10  # past the first 8 examples (the probe's): the model has 10 classes
+    np.savez(tmp / "label_range.npz", inputs=d.x_train[:20].numpy(), targets=y)
     return tmp
 
 
@@ -453,6 +458,9 @@ TABLE = [
     ("score-truncated-npz", lambda u, b: _score(u, "--train", str(b / "truncated.npz")), "not a readable .npz"),
     ("score-npz-keys", lambda u, b: _score(u, "--train", str(b / "bad_keys.npz")), "no arrays"),
     ("score-2d-labels", lambda u, b: _score(u, "--train", str(b / "two_d_labels.npz")), "targets [N]"),
+    ("score-feature-count", lambda u, b: _score(u, "--train", str(b / "features.npz")), "cannot run on"),
+    ("score-int64-inputs", lambda u, b: _score(u, "--queries", str(b / "int64.npz")), "float32"),
+    ("score-label-range", lambda u, b: _score(u, "--train", str(b / "label_range.npz")), "0..9"),
     ("score-lr-huge", lambda u, b: _score(u, "--lr", "1e30"), "diverging"),
     ("score-lr-negative", lambda u, b: _score(u, "--lr", "-1"), "--lr must be"),
     ("score-lr-nan", lambda u, b: _score(u, "--lr", "nan"), "--lr must be"),
@@ -535,18 +543,17 @@ def test_13_a_missing_optional_package_names_the_pip_command(tmp_path, capsys, m
     assert not (tmp_path / "o").exists()
 
 
-REAL = [(["score", "--device", "bogus"], "not a device name"),
-        (["lds", "--methods", "trak@../../x"], "label"),
-        (["leakage", "--option", "forward-inf.lr=-2"], "lr=-2")]
+REAL = [pytest.param(["score", "--device", "bogus"], "not a device name", id="score-device"),
+        pytest.param(["lds", "--methods", "trak@../../x"], "label", id="lds-label", marks=pytest.mark.slow),
+        pytest.param(["leakage", "--option", "forward-inf.lr=-2"], "lr=-2", id="leakage-option",
+                     marks=pytest.mark.slow)]
 
 
-def test_real_processes_exit_2_with_one_line(tmp_path):
+@pytest.mark.parametrize("argv,words", REAL)
+def test_real_processes_exit_2_with_one_line(tmp_path, argv, words):
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-m", "forwardinf.cli", *argv, "--out", str(tmp_path / f"o{i}"),
-                               "--quiet"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i, (argv, _) in enumerate(REAL)]  # at once: each start-up is mostly importing torch
-    for i, (proc, (_, words)) in enumerate(zip(procs, REAL)):
-        _, err = proc.communicate(timeout=300)
-        lines = err.strip().splitlines()
-        assert proc.returncode == 2 and len(lines) == 1 and words in lines[0] and "Traceback" not in err, err
-        assert not (tmp_path / f"o{i}").exists()
+    proc = subprocess.run([sys.executable, "-m", "forwardinf.cli", *argv, "--out", str(tmp_path / "o"), "--quiet"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and words in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()

@@ -385,6 +385,31 @@ def _first(dataset: Dataset, n: int | None, what: str) -> Dataset:
     return shard_dataset(dataset, 0, min(n, len(dataset)))
 
 
+def check_runs(model: nn.Module, task: fi.Task, data: Dataset, what: str, device: torch.device) -> None:
+    """Refuse data the model cannot run on, before the batch-size probe and the sweep: its loss on
+    the first 8 examples, and for a classifier every label within the model's classes."""
+    from forwardinf.core.params import mode
+
+    probe = to_device(gather(data, range(min(8, len(data)))), device)
+    try:
+        with torch.no_grad(), mode(model, False):
+            losses = task.loss(model, probe)
+    except (RuntimeError, IndexError, TypeError, ValueError) as e:
+        x = probe[0] if isinstance(probe, (tuple, list)) else None
+        hint = (f"; its inputs are {x.dtype}: a float model needs float inputs (save them as float32)"
+                if torch.is_tensor(x) and not x.is_floating_point() else "")
+        raise ValueError(f"{what}: the model cannot run on its examples ({' '.join(str(e).split())}){hint}") from None
+    if not torch.isfinite(losses).all():
+        raise ValueError(f"{what}: the model's loss on its first examples is not finite (NaN/inf inputs?)")
+    if isinstance(task, fi.ClassificationTask) and isinstance(data, TensorDataset) and len(data.tensors) == 2:
+        with torch.no_grad(), mode(model, False):
+            n_classes = model(probe[0]).shape[-1]
+        y = data.tensors[1]
+        if y.ndim != 1 or (y.numel() and (int(y.min()) < 0 or int(y.max()) >= n_classes)):
+            raise ValueError(f"{what}: labels must be class indices [N] in 0..{n_classes - 1} (the model has "
+                             f"{n_classes} outputs), got shape {tuple(y.shape)}, range [{int(y.min())}, {int(y.max())}]")
+
+
 def _label_by_prediction(queries: Dataset, model: nn.Module, device: torch.device) -> Dataset:
     """Unlabelled queries (label -1) get the model's predicted class: explain what it predicts."""
     x, y = gather(queries, range(len(queries)))[:2]
@@ -500,6 +525,8 @@ def _run(args: argparse.Namespace, ctx: Any) -> dict:
     if not isinstance(task, fi.Task):
         raise ValueError(f"--task {args.task!r} returned {type(task).__name__}, not a forwardinf Task")
 
+    for data, what in ((train, "--train"), (queries, "--queries")):
+        check_runs(model, task, data, what, device)
     estimator = build_estimator(args, model, task, train)
     store_path = Path(args.store) if args.store else out / "store"
     progress = not args.quiet and ctx.is_main
