@@ -395,11 +395,11 @@ def test_13_a_damaged_image_in_the_middle_of_a_folder_is_named_up_front(tmp_path
 
     d = load_digits()
     pixels = (d.denormalize(d.x_train[:12]) * 255).round().to(torch.uint8)
-    for i in range(12):
-        folder = tmp_path / "train" / f"c{int(d.y_train[i])}"
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(pixels[i, 0].numpy(), mode="L").save(folder / f"{i:02d}.png")
-    victim = sorted((tmp_path / "train").rglob("*.png"))[6]
+    paths = [tmp_path / "train" / f"c{int(y)}" / f"{i:02d}.png" for i, y in enumerate(d.y_train[:12])]
+    for path, image in zip(paths, pixels[:, 0].numpy()):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image, mode="L").save(path)
+    victim = sorted(paths)[6]  # in the middle of the sweep's order
     victim.write_bytes(victim.read_bytes()[:30])  # truncated mid-file
     (tmp_path / "nets.py").write_text(NETS)
     argv = ["score", "--model", f"{tmp_path / 'nets.py'}:relu", "--train", str(tmp_path / "train"),
