@@ -1,5 +1,7 @@
 """MkDocs hooks: pages generated from the code and the measured results at build time.
 
+Docstrings' Sphinx roles (``:class:`X``` ...) are shown as plain code (``on_page_content``).
+
 - ``<!-- generate: cli -->``: the ``--help`` of every ``forwardinf`` subcommand, from the argparse
   parser that ``forwardinf.cli`` builds (so the page cannot drift from the command line);
 - ``<!-- generate: methods -->``: every name of the method registry (``forwardinf.baselines.registry``);
@@ -134,6 +136,13 @@ def _benchmarks() -> str:
 
 
 GENERATORS = {"cli": _cli, "methods": _methods, "benchmarks": _benchmarks}
+# Docstrings use Sphinx roles (:class:`X`); rendered as Markdown they leave ":class:" before the code.
+_ROLE = re.compile(r":(?:meth|func|class|mod|data|attr|exc|obj):(?=<code>)")
+
+
+def on_page_content(html: str, page, config, files: Files) -> str:
+    """Drop the Sphinx role prefixes (and the ``~`` shortening mark) that docstrings carry."""
+    return _ROLE.sub("", html).replace("<code>~", "<code>")
 
 
 def on_page_markdown(markdown: str, page, config, files: Files) -> str:
