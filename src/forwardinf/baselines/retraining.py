@@ -403,7 +403,8 @@ class LeaveOneOut(_Retraining):
             ``[n_train]`` or a list of index collections; sources are then the groups, in sorted
             label order (``group_ids_``), and scores are ``[n_query, n_groups]``.
         seeds: number of training runs averaged (seeds ``0..R-1``) or the seeds themselves.
-        workers, cache_dir, config, progress: see :func:`run_trainings`.
+
+    ``workers``, ``cache_dir``, ``config`` and ``progress``: see :func:`run_trainings`.
     """
 
     capabilities = Capabilities(self_influence="how much leaving D_i out raises its own mean loss: the diagonal "

@@ -1,0 +1,1 @@
+"""Estimators: the contract (base), Forward-INF, its tail and shift-invariant forms."""
