@@ -4,6 +4,10 @@ Scoring ``m`` updated models at once (stacked parameters + vmap) multiplies the 
 memory of a batch by ``m``; so does taking ``m`` forward-mode derivatives at once. The batch is
 sized so that ``m * batch * bytes_per_example`` stays within the budget: peak memory stays that
 of an ordinary inference batch however many queries share a sweep.
+
+The probe batch is checked first (:func:`forwardinf.data.checks.check_batch`): a wrong feature
+count, labels out of range or inputs of another dtype get a ``ValueError`` naming the argument,
+not the traceback of the probe's forward pass.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import torch
 from torch import nn
 
 from forwardinf.core.params import device_of
+from forwardinf.data.checks import check_batch
 from forwardinf.data.inputs import batch_len, to_device
 
 if TYPE_CHECKING:  # core imports nothing above it at run time
@@ -21,13 +26,14 @@ if TYPE_CHECKING:  # core imports nothing above it at run time
 DEFAULT_BUDGET = 256 * 2**20  # bytes of activations per forward batch
 
 
-def activation_bytes(model: nn.Module, task: "Task", batch: Any) -> float:
+def activation_bytes(model: nn.Module, task: "Task", batch: Any, name: str = "batch") -> float:
     """Bytes of intermediate outputs per example when ``task`` scores ``batch`` with ``model``.
 
     The sum of every submodule's output (forward hooks) plus the inputs: an upper bound on what
     a no-grad forward keeps alive at once. Modules that hide their submodules (TorchScript)
-    only count their own output.
+    only count their own output. ``batch`` is checked first (``ValueError`` naming ``name``).
     """
+    check_batch(model, task, batch, name)
     total = 0
 
     def count(_module: nn.Module, _inputs: Any, output: Any) -> None:
@@ -49,12 +55,13 @@ def activation_bytes(model: nn.Module, task: "Task", batch: Any) -> float:
 
 
 def auto_batch_size(model: nn.Module, task: "Task", batch: Any, *, n_models: int = 1,
-                    budget_bytes: int = DEFAULT_BUDGET, max_batch: int = 1024) -> int:
+                    budget_bytes: int = DEFAULT_BUDGET, max_batch: int = 1024, name: str = "batch") -> int:
     """Largest batch (1..``max_batch``) with ``n_models * batch * activation_bytes <= budget``.
 
-    ``batch``: a few examples to probe with (any batch the task accepts).
+    ``batch``: a few examples to probe with, checked first (``ValueError`` naming ``name``, the
+    argument they come from, e.g. ``"train"``).
     """
     if n_models < 1 or budget_bytes <= 0:
         raise ValueError(f"auto_batch_size: need n_models >= 1 and budget_bytes > 0, got {n_models}, {budget_bytes}")
-    per_example = activation_bytes(model, task, batch)
+    per_example = activation_bytes(model, task, batch, name)
     return int(max(1, min(max_batch, budget_bytes // max(n_models * per_example, 1))))
