@@ -345,6 +345,7 @@ class _Retraining(Estimator):
         self.config = config
         self.batch_size = batch_size
         self.progress = progress
+        self._check()  # bad values refused now, not after the first trainings
 
     def _check(self) -> list[int]:
         name = type(self).__name__
