@@ -190,7 +190,11 @@ class TracIn(GradientEstimator):
         batch = gather(qset, range(len(qset)))
         if not isinstance(batch, Mapping):
             return super()._load_queries(queries)
-        ours, theirs = _signature(batch), _signature(gather(self.train_, [0]))
+        example = gather(self.train_, [0])
+        if not isinstance(example, Mapping):
+            raise ValueError(f"queries: a dict of fields {sorted(batch)}, but the training examples are "
+                             f"{type(example).__name__}s")
+        ours, theirs = _signature(batch), _signature(example)
         if ours != theirs:
             raise ValueError(f"queries: fields {ours} (name: per-example rank) do not match the training data's {theirs}")
         self._validate(batch, "queries")

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from forwardinf.core.params import device_of, mode
 from forwardinf.data.inputs import check_finite, to_device
@@ -24,8 +25,20 @@ def check_batch(model: nn.Module, task: "Task", batch: Any, name: str) -> None:
             task.validate(model, to_device(batch, device_of(model)))
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from e
+        except KeyError as e:  # a dict batch without a field the task reads
+            raise ValueError(f"{name}: each example needs the field {e} (the task reads it)") from e
         except (RuntimeError, IndexError, TypeError) as e:  # e.g. a shape or dtype mismatch inside the model
             raise ValueError(f"{name}: the model cannot run on these inputs: {e}{_dtype_hint(model, batch)}") from e
+
+
+def check_finite_values(values: Tensor, name: str, what: str) -> None:
+    """``values [n, ...]`` computed per example of ``name`` must be finite: a finite input too large
+    for the model's precision overflows inside it, and its NaN would end up in the scores."""
+    bad = ~torch.isfinite(values)
+    if bad.any():
+        i = int(bad.reshape(len(values), -1).any(1).nonzero()[0])
+        raise ValueError(f"{name}: non-finite {what} on example {i} with the unchanged model (an input too large "
+                         "for the model's precision?)")
 
 
 def _dtype_hint(model: nn.Module, batch: Any) -> str:

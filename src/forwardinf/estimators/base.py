@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from forwardinf.core.params import device_of
 from forwardinf.data.inputs import DataLike, as_dataset
-from forwardinf.estimators.validation import changed_weights, weights_fingerprint
+from forwardinf.estimators.validation import changed_weights, finite_scores, weights_fingerprint
 from forwardinf.storage.topk import RunningTopK, TopK, concat_topk
 from forwardinf.tasks.base import Task
 from forwardinf.tasks.classification import ClassificationTask
@@ -149,6 +149,16 @@ class Estimator:
     # Configuration fields the fitted state depends on (with_config refits when one differs,
     # where the estimator reuses fits at all).
     fit_fields: ClassVar[tuple[str, ...]] = ()
+    # influence / self_influence of every subclass refuse non-finite scores (ValueError naming the
+    # query and training point) unless NaN is part of the estimator's documented answer.
+    finite_scores: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in ("influence", "self_influence"):
+            method = cls.__dict__.get(name)
+            if method is not None and not getattr(method, "__wrapped_scores__", False):
+                setattr(cls, name, finite_scores(method))
 
     def __init__(self, model: nn.Module, task: Task | None = None, config: EstimatorConfig | None = None,
                  **knobs: Any) -> None:

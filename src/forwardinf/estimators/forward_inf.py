@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar, Iterable, Iterator
 
 import torch
@@ -15,11 +16,11 @@ from forwardinf.core.curvature import FISHERS, kfac, layer_of, precondition
 from forwardinf.core.params import Params, bind, buffers_of, flat_norm, mode, select_params, stack
 from forwardinf.core.sweep import sweep
 from forwardinf.core.update import OPTIMIZERS, UpdateRule
-from forwardinf.data.checks import check_batch
+from forwardinf.data.checks import check_batch, check_finite_values
 from forwardinf.data.inputs import DataLike, batch_len, batches, gather, repeat, subset, to_device, unsqueeze
 from forwardinf.estimators.base import (Capabilities, Estimator, EstimatorConfig, check_choice, check_indices,
                                         check_positive, check_range)
-from forwardinf.estimators.validation import DivergedError
+from forwardinf.estimators.validation import DivergedError, check_scores
 from forwardinf.tasks.base import Task
 
 SCORES = ("cosine", "margin", "loss", "abs", "influence")
@@ -206,9 +207,7 @@ class ForwardINF(Estimator):
 
         with mode(self.model, False):
             values = sweep(checked, self.train_, self.batch_size_, self._device(), self.progress, desc=f"base {kind}")
-        if not torch.isfinite(values).all():
-            bad = int((~torch.isfinite(values)).nonzero()[0])
-            raise ValueError(f"non-finite loss on training example {bad} with the unchanged model")
+        check_finite_values(values, "train", kind)
         return values
 
     def _directional(self) -> Tensor:
@@ -233,7 +232,9 @@ class ForwardINF(Estimator):
 
                 columns.append(sweep(directional, self.train_, self.batch_size_, device, self.progress,
                                      desc=f"directions {chunk + 1}/{math.ceil(self.n_directions / _DIRECTION_CHUNK)}"))
-        return torch.cat(columns, 0).T.contiguous()
+        out = torch.cat(columns, 0).T.contiguous()
+        check_finite_values(out, "train", "directional derivative")  # or NaN cosine scores for that point
+        return out
 
     def _directions(self, params: Params, chunk: int) -> Params:
         """Directions ``8 chunk ..`` of the fixed Gaussian sequence: ``{name: [m, *shape]}``."""
@@ -288,7 +289,11 @@ class ForwardINF(Estimator):
 
     def _queries(self, queries: DataLike) -> Any:
         qset = self._dataset(queries, "queries")
-        self._validate(gather(qset, range(len(qset))), "queries")
+        batch = gather(qset, range(len(qset)))
+        self._validate(batch, "queries")
+        with mode(self.model, False):  # one forward sweep of the queries: a bad one is refused as such, not as lr's
+            losses = sweep(partial(self.task.loss, self.model), qset, self.batch_size_, self._device(), False)
+        check_finite_values(losses, "queries", "loss")
         return qset
 
     def _updates(self, qset: Any) -> Iterator[tuple[int, Update]]:
@@ -317,11 +322,10 @@ class ForwardINF(Estimator):
         n = len(self.train_)
         step = None if chunk is None else math.ceil(chunk / self.batch_size_) * self.batch_size_
         for q0, update in self._updates(qset):
-            if step is None:
-                yield q0, 0, self._score(update, rows)
-                continue
-            for start in range(0, n, step):
-                yield q0, start, self._score(update, torch.arange(start, min(start + step, n)))
+            for start in (0,) if step is None else range(0, n, step):
+                block = self._score(update, rows if step is None else torch.arange(start, min(start + step, n)))
+                check_scores(type(self).__name__, block)  # what top_k streams is checked as influence is
+                yield q0, start, block
 
     @contextlib.contextmanager
     def _divergence_named(self) -> Iterator[None]:

@@ -113,13 +113,18 @@ class InvariantForwardINF(ForwardINF):
         if self.shift is not None and (not isinstance(self.shift, int) or isinstance(self.shift, bool) or self.shift < 0):
             raise ValueError(f"{name}: invalid shift={self.shift!r}; expected None or an integer >= 0")
 
+    def fit(self, train: DataLike) -> "InvariantForwardINF":
+        """As :meth:`ForwardINF.fit`; the training examples must be images ``[C, H, W]`` (a 5-D
+        batch would be taken for views)."""
+        _check_images(gather(self._dataset(train, "train"), [0]), "train")
+        return super().fit(train)
+
     def _queries(self, queries: DataLike) -> Views:
         """The queries' views ``(inputs [Q, V, C, H, W], targets [Q], ...)``, checked, and with
         ``flip="max"`` the mirrored queries' views too."""
         qset = self._dataset(queries, "queries")
         batch = gather(qset, range(len(qset)))
-        if not isinstance(batch, (tuple, list)) or not torch.is_tensor(batch[0]) or batch[0].dim() != 4:
-            raise ValueError("InvariantForwardINF: queries must be (images [Q, C, H, W], targets [Q], ...)")
+        _check_images(batch, "queries")
         h, w = batch[0].shape[-2:]
         shift = default_shift(h) if self.shift is None else self.shift
         if shift >= min(h, w):
@@ -151,6 +156,14 @@ class InvariantForwardINF(ForwardINF):
         if isinstance(update, Mirrored):
             return torch.maximum(super()._score(update.plain, rows), super()._score(update.mirrored, rows))
         return super()._score(update, rows)
+
+
+def _check_images(batch: Any, name: str) -> None:
+    """``batch`` must be ``(floating images [B, C, H, W], targets [B], ...)``."""
+    inputs = batch[0] if isinstance(batch, (tuple, list)) else None
+    if not torch.is_tensor(inputs) or inputs.dim() != 4 or not inputs.is_floating_point():
+        got = f"{tuple(inputs.shape)} of {inputs.dtype}" if torch.is_tensor(inputs) else type(batch).__name__
+        raise ValueError(f"{name}: InvariantForwardINF needs (floating images [B, C, H, W], targets [B], ...); got {got}")
 
 
 # flip setting -> how the mirrored views count: None (not at all), one "mean", or apart ("max")

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from forwardinf.core.autobatch import auto_batch_size
 from forwardinf.core.params import mode, select_params
 from forwardinf.data.checks import check_batch
-from forwardinf.data.inputs import DataLike, TensorDict, batch_len, batches, to_device
+from forwardinf.data.inputs import DataLike, TensorDict, batch_len, batches, check_finite, to_device
 from forwardinf.estimators.base import Capabilities, Estimator, check_choice
 from forwardinf.estimators.forward_inf import ForwardINF, ForwardINFConfig, check_values, forward_inf_capabilities
 from forwardinf.tasks.base import Task
@@ -346,6 +346,7 @@ class TailForwardINF(Estimator):
         with torch.no_grad(), mode(self.model, False), tqdm(total=n, desc=f"prefix ({name})", unit="ex", leave=False,
                                                           disable=not self.progress) as bar:
             for start, batch in batches(dataset, self.prefix_batch_):
+                check_finite(batch, name)
                 x = to_device(_inputs(batch), device)
                 try:
                     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):

@@ -13,7 +13,8 @@ temporaries of at most 4 MiB; nothing is kept but one 64-bit number per tensor.
 """
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -55,3 +56,29 @@ def changed_weights(before: dict[str, tuple[Any, ...]], module: nn.Module) -> li
     (added, removed or edited)."""
     now = weights_fingerprint(module)
     return sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+
+
+def check_scores(owner: str, scores: Any) -> None:
+    """Scores ``[n_query, n]`` (or ``[n]``) must be finite: a NaN would rank silently (first or
+    last, depending on the sort). Raise ``ValueError`` naming the query and training point."""
+    if not torch.is_tensor(scores) or not scores.is_floating_point():
+        return
+    bad = ~torch.isfinite(scores)
+    if bad.any():
+        where = [int(i) for i in bad.nonzero()[0]]
+        at = f"query {where[0]}, training point {where[1]}" if len(where) == 2 else f"training point {where[0]}"
+        raise ValueError(f"{owner}: non-finite score ({at}): check those queries and train examples (inputs too "
+                         "large for the model's precision?) and the settings")
+
+
+def finite_scores(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` (``influence`` / ``self_influence``) with its result checked by :func:`check_scores`."""
+    @functools.wraps(method)
+    def checked(self: Any, *args: Any, **kwargs: Any) -> Any:
+        scores = method(self, *args, **kwargs)
+        if self.finite_scores:
+            check_scores(type(self).__name__, scores)
+        return scores
+
+    checked.__wrapped_scores__ = True  # type: ignore[attr-defined]
+    return checked
