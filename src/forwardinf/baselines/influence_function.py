@@ -120,9 +120,19 @@ class GradientEstimator(Estimator):
     def _dot_train(self, vectors: Tensor, key: Any, loss_fn: G.LossFn, params: Params) -> Tensor:
         """``[K, n_train]``: ``vectors [K, D]`` dotted with every training gradient."""
         out = torch.empty(vectors.shape[0], len(self.train_), dtype=vectors.dtype)
-        for start, g in self._train_grad_blocks(key, loss_fn, params):
-            out[:, start:start + g.shape[0]] = (vectors @ g.T).cpu()
+        for start, g in self._train_grad_blocks(key, loss_fn, params):  # start: a multiple of batch_size
+            out[:, start:start + g.shape[0]] = blocked_dot(vectors, g, self.batch_size).cpu()
         return out
+
+    def _row_block(self) -> int:
+        return self.batch_size
+
+
+def blocked_dot(vectors: Tensor, g: Tensor, rows: int) -> Tensor:
+    """``[K, n]``: ``vectors [K, D] @ g[n, D].T``, one product per ``rows`` rows of ``g``. A block's
+    result depends only on the block (a matrix product's last bits depend on its shape), so any
+    slice of the training set that starts and ends on block boundaries scores bit-identically."""
+    return torch.cat([vectors @ g[s:s + rows].T for s in range(0, g.shape[0], rows)], 1)
 
 
 def _shapes(batch: Any) -> list[tuple[int, ...]]:

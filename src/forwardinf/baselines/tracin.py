@@ -9,7 +9,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from forwardinf.baselines.influence_function import GradientConfig, GradientEstimator
+from forwardinf.baselines.influence_function import GradientConfig, GradientEstimator, blocked_dot
 from forwardinf.core import gradients as G
 from forwardinf.core.params import Params, mode
 from forwardinf.data.inputs import DataLike, batches, gather, to_device
@@ -117,7 +117,7 @@ class TracIn(GradientEstimator):
                 norms = self._train_norms(c, loss_fn, params) if self.normalize else None
             else:
                 g = self._train_rows(rows, c, loss_fn, params)  # [n, D]
-                dots = (gq @ g.T).cpu()
+                dots = blocked_dot(gq, g, self.batch_size).cpu()  # as _dot_train's blocks when rows are aligned
                 norms = g.norm(dim=1).cpu() if self.normalize else None
             if self.normalize:
                 dots = dots / norms[None, :].clamp_min(1e-30)

@@ -253,9 +253,15 @@ class Estimator:
             return
         self._check_fitted()
         qset = self._dataset(queries, "queries")
-        n = len(self.train_)
-        for start in range(0, n, chunk):
-            yield 0, start, self.influence(qset, indices=torch.arange(start, min(start + chunk, n)))
+        n, block = len(self.train_), self._row_block()
+        step = math.ceil(chunk / block) * block  # chunks on block boundaries: bit-identical to a whole sweep
+        for start in range(0, n, step):
+            yield 0, start, self.influence(qset, indices=torch.arange(start, min(start + step, n)))
+
+    def _row_block(self) -> int:
+        """Training points an estimator scores together (its batch): ``top_k``'s chunks start on
+        multiples of it, so their scores are those of ``influence`` to the bit."""
+        return 1
 
     # -- helpers for subclasses -----------------------------------------------------
     def _check_params(self) -> Any:
