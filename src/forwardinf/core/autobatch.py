@@ -5,9 +5,10 @@ memory of a batch by ``m``; so does taking ``m`` forward-mode derivatives at onc
 sized so that ``m * batch * bytes_per_example`` stays within the budget: peak memory stays that
 of an ordinary inference batch however many queries share a sweep.
 
-The probe batch is checked first (:func:`forwardinf.data.checks.check_batch`): a wrong feature
-count, labels out of range or inputs of another dtype get a ``ValueError`` naming the argument,
-not the traceback of the probe's forward pass.
+Callers check the probe batch first (:func:`forwardinf.data.checks.check_batch`, a layer above);
+if the probe still fails (a wrong feature count, labels out of range, inputs of another dtype),
+its error is a ``ValueError`` naming the argument the batch came from, not the traceback of the
+probe's forward pass.
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ import torch
 from torch import nn
 
 from forwardinf.core.params import device_of
-from forwardinf.data.checks import check_batch
 from forwardinf.data.inputs import batch_len, to_device
 
 if TYPE_CHECKING:  # core imports nothing above it at run time
@@ -31,9 +31,8 @@ def activation_bytes(model: nn.Module, task: "Task", batch: Any, name: str = "ba
 
     The sum of every submodule's output (forward hooks) plus the inputs: an upper bound on what
     a no-grad forward keeps alive at once. Modules that hide their submodules (TorchScript)
-    only count their own output. ``batch`` is checked first (``ValueError`` naming ``name``).
+    only count their own output. A batch the task cannot score raises ``ValueError`` naming ``name``.
     """
-    check_batch(model, task, batch, name)
     total = 0
 
     def count(_module: nn.Module, _inputs: Any, output: Any) -> None:
@@ -48,6 +47,8 @@ def activation_bytes(model: nn.Module, task: "Task", batch: Any, name: str = "ba
     try:
         with torch.no_grad():
             task.loss(model, to_device(batch, device_of(model)))
+    except (RuntimeError, IndexError, KeyError, TypeError) as e:  # e.g. a shape, dtype or label the model rejects
+        raise ValueError(f"{name}: the model and task cannot score these examples (batch-size probe): {e}") from e
     finally:
         for h in handles:
             h.remove()
@@ -58,8 +59,8 @@ def auto_batch_size(model: nn.Module, task: "Task", batch: Any, *, n_models: int
                     budget_bytes: int = DEFAULT_BUDGET, max_batch: int = 1024, name: str = "batch") -> int:
     """Largest batch (1..``max_batch``) with ``n_models * batch * activation_bytes <= budget``.
 
-    ``batch``: a few examples to probe with, checked first (``ValueError`` naming ``name``, the
-    argument they come from, e.g. ``"train"``).
+    ``batch``: a few examples to probe with; ``name``: the argument they come from (e.g. ``"train"``),
+    named by the ``ValueError`` if the probe cannot run on them.
     """
     if n_models < 1 or budget_bytes <= 0:
         raise ValueError(f"auto_batch_size: need n_models >= 1 and budget_bytes > 0, got {n_models}, {budget_bytes}")

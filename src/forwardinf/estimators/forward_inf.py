@@ -536,12 +536,13 @@ class ForwardINF(Estimator):
     def _resolve_batch_size(self) -> int:
         if self.batch_size != "auto":
             return self.batch_size
-        probe = to_device(gather(self.train_, range(min(8, len(self.train_)))), self._device())
+        probe = gather(self.train_, range(min(8, len(self.train_))))
+        self._validate(probe, "train")  # bad labels or shapes get their clear error before the probe runs
+        probe = to_device(probe, self._device())
         n_models = 2 * min(_DIRECTION_CHUNK, self.n_directions) if self.score == "cosine" else 1  # primal + tangent
         if self._device().type != "cpu":  # scored under vmap, all query_chunk models at once
             n_models = max(n_models, self.query_chunk)
         with mode(self.model, False):
-            # the probe batch is checked first: bad labels or shapes get their clear error, not the probe's
             return auto_batch_size(self.model, self.task, probe, n_models=n_models, max_batch=512, name="train")
 
     def _validate(self, batch: Any, name: str) -> None:
