@@ -128,6 +128,7 @@ def test_bad_settings_are_refused_at_construction(kw, match):
     (lambda m: fi.InfluenceFunction(m, solver="newton"), r"invalid solver='newton'"),
     (lambda m: fi.InfluenceFunction(m, tol=math.inf), r"invalid tol=inf"),
     (lambda m: fi.KNNShapley(m, k=0), r"invalid k=0"),
+    (lambda m: make_estimator("feature-nn", m, metric="manhattan"), r"invalid metric='manhattan'"),
     (lambda m: fi.RepresenterPoint(m, l2=-1.0), r"invalid l2=-1.0"),
     (lambda m: fi.TMCShapley(fi.LastLayerTrainer(m), permutations=0), r"invalid permutations=0"),
     (lambda m: fi.LeaveOneOut(fi.LastLayerTrainer(m), workers=0), r"invalid workers=0"),
