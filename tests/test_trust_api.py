@@ -236,6 +236,17 @@ def test_invariant_top_k_ranks_by_its_own_influence(digits):
         assert torch.equal(top.indices, order.indices[:, :10]) and torch.equal(top.scores, order.values[:, :10])
 
 
+@pytest.mark.parametrize("kw", [dict(params="4"), dict(params="4", optimizer="sgd"), dict(params="4", train_mode=True)])
+def test_scores_of_a_parameter_subset_carry_no_autograd_graph(kw, digits):
+    """On 62c4a6f the update's gradient kept a graph to the model's other parameters: the scores
+    required grad (``scores.numpy()`` raised) and held that graph's memory."""
+    train, queries = digits
+    est = fi.ForwardINF(_cnn(), n_directions=4, **kw).fit(train)
+    for scores in (est.influence(queries), est.influence(queries, joint=True), est.top_k(queries, k=3).scores):
+        assert not scores.requires_grad and scores.grad_fn is None
+    est.influence(queries).numpy()
+
+
 # --------------------------------------------------------------- item 13: clear errors
 def _bad_data(train):
     """Bad training sets (each named in the error as ``train``) -> a word of the expected message."""

@@ -372,7 +372,9 @@ class ForwardINF(Estimator):
             return self._objective(bind(self.model, p, buffers), repeat(unsqueeze(example), self.query_repeat))
 
         rule, state = self._rule(), stack(params, n)
-        with mode(self.model, False):
+        # no_grad outside the transform: grad still differentiates the query objective, but no graph
+        # to the model's unselected (requires_grad) parameters is kept, nor reaches the scores
+        with torch.no_grad(), mode(self.model, False):
             for _ in range(self.steps):
                 grads = vmap(grad(objective))(state, batch)
                 state = rule.step(state, grads, stacked=True)
@@ -388,7 +390,7 @@ class ForwardINF(Estimator):
                 example = self._perturb_if_fitted(example, params, buffers, gen)
             bufs = {k: b.clone() for k, b in buffers.items()}
             rule, p = self._rule(), params
-            with mode(self.model, self.train_mode):
+            with torch.no_grad(), mode(self.model, self.train_mode):  # no_grad: as in _update_each
                 for _ in range(self.steps):
                     # buffers are an argument, not a capture: train-mode BatchNorm updates them in place
                     g = grad(lambda q, b: self._objective(bind(self.model, q, b), example))(p, bufs)
@@ -423,7 +425,7 @@ class ForwardINF(Estimator):
         if self.train_mode:  # train-mode BatchNorm updates running statistics in place: use copies
             buffers = {k: b.clone() for k, b in buffers.items()}
         rule, p, n = self._rule(), params, len(qset)
-        with mode(self.model, self.train_mode):
+        with torch.no_grad(), mode(self.model, self.train_mode):  # no_grad: as in _update_each
             for _ in range(self.steps):
                 total = {k: torch.zeros_like(v) for k, v in params.items()}
                 for _, b in batches(qset, self.batch_size_):
