@@ -21,8 +21,10 @@ from torch import nn
 import forwardinf as fi
 from forwardinf.baselines import METHODS, make_estimator
 from forwardinf.baselines.hydra import TrajectoryRecorder
-from forwardinf.baselines.registry import requirements
+from forwardinf.baselines.peers import PEERS
+from forwardinf.baselines.registry import FORWARD_INF, PEER_METHODS, REFERENCE_METHODS, requirements
 from forwardinf.core.params import fingerprint
+from forwardinf.data.loaders import load_digits
 from forwardinf.estimators.base import NotFittedError, TopK
 from forwardinf.tasks import ClassificationTask
 
@@ -258,3 +260,55 @@ def test_leakage_cli_prints_table2_for_every_registered_method(tmp_path, capsys)
         assert f"| {name} | " in printed, name
         row = results[name]
         assert row["seconds"] > 0 and 0 <= row["top1"] <= row["top5"] <= row["top10"] <= 1, (name, row)
+
+
+# ------------------------------------------------------------------ top_k is influence's ranking
+# Every name the registry knows (Forward-INF variants, METHODS, nearest-neighbour references and the
+# optional peer libraries), on real data: 8x8 digits and a small CNN trained on them for a few steps.
+REGISTRY = tuple(dict.fromkeys([*FORWARD_INF, *METHODS, *REFERENCE_METHODS, *PEER_METHODS]))
+DIGITS_TRAIN, DIGITS_QUERY = 40, 3
+# Over 3 s each here (LiSSA's and Lanczos' iterations, retrainings, the peers' own set-up): run with -m slow;
+# the METHODS among them have the same property checked by test_shapes_and_model_untouched on every run.
+SLOW_ON_DIGITS = {"if-100", "if-1000", "if-10000", "if-exact", "tmc-shapley", "kronfluence-ekfac", "dattri-if-lissa",
+                  "dattri-trak"}
+
+
+@pytest.fixture(scope="module")
+def digits_problem():
+    """``(model, trajectory, train, queries)``: a conv net trained 2 epochs by SGD on 40 digits
+    (recorded, for HyDRA), and 3 held-out digits as queries."""
+    split = load_digits()
+    x, y = split.train()
+    xq, yq = split.test()
+    train, queries = (x[:DIGITS_TRAIN], y[:DIGITS_TRAIN]), (xq[:DIGITS_QUERY], yq[:DIGITS_QUERY])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 10))
+    rec = TrajectoryRecorder(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(2):
+        for idx in torch.randperm(DIGITS_TRAIN, generator=g).split(8):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(train[0][idx]), train[1][idx]).backward()
+            rec.record(idx, opt)
+            opt.step()
+    return model.eval(), rec, train, queries
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_ON_DIGITS else n for n in REGISTRY])
+def test_top_k_is_a_stable_sort_of_influence(name, digits_problem):
+    """``top_k`` and ``influence`` are one code path in every estimator: its indices and scores are
+    exactly those of a stable descending sort of ``influence`` (ties by training index), whole or
+    streamed over training chunks. (``InvariantForwardINF.top_k`` once ranked by plain Forward-INF.)"""
+    if name in PEER_METHODS:
+        pytest.importorskip(PEERS[name].package)
+    model, rec, train, queries = digits_problem
+    over = {**OVERRIDES.get(name, {}), **({"n_directions": 2} if name.startswith("forward-inf-diffusion-cosine") else {})}
+    est = make_estimator(name, model, ClassificationTask(), checkpoints=_checkpoints(model), trajectory=rec, **over)
+    est.fit(train)
+    scores = est.influence(queries)
+    order = torch.sort(scores, dim=1, descending=True, stable=True)
+    for chunk in (None, 16):
+        top = est.top_k(queries, k=6, chunk=chunk)
+        assert torch.equal(top.indices, order.indices[:, :6]), (name, chunk)
+        assert torch.equal(top.scores, order.values[:, :6]), (name, chunk)

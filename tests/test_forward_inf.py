@@ -156,8 +156,12 @@ def test_models_returning_tuples_or_dicts_of_logits(digits_mlp):
         torch.testing.assert_close(fi.ForwardINF(Wrapped(kind)).fit(train).influence(q), plain)
 
     class Odd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model  # registered: its parameters are the ones to update
+
         def forward(self, inputs):
-            return {"scores": model(inputs)}
+            return {"scores": self.inner(inputs)}
 
     with pytest.raises(ValueError, match="model output is a dict; expected logits"):
         fi.ForwardINF(Odd()).fit(train)
@@ -314,8 +318,9 @@ def test_config_and_keywords_are_one_thing(digits_mlp):
     assert repr(fi.ForwardINF.preset("paper", model)) == "ForwardINF(lr=0.005, optimizer='adam', score='loss')"
     train, q = (x[:100], y[:100]), (x[:3], y[:3])
     assert torch.equal(by_config.fit(train).influence(q), by_keywords.fit(train).influence(q))
-    by_config.lr = 0.1  # swaps in another configuration; the old object is frozen
-    assert by_config.config == cfg.replace(lr=0.1) and cfg.lr == 5e-3
+    with pytest.raises(AttributeError, match=r"read-only \(lr\); est.with_config"):  # settings change only by with_config
+        by_config.lr = 0.1
+    assert by_config.with_config(cfg.replace(lr=0.1)).config == cfg.replace(lr=0.1) and cfg.lr == 5e-3
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.lr = 0.1
     with pytest.raises(TypeError, match=r"ForwardINF: unexpected keyword\(s\) \['stepz'\]"):
@@ -324,8 +329,8 @@ def test_config_and_keywords_are_one_thing(digits_mlp):
         fi.ForwardINF(model, config={"lr": 1.0})
     with pytest.raises(ValueError, match="preset"):
         fi.ForwardINFConfig.preset("nope")
-    with pytest.raises(ValueError, match=r"invalid lr=-1"):  # values are checked by fit, as before
-        fi.ForwardINF(model, config=cfg.replace(lr=-1)).fit(train)
+    with pytest.raises(ValueError, match=r"invalid lr=-1"):  # values are checked on construction
+        fi.ForwardINF(model, config=cfg.replace(lr=-1))
 
 
 def test_with_config_reuses_the_cached_base_values(digits_mlp):

@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 
 from forwardinf.core import gradients as G
 from forwardinf.core.params import Params, mode, select_params
-from forwardinf.data.inputs import DataLike, batch_len, batches, check_finite, gather, to_device
+from forwardinf.data.checks import check_batch, check_finite_values
+from forwardinf.data.inputs import DataLike, batch_len, batches, gather, to_device
 from forwardinf.estimators.base import Capabilities, Estimator, EstimatorConfig, check_choice, check_positive
 from forwardinf.tasks.base import Task
 
@@ -81,14 +82,7 @@ class GradientEstimator(Estimator):
         return qset, batch
 
     def _validate(self, batch: Any, name: str) -> None:
-        check_finite(batch, name)
-        with mode(self.model, False):
-            try:
-                self.task.validate(self.model, to_device(batch, self._device()))
-            except ValueError as e:
-                raise ValueError(f"{name}: {e}") from e
-            except RuntimeError as e:  # e.g. a shape mismatch inside the model
-                raise ValueError(f"{name}: the model cannot run on these inputs: {e}") from e
+        check_batch(self.model, self.task, batch, name)
 
     def _check_common(self) -> None:
         name = type(self).__name__
@@ -98,9 +92,13 @@ class GradientEstimator(Estimator):
 
     # -- gradients --------------------------------------------------------------------------
     def _grads(self, dataset: Any, loss_fn: G.LossFn, params: Params, desc: str) -> Tensor:
-        """``[n, D]`` per-example gradients of ``dataset`` (eval mode)."""
+        """``[n, D]`` per-example gradients of ``dataset`` (eval mode); ``desc`` names them ("query
+        gradients", "train gradients"). A non-finite one (an input too large for the model's
+        precision) is refused: its NaN would end up in the scores."""
         with mode(self.model, False):
-            return G.grad_matrix(loss_fn, params, dataset, self.batch_size, self._device(), self.progress, desc)
+            out = G.grad_matrix(loss_fn, params, dataset, self.batch_size, self._device(), self.progress, desc)
+        check_finite_values(out, "queries" if desc.startswith("query") else "train", "gradient")
+        return out
 
     def _train_grad_blocks(self, key: Any, loss_fn: G.LossFn, params: Params) -> Iterable[tuple[int, Tensor]]:
         """``(start, G [b, D])`` over the training set; kept in memory while all cached gradients fit in ``cache_mb``."""
@@ -122,9 +120,19 @@ class GradientEstimator(Estimator):
     def _dot_train(self, vectors: Tensor, key: Any, loss_fn: G.LossFn, params: Params) -> Tensor:
         """``[K, n_train]``: ``vectors [K, D]`` dotted with every training gradient."""
         out = torch.empty(vectors.shape[0], len(self.train_), dtype=vectors.dtype)
-        for start, g in self._train_grad_blocks(key, loss_fn, params):
-            out[:, start:start + g.shape[0]] = (vectors @ g.T).cpu()
+        for start, g in self._train_grad_blocks(key, loss_fn, params):  # start: a multiple of batch_size
+            out[:, start:start + g.shape[0]] = blocked_dot(vectors, g, self.batch_size).cpu()
         return out
+
+    def _row_block(self) -> int:
+        return self.batch_size
+
+
+def blocked_dot(vectors: Tensor, g: Tensor, rows: int) -> Tensor:
+    """``[K, n]``: ``vectors [K, D] @ g[n, D].T``, one product per ``rows`` rows of ``g``. A block's
+    result depends only on the block (a matrix product's last bits depend on its shape), so any
+    slice of the training set that starts and ends on block boundaries scores bit-identically."""
+    return torch.cat([vectors @ g[s:s + rows].T for s in range(0, g.shape[0], rows)], 1)
 
 
 def _shapes(batch: Any) -> list[tuple[int, ...]]:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from forwardinf.data.inputs import DataLike
-from forwardinf.estimators.base import Capabilities, Estimator, EstimatorConfig, check_choice
+from forwardinf.estimators.base import Capabilities, Estimator, EstimatorConfig, check_choice, check_positive
 from forwardinf.tasks.base import Task
 
 EMBEDDINGS = ("inputs", "penultimate")
@@ -57,14 +57,20 @@ class NearestNeighbour(Estimator):
         """Embed the training set: ``features_ [n, d]`` (float64)."""
         from forwardinf.baselines.shapley import KNNShapley
 
-        check_choice(type(self).__name__, "embedding", self.embedding, EMBEDDINGS)
+        self._check_params()
         self.metric_ = self.metric or ("euclidean" if self.embedding == "inputs" else "cosine")
-        check_choice(type(self).__name__, "metric", self.metric_, METRICS)
         self._embedder = KNNShapley(self.model, self.task, embedding=self.embedding, batch_size=self.batch_size)
         self.train_ = self._dataset(train, "train")
         self.features_ = self._embedder.embed(self.train_, "train")[0]
         self.fitted_config_ = self.config
         return self
+
+    def _check_params(self) -> None:
+        name = type(self).__name__
+        check_choice(name, "embedding", self.embedding, EMBEDDINGS)
+        if self.metric is not None:
+            check_choice(name, "metric", self.metric, METRICS)
+        check_positive(name, "batch_size", self.batch_size, integer=True)
 
     def influence(self, queries: DataLike, joint: bool = False) -> Tensor:
         self._check_fitted()

@@ -45,6 +45,7 @@ from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
 from tqdm.auto import tqdm
 
 from forwardinf.core.params import device_of, mode
+from forwardinf.data.checks import check_batch
 from forwardinf.data.inputs import DataLike, as_dataset, batches, check_finite, to_device
 from forwardinf.estimators.base import Capabilities, Estimator, check_choice, check_positive
 from forwardinf.hashing import fingerprint, sha256_hex
@@ -321,13 +322,7 @@ def check_data(data: Any, name: str, model: nn.Module | None, task: Task | None,
         elif here != seen:
             raise ValueError(f"{name}: examples from {start} on have shapes {here}, earlier ones {seen}")
         if model is not None and task is not None:
-            with mode(model, False):
-                try:
-                    task.validate(model, to_device(batch, device_of(model)))
-                except ValueError as e:
-                    raise ValueError(f"{name}: {e}") from e
-                except (RuntimeError, IndexError) as e:  # e.g. a shape mismatch inside the model
-                    raise ValueError(f"{name}: the model cannot run on these inputs: {e}") from e
+            check_batch(model, task, batch, name)
         else:
             check_finite(batch, name)
     return seen or []
@@ -348,6 +343,7 @@ class _Retraining(Estimator):
         self.config = config
         self.batch_size = batch_size
         self.progress = progress
+        self._check()  # bad values refused now, not after the first trainings
 
     def _check(self) -> list[int]:
         name = type(self).__name__
@@ -552,6 +548,7 @@ class Downsampling(_Retraining):
 
     capabilities = Capabilities(self_influence="the in-vs-out contrast at z_i itself (Feldman's memorization with "
                                                "metric='accuracy'): the diagonal of influence(train)")
+    finite_scores = False  # NaN marks points in every subset or in none (documented, and warned about in fit)
 
     def __init__(self, train_fn: TrainFn, task: Task | None = None, *, n_models: int = 100,
                  fraction: float = 0.5, metric: str = "loss", seed: int = 0, workers: int = 1,

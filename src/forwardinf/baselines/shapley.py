@@ -599,6 +599,7 @@ class TMCShapley(Estimator):
         self.config = config
         self.batch_size = batch_size
         self.progress = progress
+        self._check_params()  # bad values refused now, not after the first trainings
 
     # -- fit --------------------------------------------------------------------------------
     def fit(self, train: DataLike) -> "TMCShapley":

@@ -9,7 +9,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from forwardinf.baselines.influence_function import GradientConfig, GradientEstimator
+from forwardinf.baselines.influence_function import GradientConfig, GradientEstimator, blocked_dot
 from forwardinf.core import gradients as G
 from forwardinf.core.params import Params, mode
 from forwardinf.data.inputs import DataLike, batches, gather, to_device
@@ -117,7 +117,7 @@ class TracIn(GradientEstimator):
                 norms = self._train_norms(c, loss_fn, params) if self.normalize else None
             else:
                 g = self._train_rows(rows, c, loss_fn, params)  # [n, D]
-                dots = (gq @ g.T).cpu()
+                dots = blocked_dot(gq, g, self.batch_size).cpu()  # as _dot_train's blocks when rows are aligned
                 norms = g.norm(dim=1).cpu() if self.normalize else None
             if self.normalize:
                 dots = dots / norms[None, :].clamp_min(1e-30)
@@ -190,7 +190,11 @@ class TracIn(GradientEstimator):
         batch = gather(qset, range(len(qset)))
         if not isinstance(batch, Mapping):
             return super()._load_queries(queries)
-        ours, theirs = _signature(batch), _signature(gather(self.train_, [0]))
+        example = gather(self.train_, [0])
+        if not isinstance(example, Mapping):
+            raise ValueError(f"queries: a dict of fields {sorted(batch)}, but the training examples are "
+                             f"{type(example).__name__}s")
+        ours, theirs = _signature(batch), _signature(example)
         if ours != theirs:
             raise ValueError(f"queries: fields {ours} (name: per-example rank) do not match the training data's {theirs}")
         self._validate(batch, "queries")

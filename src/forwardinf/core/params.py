@@ -29,9 +29,13 @@ def select_params(module: nn.Module, include: str | Iterable[str] | None = None)
     """Detached copies-free views of the parameters an update may touch.
 
     ``include``: None for every parameter that requires grad, or glob patterns on parameter
-    names (``"fc.*"``) or module names (``"layer4"`` selects ``layer4.*``).
+    names (``"fc.*"``) or module names (``"layer4"`` selects ``layer4.*``). ``ValueError`` if
+    nothing is selected (no pattern matches, or the model has no trainable parameter at all).
     """
     named = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    if not named:
+        raise ValueError("model: it has no trainable parameters (every parameter has requires_grad=False), so there "
+                         "is nothing to update or differentiate; unfreeze the ones to attribute through")
     if include is None:
         chosen = named
     else:

@@ -50,8 +50,11 @@ class UpdateRule:
             if self.precondition is None:
                 raise ValueError("optimizer='kfac' needs a precondition function (ForwardINF builds it in fit)")
             grads = self.precondition(grads, stacked)
-        if "direction_norm" not in self.state:
+        if "direction_norm" not in self.state:  # the first step: θ is still the model's own
             self.state["direction_norm"] = flat_norm(grads, stacked)
+            if not torch.isfinite(self.state["direction_norm"]).all():  # the query's fault, not lr's
+                raise ValueError("queries: non-finite gradient of the query objective at the unchanged model "
+                                 "(an input too large for the model's precision?)")
         if self.optimizer in ("nsgd", "kfac"):
             if "ref_norm" not in self.state:
                 self.state["ref_norm"] = flat_norm(params, stacked)

@@ -16,6 +16,9 @@ def as_dataset(data: DataLike, name: str = "data") -> Dataset:
     """The map-style dataset behind ``data``; positions in it are the indices we report.
 
     NumPy arrays in a tuple or dict are taken as tensors of the same dtype (no copy)."""
+    if data is None or isinstance(data, (str, bytes)):  # a str has __getitem__ and __len__, but is no dataset
+        raise TypeError(f"{name} must be a Dataset, a DataLoader, a tuple of tensors or arrays (inputs, targets) or "
+                        f"a dict of tensors, got {type(data).__name__}" + (" (load the file first)" if data else ""))
     if isinstance(data, (tuple, list)) and data and any(isinstance(t, np.ndarray) for t in data):
         data = tuple(torch.from_numpy(t) if isinstance(t, np.ndarray) else t for t in data)
     elif isinstance(data, Mapping) and any(isinstance(t, np.ndarray) for t in data.values()):

@@ -1,12 +1,14 @@
 """The contract every estimator follows: ``fit`` / ``influence`` / ``top_k`` / ``self_influence``.
 
 Also the frozen per-estimator configuration (:class:`EstimatorConfig`, kronfluence's pattern: every
-constructor keyword in one validated-at-``fit`` dataclass with ``to_dict`` and named presets) and
-what an estimator declares it can do (:class:`Capabilities`).
+constructor keyword in one dataclass with ``to_dict`` and named presets, checked when the
+estimator is built and read-only on it) and what an estimator declares it can do
+(:class:`Capabilities`).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable, Iterator, TypeVar
 
@@ -15,6 +17,7 @@ from torch import Tensor, nn
 
 from forwardinf.core.params import device_of
 from forwardinf.data.inputs import DataLike, as_dataset
+from forwardinf.estimators.validation import changed_weights, finite_scores, weights_fingerprint
 from forwardinf.storage.topk import RunningTopK, TopK, concat_topk
 from forwardinf.tasks.base import Task
 from forwardinf.tasks.classification import ClassificationTask
@@ -28,6 +31,11 @@ class NotFittedError(RuntimeError):
     """Raised when an estimator is used before ``fit``."""
 
 
+class StaleFitError(NotFittedError):
+    """Raised when the model's parameters or buffers changed since ``fit``: what ``fit`` cached
+    (base losses, gradients, features) belongs to other weights. Call ``fit`` again."""
+
+
 def check_choice(owner: str, name: str, value: Any, allowed: Iterable[Any]) -> None:
     """The one error message for a bad parameter."""
     allowed = tuple(allowed)
@@ -36,10 +44,20 @@ def check_choice(owner: str, name: str, value: Any, allowed: Iterable[Any]) -> N
 
 
 def check_positive(owner: str, name: str, value: Any, integer: bool = False) -> None:
+    """``value`` must be a finite number > 0 (an int if ``integer``)."""
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if not ok or isinstance(value, bool) or not value > 0:
-        kind = "a positive integer" if integer else "a positive number"
+    if not ok or isinstance(value, bool) or not value > 0 or not math.isfinite(value):
+        kind = "a positive integer" if integer else "a finite positive number"
         raise ValueError(f"{owner}: invalid {name}={value!r}; expected {kind}")
+
+
+def check_range(owner: str, name: str, value: Any, low: float, high: float, integer: bool = False,
+                why: str = "") -> None:
+    """``value`` must be a finite number (an int if ``integer``) in ``[low, high]``; ``why`` ends the message."""
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if not ok or isinstance(value, bool) or not math.isfinite(value) or not low <= value <= high:
+        kind = "an integer" if integer else "a finite number"
+        raise ValueError(f"{owner}: invalid {name}={value!r}; expected {kind} in [{low}, {high}]{why}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,8 +81,9 @@ class Capabilities:
 class EstimatorConfig:
     """Base of the frozen configuration of an estimator: every constructor keyword, one field each.
 
-    Values are stored as given and checked by the estimator's ``fit`` (with the same messages as
-    the keywords). ``PRESETS`` maps a recipe's name to the fields it sets.
+    Values are stored as given and checked when an estimator is built with them (``ValueError``
+    naming the field and what it accepts), and again by ``fit``. ``PRESETS`` maps a recipe's name
+    to the fields it sets.
     """
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
@@ -114,16 +133,32 @@ class Estimator:
     Subclasses store their keyword arguments in ``__init__``, do the work in ``fit`` (learned
     state ends in ``_``), and implement :meth:`influence`. A subclass with a ``Config`` (an
     :class:`EstimatorConfig`) takes every knob as a keyword or ``config=`` (keywords override
-    it); the configuration is frozen (``est.config``; its fields read as ``est.<name>``), and
-    :meth:`with_config` gives an estimator with another one. ``capabilities`` says what else
-    the estimator can do.
+    it); the configuration is checked on construction (``_check_params``) and read-only
+    (``est.config``; its fields read as ``est.<name>``; assigning one raises
+    ``AttributeError``): :meth:`with_config` gives an estimator with another one.
+    ``capabilities`` says what else the estimator can do.
+
+    Setting ``train_`` (what marks an estimator fitted) records a fingerprint of the model's
+    parameters and buffers (:mod:`forwardinf.estimators.validation`); ``_check_fitted``, which
+    ``influence`` / ``top_k`` / ``self_influence`` call first, raises :class:`StaleFitError` when
+    they changed since.
     """
 
     Config: ClassVar[type[EstimatorConfig] | None] = None
     capabilities = Capabilities()
-    # Configuration fields the fitted state depends on: changing one after fit (by assigning the
-    # attribute) makes influence() refuse the stale fit. The others may change freely.
+    # Configuration fields the fitted state depends on (with_config refits when one differs,
+    # where the estimator reuses fits at all).
     fit_fields: ClassVar[tuple[str, ...]] = ()
+    # influence / self_influence of every subclass refuse non-finite scores (ValueError naming the
+    # query and training point) unless NaN is part of the estimator's documented answer.
+    finite_scores: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in ("influence", "self_influence"):
+            method = cls.__dict__.get(name)
+            if method is not None and not getattr(method, "__wrapped_scores__", False):
+                setattr(cls, name, finite_scores(method))
 
     def __init__(self, model: nn.Module, task: Task | None = None, config: EstimatorConfig | None = None,
                  **knobs: Any) -> None:
@@ -141,7 +176,8 @@ class Estimator:
             if not isinstance(config, EstimatorConfig) or not set(config.names()) <= set(cls.Config.names()):
                 raise TypeError(f"{cls.__name__}: config must be a {cls.Config.__name__}, got {type(config).__name__}")
             config = cls.Config(**config.to_dict())  # e.g. a ForwardINFConfig for TailForwardINF
-        self.config = config.replace(**knobs) if knobs else config
+        object.__setattr__(self, "config", config.replace(**knobs) if knobs else config)
+        self._check_params()  # every value checked now, not at fit or halfway through a run
 
     def __getattr__(self, name: str) -> Any:
         # Called only when normal lookup fails: the configuration's fields read as attributes.
@@ -151,22 +187,29 @@ class Estimator:
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __setattr__(self, name: str, value: Any) -> None:
-        # Setting a field swaps in a new configuration (the old object stays as it was); caches
-        # are keyed by the fields they depend on. est.with_config(...) is the cleaner way.
+        # Settings are read-only: a setting changed after fit would silently mix with state fitted
+        # under the old one (all-zero scores after est.lr = 0, an unchecked est.score = "bogus").
         cls = type(self)
-        if cls.Config is not None and name in cls.Config.names():
-            object.__setattr__(self, "config", self.config.replace(**{name: value}))
-        else:
-            object.__setattr__(self, name, value)
+        if cls.Config is not None and (name == "config" or name in cls.Config.names()):
+            how = "config" if name == "config" else f"est.config.replace({name}=...)"
+            raise AttributeError(f"{cls.__name__}: settings are read-only ({name}); est.with_config({how}) gives "
+                                 "an estimator with the new setting, fitted like this one if it was fitted")
+        object.__setattr__(self, name, value)
+        if name == "train_" and isinstance(self.__dict__.get("model"), nn.Module):
+            object.__setattr__(self, "weights_fingerprint_", weights_fingerprint(self.model))
 
     def with_config(self: E, config: EstimatorConfig) -> E:
         """A new estimator of this kind, on the same model and task, with ``config``.
 
         If this one is fitted, the new one is fitted on the same training set, reusing what this
-        one cached that ``config`` does not change (e.g. Forward-INF's base losses).
+        one cached that ``config`` does not change (e.g. Forward-INF's base losses); refused
+        (:class:`StaleFitError`) if the model's weights changed since this one's fit.
         """
         new = type(self)(self.model, self.task, config=config)
-        return new._fit_like(self) if hasattr(self, "train_") else new
+        if not hasattr(self, "train_"):
+            return new
+        self._check_fitted()  # what new reuses must still match the model
+        return new._fit_like(self)
 
     def _fit_like(self: E, other: "Estimator") -> E:
         """Fit on ``other``'s training set (subclasses reuse ``other``'s caches where they can)."""
@@ -210,19 +253,33 @@ class Estimator:
             return
         self._check_fitted()
         qset = self._dataset(queries, "queries")
-        n = len(self.train_)
-        for start in range(0, n, chunk):
-            yield 0, start, self.influence(qset, indices=torch.arange(start, min(start + chunk, n)))
+        n, block = len(self.train_), self._row_block()
+        step = math.ceil(chunk / block) * block  # chunks on block boundaries: bit-identical to a whole sweep
+        for start in range(0, n, step):
+            yield 0, start, self.influence(qset, indices=torch.arange(start, min(start + step, n)))
+
+    def _row_block(self) -> int:
+        """Training points an estimator scores together (its batch): ``top_k``'s chunks start on
+        multiples of it, so their scores are those of ``influence`` to the bit."""
+        return 1
 
     # -- helpers for subclasses -----------------------------------------------------
+    def _check_params(self) -> Any:
+        """Check every setting (and what it needs of the model); ``ValueError`` naming the bad one.
+
+        Called on construction and again by ``fit`` (the model may have changed in between)."""
+
     def _check_fitted(self) -> None:
+        """``NotFittedError`` before ``fit``; :class:`StaleFitError` if the model's parameters or
+        buffers changed since (one checksum pass over them, see :mod:`~forwardinf.estimators.validation`)."""
         if not hasattr(self, "train_"):
             raise NotFittedError(f"{type(self).__name__} is not fitted: call fit(train) before influence()")
-        fitted = self.__dict__.get("fitted_config_")
-        changed = [k for k in self.fit_fields if fitted is not None and not _same(getattr(fitted, k), getattr(self, k))]
+        before = self.__dict__.get("weights_fingerprint_")
+        changed = changed_weights(before, self.model) if before is not None else []
         if changed:
-            raise ValueError(f"{type(self).__name__}: {', '.join(changed)} changed since fit, and the fit depends on "
-                             "it (stale state); call fit(train) again, or est.with_config(config) for a fitted copy")
+            shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+            raise StaleFitError(f"{type(self).__name__}: the model's weights changed since fit ({shown}), so what fit "
+                                "computed from them is stale; call fit(train) again")
 
     def _device(self) -> torch.device:
         return device_of(self.model) if self.model is not None else torch.device("cpu")

@@ -1,8 +1,10 @@
 """Forward-INF: unlearn the queries on a functional copy, then score the training set by forward passes."""
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar, Iterable, Iterator
 
 import torch
@@ -14,9 +16,11 @@ from forwardinf.core.curvature import FISHERS, kfac, layer_of, precondition
 from forwardinf.core.params import Params, bind, buffers_of, flat_norm, mode, select_params, stack
 from forwardinf.core.sweep import sweep
 from forwardinf.core.update import OPTIMIZERS, UpdateRule
-from forwardinf.data.inputs import DataLike, batch_len, batches, check_finite, gather, repeat, subset, to_device, unsqueeze
+from forwardinf.data.checks import check_batch, check_finite_values
+from forwardinf.data.inputs import DataLike, batch_len, batches, gather, repeat, subset, to_device, unsqueeze
 from forwardinf.estimators.base import (Capabilities, Estimator, EstimatorConfig, check_choice, check_indices,
-                                        check_positive)
+                                        check_positive, check_range)
+from forwardinf.estimators.validation import DivergedError, check_scores
 from forwardinf.tasks.base import Task
 
 SCORES = ("cosine", "margin", "loss", "abs", "influence")
@@ -203,9 +207,7 @@ class ForwardINF(Estimator):
 
         with mode(self.model, False):
             values = sweep(checked, self.train_, self.batch_size_, self._device(), self.progress, desc=f"base {kind}")
-        if not torch.isfinite(values).all():
-            bad = int((~torch.isfinite(values)).nonzero()[0])
-            raise ValueError(f"non-finite loss on training example {bad} with the unchanged model")
+        check_finite_values(values, "train", kind)
         return values
 
     def _directional(self) -> Tensor:
@@ -230,7 +232,9 @@ class ForwardINF(Estimator):
 
                 columns.append(sweep(directional, self.train_, self.batch_size_, device, self.progress,
                                      desc=f"directions {chunk + 1}/{math.ceil(self.n_directions / _DIRECTION_CHUNK)}"))
-        return torch.cat(columns, 0).T.contiguous()
+        out = torch.cat(columns, 0).T.contiguous()
+        check_finite_values(out, "train", "directional derivative")  # or NaN cosine scores for that point
+        return out
 
     def _directions(self, params: Params, chunk: int) -> Params:
         """Directions ``8 chunk ..`` of the fixed Gaussian sequence: ``{name: [m, *shape]}``."""
@@ -278,13 +282,18 @@ class ForwardINF(Estimator):
         self._check_fitted()
         rows_of = check_indices(type(self).__name__, indices, len(self.train_))
         qset = self._queries(queries)
-        if joint:
-            return self._score(self._update_joint(qset), rows_of)[0]
-        return torch.cat([self._score(update, rows_of) for _, update in self._updates(qset)], 0)
+        with self._divergence_named():
+            if joint:
+                return self._score(self._update_joint(qset), rows_of)[0]
+            return torch.cat([block for _, _, block in self._blocks(qset, rows_of)], 0)
 
     def _queries(self, queries: DataLike) -> Any:
         qset = self._dataset(queries, "queries")
-        self._validate(gather(qset, range(len(qset))), "queries")
+        batch = gather(qset, range(len(qset)))
+        self._validate(batch, "queries")
+        with mode(self.model, False):  # one forward sweep of the queries: a bad one is refused as such, not as lr's
+            losses = sweep(partial(self.task.loss, self.model), qset, self.batch_size_, self._device(), False)
+        check_finite_values(losses, "queries", "loss")
         return qset
 
     def _updates(self, qset: Any) -> Iterator[tuple[int, Update]]:
@@ -294,13 +303,41 @@ class ForwardINF(Estimator):
             yield start, self._update_each(gather(qset, idx), len(idx))
 
     def _score_blocks(self, queries: DataLike, chunk: int) -> Iterator[tuple[int, int, Tensor]]:
-        """One update per query chunk, then the training set in chunks that start on batch
-        boundaries: the very batches of a whole sweep, so every score is bit-identical to it."""
+        """``top_k``'s blocks: :meth:`influence`'s own code path (:meth:`_blocks`), the training
+        set in chunks of about ``chunk`` points."""
         self._check_fitted()
-        n, step = len(self.train_), math.ceil(chunk / self.batch_size_) * self.batch_size_
-        for q0, update in self._updates(self._queries(queries)):
-            for start in range(0, n, step):
-                yield q0, start, self._score(update, torch.arange(start, min(start + step, n)))
+        qset = self._queries(queries)
+        with self._divergence_named():
+            yield from self._blocks(qset, None, chunk)
+
+    def _blocks(self, qset: Any, rows: Tensor | None, chunk: int | None = None) -> Iterator[tuple[int, int, Tensor]]:
+        """``(first query, first training position, scores [q, b])``: one update per chunk of
+        queries (:meth:`_updates`), scored (:meth:`_score`) on ``rows`` (None: every training
+        point) at once, or, with ``chunk``, on the training set in chunks that start on batch
+        boundaries: the very batches of a whole sweep, so every score is bit-identical to it.
+
+        The one path of both :meth:`influence` and :meth:`top_k`: a subclass changes how queries
+        become updates (``_queries``, ``_updates``, ``_update_joint``) or how an update is scored
+        (``_score``), never one of the two entry points alone."""
+        n = len(self.train_)
+        step = None if chunk is None else math.ceil(chunk / self.batch_size_) * self.batch_size_
+        for q0, update in self._updates(qset):
+            for start in (0,) if step is None else range(0, n, step):
+                block = self._score(update, rows if step is None else torch.arange(start, min(start + step, n)))
+                check_scores(type(self).__name__, block)  # what top_k streams is checked as influence is
+                yield q0, start, block
+
+    @contextlib.contextmanager
+    def _divergence_named(self) -> Iterator[None]:
+        """A diverging update (non-finite parameters, gradients or losses) raised as
+        :class:`DivergedError` naming the settings that caused it."""
+        try:
+            yield
+        except DivergedError:
+            raise
+        except FloatingPointError as e:
+            raise DivergedError(f"{type(self).__name__}: the query update diverged with lr={self.lr!r} "
+                                f"(optimizer={self.optimizer!r}, steps={self.steps}): {e}. Lower lr (or steps)") from e
 
     def self_influence(self) -> Tensor:
         """``[n_train]``: the paper's self mode (D_tst = D_trn): one joint update on the training set."""
@@ -335,7 +372,9 @@ class ForwardINF(Estimator):
             return self._objective(bind(self.model, p, buffers), repeat(unsqueeze(example), self.query_repeat))
 
         rule, state = self._rule(), stack(params, n)
-        with mode(self.model, False):
+        # no_grad outside the transform: grad still differentiates the query objective, but no graph
+        # to the model's unselected (requires_grad) parameters is kept, nor reaches the scores
+        with torch.no_grad(), mode(self.model, False):
             for _ in range(self.steps):
                 grads = vmap(grad(objective))(state, batch)
                 state = rule.step(state, grads, stacked=True)
@@ -351,7 +390,7 @@ class ForwardINF(Estimator):
                 example = self._perturb_if_fitted(example, params, buffers, gen)
             bufs = {k: b.clone() for k, b in buffers.items()}
             rule, p = self._rule(), params
-            with mode(self.model, self.train_mode):
+            with torch.no_grad(), mode(self.model, self.train_mode):  # no_grad: as in _update_each
                 for _ in range(self.steps):
                     # buffers are an argument, not a capture: train-mode BatchNorm updates them in place
                     g = grad(lambda q, b: self._objective(bind(self.model, q, b), example))(p, bufs)
@@ -386,7 +425,7 @@ class ForwardINF(Estimator):
         if self.train_mode:  # train-mode BatchNorm updates running statistics in place: use copies
             buffers = {k: b.clone() for k, b in buffers.items()}
         rule, p, n = self._rule(), params, len(qset)
-        with mode(self.model, self.train_mode):
+        with torch.no_grad(), mode(self.model, self.train_mode):  # no_grad: as in _update_each
             for _ in range(self.steps):
                 total = {k: torch.zeros_like(v) for k, v in params.items()}
                 for _, b in batches(qset, self.batch_size_):
@@ -415,7 +454,7 @@ class ForwardINF(Estimator):
         base = select_params(self.model, self.params)
         for k, v in params.items():
             if not torch.isfinite(v).all():
-                raise FloatingPointError(f"the update diverged (non-finite parameter {k}); lower lr or steps")
+                raise FloatingPointError(f"non-finite parameter {k} after the update")
 
         def per_model(p: Params, b: Params, batch: Any) -> Tensor:
             return fn(bind(self.model, p, b), batch)
@@ -435,7 +474,7 @@ class ForwardINF(Estimator):
             train = self.train_ if rows is None else subset(self.train_, rows)
             values = sweep(batch_scores, train, self.batch_size_, self._device(), self.progress, desc="score")
         if not torch.isfinite(values).all():
-            raise FloatingPointError("non-finite loss on the training set after the update (diverging update: lower lr or steps)")
+            raise FloatingPointError("non-finite loss on the training set after the update")
         pick = (lambda t: t) if rows is None else (lambda t: t[rows])
         delta = values - pick(self._base(kind))
         sign = 1.0 if self.direction == "ascent" else -1.0
@@ -491,23 +530,7 @@ class ForwardINF(Estimator):
 
     # -- checks -----------------------------------------------------------------------------
     def _check_params(self) -> None:
-        name = type(self).__name__
-        check_positive(name, "steps", self.steps, integer=True)
-        check_positive(name, "lr", self.lr)
-        check_choice(name, "optimizer", self.optimizer, OPTIMIZERS)
-        check_choice(name, "direction", self.direction, ("ascent", "descent"))
-        check_choice(name, "score", self.score, SCORES)
-        if self.optimizer == "kfac":
-            check_choice(name, "fisher", self.fisher, FISHERS)
-            if (not isinstance(self.damping, (int, float)) or isinstance(self.damping, bool)
-                    or not math.isfinite(self.damping) or self.damping <= 0):
-                raise ValueError(f"{name}: damping={self.damping!r}; expected a finite number > 0 (relative to the "
-                                 "mean curvature eigenvalue; 0.5 is the counterfactual preset's)")
-        check_positive(name, "query_repeat", self.query_repeat, integer=True)
-        check_positive(name, "n_directions", self.n_directions, integer=True)
-        if self.batch_size != "auto":
-            check_positive(name, "batch_size", self.batch_size, integer=True)
-        check_positive(name, "query_chunk", self.query_chunk, integer=True)
+        check_values(type(self).__name__, self.config)
         chosen = select_params(self.model, self.params)  # raises if the patterns match nothing
         if self.optimizer == "kfac":
             layer_of(self.model, chosen)  # raises for parameters K-FAC does not cover
@@ -522,22 +545,44 @@ class ForwardINF(Estimator):
         if self._device().type != "cpu":  # scored under vmap, all query_chunk models at once
             n_models = max(n_models, self.query_chunk)
         with mode(self.model, False):
-            return auto_batch_size(self.model, self.task, probe, n_models=n_models, max_batch=512)
+            return auto_batch_size(self.model, self.task, probe, n_models=n_models, max_batch=512, name="train")
 
     def _validate(self, batch: Any, name: str) -> None:
-        check_finite(batch, name)
-        device = self._device()
-        with mode(self.model, False):
-            try:
-                self.task.validate(self.model, to_device(batch, device))
-            except ValueError as e:
-                raise ValueError(f"{name}: {e}") from e
-            except RuntimeError as e:  # e.g. a shape mismatch inside the model
-                raise ValueError(f"{name}: the model cannot run on these inputs: {e}{_dtype_hint(self.model, batch)}") from e
+        check_batch(self.model, self.task, batch, name)
 
 
 _DIRECTION_CHUNK = 8
+MAX_DIRECTIONS = 1024  # n_directions above this is refused: cost grows linearly, accuracy as 1/sqrt
 Update = tuple[Params, Params, bool, Tensor]  # (params [Q, ...], buffers, stacked_buffers, direction_norm [Q])
+
+
+def check_values(name: str, c: ForwardINFConfig) -> None:
+    """``ValueError`` naming the first setting of ``c`` out of its range (the model is not needed)."""
+    check_positive(name, "steps", c.steps, integer=True)
+    check_positive(name, "lr", c.lr)
+    check_choice(name, "optimizer", c.optimizer, OPTIMIZERS)
+    check_choice(name, "direction", c.direction, ("ascent", "descent"))
+    check_choice(name, "score", c.score, SCORES)
+    if c.optimizer == "kfac":
+        check_choice(name, "fisher", c.fisher, FISHERS)
+        if (not isinstance(c.damping, (int, float)) or isinstance(c.damping, bool)
+                or not math.isfinite(c.damping) or c.damping <= 0):
+            raise ValueError(f"{name}: damping={c.damping!r}; expected a finite number > 0 (relative to the "
+                             "mean curvature eigenvalue; 0.5 is the counterfactual preset's)")
+    check_positive(name, "query_repeat", c.query_repeat, integer=True)
+    check_range(name, "n_directions", c.n_directions, 1, MAX_DIRECTIONS, integer=True,
+                why=f" (fit takes 2 forward sweeps per direction; {MAX_DIRECTIONS} estimate each sensitivity to ~2%)")
+    if not isinstance(c.momentum, (int, float)) or isinstance(c.momentum, bool) or not 0 <= c.momentum < 1:
+        raise ValueError(f"{name}: invalid momentum={c.momentum!r}; expected a number in [0, 1)")
+    check_range(name, "weight_decay", c.weight_decay, 0, math.inf)
+    if c.batch_size != "auto":
+        check_positive(name, "batch_size", c.batch_size, integer=True)
+    check_positive(name, "query_chunk", c.query_chunk, integer=True)
+    for flag in ("train_mode", "fitted_fallback", "progress"):
+        if not isinstance(getattr(c, flag), bool):
+            raise ValueError(f"{name}: invalid {flag}={getattr(c, flag)!r}; expected True or False")
+    if not isinstance(c.seed, int) or isinstance(c.seed, bool):
+        raise ValueError(f"{name}: invalid seed={c.seed!r}; expected an integer")
 
 
 def forward_inf_capabilities(optimizer: str) -> Capabilities:
@@ -557,15 +602,6 @@ def _measure(score: str) -> str:
     """What a score measures on the training points: the loss, or the non-saturating margin loss."""
     return "loss" if score in ("loss", "abs", "influence") else "score_loss"
 _COSINE_BLOCK = 8192  # training points per block of the cosine's float64 arithmetic
-
-
-def _dtype_hint(model: nn.Module, batch: Any) -> str:
-    """A hint when floating inputs and parameters differ in dtype (NumPy's float64 into a float32 model)."""
-    inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
-    param = next(model.parameters(), None)
-    if torch.is_tensor(inputs) and inputs.is_floating_point() and param is not None and inputs.dtype != param.dtype:
-        return f" (inputs are {inputs.dtype}, the model's parameters {param.dtype}: convert one of them)"
-    return ""
 
 
 def _index(batch: Any, i: int) -> Any:

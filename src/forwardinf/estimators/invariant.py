@@ -23,13 +23,14 @@ update is ``θ_q = θ ± lr · ∇ mean_v m(θ, view_v(q))`` (gradient of the me
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from forwardinf.data.augment import default_shift, views
 from forwardinf.data.inputs import DataLike, gather
+from forwardinf.estimators.base import check_choice
 from forwardinf.estimators.forward_inf import ForwardINF, ForwardINFConfig
 from forwardinf.tasks.base import Task
 from forwardinf.tasks.classification import ClassificationTask
@@ -102,25 +103,82 @@ class InvariantForwardINF(ForwardINF):
         super().__init__(model, task if isinstance(task, ViewAveragedTask) else ViewAveragedTask(task),
                          config=config, **knobs)
 
-    def influence(self, queries: DataLike, joint: bool = False, indices: Any = None) -> Tensor:
-        """Scores ``[n_query, n]`` (``[n]`` with ``joint``), each query updated on its views."""
-        self._check_fitted()
-        flip = {True: "mean", False: None, "mean": "mean", "max": "max"}.get(self.flip, "bad")
-        if flip == "bad":
-            raise ValueError(f"InvariantForwardINF: flip must be 'max', 'mean', True or False, got {self.flip!r}")
+    # The hooks of ForwardINF's one scoring path (ForwardINF._blocks), so influence, top_k and
+    # self_influence all update on the views: a query set becomes its views (and its mirror
+    # image's views), an update a pair of updates, a pair's score the better of the two.
+    def _check_params(self) -> None:
+        super()._check_params()
+        name = type(self).__name__
+        check_choice(name, "flip", self.flip, FLIPS)
+        if self.shift is not None and (not isinstance(self.shift, int) or isinstance(self.shift, bool) or self.shift < 0):
+            raise ValueError(f"{name}: invalid shift={self.shift!r}; expected None or an integer >= 0")
+
+    def fit(self, train: DataLike) -> "InvariantForwardINF":
+        """As :meth:`ForwardINF.fit`; the training examples must be images ``[C, H, W]`` (a 5-D
+        batch would be taken for views)."""
+        _check_images(gather(self._dataset(train, "train"), [0]), "train")
+        return super().fit(train)
+
+    def _queries(self, queries: DataLike) -> Views:
+        """The queries' views ``(inputs [Q, V, C, H, W], targets [Q], ...)``, checked, and with
+        ``flip="max"`` the mirrored queries' views too."""
         qset = self._dataset(queries, "queries")
         batch = gather(qset, range(len(qset)))
-        if not isinstance(batch, (tuple, list)) or not torch.is_tensor(batch[0]) or batch[0].dim() != 4:
-            raise ValueError("InvariantForwardINF: queries must be (images [Q, C, H, W], targets [Q], ...)")
+        _check_images(batch, "queries")
         h, w = batch[0].shape[-2:]
         shift = default_shift(h) if self.shift is None else self.shift
-        if not (isinstance(shift, int) and 0 <= shift < min(h, w)):
-            raise ValueError(f"InvariantForwardINF: shift must be an int in 0..{min(h, w) - 1}, got {self.shift!r}")
+        if shift >= min(h, w):
+            raise ValueError(f"InvariantForwardINF: shift must be an int in 0..{min(h, w) - 1} for {h}x{w} queries, "
+                             f"got {self.shift!r}")
+        flip = FLIPS[self.flip]
         stacked = views(batch[0], shift, flip == "mean")  # [Q, V, C, H, W]
         self.views_per_query_ = stacked.shape[1]
+        plain = super()._queries((stacked, *batch[1:]))
         self.updates_per_query_ = 2 if flip == "max" else 1
-        scores = super().influence((stacked, *batch[1:]), joint=joint, indices=indices)
         if flip != "max":
-            return scores
-        mirrored = super().influence((views(batch[0].flip(-1), shift, False), *batch[1:]), joint=joint, indices=indices)
-        return torch.maximum(scores, mirrored)
+            return Views(plain, None)
+        return Views(plain, super()._queries((views(batch[0].flip(-1), shift, False), *batch[1:])))
+
+    def _updates(self, qset: Views) -> Iterator[tuple[int, Any]]:  # type: ignore[override]
+        plain = super()._updates(qset.plain)
+        if qset.mirrored is None:
+            yield from plain
+            return
+        for (start, a), (_, b) in zip(plain, super()._updates(qset.mirrored)):
+            yield start, Mirrored(a, b)
+
+    def _update_joint(self, qset: Views) -> Any:  # type: ignore[override]
+        a = super()._update_joint(qset.plain)
+        return a if qset.mirrored is None else Mirrored(a, super()._update_joint(qset.mirrored))
+
+    def _score(self, update: Any, rows: Tensor | None = None) -> Tensor:
+        """Scores ``[Q, n]``; for a :class:`Mirrored` pair each training point's better score."""
+        if isinstance(update, Mirrored):
+            return torch.maximum(super()._score(update.plain, rows), super()._score(update.mirrored, rows))
+        return super()._score(update, rows)
+
+
+def _check_images(batch: Any, name: str) -> None:
+    """``batch`` must be ``(floating images [B, C, H, W], targets [B], ...)``."""
+    inputs = batch[0] if isinstance(batch, (tuple, list)) else None
+    if not torch.is_tensor(inputs) or inputs.dim() != 4 or not inputs.is_floating_point():
+        got = f"{tuple(inputs.shape)} of {inputs.dtype}" if torch.is_tensor(inputs) else type(batch).__name__
+        raise ValueError(f"{name}: InvariantForwardINF needs (floating images [B, C, H, W], targets [B], ...); got {got}")
+
+
+# flip setting -> how the mirrored views count: None (not at all), one "mean", or apart ("max")
+FLIPS: dict[Any, str | None] = {"max": "max", "mean": "mean", True: "mean", False: None}
+
+
+class Views(NamedTuple):
+    """The queries' views, and the mirrored queries' views (None unless ``flip="max"``)."""
+
+    plain: Any
+    mirrored: Any
+
+
+class Mirrored(NamedTuple):
+    """The updates on a query chunk's views and on its mirror image's views."""
+
+    plain: Any
+    mirrored: Any

@@ -34,10 +34,11 @@ from torch.utils.data import Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from forwardinf.core.autobatch import auto_batch_size
-from forwardinf.core.params import mode
-from forwardinf.data.inputs import DataLike, TensorDict, batch_len, batches, to_device
+from forwardinf.core.params import mode, select_params
+from forwardinf.data.checks import check_batch
+from forwardinf.data.inputs import DataLike, TensorDict, batch_len, batches, check_finite, to_device
 from forwardinf.estimators.base import Capabilities, Estimator, check_choice
-from forwardinf.estimators.forward_inf import ForwardINF, ForwardINFConfig, forward_inf_capabilities
+from forwardinf.estimators.forward_inf import ForwardINF, ForwardINFConfig, check_values, forward_inf_capabilities
 from forwardinf.tasks.base import Task
 
 CACHES = ("auto", "memory", "disk")
@@ -265,8 +266,6 @@ class TailForwardINF(Estimator):
                  **knobs: Any) -> None:
         """``split`` and every :class:`ForwardINF` knob a keyword, or ``config=`` (keywords override it)."""
         super().__init__(model, task, config, **knobs)
-        if self.split is None:
-            raise TypeError("TailForwardINF: missing the keyword split= (the module where the tail begins, e.g. 'fc')")
 
     @property
     def capabilities(self) -> Capabilities:  # type: ignore[override]
@@ -283,9 +282,10 @@ class TailForwardINF(Estimator):
         self._check_params()
         dataset = self._dataset(train, "train")
         first = to_device(next(batches(dataset, 8))[1], self._device())
+        check_batch(self.model, self.task, first, "train")  # before tracing and probing: a clear error, not theirs
         self.split_ = split_model(self.model, self.split, _inputs(first))
         with mode(self.model, False):  # the prefix pass: one no-grad forward of the whole model at most
-            self.prefix_batch_ = (auto_batch_size(self.model, self.task, first, max_batch=512)
+            self.prefix_batch_ = (auto_batch_size(self.model, self.task, first, max_batch=512, name="train")
                                   if self.batch_size == "auto" else int(self.batch_size))
         self.cache_ = self.cache
         if self.cache == "auto":
@@ -311,14 +311,16 @@ class TailForwardINF(Estimator):
         return self
 
     def _tail(self) -> ForwardINF:
-        """The tail's fitted ForwardINF under this estimator's current knobs (its caches reused)."""
+        """The tail's fitted ForwardINF (after checking this estimator is fitted to the model as it is)."""
         self._check_fitted()
-        if self.estimator_.config != self.forward_config:  # a knob was assigned since fit
-            self.estimator_ = self.estimator_.with_config(self.forward_config)
         return self.estimator_
 
     def _check_params(self) -> None:
         name = type(self).__name__
+        if self.split is None:
+            raise TypeError(f"{name}: missing the keyword split= (the module where the tail begins, e.g. 'fc')")
+        check_values(name, self.config)  # the tail's ForwardINF knobs (their fit on the tail checks the rest)
+        select_params(self.model, self.params)  # a model with no trainable parameter: refused now
         check_choice(name, "precision", self.precision, PRECISIONS)
         check_choice(name, "cache", self.cache, CACHES)
         if not isinstance(self.split, str) or not self.split:
@@ -335,6 +337,7 @@ class TailForwardINF(Estimator):
         """
         self._check_split()
         dataset = self._dataset(data, name)
+        check_batch(self.model, self.task, next(batches(dataset, 8))[1], name)
         n, dtype, device = len(dataset), PRECISIONS[self.precision], self._device()
         out: Tensor | FeatureFile = (FeatureFile(n, self.split_.width, dtype, self.cache_dir) if on_disk
                                      else torch.empty(n, self.split_.width, dtype=dtype))
@@ -343,6 +346,7 @@ class TailForwardINF(Estimator):
         with torch.no_grad(), mode(self.model, False), tqdm(total=n, desc=f"prefix ({name})", unit="ex", leave=False,
                                                           disable=not self.progress) as bar:
             for start, batch in batches(dataset, self.prefix_batch_):
+                check_finite(batch, name)
                 x = to_device(_inputs(batch), device)
                 try:
                     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
