@@ -9,6 +9,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from forwardinf.core.attention import functional_attention
+
 Params = dict[str, Tensor]
 
 
@@ -20,7 +22,8 @@ def bind(module: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, 
     tensors = dict(params) if buffers is None else {**buffers, **params}
 
     def call(*args: Any, **kwargs: Any) -> Any:
-        return functional_call(module, tensors, args, kwargs, strict=False)
+        with functional_attention():  # kernels that jvp / vmap support (transformers' default sdpa)
+            return functional_call(module, tensors, args, kwargs, strict=False)
 
     return call
 
