@@ -13,8 +13,9 @@ from forwardinf.tasks.base import Task
 def _split(batch: Any) -> tuple[Any, Tensor]:
     """``(inputs, targets)``: the model's input (a tensor, or a dict of keyword arguments) and ``[B]`` labels."""
     if isinstance(batch, Mapping):
-        if "labels" in batch and "inputs" not in batch:  # a Hugging Face batch: everything else is model(**inputs)
-            return {k: v for k, v in batch.items() if k != "labels"}, batch["labels"]
+        label = next((k for k in ("labels", "label") if k in batch), None)
+        if label is not None and "inputs" not in batch:  # a Hugging Face batch: everything else is model(**inputs)
+            return {k: v for k, v in batch.items() if k != label}, batch[label]
         missing = [k for k in ("inputs", "targets") if k not in batch]
         if missing:
             raise ValueError(f"a dict batch holds 'inputs' and 'targets', or Hugging Face keyword inputs and 'labels' "
@@ -54,7 +55,7 @@ class ClassificationTask(Task):
 
     Batches are ``(inputs, targets)`` tuples (extra elements are ignored), dicts with
     ``"inputs"`` and ``"targets"``, or Hugging Face batches: a dict with ``"labels"`` whose other
-    entries are the model's keyword inputs, ``{input_ids, attention_mask[, token_type_ids], labels}``
+    entries are the model's keyword inputs (``"label"``, a ``datasets`` column name, works too), ``{input_ids, attention_mask[, token_type_ids], labels}``
     for a sequence classifier or ``{pixel_values, labels}`` for an image classifier, called as
     ``model(**inputs)``. Targets are class indices ``[B]``. The model may return logits, a tuple
     (logits first) or a dict / ``ModelOutput`` with ``"logits"`` (transformers' ``.logits``).
