@@ -32,16 +32,23 @@ def select_params(module: nn.Module, include: str | Iterable[str] | None = None)
     """Detached copies-free views of the parameters an update may touch.
 
     ``include``: None for every parameter that requires grad, or glob patterns on parameter
-    names (``"fc.*"``) or module names (``"layer4"`` selects ``layer4.*``).
+    names (``"fc.*"``) or module names (``"layer4"`` selects ``layer4.*``); a tied parameter
+    matches by any of its names and is returned under its first.
     """
     named = {n: p for n, p in module.named_parameters() if p.requires_grad}
     if include is None:
         chosen = named
     else:
         patterns = [include] if isinstance(include, str) else list(include)
+        # a tied tensor (e.g. transformers' lm_head and input embedding) is one parameter, under its
+        # first name; a pattern may name any of its aliases
+        aliases: dict[int, list[str]] = {}
+        for n, p in module.named_parameters(remove_duplicate=False):
+            aliases.setdefault(id(p), []).append(n)
         chosen = {
             n: p for n, p in named.items()
-            if any(fnmatch.fnmatchcase(n, pat) or fnmatch.fnmatchcase(n, pat + ".*") for pat in patterns)
+            if any(fnmatch.fnmatchcase(a, pat) or fnmatch.fnmatchcase(a, pat + ".*")
+                   for pat in patterns for a in aliases.get(id(p), [n]))
         }
         if not chosen:
             raise ValueError(f"params={patterns!r} matches no trainable parameter; names look like {list(named)[:5]}")

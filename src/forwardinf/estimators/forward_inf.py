@@ -364,6 +364,9 @@ class ForwardINF(Estimator):
         return stacked, stacked_bufs, True, torch.stack(norms)
 
     def _perturb_if_fitted(self, example: Any, params: Params, buffers: Params, gen: torch.Generator) -> Any:
+        if not isinstance(example, (tuple, list)) or not torch.is_tensor(example[0]) or not example[0].is_floating_point():
+            raise ValueError("fitted_fallback adds noise to the float inputs of (inputs, targets) batches; these "
+                             "batches are not that (token ids, dict batches): leave fitted_fallback off")
         inputs, rest = example[0], tuple(example[1:])
         radius = 3.0
         with torch.no_grad(), mode(self.model, False):
