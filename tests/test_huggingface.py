@@ -290,3 +290,41 @@ def test_readme_hugging_face_example_runs_as_written():
     after = readme.split("<!-- hf-example -->", 1)[1]
     code = re.search(r"```python\n(.*?)```", after, re.S).group(1)
     exec(compile(code, "README.md (hf-example)", "exec"), {})
+
+
+@pytest.mark.parametrize("name,seed", [("bert", 0), ("distilbert", 0), ("bert", 1)])
+def test_self_influence_puts_flipped_labels_on_top_for_every_score(name, seed):
+    """A small classifier trained to fit 96 sequences, 10 of them with flipped labels: the default
+    score's self-influence ranks the flipped ones high (AUC well above the 0.5 of chance) and agrees
+    with TracIn's. (Measured for the others' joint self mode: 'loss' AUC 0.89 / 0.39 / 0.81 on these
+    three runs, not robust; see the report.)"""
+    g = torch.Generator().manual_seed(seed)
+    n, vocab = 96, 32
+    ids = torch.randint(3, vocab, (n, 6), generator=g)
+    clean = (ids[:, 0] < (3 + vocab) // 2).long()  # the label is a rule on the first token
+    flipped = torch.zeros(n, dtype=torch.bool)
+    flipped[torch.randperm(n, generator=g)[:10]] = True
+    data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.where(flipped, 1 - clean, clean)}
+    torch.manual_seed(seed)
+    model = (transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)) if name == "bert"
+        else transformers.DistilBertForSequenceClassification(transformers.DistilBertConfig(
+            vocab_size=vocab, dim=32, hidden_dim=64, n_layers=2, n_heads=2, max_position_embeddings=16, dropout=0.0,
+            attention_dropout=0.0, seq_classif_dropout=0.0)))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(30):
+        for idx in torch.randperm(n, generator=g).split(16):
+            batch = {k: v[idx] for k, v in data.items()}
+            loss = model(**batch).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    before = _state(model)
+    s = fi.ForwardINF(model).fit(data).self_influence()
+    auc = (s[flipped][:, None] > s[~flipped][None, :]).float().mean().item()
+    assert auc > 0.75, auc
+    tracin = fi.TracIn(model).fit(data).self_influence()
+    assert torch.corrcoef(torch.stack([s.log(), tracin.log()]))[0, 1] > 0.8  # the same quantity, estimated
+    assert _same(before, model)

@@ -303,9 +303,25 @@ class ForwardINF(Estimator):
                 yield q0, start, self._score(update, torch.arange(start, min(start + step, n)))
 
     def self_influence(self) -> Tensor:
-        """``[n_train]``: the paper's self mode (D_tst = D_trn): one joint update on the training set."""
+        """``[n_train]``: higher = more self-influential (more suspicious, e.g. mislabeled), every score.
+
+        ``score="cosine"`` (default): ``||∇ℓ(θ, z_i)||²`` estimated from the forward-mode derivatives
+        cached by ``fit`` (``(dℓ/dm)² · mean_j (∇m·v_j)²``; ``dℓ/dm = 1 - e^{-ℓ}`` when the loss is
+        the softplus of the margin, as for cross-entropy): TracIn's self-influence, from forward passes
+        only. (The cosine of a point with itself is always 1.) Other scores: the paper's self mode
+        (D_tst = D_trn), one joint update on the training set scored by that measure.
+        """
         self._check_fitted()
+        if self.score == "cosine":
+            return self._self_sensitivity()
         return self.influence(self.train_, joint=True)
+
+    def _self_sensitivity(self) -> Tensor:
+        margin, loss = self._base("score_loss"), self._base("loss")
+        slope = torch.ones_like(loss)
+        if torch.allclose(torch.nn.functional.softplus(margin), loss, rtol=1e-4, atol=1e-6):
+            slope = -torch.expm1(-loss)  # dℓ/dm = sigmoid(m) = 1 - e^{-ℓ} for ℓ = softplus(m)
+        return slope.pow(2) * self._base("directional").pow(2).mean(1)
 
     # -- the update -------------------------------------------------------------------------
     def _objective(self, model: Any, batch: Any) -> Tensor:
