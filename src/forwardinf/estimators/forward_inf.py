@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
 
-from forwardinf.core.autobatch import auto_batch_size
+from forwardinf.core.autobatch import DEFAULT_BUDGET, auto_batch_size
 from forwardinf.core.curvature import FISHERS, kfac, layer_of, precondition
 from forwardinf.core.params import Params, bind, buffers_of, flat_norm, mode, select_params, stack
 from forwardinf.core.sweep import sweep
@@ -65,7 +65,7 @@ class ForwardINFConfig(EstimatorConfig):
     damping: float = 0.5
     fisher: str = "empirical"
     batch_size: int | str = "auto"
-    query_chunk: int = 16
+    query_chunk: int | str = "auto"
     seed: int = 0
     progress: bool = False
 
@@ -117,7 +117,9 @@ class ForwardINF(Estimator):
             up to 512 whose activations, times the models in flight at once (the forward-mode
             tangents of the cosine score; the stacked query models off CPU), fit 256 MiB. The
             batch used is ``batch_size_``.
-        query_chunk: queries updated and scored at once.
+        query_chunk: queries updated and scored at once, or ``"auto"`` (default): as many as keep
+            their updated parameters (about three copies each in flight) within 256 MiB, 1 to 16;
+            a full 135M-parameter model takes one at a time.
         seed: seeds the random directions and the fallback noise.
         progress: show progress bars.
     """
@@ -222,21 +224,27 @@ class ForwardINF(Estimator):
 
         columns = []
         with mode(self.model, False):
-            for chunk in range(math.ceil(self.n_directions / _DIRECTION_CHUNK)):
+            for chunk in range(math.ceil(self.n_directions / self._direction_chunk())):
                 tangents = self._directions(params, chunk)
 
                 def directional(batch: Any) -> Tensor:
                     return vmap(lambda t: jvp(lambda p: f(p, batch), (params,), (t,))[1])(tangents)  # [m, B]
 
                 columns.append(sweep(directional, self.train_, self.batch_size_, device, self.progress,
-                                     desc=f"directions {chunk + 1}/{math.ceil(self.n_directions / _DIRECTION_CHUNK)}"))
+                                     desc=f"directions {chunk + 1}/{math.ceil(self.n_directions / self._direction_chunk())}"))
         return torch.cat(columns, 0).T.contiguous()
 
     def _directions(self, params: Params, chunk: int) -> Params:
         """Directions ``8 chunk ..`` of the fixed Gaussian sequence: ``{name: [m, *shape]}``."""
-        m = min(_DIRECTION_CHUNK, self.n_directions - chunk * _DIRECTION_CHUNK)
+        return dict(self._iter_directions(params, chunk))
+
+    def _iter_directions(self, params: Params, chunk: int) -> Iterator[tuple[str, Tensor]]:
+        """The same directions, ``(name, [m, *shape])`` one parameter tensor at a time."""
+        size = self._direction_chunk()
+        m = min(size, self.n_directions - chunk * size)
         gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + chunk)
-        return {k: torch.randn((m, *p.shape), generator=gen).to(p.device, p.dtype) for k, p in params.items()}
+        for k, p in params.items():
+            yield k, torch.randn((m, *p.shape), generator=gen).to(p.device, p.dtype)
 
     def _cosine(self, delta: Tensor, moved: Params, directional: Tensor) -> Tensor:
         """``[Q, n]`` cosine between each ``∇m(θ, z_i)`` and each update ``moved[q] = θ_q - θ``.
@@ -252,11 +260,11 @@ class ForwardINF(Estimator):
         params = select_params(self.model, self.params)
         b = torch.zeros(delta.shape[0], 0, dtype=torch.float64)
         norm = flat_norm(moved, stacked=True).double().cpu().clamp_min(1e-30)  # [Q]
-        for chunk in range(math.ceil(self.n_directions / _DIRECTION_CHUNK)):
-            v = self._directions(params, chunk)
+        for chunk in range(math.ceil(self.n_directions / self._direction_chunk())):
             # float32 dot products (~1e-5 relative error), float64 after: float64 copies of the
-            # [Q, ...] updates would cost twice the parameters' memory per query
-            dots = sum((moved[k].flatten(1) @ v[k].flatten(1).T).double() for k in moved)
+            # [Q, ...] updates would cost twice the parameters' memory per query. The directions
+            # come one parameter tensor at a time (m x the whole model would not fit a large one).
+            dots = sum((moved[k].flatten(1) @ v.flatten(1).T).double() for k, v in self._iter_directions(params, chunk))
             b = torch.cat([b, dots.cpu() / norm[:, None]], 1)  # [Q, M]: v_j · unit update
         m, b2 = directional.shape[1], b.pow(2).sum(1, keepdim=True)
         out = torch.empty(delta.shape, dtype=torch.float32)
@@ -289,8 +297,9 @@ class ForwardINF(Estimator):
 
     def _updates(self, qset: Any) -> Iterator[tuple[int, Update]]:
         """``(first query, update)`` for each chunk of ``query_chunk`` queries."""
-        for start in range(0, len(qset), self.query_chunk):
-            idx = range(start, min(start + self.query_chunk, len(qset)))
+        chunk = self._query_chunk()
+        for start in range(0, len(qset), chunk):
+            idx = range(start, min(start + chunk, len(qset)))
             yield start, self._update_each(gather(qset, idx), len(idx))
 
     def _score_blocks(self, queries: DataLike, chunk: int) -> Iterator[tuple[int, int, Tensor]]:
@@ -526,7 +535,8 @@ class ForwardINF(Estimator):
         check_positive(name, "n_directions", self.n_directions, integer=True)
         if self.batch_size != "auto":
             check_positive(name, "batch_size", self.batch_size, integer=True)
-        check_positive(name, "query_chunk", self.query_chunk, integer=True)
+        if self.query_chunk != "auto":
+            check_positive(name, "query_chunk", self.query_chunk, integer=True)
         chosen = select_params(self.model, self.params)  # raises if the patterns match nothing
         if self.optimizer == "kfac":
             layer_of(self.model, chosen)  # raises for parameters K-FAC does not cover
@@ -537,11 +547,25 @@ class ForwardINF(Estimator):
         probe = gather(self.train_, range(min(8, len(self.train_))))
         self._validate(probe, "train")  # bad labels or shapes get their clear error before the probe runs
         probe = to_device(probe, self._device())
-        n_models = 2 * min(_DIRECTION_CHUNK, self.n_directions) if self.score == "cosine" else 1  # primal + tangent
+        n_models = 2 * min(self._direction_chunk(), self.n_directions) if self.score == "cosine" else 1  # primal + tangent
         if self._device().type != "cpu":  # scored under vmap, all query_chunk models at once
-            n_models = max(n_models, self.query_chunk)
+            n_models = max(n_models, self._query_chunk())
         with mode(self.model, False):
             return auto_batch_size(self.model, self.task, probe, n_models=n_models, max_batch=512)
+
+    def _direction_chunk(self) -> int:
+        """Directions per forward-mode sweep: 8, fewer when 8 copies of the selected parameters (the
+        tangents) would exceed the memory budget (one at a time for a full 135M-parameter model)."""
+        size = sum(p.numel() * p.element_size() for p in select_params(self.model, self.params).values())
+        return int(max(1, min(_DIRECTION_CHUNK, DEFAULT_BUDGET // max(size, 1))))
+
+    def _query_chunk(self) -> int:
+        """``query_chunk``, resolved: for ``"auto"`` the queries whose updates fit the budget (each
+        holds about three copies of the updated parameters at once: θ_q, its gradient, θ_q - θ)."""
+        if self.query_chunk != "auto":
+            return self.query_chunk
+        size = sum(p.numel() * p.element_size() for p in select_params(self.model, self.params).values())
+        return int(max(1, min(16, DEFAULT_BUDGET // max(3 * size, 1))))
 
     def _validate(self, batch: Any, name: str) -> None:
         check_finite(batch, name)
