@@ -587,8 +587,9 @@ def forward_inf_capabilities(optimizer: str) -> Capabilities:
     """Forward-INF's capabilities; K-FAC factors come from the whole training set, so a copy
     fitted on a slice would score it differently: not shardable."""
     return Capabilities(indices=True, shardable=optimizer != "kfac",
-                        self_influence="one joint update on the whole training set (the paper's self mode), "
-                                       "not the diagonal of influence(train)")
+                        self_influence="score='cosine': ||∇ℓ(z_i)||² from fit's forward-mode derivatives; other "
+                                       "scores: one joint update on the whole training set (the paper's self mode); "
+                                       "higher = more suspicious")
 
 
 def _key(params: Any) -> Any:
