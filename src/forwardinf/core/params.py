@@ -9,6 +9,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from forwardinf.core.attention import functional_attention
+
 Params = dict[str, Tensor]
 
 
@@ -20,7 +22,8 @@ def bind(module: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, 
     tensors = dict(params) if buffers is None else {**buffers, **params}
 
     def call(*args: Any, **kwargs: Any) -> Any:
-        return functional_call(module, tensors, args, kwargs, strict=False)
+        with functional_attention():  # kernels that jvp / vmap support (transformers' default sdpa)
+            return functional_call(module, tensors, args, kwargs, strict=False)
 
     return call
 
@@ -29,8 +32,9 @@ def select_params(module: nn.Module, include: str | Iterable[str] | None = None)
     """Detached copies-free views of the parameters an update may touch.
 
     ``include``: None for every parameter that requires grad, or glob patterns on parameter
-    names (``"fc.*"``) or module names (``"layer4"`` selects ``layer4.*``). ``ValueError`` if
-    nothing is selected (no pattern matches, or the model has no trainable parameter at all).
+    names (``"fc.*"``) or module names (``"layer4"`` selects ``layer4.*``); a tied parameter
+    matches by any of its names and is returned under its first. ``ValueError`` if nothing is
+    selected (no pattern matches, or the model has no trainable parameter at all).
     """
     named = {n: p for n, p in module.named_parameters() if p.requires_grad}
     if not named:
@@ -40,9 +44,15 @@ def select_params(module: nn.Module, include: str | Iterable[str] | None = None)
         chosen = named
     else:
         patterns = [include] if isinstance(include, str) else list(include)
+        # a tied tensor (e.g. transformers' lm_head and input embedding) is one parameter, under its
+        # first name; a pattern may name any of its aliases
+        aliases: dict[int, list[str]] = {}
+        for n, p in module.named_parameters(remove_duplicate=False):
+            aliases.setdefault(id(p), []).append(n)
         chosen = {
             n: p for n, p in named.items()
-            if any(fnmatch.fnmatchcase(n, pat) or fnmatch.fnmatchcase(n, pat + ".*") for pat in patterns)
+            if any(fnmatch.fnmatchcase(a, pat) or fnmatch.fnmatchcase(a, pat + ".*")
+                   for pat in patterns for a in aliases.get(id(p), [n]))
         }
         if not chosen:
             raise ValueError(f"params={patterns!r} matches no trainable parameter; names look like {list(named)[:5]}")

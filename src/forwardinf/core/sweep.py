@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from forwardinf.core.attention import functional_attention
 from forwardinf.data.inputs import batches, to_device
 
 
@@ -21,7 +22,8 @@ def sweep(
     """Concatenate ``fn(batch) -> Tensor[..., B]`` over ``dataset`` in order: ``[..., N]`` on CPU."""
     out = []
     n = len(dataset)
-    with torch.no_grad(), tqdm(total=n, desc=desc, disable=not progress, leave=False, unit="ex") as bar:
+    # the attention kernel of every functional call, so base and updated values are computed alike
+    with torch.no_grad(), functional_attention(), tqdm(total=n, desc=desc, disable=not progress, leave=False, unit="ex") as bar:
         for start, batch in batches(dataset, batch_size):
             values = fn(to_device(batch, device))
             out.append(values.detach().cpu())

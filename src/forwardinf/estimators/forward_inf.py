@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
 
-from forwardinf.core.autobatch import auto_batch_size
+from forwardinf.core.autobatch import DEFAULT_BUDGET, auto_batch_size
 from forwardinf.core.curvature import FISHERS, kfac, layer_of, precondition
 from forwardinf.core.params import Params, bind, buffers_of, flat_norm, mode, select_params, stack
 from forwardinf.core.sweep import sweep
@@ -69,7 +69,7 @@ class ForwardINFConfig(EstimatorConfig):
     damping: float = 0.5
     fisher: str = "empirical"
     batch_size: int | str = "auto"
-    query_chunk: int = 16
+    query_chunk: int | str = "auto"
     seed: int = 0
     progress: bool = False
 
@@ -121,7 +121,9 @@ class ForwardINF(Estimator):
             up to 512 whose activations, times the models in flight at once (the forward-mode
             tangents of the cosine score; the stacked query models off CPU), fit 256 MiB. The
             batch used is ``batch_size_``.
-        query_chunk: queries updated and scored at once.
+        query_chunk: queries updated and scored at once, or ``"auto"`` (default): as many as keep
+            their updated parameters (about three copies each in flight) within 256 MiB, 1 to 16;
+            a full 135M-parameter model takes one at a time.
         seed: seeds the random directions and the fallback noise.
         progress: show progress bars.
     """
@@ -224,23 +226,29 @@ class ForwardINF(Estimator):
 
         columns = []
         with mode(self.model, False):
-            for chunk in range(math.ceil(self.n_directions / _DIRECTION_CHUNK)):
+            for chunk in range(math.ceil(self.n_directions / self._direction_chunk())):
                 tangents = self._directions(params, chunk)
 
                 def directional(batch: Any) -> Tensor:
                     return vmap(lambda t: jvp(lambda p: f(p, batch), (params,), (t,))[1])(tangents)  # [m, B]
 
                 columns.append(sweep(directional, self.train_, self.batch_size_, device, self.progress,
-                                     desc=f"directions {chunk + 1}/{math.ceil(self.n_directions / _DIRECTION_CHUNK)}"))
+                                     desc=f"directions {chunk + 1}/{math.ceil(self.n_directions / self._direction_chunk())}"))
         out = torch.cat(columns, 0).T.contiguous()
         check_finite_values(out, "train", "directional derivative")  # or NaN cosine scores for that point
         return out
 
     def _directions(self, params: Params, chunk: int) -> Params:
         """Directions ``8 chunk ..`` of the fixed Gaussian sequence: ``{name: [m, *shape]}``."""
-        m = min(_DIRECTION_CHUNK, self.n_directions - chunk * _DIRECTION_CHUNK)
+        return dict(self._iter_directions(params, chunk))
+
+    def _iter_directions(self, params: Params, chunk: int) -> Iterator[tuple[str, Tensor]]:
+        """The same directions, ``(name, [m, *shape])`` one parameter tensor at a time."""
+        size = self._direction_chunk()
+        m = min(size, self.n_directions - chunk * size)
         gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + chunk)
-        return {k: torch.randn((m, *p.shape), generator=gen).to(p.device, p.dtype) for k, p in params.items()}
+        for k, p in params.items():
+            yield k, torch.randn((m, *p.shape), generator=gen).to(p.device, p.dtype)
 
     def _cosine(self, delta: Tensor, moved: Params, directional: Tensor) -> Tensor:
         """``[Q, n]`` cosine between each ``∇m(θ, z_i)`` and each update ``moved[q] = θ_q - θ``.
@@ -256,11 +264,11 @@ class ForwardINF(Estimator):
         params = select_params(self.model, self.params)
         b = torch.zeros(delta.shape[0], 0, dtype=torch.float64)
         norm = flat_norm(moved, stacked=True).double().cpu().clamp_min(1e-30)  # [Q]
-        for chunk in range(math.ceil(self.n_directions / _DIRECTION_CHUNK)):
-            v = self._directions(params, chunk)
+        for chunk in range(math.ceil(self.n_directions / self._direction_chunk())):
             # float32 dot products (~1e-5 relative error), float64 after: float64 copies of the
-            # [Q, ...] updates would cost twice the parameters' memory per query
-            dots = sum((moved[k].flatten(1) @ v[k].flatten(1).T).double() for k in moved)
+            # [Q, ...] updates would cost twice the parameters' memory per query. The directions
+            # come one parameter tensor at a time (m x the whole model would not fit a large one).
+            dots = sum((moved[k].flatten(1) @ v.flatten(1).T).double() for k, v in self._iter_directions(params, chunk))
             b = torch.cat([b, dots.cpu() / norm[:, None]], 1)  # [Q, M]: v_j · unit update
         m, b2 = directional.shape[1], b.pow(2).sum(1, keepdim=True)
         out = torch.empty(delta.shape, dtype=torch.float32)
@@ -298,8 +306,9 @@ class ForwardINF(Estimator):
 
     def _updates(self, qset: Any) -> Iterator[tuple[int, Update]]:
         """``(first query, update)`` for each chunk of ``query_chunk`` queries."""
-        for start in range(0, len(qset), self.query_chunk):
-            idx = range(start, min(start + self.query_chunk, len(qset)))
+        chunk = self._query_chunk()
+        for start in range(0, len(qset), chunk):
+            idx = range(start, min(start + chunk, len(qset)))
             yield start, self._update_each(gather(qset, idx), len(idx))
 
     def _score_blocks(self, queries: DataLike, chunk: int) -> Iterator[tuple[int, int, Tensor]]:
@@ -340,9 +349,25 @@ class ForwardINF(Estimator):
                                 f"(optimizer={self.optimizer!r}, steps={self.steps}): {e}. Lower lr (or steps)") from e
 
     def self_influence(self) -> Tensor:
-        """``[n_train]``: the paper's self mode (D_tst = D_trn): one joint update on the training set."""
+        """``[n_train]``: higher = more self-influential (more suspicious, e.g. mislabeled), every score.
+
+        ``score="cosine"`` (default): ``||∇ℓ(θ, z_i)||²`` estimated from the forward-mode derivatives
+        cached by ``fit`` (``(dℓ/dm)² · mean_j (∇m·v_j)²``; ``dℓ/dm = 1 - e^{-ℓ}`` when the loss is
+        the softplus of the margin, as for cross-entropy): TracIn's self-influence, from forward passes
+        only. (The cosine of a point with itself is always 1.) Other scores: the paper's self mode
+        (D_tst = D_trn), one joint update on the training set scored by that measure.
+        """
         self._check_fitted()
+        if self.score == "cosine":
+            return self._self_sensitivity()
         return self.influence(self.train_, joint=True)
+
+    def _self_sensitivity(self) -> Tensor:
+        margin, loss = self._base("score_loss"), self._base("loss")
+        slope = torch.ones_like(loss)
+        if torch.allclose(torch.nn.functional.softplus(margin), loss, rtol=1e-4, atol=1e-6):
+            slope = -torch.expm1(-loss)  # dℓ/dm = sigmoid(m) = 1 - e^{-ℓ} for ℓ = softplus(m)
+        return slope.pow(2) * self._base("directional").pow(2).mean(1)
 
     # -- the update -------------------------------------------------------------------------
     def _objective(self, model: Any, batch: Any) -> Tensor:
@@ -403,6 +428,9 @@ class ForwardINF(Estimator):
         return stacked, stacked_bufs, True, torch.stack(norms)
 
     def _perturb_if_fitted(self, example: Any, params: Params, buffers: Params, gen: torch.Generator) -> Any:
+        if not isinstance(example, (tuple, list)) or not torch.is_tensor(example[0]) or not example[0].is_floating_point():
+            raise ValueError("fitted_fallback adds noise to the float inputs of (inputs, targets) batches; these "
+                             "batches are not that (token ids, dict batches): leave fitted_fallback off")
         inputs, rest = example[0], tuple(example[1:])
         radius = 3.0
         with torch.no_grad(), mode(self.model, False):
@@ -541,11 +569,25 @@ class ForwardINF(Estimator):
         probe = gather(self.train_, range(min(8, len(self.train_))))
         self._validate(probe, "train")  # bad labels or shapes get their clear error before the probe runs
         probe = to_device(probe, self._device())
-        n_models = 2 * min(_DIRECTION_CHUNK, self.n_directions) if self.score == "cosine" else 1  # primal + tangent
+        n_models = 2 * min(self._direction_chunk(), self.n_directions) if self.score == "cosine" else 1  # primal + tangent
         if self._device().type != "cpu":  # scored under vmap, all query_chunk models at once
-            n_models = max(n_models, self.query_chunk)
+            n_models = max(n_models, self._query_chunk())
         with mode(self.model, False):
             return auto_batch_size(self.model, self.task, probe, n_models=n_models, max_batch=512, name="train")
+
+    def _direction_chunk(self) -> int:
+        """Directions per forward-mode sweep: 8, fewer when 8 copies of the selected parameters (the
+        tangents) would exceed the memory budget (one at a time for a full 135M-parameter model)."""
+        size = sum(p.numel() * p.element_size() for p in select_params(self.model, self.params).values())
+        return int(max(1, min(_DIRECTION_CHUNK, DEFAULT_BUDGET // max(size, 1))))
+
+    def _query_chunk(self) -> int:
+        """``query_chunk``, resolved: for ``"auto"`` the queries whose updates fit the budget (each
+        holds about three copies of the updated parameters at once: θ_q, its gradient, θ_q - θ)."""
+        if self.query_chunk != "auto":
+            return self.query_chunk
+        size = sum(p.numel() * p.element_size() for p in select_params(self.model, self.params).values())
+        return int(max(1, min(16, DEFAULT_BUDGET // max(3 * size, 1))))
 
     def _validate(self, batch: Any, name: str) -> None:
         check_batch(self.model, self.task, batch, name)
@@ -577,7 +619,8 @@ def check_values(name: str, c: ForwardINFConfig) -> None:
     check_range(name, "weight_decay", c.weight_decay, 0, math.inf)
     if c.batch_size != "auto":
         check_positive(name, "batch_size", c.batch_size, integer=True)
-    check_positive(name, "query_chunk", c.query_chunk, integer=True)
+    if c.query_chunk != "auto":
+        check_positive(name, "query_chunk", c.query_chunk, integer=True)
     for flag in ("train_mode", "fitted_fallback", "progress"):
         if not isinstance(getattr(c, flag), bool):
             raise ValueError(f"{name}: invalid {flag}={getattr(c, flag)!r}; expected True or False")
@@ -589,8 +632,9 @@ def forward_inf_capabilities(optimizer: str) -> Capabilities:
     """Forward-INF's capabilities; K-FAC factors come from the whole training set, so a copy
     fitted on a slice would score it differently: not shardable."""
     return Capabilities(indices=True, shardable=optimizer != "kfac",
-                        self_influence="one joint update on the whole training set (the paper's self mode), "
-                                       "not the diagonal of influence(train)")
+                        self_influence="score='cosine': ||∇ℓ(z_i)||² from fit's forward-mode derivatives; other "
+                                       "scores: one joint update on the whole training set (the paper's self mode); "
+                                       "higher = more suspicious")
 
 
 def _key(params: Any) -> Any:

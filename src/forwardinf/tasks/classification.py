@@ -11,10 +11,30 @@ from forwardinf.tasks.base import Task
 
 
 def _split(batch: Any) -> tuple[Any, Tensor]:
-    if isinstance(batch, dict):
+    """``(inputs, targets)``: the model's input (a tensor, or a dict of keyword arguments) and ``[B]`` labels."""
+    if isinstance(batch, Mapping):
+        label = next((k for k in ("labels", "label") if k in batch), None)
+        if label is not None and "inputs" not in batch:  # a Hugging Face batch: everything else is model(**inputs)
+            return {k: v for k, v in batch.items() if k != label}, batch[label]
+        missing = [k for k in ("inputs", "targets") if k not in batch]
+        if missing:
+            raise ValueError(f"a dict batch holds 'inputs' and 'targets', or Hugging Face keyword inputs and 'labels' "
+                             f"(e.g. input_ids, attention_mask, labels); got keys {sorted(batch)}")
         return batch["inputs"], batch["targets"]
     inputs, targets = batch[0], batch[1]
     return inputs, targets
+
+
+def _call(model: Callable[..., Any], inputs: Any) -> Tensor:
+    """The logits of ``model`` on ``inputs``: ``model(**inputs)`` for a dict of keyword inputs."""
+    return _logits(model(**inputs) if isinstance(inputs, Mapping) else model(inputs))
+
+
+def _first(inputs: Any, n: int) -> Any:
+    """The first ``n`` examples of a tensor or of every tensor in a dict."""
+    if isinstance(inputs, Mapping):
+        return {k: v[:n] if torch.is_tensor(v) else v for k, v in inputs.items()}
+    return inputs[:n] if torch.is_tensor(inputs) else inputs
 
 
 def _logits(output: Any) -> Tensor:
@@ -33,14 +53,19 @@ def _logits(output: Any) -> Tensor:
 class ClassificationTask(Task):
     """Per-example cross-entropy of a classifier ``model(inputs) -> logits [B, C]``.
 
-    Batches are ``(inputs, targets)`` tuples (extra elements are ignored) or dicts with
-    ``"inputs"`` and ``"targets"``; targets are class indices ``[B]``. The model may also
-    return a tuple (logits first) or a dict / ``ModelOutput`` with ``"logits"``.
+    Batches are ``(inputs, targets)`` tuples (extra elements are ignored), dicts with
+    ``"inputs"`` and ``"targets"``, or Hugging Face batches: a dict with ``"labels"`` whose other
+    entries are the model's keyword inputs (``"label"``, a ``datasets`` column name, works too), ``{input_ids, attention_mask[, token_type_ids], labels}``
+    for a sequence classifier or ``{pixel_values, labels}`` for an image classifier, called as
+    ``model(**inputs)``. Targets are class indices ``[B]``. The model may return logits, a tuple
+    (logits first) or a dict / ``ModelOutput`` with ``"logits"`` (transformers' ``.logits``).
+    Attention masks pass unchanged: the estimators' calls make transformers' mask handling
+    vmap-safe (:mod:`forwardinf.core.attention`).
     """
 
     def loss(self, model: Callable[..., Any], batch: Any) -> Tensor:
         inputs, targets = _split(batch)
-        return F.cross_entropy(_logits(model(inputs)), targets, reduction="none")
+        return F.cross_entropy(_call(model, inputs), targets, reduction="none")
 
     def score_loss(self, model: Callable[..., Any], batch: Any) -> Tensor:
         """Negative log-odds of the true class, ``-(z_y - logsumexp_{j != y} z_j)``, ``[B]``.
@@ -49,7 +74,7 @@ class ClassificationTask(Task):
         one does not flatten out (nor round to zero in float32) once ``p_y`` nears 1.
         """
         inputs, targets = _split(batch)
-        logits = _logits(model(inputs))
+        logits = _call(model, inputs)
         true = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         is_true = torch.arange(logits.shape[-1], device=logits.device) == targets.unsqueeze(-1)  # vmap-safe one-hot
         others = logits.masked_fill(is_true, float("-inf"))
@@ -59,19 +84,21 @@ class ClassificationTask(Task):
         inputs, targets = _split(batch)
         if not torch.is_tensor(targets) or targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise ValueError(f"targets must be an integer tensor of class indices, got {getattr(targets, 'dtype', type(targets))}")
-        if torch.is_tensor(inputs) and inputs.is_floating_point() and not torch.isfinite(inputs).all():
+        leaves = list(inputs.values()) if isinstance(inputs, Mapping) else [inputs]
+        if any(torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all() for t in leaves):
             raise ValueError("inputs contain NaN or inf")
         if targets.ndim != 1:
             raise ValueError(f"targets must be class indices [B], got shape {tuple(targets.shape)}")
-        if torch.is_tensor(inputs):
-            if inputs.shape[0] != targets.shape[0]:
-                raise ValueError(f"{inputs.shape[0]} inputs but {targets.shape[0]} targets")
-            # One example shows whether the model runs and how many classes it has; the rest of
-            # the batch shares its shape. (A full forward here would double the cost of a sweep.)
-            inputs = inputs[:1]
+        for t in leaves:
+            if torch.is_tensor(t) and t.ndim and t.shape[0] != targets.shape[0]:
+                raise ValueError(f"{t.shape[0]} inputs but {targets.shape[0]} targets")
+        if not isinstance(batch, Mapping) and torch.is_tensor(inputs):
+            _check_no_padding(model, inputs)
+        # One example shows whether the model runs and how many classes it has; the rest of
+        # the batch shares its shape. (A full forward here would double the cost of a sweep.)
+        n = 1 if any(torch.is_tensor(t) and t.ndim for t in leaves) else targets.shape[0]
         with torch.no_grad():
-            logits = _logits(model(inputs))
-        n = inputs.shape[0] if torch.is_tensor(inputs) else targets.shape[0]
+            logits = _call(model, _first(inputs, 1))
         if logits.ndim != 2 or logits.shape[0] != n:
             raise ValueError(f"model output has shape {tuple(logits.shape)}; expected logits [B={n}, C]")
         n_classes = logits.shape[-1]
@@ -80,3 +107,12 @@ class ClassificationTask(Task):
             hint = (" (one output: for a binary classifier with a single logit, write a Task whose loss is "
                     "binary_cross_entropy_with_logits)") if n_classes == 1 else ""
             raise ValueError(f"label {bad} is out of range for a model with {n_classes} classes{hint}")
+
+
+def _check_no_padding(model: Any, inputs: Tensor) -> None:
+    """Token ids in a tuple batch carry no attention mask: refuse them if they hold padding."""
+    pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+    if isinstance(pad, int) and not inputs.is_floating_point() and inputs.ndim == 2 and (inputs == pad).any():
+        raise ValueError(f"the token ids hold the padding id {pad}, but an (input_ids, labels) tuple carries no "
+                         "attention_mask, so padding would be attended to: pass dict batches "
+                         "{'input_ids', 'attention_mask', 'labels'}")

@@ -8,7 +8,9 @@ A batch is a dict of tensors with a leading batch dim (what :func:`encode` produ
   is predicted from positions ``< t``); seq2seq models ``[B, T_dec]``, the decoder's targets.
   ``-100`` marks every position that is not a target (prompt, context, padding);
 - seq2seq only, optional: ``decoder_input_ids [B, T_dec]`` (default: ``labels`` shifted right
-  behind ``decoder_start_token_id``) and ``decoder_attention_mask``.
+  behind ``decoder_start_token_id``) and ``decoder_attention_mask``;
+- any other field is passed to the model as a keyword argument unchanged (e.g.
+  ``token_type_ids``); per-token ones ``[B, T, ...]`` are trimmed with ``input_ids``.
 
 The loss of an example is the mean negative log-likelihood of its target tokens, so prompts and
 padding change nothing. Everything is vmap-safe: masks are built as 4-D additive tensors here
@@ -29,6 +31,9 @@ IGNORE = -100
 KINDS = ("causal", "seq2seq")
 MASKS = ("4d", "2d")
 _NEG = torch.finfo(torch.float32).min
+# Batch fields the task reads itself; any other field is passed to the model as a keyword
+# (e.g. token_type_ids, or the cached hidden states of tail mode).
+FIELDS = ("input_ids", "attention_mask", "labels", "decoder_input_ids", "decoder_attention_mask")
 
 
 def autocast(dtype: torch.dtype | None, like: Tensor) -> Any:
@@ -126,8 +131,9 @@ class LanguageModelTask(Task):
             except RuntimeError:  # vmapped over examples: column counts are not concrete values here
                 pass
         ids, attn, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        extra = {k: v for k, v in batch.items() if k not in FIELDS}
         if self.kind == "causal":
-            kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": self._causal_mask(attn)}
+            kwargs: dict[str, Any] = {**extra, "input_ids": ids, "attention_mask": self._causal_mask(attn)}
             if self.position_ids:
                 kwargs["position_ids"] = (attn.long().cumsum(-1) - 1).clamp_min(0)
             with autocast(self.dtype, ids):
@@ -137,7 +143,7 @@ class LanguageModelTask(Task):
         dec_ids = batch.get("decoder_input_ids")
         if dec_ids is None:
             dec_ids = self.shift_right(labels)
-        kwargs = {"input_ids": ids, "attention_mask": self._encoder_mask(attn), "decoder_input_ids": dec_ids}
+        kwargs = {**extra, "input_ids": ids, "attention_mask": self._encoder_mask(attn), "decoder_input_ids": dec_ids}
         dec_attn = batch.get("decoder_attention_mask")
         if dec_attn is not None:
             kwargs["decoder_attention_mask"] = self._causal_mask(dec_attn) if self.mask == "4d" else dec_attn
@@ -168,7 +174,8 @@ class LanguageModelTask(Task):
         out = dict(batch)
         if first > 0 or last < attn.shape[1]:
             keys = ("input_ids", "attention_mask") + (("labels",) if aligned else ())
-            for k in keys:
+            per_token = [k for k, v in batch.items() if k not in FIELDS and torch.is_tensor(v) and v.shape[:2] == attn.shape]
+            for k in (*keys, *per_token):  # per-token extra fields ([B, T, ...]) are cut alike
                 out[k] = batch[k][:, first:last]
         if self.kind == "seq2seq" and "decoder_input_ids" not in batch and "decoder_attention_mask" not in batch:
             lab = (labels != IGNORE).any(0).nonzero()
