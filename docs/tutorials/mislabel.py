@@ -1,8 +1,8 @@
 """Tutorial: find mislabelled training digits with Forward-INF's self mode.
 
 10% of the training labels are flipped to another class and the model is trained on them (it
-memorises most of the wrong labels). ``self_influence()`` makes one joint update on the whole
-training set and scores each point by how much the rest of the data *supports* it: a wrong label
+memorises most of the wrong labels). The paper's self mode, ``influence(train, joint=True)``,
+makes one joint update on the whole training set and scores each point by how much the rest of the data *supports* it: a wrong label
 has no support, so the **lowest** scores are inspected first.
 
     python docs/tutorials/mislabel.py          # full run: figures into docs/assets/tutorials
@@ -35,7 +35,7 @@ def main(fast: bool, out: Path) -> dict:
     # Self mode with the margin score: the change of each point's (non-saturating) margin after
     # one ascent step on the whole training set. Low = the rest of the data does not support it.
     est = fi.ForwardINF(model, fi.ClassificationTask(), score="margin").fit((x_train, y_noisy))
-    support = est.self_influence()  # [n_train]
+    support = est.influence((x_train, y_noisy), joint=True)  # [n_train]: the paper's self mode
     suspicion = -support            # inspect the lowest support first
 
     # The simplest baseline: each point's training loss (high = suspicious).

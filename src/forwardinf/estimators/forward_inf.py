@@ -351,16 +351,17 @@ class ForwardINF(Estimator):
     def self_influence(self) -> Tensor:
         """``[n_train]``: higher = more self-influential (more suspicious, e.g. mislabeled), every score.
 
-        ``score="cosine"`` (default): ``||∇ℓ(θ, z_i)||²`` estimated from the forward-mode derivatives
-        cached by ``fit`` (``(dℓ/dm)² · mean_j (∇m·v_j)²``; ``dℓ/dm = 1 - e^{-ℓ}`` when the loss is
-        the softplus of the margin, as for cross-entropy): TracIn's self-influence, from forward passes
-        only. (The cosine of a point with itself is always 1.) Other scores: the paper's self mode
-        (D_tst = D_trn), one joint update on the training set scored by that measure.
+        ``||∇ℓ(θ, z_i)||²`` estimated from forward-mode derivatives along the fixed random
+        directions that ``fit`` caches for ``score="cosine"`` (computed once on first call for the
+        other scores): ``(dℓ/dm)² · mean_j (∇m·v_j)²``, with ``dℓ/dm = 1 - e^{-ℓ}`` when the loss is
+        the softplus of the margin, as for cross-entropy. This is TracIn's self-influence from
+        forward passes only, and it has the same orientation whatever the score. The paper's self
+        mode (D_tst = D_trn: one joint update on the whole training set, then each point's change)
+        is ``influence(train, joint=True)``; its sign depends on the score and the model (low =
+        little support from the rest of the data, for ``margin`` on digits), so it is not used here.
         """
         self._check_fitted()
-        if self.score == "cosine":
-            return self._self_sensitivity()
-        return self.influence(self.train_, joint=True)
+        return self._self_sensitivity()
 
     def _self_sensitivity(self) -> Tensor:
         margin, loss = self._base("score_loss"), self._base("loss")
@@ -632,9 +633,9 @@ def forward_inf_capabilities(optimizer: str) -> Capabilities:
     """Forward-INF's capabilities; K-FAC factors come from the whole training set, so a copy
     fitted on a slice would score it differently: not shardable."""
     return Capabilities(indices=True, shardable=optimizer != "kfac",
-                        self_influence="score='cosine': ||∇ℓ(z_i)||² from fit's forward-mode derivatives; other "
-                                       "scores: one joint update on the whole training set (the paper's self mode); "
-                                       "higher = more suspicious")
+                        self_influence="||∇ℓ(z_i)||² from forward-mode derivatives along random directions, "
+                                       "every score; higher = more suspicious (the paper's joint self mode: "
+                                       "influence(train, joint=True))")
 
 
 def _key(params: Any) -> Any:

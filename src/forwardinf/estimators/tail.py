@@ -390,7 +390,7 @@ class TailForwardINF(Estimator):
         return self._tail().influence(self.features(queries, "queries"), joint=joint, indices=indices)
 
     def self_influence(self) -> Tensor:
-        """``[n_train]``: one joint update of the tail on the whole training set, as ForwardINF's."""
+        """``[n_train]``: the tail's :meth:`ForwardINF.self_influence` (higher = more suspicious)."""
         return self._tail().self_influence()
 
     def _score_blocks(self, queries: DataLike, chunk: int) -> Any:

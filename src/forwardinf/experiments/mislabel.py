@@ -103,9 +103,10 @@ def oracle_found_at(fraction_flipped: float, inspect: float) -> float:
 # ---------------------------------------------------------------------------------- training
 # ---------------------------------------------------------------------------------- methods
 def _forward_inf(name: str, model: nn.Module, train: tuple[Tensor, Tensor], kw: dict, progress: bool) -> Tensor:
-    """Self-influence ``[N]`` of registry variant ``name`` with keywords ``kw`` overriding its own."""
+    """The paper's self mode ``[N]`` (one joint update on the whole training set) of registry variant
+    ``name`` with keywords ``kw`` overriding its own; its orientation is the variant's ``ORDERS``."""
     est = make_estimator(name, model, fi.ClassificationTask(), progress=progress, **kw)
-    return est.fit(train).self_influence()
+    return est.fit(train).influence(train, joint=True)
 
 
 def _oriented(scores: Tensor, order: str) -> Tensor:
