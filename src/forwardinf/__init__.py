@@ -6,17 +6,18 @@ from forwardinf.baselines.representer import RepresenterPoint, RepresenterPointC
 from forwardinf.baselines.retraining import Downsampling, LeaveGroupOut, LeaveOneOut, TestToTrain
 from forwardinf.baselines.shapley import KNNShapley, KNNShapleyConfig, LastLayerTrainer, TMCShapley
 from forwardinf.baselines.tracin import TracIn, TracInConfig
-from forwardinf.estimators.base import Capabilities, Estimator, EstimatorConfig, NotFittedError, TopK
+from forwardinf.estimators.base import Capabilities, Estimator, EstimatorConfig, NotFittedError, StaleFitError, TopK
 from forwardinf.estimators.forward_inf import PRESETS, ForwardINF, ForwardINFConfig
+from forwardinf.estimators.validation import DivergedError
 from forwardinf.estimators.tail import ReducedPrecisionTask, TailForwardINF, TailForwardINFConfig
 from forwardinf.tasks import ClassificationTask, Task
 from forwardinf.tasks.diffusion import DiffusionTask
 from forwardinf.tasks.language_model import LanguageModelTask
 
 __all__ = [
-    "ClassificationTask", "DiffusionTask", "Downsampling", "Estimator", "ForwardINF", "HyDRA", "InfluenceFunction",
+    "ClassificationTask", "DiffusionTask", "DivergedError", "Downsampling", "Estimator", "ForwardINF", "HyDRA", "InfluenceFunction",
     "KNNShapley", "LanguageModelTask", "LastLayerTrainer", "LeaveGroupOut", "LeaveOneOut", "NotFittedError", "PRESETS",
-    "ReducedPrecisionTask", "RepresenterPoint", "TMCShapley", "TailForwardINF", "Task", "TestToTrain", "TopK", "TracIn", "TrajectoryRecorder",
+    "ReducedPrecisionTask", "RepresenterPoint", "StaleFitError", "TMCShapley", "TailForwardINF", "Task", "TestToTrain", "TopK", "TracIn", "TrajectoryRecorder",
     "__version__",
     # configurations and capabilities
     "Capabilities", "EstimatorConfig", "ForwardINFConfig", "HyDRAConfig", "InfluenceFunctionConfig", "KNNShapleyConfig",
