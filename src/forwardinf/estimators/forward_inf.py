@@ -7,12 +7,13 @@ from typing import Any, ClassVar, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, jvp, vmap
+from torch.func import grad, vmap
 
 from forwardinf.core.autobatch import auto_batch_size
 from forwardinf.core.curvature import FISHERS, kfac, layer_of, precondition
 from forwardinf.core.params import Params, bind, buffers_of, flat_norm, mode, select_params, stack
 from forwardinf.core.sweep import sweep
+from forwardinf.core.tangent import directional_sweep, tangent_measure
 from forwardinf.core.update import OPTIMIZERS, UpdateRule
 from forwardinf.data.inputs import DataLike, batch_len, batches, check_finite, gather, repeat, subset, to_device, unsqueeze
 from forwardinf.estimators.base import (Capabilities, Estimator, EstimatorConfig, check_choice, check_indices,
@@ -20,6 +21,7 @@ from forwardinf.estimators.base import (Capabilities, Estimator, EstimatorConfig
 from forwardinf.tasks.base import Task
 
 SCORES = ("cosine", "margin", "loss", "abs", "influence")
+DIFFERENCES = ("auto", "tangent", "finite")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # What the library recommends: one normalised ascent step, change of the non-saturating
@@ -62,6 +64,7 @@ class ForwardINFConfig(EstimatorConfig):
     momentum: float = 0.0
     weight_decay: float = 0.0
     n_directions: int = 16
+    difference: str = "auto"
     damping: float = 0.5
     fisher: str = "empirical"
     batch_size: int | str = "auto"
@@ -113,6 +116,16 @@ class ForwardINF(Estimator):
             (targets drawn from the model's softmax; classification). The factors are ``curvature_``.
         n_directions: random directions along which ``fit`` takes forward-mode derivatives of every
             training point (``score="cosine"``); cost ~``2 * n_directions`` forward sweeps, once.
+        difference: how each training point's change ``m(θ_q, z_i) - m(θ, z_i)`` is computed.
+            ``"finite"``: as that difference of two float32 sweeps (the paper's); a small step
+            changes a well-fitted point's loss by less than float32 resolves, so many scores are
+            exactly 0 or multiples of a few quanta. ``"tangent"``: the exact first-order change
+            ``∇m(θ, z_i)·(θ_q - θ)``, a forward-mode directional derivative (``torch.func.jvp``;
+            still forward passes only, one per batch shared by the chunk's queries), with no
+            cancellation. ``"auto"`` (default): ``"tangent"`` for a single straight step
+            (``steps=1``, ``"sgd"``/``"nsgd"``/``"kfac"``, eval mode), where first order is what the
+            score stands for (the counterfactual score *is* the first-order influence); else
+            ``"finite"`` (Adam's and multi-step updates move far enough to differ from first order).
         batch_size: training examples per forward batch, or ``"auto"`` (default): the largest batch
             up to 512 whose activations, times the models in flight at once (the forward-mode
             tangents of the cosine score; the stacked query models off CPU), fit 256 MiB. The
@@ -214,22 +227,13 @@ class ForwardINF(Estimator):
         Forward-mode derivatives (``jvp``), so the training set still sees forward passes only.
         """
         params = select_params(self.model, self.params)
-        buffers = buffers_of(self.model)
-        device = self._device()
-
-        def f(p: Params, batch: Any) -> Tensor:
-            return self.task.score_loss(bind(self.model, p, buffers), batch)
-
+        n_chunks = math.ceil(self.n_directions / _DIRECTION_CHUNK)
         columns = []
         with mode(self.model, False):
-            for chunk in range(math.ceil(self.n_directions / _DIRECTION_CHUNK)):
-                tangents = self._directions(params, chunk)
-
-                def directional(batch: Any) -> Tensor:
-                    return vmap(lambda t: jvp(lambda p: f(p, batch), (params,), (t,))[1])(tangents)  # [m, B]
-
-                columns.append(sweep(directional, self.train_, self.batch_size_, device, self.progress,
-                                     desc=f"directions {chunk + 1}/{math.ceil(self.n_directions / _DIRECTION_CHUNK)}"))
+            for chunk in range(n_chunks):
+                columns.append(directional_sweep(self.task.score_loss, self.model, params, buffers_of(self.model),
+                                                 self._directions(params, chunk), self.train_, self.batch_size_,
+                                                 self._device(), self.progress, desc=f"directions {chunk + 1}/{n_chunks}"))
         return torch.cat(columns, 0).T.contiguous()
 
     def _directions(self, params: Params, chunk: int) -> Params:
@@ -320,7 +324,14 @@ class ForwardINF(Estimator):
             factors = self._curvature()
             pre = lambda g, stacked: precondition(factors, g, self.damping, stacked)  # noqa: E731
         return UpdateRule(self.optimizer, self.lr, self.direction == "ascent", self.momentum, self.weight_decay,
-                          precondition=pre)
+                          precondition=pre, track=self.tangent_)
+
+    @property
+    def tangent_(self) -> bool:
+        """Whether the changes are forward-mode derivatives (``difference``, ``"auto"`` resolved)."""
+        if self.difference == "auto":
+            return (self.steps == 1 and self.optimizer in ("sgd", "nsgd", "kfac") and not self.train_mode)
+        return self.difference == "tangent"
 
     def _update_each(self, batch: Any, n: int) -> Update:
         """Updated ``(params [n, ...], buffers, stacked_buffers, direction_norm [n])`` for each of ``n`` queries at once."""
@@ -339,11 +350,11 @@ class ForwardINF(Estimator):
             for _ in range(self.steps):
                 grads = vmap(grad(objective))(state, batch)
                 state = rule.step(state, grads, stacked=True)
-        return state, buffers, False, rule.state["direction_norm"]
+        return state, buffers, False, rule.state["direction_norm"], rule.state.get("displacement")
 
     def _update_each_looped(self, batch: Any, n: int, params: Params, buffers: Params) -> Update:
         """One query at a time: train-mode BatchNorm mutates its own copy of the running statistics."""
-        out_params, out_buffers, norms = [], [], []
+        out_params, out_buffers, norms, moves = [], [], [], []
         gen = torch.Generator(device="cpu").manual_seed(self.seed)
         for i in range(n):
             example = repeat(unsqueeze(_index(batch, i)), self.query_repeat)
@@ -359,9 +370,11 @@ class ForwardINF(Estimator):
             out_params.append(p)
             out_buffers.append(bufs)
             norms.append(rule.state["direction_norm"])
+            moves.append(rule.state.get("displacement"))
         stacked = {k: torch.stack([p[k] for p in out_params]) for k in params}
         stacked_bufs = {k: torch.stack([b[k] for b in out_buffers]) for k in buffers}
-        return stacked, stacked_bufs, True, torch.stack(norms)
+        moved = {k: torch.stack([m[k] for m in moves]) for k in params} if self.tangent_ else None
+        return stacked, stacked_bufs, True, torch.stack(norms), moved
 
     def _perturb_if_fitted(self, example: Any, params: Params, buffers: Params, gen: torch.Generator) -> Any:
         inputs, rest = example[0], tuple(example[1:])
@@ -396,9 +409,11 @@ class ForwardINF(Estimator):
                     total = {k: total[k] + weight * g[k] for k in total}
                 p = rule.step(p, total, stacked=False)
         norm = rule.state["direction_norm"].reshape(1)
+        moved = {k: v.unsqueeze(0) for k, v in rule.state["displacement"].items()} if self.tangent_ else None
         if self.train_mode:
-            return {k: v.unsqueeze(0) for k, v in p.items()}, {k: b.unsqueeze(0) for k, b in buffers.items()}, True, norm
-        return {k: v.unsqueeze(0) for k, v in p.items()}, buffers, False, norm
+            return ({k: v.unsqueeze(0) for k, v in p.items()}, {k: b.unsqueeze(0) for k, b in buffers.items()}, True,
+                    norm, moved)
+        return {k: v.unsqueeze(0) for k, v in p.items()}, buffers, False, norm, moved
 
     # -- scoring ----------------------------------------------------------------------------
     def _score(self, update: Update, rows: Tensor | None = None) -> Tensor:
@@ -406,10 +421,11 @@ class ForwardINF(Estimator):
 
         ``update = (params, buffers, stacked_buffers, direction_norm)``: buffers carry the query dim
         too when the update ran in train mode (each query's own running statistics);
-        ``direction_norm [Q]``: ``||d₀||`` of each update (for ``score="influence"``). ``rows``: the training
-        positions ``[n]`` to score (None: all of them).
+        ``direction_norm [Q]``: ``||d₀||`` of each update (for ``score="influence"``); ``moved``:
+        ``θ_q - θ`` as the update computed it, when the changes are forward-mode derivatives
+        (``tangent_``). ``rows``: the training positions ``[n]`` to score (None: all of them).
         """
-        params, buffers, stacked_buffers, direction_norm = update
+        params, buffers, stacked_buffers, direction_norm, moved = update
         kind = _measure(self.score)
         fn = getattr(self.task, kind)
         base = select_params(self.model, self.params)
@@ -431,22 +447,28 @@ class ForwardINF(Estimator):
             in_dims = (0, 0 if stacked_buffers else None, None)
             return vmap(per_model, in_dims=in_dims)(params, buffers, batch)  # [Q, B]
 
+        pick = (lambda t: t) if rows is None else (lambda t: t[rows])
         with mode(self.model, False):
             train = self.train_ if rows is None else subset(self.train_, rows)
-            values = sweep(batch_scores, train, self.batch_size_, self._device(), self.progress, desc="score")
-        if not torch.isfinite(values).all():
+            if moved is not None:  # the exact first-order change, ∇m(θ, z_i)·(θ_q - θ)
+                delta = directional_sweep(tangent_measure(self.task, kind), self.model, base, buffers_of(self.model), moved, train,
+                                          self.batch_size_, self._device(), self.progress, desc="score (tangent)")
+            else:
+                delta = sweep(batch_scores, train, self.batch_size_, self._device(), self.progress, desc="score")
+        if not torch.isfinite(delta).all():
             raise FloatingPointError("non-finite loss on the training set after the update (diverging update: lower lr or steps)")
-        pick = (lambda t: t) if rows is None else (lambda t: t[rows])
-        delta = values - pick(self._base(kind))
+        if moved is None:
+            delta = delta - pick(self._base(kind))
+        move = (lambda: moved) if moved is not None else (lambda: {k: params[k] - base[k] for k in params})
         sign = 1.0 if self.direction == "ascent" else -1.0
         if self.score == "abs":
             return delta.abs()
         if self.score == "influence":  # Δℓ per unit step along d₀: θ moved by ||θ_q - θ|| / ||d₀|| units
-            step = flat_norm({k: params[k] - base[k] for k in params}, stacked=True).double().cpu()
+            step = flat_norm(move(), stacked=True).double().cpu()
             per_unit = direction_norm.double().cpu() / step.clamp_min(1e-30)
             return (sign * delta.double() * per_unit[:, None]).float()
         if self.score == "cosine":
-            return sign * self._cosine(delta, {k: params[k] - base[k] for k in params}, pick(self._base("directional")))
+            return sign * self._cosine(delta, move(), pick(self._base("directional")))
         return sign * delta
 
     # -- tuning -----------------------------------------------------------------------------
@@ -497,6 +519,10 @@ class ForwardINF(Estimator):
         check_choice(name, "optimizer", self.optimizer, OPTIMIZERS)
         check_choice(name, "direction", self.direction, ("ascent", "descent"))
         check_choice(name, "score", self.score, SCORES)
+        check_choice(name, "difference", self.difference, DIFFERENCES)
+        if self.difference == "tangent" and self.train_mode:
+            raise ValueError(f"{name}: difference='tangent' differentiates along the parameters alone, but "
+                             "train_mode=True also moves BatchNorm's running statistics; use difference='finite'")
         if self.optimizer == "kfac":
             check_choice(name, "fisher", self.fisher, FISHERS)
             if (not isinstance(self.damping, (int, float)) or isinstance(self.damping, bool)
@@ -519,6 +545,8 @@ class ForwardINF(Estimator):
         self._validate(probe, "train")  # bad labels or shapes get their clear error before the probe runs
         probe = to_device(probe, self._device())
         n_models = 2 * min(_DIRECTION_CHUNK, self.n_directions) if self.score == "cosine" else 1  # primal + tangent
+        if self.tangent_:  # the score's forward-mode sweep: one primal, query_chunk tangents
+            n_models = max(n_models, 1 + self.query_chunk)
         if self._device().type != "cpu":  # scored under vmap, all query_chunk models at once
             n_models = max(n_models, self.query_chunk)
         with mode(self.model, False):
