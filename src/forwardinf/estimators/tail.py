@@ -38,6 +38,7 @@ from forwardinf.core.params import mode
 from forwardinf.data.inputs import DataLike, TensorDict, batch_len, batches, to_device
 from forwardinf.estimators.base import Capabilities, Estimator, check_choice
 from forwardinf.estimators.forward_inf import ForwardINF, ForwardINFConfig, forward_inf_capabilities
+from forwardinf.estimators.split import auto_split
 from forwardinf.tasks.base import Task
 
 CACHES = ("auto", "memory", "disk")
@@ -238,6 +239,9 @@ class TailForwardINF(Estimator):
     Args (all keyword):
         split: name of the module where the tail begins (``"fc"``, ``"classifier"``,
             ``"stages.3"``). The tail is that module and everything the forward does after it.
+            ``"auto"``: the layers after the last convolution, pooling, attention, recurrent or
+            embedding call (a CNN's dense head; an MLP's every layer), see
+            :mod:`forwardinf.estimators.split`; the module chosen is ``split_name_``.
         precision: ``"float32"``, or ``"bfloat16"``/``"float16"``: the prefix runs in autocast
             and the cache is stored in that dtype (half the memory). The tail, its update and
             every score difference stay float32, so base and updated models see the very same
@@ -283,7 +287,10 @@ class TailForwardINF(Estimator):
         self._check_params()
         dataset = self._dataset(train, "train")
         first = to_device(next(batches(dataset, 8))[1], self._device())
-        self.split_ = split_model(self.model, self.split, _inputs(first))
+        if self.split == "auto":  # the rule of forwardinf.estimators.split; the chosen name is split_name_
+            self.split_name_, self.split_ = auto_split(self.model, _inputs(first), kfac=self.optimizer == "kfac")
+        else:
+            self.split_name_, self.split_ = self.split, split_model(self.model, self.split, _inputs(first))
         with mode(self.model, False):  # the prefix pass: one no-grad forward of the whole model at most
             self.prefix_batch_ = (auto_batch_size(self.model, self.task, first, max_batch=512)
                                   if self.batch_size == "auto" else int(self.batch_size))
@@ -303,7 +310,7 @@ class TailForwardINF(Estimator):
                 or any(getattr(self, k) != getattr(other, k) for k in self.fit_fields)):
             return self.fit(other.train_)
         self._check_params()
-        for attr in ("split_", "prefix_batch_", "cache_", "features_"):
+        for attr in ("split_", "split_name_", "prefix_batch_", "cache_", "features_"):
             setattr(self, attr, getattr(other, attr))
         self.estimator_ = other.estimator_.with_config(self.forward_config)
         self.train_ = other.train_
