@@ -38,6 +38,7 @@ configuration in every experiment. Each experiment picks its default names from 
 | ``forward-inf-<preset>`` | ``ForwardINF.preset(<preset>)``: ``paper``, ``authors``, ``group``, ``counterfactual`` | leakage, mislabel, memorization (paper) |
 | ``forward-inf-<score>`` | defaults with ``score=<score>``: ``margin``, ``loss``, ``abs``, ``influence``, ``cosine`` (= ``forward-inf``) | mislabel (``margin``) |
 | ``forward-inf-tail`` / ``forward-inf-counterfactual-tail`` | ``TailForwardINF`` with ``split="auto"``: the layers after the last convolution / pooling / attention (a CNN's dense head; an MLP's every layer; :mod:`forwardinf.estimators.split`) (defaults / counterfactual preset) | lds |
+| ``forward-inf-counterfactual-ekfac`` | preset ``counterfactual`` with ``eigencorrect=True`` (EK-FAC eigenvalues) | |
 | ``forward-inf-invariant`` | ``InvariantForwardINF`` (images only) | |
 | ``forward-inf-margin-cp`` / ``forward-inf-cosine-cp`` | ``forward-inf-margin`` / ``forward-inf`` averaged over the saved training checkpoints (self-influence) | mislabel |
 | ``forward-inf-diffusion`` | adam, lr 3e-4, 3 steps, ``score="margin"`` (change of the log loss) on a ``DiffusionTask`` | diffusion |
@@ -101,6 +102,8 @@ FORWARD_INF: dict[str, Variant] = {
     "forward-inf-tail": Variant(estimator="tail"),
     # the counterfactual preset on the tail only (cached prefix: a CNN's queries cost its classifier)
     "forward-inf-counterfactual-tail": Variant(dict(_FI_PRESETS["counterfactual"]), estimator="tail"),
+    # the counterfactual preset on EK-FAC curvature (eigenvalues corrected by one more sweep)
+    "forward-inf-counterfactual-ekfac": Variant({"preset": "counterfactual", "eigencorrect": True}),
     # The update averages over shifted views of each query, mirrored ones scored apart (mirrors
     # only where a flip keeps the label, see data.augment.flip_is_sensible).
     "forward-inf-invariant": Variant(estimator="invariant", task="image"),

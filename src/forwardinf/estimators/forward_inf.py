@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.func import grad, vmap
 
 from forwardinf.core.autobatch import auto_batch_size
-from forwardinf.core.curvature import FISHERS, kfac, layer_of, precondition
+from forwardinf.core.curvature import FISHERS, gauss_newton_product, kfac, layer_of, precondition, refine
 from forwardinf.core.params import Params, bind, buffers_of, flat_norm, mode, select_params, stack
 from forwardinf.core.sweep import sweep
 from forwardinf.core.tangent import directional_sweep, tangent_measure
@@ -67,6 +67,8 @@ class ForwardINFConfig(EstimatorConfig):
     difference: str = "auto"
     damping: float = 0.5
     fisher: str = "empirical"
+    eigencorrect: bool = False
+    refine: int = 0
     batch_size: int | str = "auto"
     query_chunk: int = 16
     seed: int = 0
@@ -114,6 +116,12 @@ class ForwardINF(Estimator):
             block-diagonal curvature (scale-free; :mod:`forwardinf.core.curvature`); > 0.
         fisher: for ``"kfac"``: ``"empirical"`` (the given targets; any task) or ``"sampled"``
             (targets drawn from the model's softmax; classification). The factors are ``curvature_``.
+        eigencorrect: for ``"kfac"``: EK-FAC (George et al. 2018): one more batched sweep replaces
+            the Kronecker eigenvalues by the mean squared example gradient in their eigenbasis.
+        refine: for ``"kfac"``: iterations of preconditioned conjugate gradients on the exact
+            Gauss-Newton system ``(G + λI) d = ∇m_q`` (K-FAC as preconditioner and first guess;
+            :func:`~forwardinf.core.curvature.refine`), each one more sweep over the training set
+            with a backward pass shared by the chunk's queries. 0 (default): K-FAC alone.
         n_directions: random directions along which ``fit`` takes forward-mode derivatives of every
             training point (``score="cosine"``); cost ~``2 * n_directions`` forward sweeps, once.
         difference: how each training point's change ``m(θ_q, z_i) - m(θ, z_i)`` is computed.
@@ -183,9 +191,10 @@ class ForwardINF(Estimator):
         def compute() -> list:
             with mode(self.model, False):
                 return kfac(self.model, self.task.loss, select_params(self.model, self.params), self.train_,
-                            self.batch_size_, self._device(), fisher=self.fisher, seed=self.seed, progress=self.progress)
+                            self.batch_size_, self._device(), fisher=self.fisher, correct=self.eigencorrect,
+                            seed=self.seed, progress=self.progress)
 
-        return self._cached(("kfac", _key(self.params), self.fisher, self.seed), compute)
+        return self._cached(("kfac", _key(self.params), self.fisher, self.eigencorrect, self.seed), compute)
 
     @property
     def base_losses_(self) -> Tensor:
@@ -323,8 +332,25 @@ class ForwardINF(Estimator):
         if self.optimizer == "kfac":
             factors = self._curvature()
             pre = lambda g, stacked: precondition(factors, g, self.damping, stacked)  # noqa: E731
+            if self.refine:
+                pre = self._refined(factors)
         return UpdateRule(self.optimizer, self.lr, self.direction == "ascent", self.momentum, self.weight_decay,
                           precondition=pre, track=self.tangent_)
+
+    def _refined(self, factors: list) -> Any:
+        """``(grads, stacked) -> (G + λI)⁻¹ grads`` by ``refine`` CG iterations on the Gauss-Newton matrix."""
+        params = {k: v.detach() for k, v in select_params(self.model, self.params).items()}
+
+        def product(v: Params) -> Params:
+            with mode(self.model, False):
+                return gauss_newton_product(self.model, self.task.loss, params, self.train_, self.batch_size_,
+                                            self._device(), v)
+
+        def pre(g: Params, stacked: bool) -> Params:
+            out = refine(factors, g if stacked else {k: v[None] for k, v in g.items()}, self.damping, self.refine, product)
+            return out if stacked else {k: v[0] for k, v in out.items()}
+
+        return pre
 
     @property
     def tangent_(self) -> bool:
