@@ -106,11 +106,15 @@ def test_counterfactual_score_is_the_influence_function_up_to_order_eta():
     before = fingerprint(model)
     errors = []
     for lr in (1e-3, 1e-4, 1e-5):
-        est = fi.ForwardINF(model, MultiSquaredLoss(), optimizer="kfac", score="influence", lr=lr, damping=1.0)
+        est = fi.ForwardINF(model, MultiSquaredLoss(), optimizer="kfac", score="influence", lr=lr, damping=1.0,
+                            difference="finite")
         scores = est.fit((x, y)).influence((x[:4], y[:4]))
         errors.append(float((scores - expected).abs().max() / expected.abs().max()))
     assert errors[0] < 1e-2
     assert errors[1] < errors[0] / 5 and errors[2] < errors[1] / 5  # O(eta): 10x smaller step, ~10x smaller error
+    # the forward-mode change (the default for one step) is the first-order term itself
+    est = fi.ForwardINF(model, MultiSquaredLoss(), optimizer="kfac", score="influence", lr=1e-2, damping=1.0)
+    torch.testing.assert_close(est.fit((x, y)).influence((x[:4], y[:4])), expected.float(), rtol=1e-5, atol=1e-6)
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(fingerprint(model), before))
     assert all(p.grad is None for p in model.parameters())
 

@@ -163,14 +163,14 @@ MODELS = ("mlp", "cnn", "flatcnn", "resnet18", "resnet34")
 
 def build_model(name: str, input_shape: Sequence[int], n_classes: int, seed: int | None = None,
                 **kw) -> nn.Module:
-    """Build a model by name: ``mlp`` (kw ``hidden``), ``cnn`` (``width``, ``batchnorm``,
+    """Build a model by name: ``mlp`` (kw ``hidden``, or ``width``: one hidden layer of that width), ``cnn`` (``width``, ``batchnorm``,
     ``padding``), ``flatcnn`` (``width``), ``resnet18`` / ``resnet34`` (``width``).
 
     ``seed``: initialise under ``torch.manual_seed(seed)`` without changing the global RNG state.
     """
     key = name.lower().replace("-", "").replace("_", "")
     builders = {
-        "mlp": lambda: MLP(input_shape, n_classes, **kw),
+        "mlp": lambda: MLP(input_shape, n_classes, **({"hidden": (kw.pop("width"),)} if "width" in kw else {}), **kw),
         "cnn": lambda: SmallCNN(input_shape, n_classes, **kw),
         "flatcnn": lambda: FlatCNN(input_shape, n_classes, **kw),
         "resnet18": lambda: ResNet(input_shape, n_classes, depth=18, **kw),
