@@ -66,7 +66,8 @@ queries, and everything is used unchanged on Fashion-MNIST;
 `forward-inf-counterfactual-tail` is the same on the model's last top-level module only (cached
 prefix features: an MLP's last layer, the CNN's classifier).
 """
-FAMILIES = {"Forward-INF": ("forward-inf",), "TRAK": ("trak", "dattri-trak"), "EK-FAC": ("kronfluence-ekfac",)}
+FAMILIES = {"Forward-INF": ("forward-inf",), "TRAK": ("trak", "dattri-trak"), "EK-FAC": ("kronfluence-ekfac",),
+            "TracInCP": ("captum-tracincp",)}
 
 
 def family(name: str) -> str | None:
@@ -89,7 +90,7 @@ def bar(run: dict, per_query: dict) -> tuple[str, dict]:
     """Per peer: the best Forward-INF variant at no more CPU time than the peer's best row."""
     rows = run["methods"]
     out, lines = {"forward_inf": best(rows, "Forward-INF")}, []
-    for peer in ("TRAK", "EK-FAC"):
+    for peer in ("TRAK", "EK-FAC", "TracInCP"):
         other = best(rows, peer)
         fi = best(rows, "Forward-INF", rows[other]["cpu_seconds"]) if other else None
         if fi is None or other is None:
