@@ -181,11 +181,32 @@ def section(run_dir: Path) -> tuple[str, dict]:
     return "\n".join(text), {"dataset": run["dataset"], "config": c, "methods": rows, "grid": grid, "bar": summary}
 
 
+def pairs(run_dir: Path, wanted: list[tuple[str, str]]) -> str:
+    """Paired differences ``A - B`` of the margin LDS (held-out and all subsets) with a bootstrap
+    interval over the queries both scored."""
+    per_query = dict(np.load(run_dir / "lds_per_query.npz"))
+    lines = []
+    for a, b in wanted:
+        parts = []
+        for suffix, label in (("_heldout", "held-out"), ("", "all")):
+            x, y = per_query[f"{a}/lds_margin{suffix}"], per_query[f"{b}/lds_margin{suffix}"]
+            n = min(len(x), len(y))  # a method scored on the first n queries: compare on those
+            d = x[:n] - y[:n]
+            lo, hi = M.bootstrap_interval(d, 2000)
+            parts.append(f"{label} {np.nanmean(d):+.3f} [{lo:+.3f}, {hi:+.3f}]" + (f" (first {n} queries)" if n < len(x) or n < len(y) else ""))
+        lines.append(f"- `{a}` - `{b}`, margin LDS: " + "; ".join(parts))
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--name", default="lds")
+    p.add_argument("--pairs", default="", help="A:B,C:D: only print the paired differences A - B in the (one) run")
     args = p.parse_args()
+    if args.pairs:
+        print(pairs(args.runs[0], [tuple(x.split(":")) for x in args.pairs.split(",")]))
+        return
     parts, data = [], []
     for run_dir in args.runs:
         text, obj = section(run_dir)
