@@ -6,6 +6,7 @@ from torch import nn
 
 import forwardinf as fi
 from forwardinf.estimators.split import auto_split, candidates
+from forwardinf.estimators.tail import split_model
 from forwardinf.models import build_model
 
 
@@ -42,7 +43,7 @@ class NormHead(nn.Module):  # a head with a LayerNorm K-FAC does not cover
 ])
 def test_auto_split_picks_the_dense_head(model, expected):
     example = torch.randn(2, *((3, 8, 8) if isinstance(model, fi.models.ResNet) else (1, 8, 8)))
-    name, split = auto_split(model.eval(), example, kfac=True)
+    name, split = auto_split(model.eval(), example, split_model, kfac=True)
     assert name == expected
     with torch.no_grad():
         torch.testing.assert_close(split.tail(split.features(example)), model(example))
@@ -63,7 +64,7 @@ def test_untraceable_model_gets_a_clear_error():
             return self.fc(x) if x.sum() > 0 else -self.fc(x)  # data-dependent: fx cannot trace it
 
     with pytest.raises(ValueError, match="split='auto'"):
-        auto_split(Branchy(), torch.randn(2, 4))
+        auto_split(Branchy(), torch.randn(2, 4), split_model)
 
 
 def test_auto_tail_scores_equal_the_full_engine_on_the_head():

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import jvp, vmap
 
@@ -36,18 +35,3 @@ def directional_sweep(measure: Measure, model: nn.Module, params: Params, buffer
 
     return sweep(per_batch, dataset, batch_size, device, progress, desc=desc)
 
-
-def tangent_measure(task: Any, kind: str) -> Measure:
-    """``task``'s measure ``kind`` (``"loss"`` or ``"score_loss"``) in the form to differentiate.
-
-    A classification task's cross-entropy is ``softplus(score_loss)``, the same function; but
-    ``F.cross_entropy``'s derivative carries ``p_y - 1``, which float32 rounds to 0 once
-    ``p_y > 1 - 6e-8`` (a well-fitted point: its derivative would come out 0 or sign-flipped
-    noise), while softplus's is ``sigmoid(score_loss)``, accurate down to ~1e-38. Used only when
-    the task's ``loss`` is :class:`~forwardinf.tasks.classification.ClassificationTask`'s own.
-    """
-    from forwardinf.tasks.classification import ClassificationTask  # tasks sit above core
-
-    if kind == "loss" and getattr(type(task), "loss", None) is ClassificationTask.loss:
-        return lambda model, batch: F.softplus(task.score_loss(model, batch))
-    return getattr(task, kind)

@@ -13,7 +13,7 @@ from forwardinf.core.autobatch import auto_batch_size
 from forwardinf.core.curvature import FISHERS, gauss_newton_product, kfac, layer_of, precondition, refine
 from forwardinf.core.params import Params, bind, buffers_of, flat_norm, mode, select_params, stack
 from forwardinf.core.sweep import sweep
-from forwardinf.core.tangent import directional_sweep, tangent_measure
+from forwardinf.core.tangent import directional_sweep
 from forwardinf.core.update import OPTIMIZERS, UpdateRule
 from forwardinf.data.inputs import DataLike, batch_len, batches, check_finite, gather, repeat, subset, to_device, unsqueeze
 from forwardinf.estimators.base import (Capabilities, Estimator, EstimatorConfig, check_choice, check_indices,
@@ -477,7 +477,7 @@ class ForwardINF(Estimator):
         with mode(self.model, False):
             train = self.train_ if rows is None else subset(self.train_, rows)
             if moved is not None:  # the exact first-order change, ∇m(θ, z_i)·(θ_q - θ)
-                delta = directional_sweep(tangent_measure(self.task, kind), self.model, base, buffers_of(self.model), moved, train,
+                delta = directional_sweep(_tangent_measure(self.task, kind), self.model, base, buffers_of(self.model), moved, train,
                                           self.batch_size_, self._device(), self.progress, desc="score (tangent)")
             else:
                 delta = sweep(batch_scores, train, self.batch_size_, self._device(), self.progress, desc="score")
@@ -605,6 +605,18 @@ def forward_inf_capabilities(optimizer: str) -> Capabilities:
 def _key(params: Any) -> Any:
     """``params`` (None, a pattern or patterns) as a hashable cache-key part."""
     return params if params is None or isinstance(params, str) else tuple(params)
+
+
+def _tangent_measure(task: Task, kind: str) -> Any:
+    """``task``'s measure ``kind`` in the form to differentiate. A classifier's cross-entropy is
+    ``softplus(score_loss)``, the same function; but ``F.cross_entropy``'s derivative carries
+    ``p_y - 1``, which float32 rounds to 0 once ``p_y > 1 - 6e-8`` (a well-fitted point), while
+    softplus's is ``sigmoid(score_loss)``, accurate down to ~1e-38. Only for the task's own loss."""
+    from forwardinf.tasks.classification import ClassificationTask
+
+    if kind == "loss" and getattr(type(task), "loss", None) is ClassificationTask.loss:
+        return lambda model, batch: torch.nn.functional.softplus(task.score_loss(model, batch))
+    return getattr(task, kind)
 
 
 def _measure(score: str) -> str:

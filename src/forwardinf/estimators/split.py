@@ -20,13 +20,13 @@ forward only.
 
 With ``kfac=True`` (the counterfactual preset) the tail must hold only layers K-FAC covers
 (``Linear``, ``Conv2d``): the start moves later past any other layer with parameters (a
-``LayerNorm`` in the head). A start that ``split_model`` refuses (tied weights across the cut,
+``LayerNorm`` in the head). A start that :func:`~forwardinf.estimators.tail.split_model` refuses (tied weights across the cut,
 a tail reading a non-tensor) is skipped for the next one. A model ``torch.fx`` cannot trace
 falls back to its last top-level submodule with parameters (the registry's former default).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -93,15 +93,14 @@ def last_parametrized_child(model: nn.Module) -> str:
     return names[-1]
 
 
-def auto_split(model: nn.Module, example: Tensor, kfac: bool = False):
-    """``(name, TailSplit)``: the first of :func:`candidates` that
-    :func:`~forwardinf.estimators.tail.split_model` accepts (``example``: a batch of inputs).
+def auto_split(model: nn.Module, example: Tensor, cut: Callable, kfac: bool = False) -> tuple[str, Any]:
+    """``(name, cut(model, name, example))`` for the first of :func:`candidates` that ``cut``
+    accepts (``cut``: :func:`~forwardinf.estimators.tail.split_model`, passed in by the tail
+    estimator so that this module does not import it; ``example``: a batch of inputs).
 
     Falls back to :func:`last_parametrized_child` when the forward cannot be traced or no
     candidate remains; raises ``ValueError`` (naming the candidates tried) if that fails too.
     """
-    from forwardinf.estimators.tail import split_model  # tail imports this module's hook
-
     try:
         names = candidates(model, kfac)
     except ValueError:
@@ -109,7 +108,7 @@ def auto_split(model: nn.Module, example: Tensor, kfac: bool = False):
     errors = []
     for name in [*names, *([] if names else [last_parametrized_child(model)])]:
         try:
-            return name, split_model(model, name, example)
+            return name, cut(model, name, example)
         except ValueError as e:
             errors.append(f"{name}: {e}")
     raise ValueError("split='auto' found no place to cut the model; pass split=NAME. Tried: " + "; ".join(errors))

@@ -288,7 +288,8 @@ class TailForwardINF(Estimator):
         dataset = self._dataset(train, "train")
         first = to_device(next(batches(dataset, 8))[1], self._device())
         if self.split == "auto":  # the rule of forwardinf.estimators.split; the chosen name is split_name_
-            self.split_name_, self.split_ = auto_split(self.model, _inputs(first), kfac=self.optimizer == "kfac")
+            self.split_name_, self.split_ = auto_split(self.model, _inputs(first), split_model,
+                                                       kfac=self.optimizer == "kfac")
         else:
             self.split_name_, self.split_ = self.split, split_model(self.model, self.split, _inputs(first))
         with mode(self.model, False):  # the prefix pass: one no-grad forward of the whole model at most
