@@ -18,16 +18,21 @@ from forwardinf.cli import build_parser
 from forwardinf.experiments import lds
 
 
+def load_run(run: Path, lds_options: list[str]) -> tuple:
+    """``(lds args, problem, masks [M, N], signed targets, subsets fitted)`` of the run in ``run``
+    made with ``lds_options`` (its ground truth from the cache; a missing model is trained)."""
+    largs = lds.apply_defaults(build_parser().parse_args(["lds", *[a for a in lds_options if a != "--"], "--out", str(run)]))
+    problem = lds.load_problem(largs)
+    masks, outputs = lds.ground_truth(largs, problem, False)
+    return largs, problem, masks, lds.signed_targets(outputs), lds.n_fit(largs.subsets, largs.holdout)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, required=True)
     p.add_argument("--pairs", default="")
     args, rest = p.parse_known_args()
-    largs = lds.apply_defaults(build_parser().parse_args(["lds", *[a for a in rest if a != "--"], "--out", str(args.run)]))
-    problem = lds.load_problem(largs)
-    masks, outputs = lds.ground_truth(largs, problem, False)
-    targets = lds.signed_targets(outputs)
-    fit = lds.n_fit(largs.subsets, largs.holdout)
+    largs, problem, masks, targets, fit = load_run(args.run, rest)
     per_query, rows = {}, []
     for f in sorted((args.run / "methods").glob("*.pt")):
         saved = torch.load(f, weights_only=False)

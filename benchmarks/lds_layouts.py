@@ -24,10 +24,10 @@ import torch
 
 import forwardinf as fi
 from forwardinf import metrics as M
-from forwardinf.cli import build_parser
 from forwardinf.experiments import lds
 from forwardinf.experiments.report import markdown_table
 from forwardinf.models import build_model
+from lds_cached import load_run  # benchmarks/ is the script's folder
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SMALLCNN_NAMES = {"conv1": "features.0", "conv2": "features.3", "fc1": "classifier.0", "fc2": "classifier.2"}
@@ -61,11 +61,7 @@ def main() -> None:
     p.add_argument("--whole", action="store_true", help="also the whole network (slow on a CNN)")
     p.add_argument("--name", default="lds_layouts")
     args, rest = p.parse_known_args()
-    largs = lds.apply_defaults(build_parser().parse_args(["lds", *[a for a in rest if a != "--"], "--out", str(args.run)]))
-    problem = lds.load_problem(largs)
-    masks, outputs = lds.ground_truth(largs, problem, False)
-    targets = lds.signed_targets(outputs)
-    fit = lds.n_fit(largs.subsets, largs.holdout)
+    largs, problem, masks, targets, fit = load_run(args.run, rest)
     prepared = problem.prepared
     flat = prepared.model.eval()
     shape, classes = tuple(prepared.split.input_shape), prepared.split.n_classes
