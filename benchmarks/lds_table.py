@@ -64,7 +64,9 @@ was chosen on this digits evaluation with a per-layer rule (previous table: 0.56
 was then chosen on two other digits seeds (benchmarks/results/lds_tuning.md), never on these
 queries, and everything is used unchanged on Fashion-MNIST;
 `forward-inf-counterfactual-tail` is the same on the model's last top-level module only (cached
-prefix features: an MLP's last layer, the CNN's classifier).
+prefix features: an MLP's last layer, the CNN's classifier). The tail variants now split by the `split="auto"` rule (the layers after the last
+convolution/pooling: the CNN's classifier, an MLP's every layer; last section); the digits and
+Fashion-MNIST sections below predate it and `difference="tangent"`.
 """
 FAMILIES = {"Forward-INF": ("forward-inf",), "TRAK": ("trak", "dattri-trak"), "EK-FAC": ("kronfluence-ekfac",),
             "TracInCP": ("captum-tracincp",)}
