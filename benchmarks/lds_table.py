@@ -64,9 +64,12 @@ was chosen on this digits evaluation with a per-layer rule (previous table: 0.56
 was then chosen on two other digits seeds (benchmarks/results/lds_tuning.md), never on these
 queries, and everything is used unchanged on Fashion-MNIST;
 `forward-inf-counterfactual-tail` is the same on the model's last top-level module only (cached
-prefix features: an MLP's last layer, the CNN's classifier).
+prefix features: an MLP's last layer, the CNN's classifier). The tail variants now split by the `split="auto"` rule (the layers after the last
+convolution/pooling: the CNN's classifier, an MLP's every layer; last section); the digits and
+Fashion-MNIST sections below predate it and `difference="tangent"`.
 """
-FAMILIES = {"Forward-INF": ("forward-inf",), "TRAK": ("trak", "dattri-trak"), "EK-FAC": ("kronfluence-ekfac",)}
+FAMILIES = {"Forward-INF": ("forward-inf",), "TRAK": ("trak", "dattri-trak"), "EK-FAC": ("kronfluence-ekfac",),
+            "TracInCP": ("captum-tracincp",)}
 
 
 def family(name: str) -> str | None:
@@ -89,7 +92,7 @@ def bar(run: dict, per_query: dict) -> tuple[str, dict]:
     """Per peer: the best Forward-INF variant at no more CPU time than the peer's best row."""
     rows = run["methods"]
     out, lines = {"forward_inf": best(rows, "Forward-INF")}, []
-    for peer in ("TRAK", "EK-FAC"):
+    for peer in ("TRAK", "EK-FAC", "TracInCP"):
         other = best(rows, peer)
         fi = best(rows, "Forward-INF", rows[other]["cpu_seconds"]) if other else None
         if fi is None or other is None:
@@ -180,11 +183,32 @@ def section(run_dir: Path) -> tuple[str, dict]:
     return "\n".join(text), {"dataset": run["dataset"], "config": c, "methods": rows, "grid": grid, "bar": summary}
 
 
+def pairs(run_dir: Path, wanted: list[tuple[str, str]]) -> str:
+    """Paired differences ``A - B`` of the margin LDS (held-out and all subsets) with a bootstrap
+    interval over the queries both scored."""
+    per_query = dict(np.load(run_dir / "lds_per_query.npz"))
+    lines = []
+    for a, b in wanted:
+        parts = []
+        for suffix, label in (("_heldout", "held-out"), ("", "all")):
+            x, y = per_query[f"{a}/lds_margin{suffix}"], per_query[f"{b}/lds_margin{suffix}"]
+            n = min(len(x), len(y))  # a method scored on the first n queries: compare on those
+            d = x[:n] - y[:n]
+            lo, hi = M.bootstrap_interval(d, 2000)
+            parts.append(f"{label} {np.nanmean(d):+.3f} [{lo:+.3f}, {hi:+.3f}]" + (f" (first {n} queries)" if n < len(x) or n < len(y) else ""))
+        lines.append(f"- `{a}` - `{b}`, margin LDS: " + "; ".join(parts))
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--name", default="lds")
+    p.add_argument("--pairs", default="", help="A:B,C:D: only print the paired differences A - B in the (one) run")
     args = p.parse_args()
+    if args.pairs:
+        print(pairs(args.runs[0], [tuple(x.split(":")) for x in args.pairs.split(",")]))
+        return
     parts, data = [], []
     for run_dir in args.runs:
         text, obj = section(run_dir)

@@ -106,11 +106,15 @@ def test_counterfactual_score_is_the_influence_function_up_to_order_eta():
     before = fingerprint(model)
     errors = []
     for lr in (1e-3, 1e-4, 1e-5):
-        est = fi.ForwardINF(model, MultiSquaredLoss(), optimizer="kfac", score="influence", lr=lr, damping=1.0)
+        est = fi.ForwardINF(model, MultiSquaredLoss(), optimizer="kfac", score="influence", lr=lr, damping=1.0,
+                            difference="finite")
         scores = est.fit((x, y)).influence((x[:4], y[:4]))
         errors.append(float((scores - expected).abs().max() / expected.abs().max()))
     assert errors[0] < 1e-2
     assert errors[1] < errors[0] / 5 and errors[2] < errors[1] / 5  # O(eta): 10x smaller step, ~10x smaller error
+    # the forward-mode change (the default for one step) is the first-order term itself
+    est = fi.ForwardINF(model, MultiSquaredLoss(), optimizer="kfac", score="influence", lr=1e-2, damping=1.0)
+    torch.testing.assert_close(est.fit((x, y)).influence((x[:4], y[:4])), expected.float(), rtol=1e-5, atol=1e-6)
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(fingerprint(model), before))
     assert all(p.grad is None for p in model.parameters())
 
@@ -179,3 +183,54 @@ def test_diverging_preconditioned_update_refused(digits_mlp):
     est = fi.ForwardINF(model, optimizer="kfac", score="influence", lr=1e30, steps=2).fit((x[:50], y[:50]))
     with pytest.raises(FloatingPointError, match="diverg|non-finite"):
         est.influence((x[:2], y[:2]))
+
+
+def _mlp_problem(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(30, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (30,), generator=g)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    return model, x, y
+
+
+def _explicit_ggn(model, x, y):
+    """mean_i J_iᵀ H_i J_i by hand: Jacobians of the logits, the softmax cross-entropy's output Hessian."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    flat = torch.cat([v.flatten() for v in params.values()])
+    sizes = [v.numel() for v in params.values()]
+
+    def logits(theta, xi):
+        parts = dict(zip(params, [t.view_as(v) for t, v in zip(torch.split(theta, sizes), params.values())]))
+        return functional_call(model, parts, (xi[None],))[0]
+
+    G = torch.zeros(len(flat), len(flat), dtype=torch.float64)
+    for xi in x:
+        J = torch.autograd.functional.jacobian(lambda t: logits(t, xi), flat)  # [C, D]
+        p = torch.softmax(logits(flat, xi), -1)
+        G += J.T @ (torch.diag(p) - p[:, None] * p[None, :]) @ J
+    return G / len(x), sizes
+
+
+def test_gauss_newton_product_and_refined_solve_are_exact():
+    model, x, y = _mlp_problem()
+    task = fi.ClassificationTask()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    G, sizes = _explicit_ggn(model, x, y)
+    g = torch.Generator().manual_seed(1)
+    v = {k: torch.randn((2, *p.shape), generator=g, dtype=torch.float64) for k, p in params.items()}
+    flat_v = torch.cat([t.flatten(1) for t in v.values()], 1)  # [2, D]
+    gv = C.gauss_newton_product(model, task.loss, params, as_dataset((x, y)), 7, torch.device("cpu"), v)
+    torch.testing.assert_close(torch.cat([gv[k].flatten(1) for k in params], 1), flat_v @ G.T)
+    # conjugate gradients from the K-FAC guess reach the exact damped solve in D iterations
+    blocks = C.kfac(model, task.loss, params, as_dataset((x, y)), 30, torch.device("cpu"))
+    lam = C.damping_of(blocks, 0.5)[0]
+    product = lambda u: C.gauss_newton_product(model, task.loss, params, as_dataset((x, y)), 30,  # noqa: E731
+                                               torch.device("cpu"), u)
+    exact = torch.linalg.solve(G + lam * torch.eye(len(G), dtype=torch.float64), flat_v.T).T
+    kfac_only = C.refine(blocks, v, 0.5, 0, product)
+    solved = C.refine(blocks, v, 0.5, len(G), product)
+    flat = lambda d: torch.cat([d[k].flatten(1) for k in params], 1)  # noqa: E731
+    torch.testing.assert_close(flat(solved), exact, rtol=1e-6, atol=1e-8)
+    assert (flat(kfac_only) - exact).norm() > 1e-2 * exact.norm()  # K-FAC alone is not the exact solve
+    few = C.refine(blocks, v, 0.5, 3, product)
+    assert (flat(few) - exact).norm() < (flat(kfac_only) - exact).norm()

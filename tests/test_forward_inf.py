@@ -32,15 +32,20 @@ def test_exact_quadratic_case():
     model, x, y = linear_problem()
     theta = model.weight.detach()[0]
     eta = 0.05
-    est = fi.ForwardINF(model, SquaredLoss(), optimizer="sgd", lr=eta, steps=1, score="loss").fit((x, y))
+    est = fi.ForwardINF(model, SquaredLoss(), optimizer="sgd", lr=eta, steps=1, score="loss",
+                        difference="finite").fit((x, y))
     q = slice(3, 6)
     scores = est.influence((x[q], y[q]))
+    first_order = fi.ForwardINF(model, SquaredLoss(), optimizer="sgd", lr=eta, steps=1, score="loss").fit((x, y))
+    assert first_order.tangent_  # "auto" on one plain step: the forward-mode derivative
+    tangent = first_order.influence((x[q], y[q]))
     resid = x @ theta - y
     g = 2 * resid[:, None] * x  # per-example gradients [n, d]
     for row, qi in enumerate(range(3, 6)):
         gq = g[qi]
         expected = eta * g @ gq + eta**2 / 2 * 2 * (x @ gq) ** 2  # η g_i·g_q + η²/2 g_qᵀ(2 x_i x_iᵀ)g_q
         torch.testing.assert_close(scores[row], expected, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(tangent[row], eta * g @ gq, rtol=1e-10, atol=1e-12)  # first order, exactly
 
 
 def test_small_step_tends_to_gradient_dot_product():
@@ -50,10 +55,14 @@ def test_small_step_tends_to_gradient_dot_product():
     expected = g[:4] @ g.T
     errors = []
     for eta in (1e-2, 1e-3, 1e-4):
-        est = fi.ForwardINF(model, SquaredLoss(), optimizer="sgd", lr=eta, score="loss").fit((x, y))
+        est = fi.ForwardINF(model, SquaredLoss(), optimizer="sgd", lr=eta, score="loss",
+                            difference="finite").fit((x, y))
         errors.append((est.influence((x[:4], y[:4])) / eta - expected).abs().max().item())
     assert errors[0] > errors[1] > errors[2]
     assert errors[2] < 1e-3 * expected.abs().max().item()
+    # the forward-mode change is the limit itself, at any step
+    est = fi.ForwardINF(model, SquaredLoss(), optimizer="sgd", lr=1e-2, score="loss").fit((x, y))
+    torch.testing.assert_close(est.influence((x[:4], y[:4])) / 1e-2, expected, rtol=1e-10, atol=1e-10)
 
 
 @pytest.fixture(scope="module")

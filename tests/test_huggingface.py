@@ -23,11 +23,12 @@ pytestmark = pytest.mark.filterwarnings("ignore")  # transformers' deprecation a
 V, N, T, QUERIES = 64, 16, 8, (0, 5, 10, 15)  # vocabulary, training rows, tokens, rows copied as queries
 
 # Registry methods that run on transformers models; the others refuse them with a ValueError.
+KFAC = ("forward-inf-counterfactual", "forward-inf-counterfactual-tail", "forward-inf-counterfactual-ekfac")
 SUPPORTED = (*[n for n, v in FORWARD_INF.items() if v.task in ("classification", "language") and not v.checkpoints
-               and n not in ("forward-inf-authors", "forward-inf-counterfactual", "forward-inf-counterfactual-tail")],
+               and n not in ("forward-inf-authors", *KFAC)],
              "if-100", "if-1000", "if-10000", "if-cg", "if-exact", "tracin-last", "grad-cos", "grad-dot")
 REFUSED = ("forward-inf-authors",  # perturbs float inputs
-           "forward-inf-counterfactual", "forward-inf-counterfactual-tail",  # K-FAC: Linear / Conv2d only
+           *KFAC,  # K-FAC: Linear / Conv2d only
            "knn-shapley", "tmc-shapley", "pixel-nn", "feature-nn")  # (inputs, targets) batches only
 # LiSSA's / CG's depth and the damping and scale estimates only change how long the same code path runs (as in test_contract)
 OVERRIDES = {name: {"depth": 5, "damping": 0.01, "scale": 100.0} for name in ("if-100", "if-1000", "if-10000", "if-cg")}

@@ -289,7 +289,10 @@ def test_a_model_without_trainable_parameters_is_refused_at_construction(name):
         build(model)
 
 
-@pytest.mark.parametrize("kw", [dict(lr=1e30, optimizer="sgd", score="loss"), dict(lr=1e30),
+# difference="finite": the measured change. A one-step update's exact first-order score (the default
+# difference="auto") is linear in lr, so lr=1e30 only scales it (test below): nothing diverges there.
+@pytest.mark.parametrize("kw", [dict(lr=1e30, optimizer="sgd", score="loss", difference="finite"),
+                                dict(lr=1e30, difference="finite"),
                                 dict(lr=1e30, optimizer="sgd", score="loss", steps=3)])
 def test_a_diverging_update_is_a_clear_error_naming_lr(kw, digits):
     train, queries = digits
@@ -299,6 +302,15 @@ def test_a_diverging_update_is_a_clear_error_naming_lr(kw, digits):
         with pytest.raises(ValueError, match=r"the query update diverged with lr=1e\+30.*Lower lr") as info:
             call()
         assert isinstance(info.value, (DivergedError, FloatingPointError))
+
+
+def test_a_huge_lr_only_scales_the_exact_first_order_score(digits):
+    train, queries = digits
+    model = _cnn()
+    small = fi.ForwardINF(model, n_directions=4, lr=1e-3, optimizer="sgd", score="loss").fit(train).influence(queries)
+    huge = fi.ForwardINF(model, n_directions=4, lr=1e20, optimizer="sgd", score="loss").fit(train).influence(queries)
+    assert torch.isfinite(huge).all()
+    torch.testing.assert_close(huge * 1e-23, small, rtol=1e-4, atol=1e-6 * small.abs().max().item())
 
 
 # ---------------------------------------------------------- property: random bad inputs

@@ -284,7 +284,8 @@ def test_8_bad_methods_and_options_are_refused_before_training(tmp_path, capsys)
 
 def test_8_a_failing_method_is_a_row_and_the_others_are_kept(tmp_path):
     # lr=1e30 is a valid value whose update diverges: only at run time, after the model was trained.
-    common = ["--quiet", "--epochs", "3", "--option", "forward-inf-loss.lr=1e30"]
+    # difference=finite: the measured change (the exact first-order score of a one-step update is only scaled by lr)
+    common = ["--quiet", "--epochs", "3", "--option", "forward-inf-loss.lr=1e30", "--option", "forward-inf-loss.difference=finite"]
     assert main(["leakage", "--out", str(tmp_path / "leak"), "--n-queries", "6", *common,
                  "--methods", "forward-inf-loss,forward-inf"]) == 0
     res = json.loads((tmp_path / "leak" / "results.json").read_text())["methods"]
@@ -461,7 +462,7 @@ TABLE = [
     ("score-feature-count", lambda u, b: _score(u, "--train", str(b / "features.npz")), "cannot run on"),
     ("score-int64-inputs", lambda u, b: _score(u, "--queries", str(b / "int64.npz")), "float32"),
     ("score-label-range", lambda u, b: _score(u, "--train", str(b / "label_range.npz")), "0..9"),
-    ("score-lr-huge", lambda u, b: _score(u, "--lr", "1e30"), "diverged"),
+    ("score-lr-huge", lambda u, b: _score(u, "--lr", "1e30", "--steps", "2"), "diverged"),  # 2 steps: measured change
     ("score-lr-negative", lambda u, b: _score(u, "--lr", "-1"), "--lr must be"),
     ("score-lr-nan", lambda u, b: _score(u, "--lr", "nan"), "--lr must be"),
     ("score-device-bogus", lambda u, b: _score(u, "--device", "bogus"), "not a device name"),

@@ -37,7 +37,8 @@ configuration in every experiment. Each experiment picks its default names from 
 | ``forward-inf`` | ``ForwardINF`` defaults (preset ``default``: nsgd, lr 1e-3, 1 step, ``score="cosine"``) | leakage, memorization, lds |
 | ``forward-inf-<preset>`` | ``ForwardINF.preset(<preset>)``: ``paper``, ``authors``, ``group``, ``counterfactual`` | leakage, mislabel, memorization (paper) |
 | ``forward-inf-<score>`` | defaults with ``score=<score>``: ``margin``, ``loss``, ``abs``, ``influence``, ``cosine`` (= ``forward-inf``) | mislabel (``margin``) |
-| ``forward-inf-tail`` / ``forward-inf-counterfactual-tail`` | ``TailForwardINF`` from the last top-level module with parameters (defaults / counterfactual preset) | lds |
+| ``forward-inf-tail`` / ``forward-inf-counterfactual-tail`` | ``TailForwardINF`` with ``split="auto"``: the layers after the last convolution / pooling / attention (a CNN's dense head; an MLP's every layer; :mod:`forwardinf.estimators.split`) (defaults / counterfactual preset) | lds |
+| ``forward-inf-counterfactual-ekfac`` | preset ``counterfactual`` with ``eigencorrect=True`` (EK-FAC eigenvalues) | |
 | ``forward-inf-invariant`` | ``InvariantForwardINF`` (images only) | |
 | ``forward-inf-margin-cp`` / ``forward-inf-cosine-cp`` | ``forward-inf-margin`` / ``forward-inf`` averaged over the saved training checkpoints (self-influence) | mislabel |
 | ``forward-inf-diffusion`` | adam, lr 3e-4, 3 steps, ``score="margin"`` (change of the log loss) on a ``DiffusionTask`` | diffusion |
@@ -101,6 +102,8 @@ FORWARD_INF: dict[str, Variant] = {
     "forward-inf-tail": Variant(estimator="tail"),
     # the counterfactual preset on the tail only (cached prefix: a CNN's queries cost its classifier)
     "forward-inf-counterfactual-tail": Variant(dict(_FI_PRESETS["counterfactual"]), estimator="tail"),
+    # the counterfactual preset on EK-FAC curvature (eigenvalues corrected by one more sweep)
+    "forward-inf-counterfactual-ekfac": Variant({"preset": "counterfactual", "eigencorrect": True}),
     # The update averages over shifted views of each query, mirrored ones scored apart (mirrors
     # only where a flip keeps the label, see data.augment.flip_is_sensible).
     "forward-inf-invariant": Variant(estimator="invariant", task="image"),
@@ -172,8 +175,8 @@ def make_estimator(name: str, model: nn.Module, task: Task | None = None, *,
     :data:`PEER_METHODS` or :data:`REFERENCE_METHODS`); ``kw`` override its keywords.
 
     A Forward-INF variant's protocol flags (``checkpoints``, ``contrast``) are the experiments'
-    to apply: here it is its estimator alone. ``forward-inf-tail`` splits at the last top-level
-    module holding parameters unless ``split=`` is given.
+    to apply: here it is its estimator alone. ``forward-inf-tail`` splits by the ``"auto"`` rule
+    (:mod:`forwardinf.estimators.split`) unless ``split=`` is given.
 
     ``checkpoints``: saved training checkpoints (state dicts or paths), oldest first, for the
     TracIn variants; ``lrs=`` may be given for all of them (it is sliced alongside).
@@ -249,7 +252,7 @@ def _forward_inf(name: str, model: nn.Module, task: Task | None, **overrides: An
     if variant.estimator == "tail":
         from forwardinf.estimators.tail import TailForwardINF
 
-        kw.setdefault("split", default_split(model))
+        kw.setdefault("split", "auto")
         return TailForwardINF(model, task, **kw)
     if variant.estimator == "invariant":
         from forwardinf.estimators.invariant import InvariantForwardINF
@@ -261,10 +264,8 @@ def _forward_inf(name: str, model: nn.Module, task: Task | None, **overrides: An
 
 
 def default_split(model: nn.Module) -> str:
-    """The last top-level submodule holding parameters: TailForwardINF's default ``split``
-    (an MLP's last Linear, SmallCNN's ``classifier``, ResNet's ``fc``)."""
-    names = [n for n, m in model.named_children() if any(True for _ in m.parameters())]
-    if not names:
-        raise ValueError("forward-inf-tail: the model has no submodule with parameters; pass --option "
-                         "forward-inf-tail.split=NAME")
-    return names[-1]
+    """The last top-level submodule holding parameters (an MLP's last Linear, SmallCNN's
+    ``classifier``, ResNet's ``fc``): the tail variants' split before ``"auto"``."""
+    from forwardinf.estimators.split import last_parametrized_child
+
+    return last_parametrized_child(model)

@@ -265,3 +265,78 @@ def precondition(blocks: list[Block], grads: Params, damping: float, stacked: bo
         shape = grads[b.weight].shape
         out[b.weight] = v.reshape(shape)
     return out
+
+
+def gauss_newton_product(model: nn.Module, loss: LossFn, params: Params, dataset: Any, batch_size: int,
+                         device: torch.device, vectors: Params) -> Params:
+    """``G v_q`` for each ``v_q`` of ``vectors`` (``{name: [Q, *shape]}``): the Gauss-Newton matrix
+    of the mean of ``loss`` over ``dataset``, ``G = mean_i J_iᵀ H_i J_i`` (``J_i``: the Jacobian
+    of example ``i``'s output in ``params``, ``H_i``: the Hessian of its loss in that output).
+
+    One sweep: per batch a forward with ``Q`` tangents (``J v``), the loss's output Hessian on
+    them, and one backward shared by the ``Q`` vectors (``Jᵀ``). The model must return one tensor
+    (the output ``loss`` reads through ``model(inputs)``); it is never written to.
+    """
+    from torch.func import grad, jvp, vjp, vmap
+
+    buffers = buffers_of(model)
+    vectors = {k: vectors[k] for k in params}  # jvp wants the primals' structure, key order included
+    total = {k: torch.zeros_like(v) for k, v in vectors.items()}
+    n = 0
+    for _, batch in batches(dataset, batch_size):
+        batch = to_device(batch, device)
+        inputs = batch["inputs"] if isinstance(batch, dict) else batch[0]
+        f = lambda p: bind(model, p, buffers)(inputs)  # noqa: E731 - outputs [B, ...]
+        out, pullback = vjp(f, params)
+        loss_of_output = lambda z: loss(lambda *_: z, batch).sum()  # noqa: E731 - the loss on fixed outputs
+
+        def product(v: Params) -> Params:
+            jv = jvp(f, (params,), (v,))[1]
+            hjv = jvp(grad(loss_of_output), (out,), (jv,))[1]
+            return pullback(hjv)[0]
+
+        with torch.enable_grad():
+            part = vmap(product)(vectors)
+        total = {k: total[k] + part[k].detach() for k in total}
+        n += batch_len(batch)
+    return {k: v / n for k, v in total.items()}
+
+
+def refine(blocks: list[Block], grads: Params, damping: float, iterations: int, product: Callable[[Params], Params],
+           scope: str = "global") -> Params:
+    """``(G + λI)⁻¹ grads`` by ``iterations`` steps of preconditioned conjugate gradients, with the
+    K-FAC inverse as preconditioner and first guess (``iterations=0``: :func:`precondition`).
+
+    ``grads``: ``{name: [Q, *shape]}``, one system per query; ``product(v) -> G v`` for stacked
+    ``v`` (:func:`gauss_newton_product`); ``λ``: :func:`damping_of` (global scope: the exact
+    system has one ``λ``). Each iteration costs one ``product``: a sweep over the training set.
+    """
+    lam = damping_of(blocks, damping, scope)[0]
+    pre = lambda v: precondition(blocks, v, damping, True, scope)  # noqa: E731
+
+    def dot(a: Params, b: Params) -> Tensor:  # [Q]
+        return sum((a[k].double() * b[k].double()).flatten(1).sum(1) for k in a)
+
+    def axpy(a: Params, scale: Tensor, b: Params) -> Params:  # a + scale[q] * b
+        return {k: a[k] + scale.to(a[k].dtype).view(-1, *[1] * (a[k].ndim - 1)) * b[k] for k in a}
+
+    x = pre(grads)
+    if iterations <= 0:
+        return x
+    gx = product(x)
+    r = {k: grads[k] - gx[k] - lam * x[k] for k in grads}
+    z = pre(r)
+    p, rz = z, dot(r, z)
+    for it in range(iterations):
+        gp = product(p)
+        ap = {k: gp[k] + lam * p[k] for k in p}
+        alpha = rz / dot(p, ap).clamp_min(1e-300)
+        x = axpy(x, alpha, p)
+        if it == iterations - 1:
+            break
+        r = axpy(r, -alpha, ap)
+        z = pre(r)
+        rz_new = dot(r, z)
+        p = axpy(z, rz_new / rz.clamp_min(1e-300), p)
+        rz = rz_new
+    return x

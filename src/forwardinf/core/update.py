@@ -31,6 +31,12 @@ class UpdateRule:
     norm of the first direction before any step-size scaling (the gradient, or the preconditioned
     gradient): the update moved ``θ`` by about ``lr_eff ||d₀||``, which the ``"influence"`` score
     divides out.
+
+    ``track=True``: ``state["displacement"]`` holds the sum of the steps taken, ``θ_K - θ`` as
+    computed before it is added to ``θ`` (``[Q, ...]`` when stacked). Subtracting the float32
+    parameters afterwards would lose most of its digits (a step of ``1e-4 ||θ||`` keeps ~3 of
+    float32's 7); the forward-mode scores (``ForwardINF(difference="tangent")``) differentiate
+    along it instead.
     """
 
     optimizer: str = "nsgd"
@@ -42,6 +48,7 @@ class UpdateRule:
     eps: float = 1e-8
     precondition: Callable[[Params, bool], Params] | None = None  # for "kfac": (grads, stacked) -> grads
     state: dict = field(default_factory=dict)
+    track: bool = False
 
     def step(self, params: Params, grads: Params, stacked: bool) -> Params:
         sign = -1.0 if self.ascent else 1.0  # descent direction of the objective
@@ -62,7 +69,7 @@ class UpdateRule:
             if not torch.isfinite(gnorm).all():
                 raise FloatingPointError("non-finite gradient in the query update")
             factor = sign * self.state["ref_norm"] / gnorm.clamp_min(1e-30)
-        if self.optimizer in ("sgd", "nsgd", "kfac") and not (self.momentum or self.weight_decay):
+        if self.optimizer in ("sgd", "nsgd", "kfac") and not (self.momentum or self.weight_decay or self.track):
             # θ - lr d in one fused op per tensor: the [Q, ...] temporaries of the unfused form
             # were most of the update's memory.
             if isinstance(factor, Tensor):
@@ -78,7 +85,7 @@ class UpdateRule:
                 buf = self.state.get("momentum")
                 buf = d if buf is None else {k: self.momentum * buf[k] + d[k] for k in d}
                 self.state["momentum"] = d = buf
-            return {k: params[k] - self.lr * d[k] for k in params}
+            return self._moved(params, {k: -self.lr * d[k] for k in params})
         if self.optimizer == "adam":
             b1, b2 = self.betas
             t = self.state["t"] = self.state.get("t", 0) + 1
@@ -88,8 +95,16 @@ class UpdateRule:
             v2 = {k: b2 * v2[k] + (1 - b2) * d[k] * d[k] for k in d}
             self.state["m"], self.state["v"] = m, v2
             c1, c2 = 1 - b1 ** t, 1 - b2 ** t
-            return {k: params[k] - self.lr * (m[k] / c1) / ((v2[k] / c2).sqrt() + self.eps) for k in params}
+            return self._moved(params, {k: -self.lr * (m[k] / c1) / ((v2[k] / c2).sqrt() + self.eps) for k in params})
         raise ValueError(f"optimizer={self.optimizer!r}; expected one of {OPTIMIZERS}")
+
+    def _moved(self, params: Params, step: Params) -> Params:
+        """``params + step`` (the same bits as ``params - |step|``), adding ``step`` to
+        ``state["displacement"]`` when tracking."""
+        if self.track:
+            total = self.state.get("displacement")
+            self.state["displacement"] = step if total is None else {k: total[k] + step[k] for k in step}
+        return {k: params[k] + step[k] for k in params}
 
 
 def _per_query(scale: Tensor, like: Tensor, stacked: bool) -> Tensor:

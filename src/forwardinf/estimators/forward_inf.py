@@ -9,12 +9,13 @@ from typing import Any, ClassVar, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, jvp, vmap
+from torch.func import grad, vmap
 
 from forwardinf.core.autobatch import DEFAULT_BUDGET, auto_batch_size
-from forwardinf.core.curvature import FISHERS, kfac, layer_of, precondition
+from forwardinf.core.curvature import FISHERS, gauss_newton_product, kfac, layer_of, precondition, refine
 from forwardinf.core.params import Params, bind, buffers_of, flat_norm, mode, select_params, stack
 from forwardinf.core.sweep import sweep
+from forwardinf.core.tangent import directional_sweep
 from forwardinf.core.update import OPTIMIZERS, UpdateRule
 from forwardinf.data.checks import check_batch, check_finite_values
 from forwardinf.data.inputs import DataLike, batch_len, batches, gather, repeat, subset, to_device, unsqueeze
@@ -24,6 +25,7 @@ from forwardinf.estimators.validation import DivergedError, check_scores
 from forwardinf.tasks.base import Task
 
 SCORES = ("cosine", "margin", "loss", "abs", "influence")
+DIFFERENCES = ("auto", "tangent", "finite")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # What the library recommends: one normalised ascent step, change of the non-saturating
@@ -66,8 +68,11 @@ class ForwardINFConfig(EstimatorConfig):
     momentum: float = 0.0
     weight_decay: float = 0.0
     n_directions: int = 16
+    difference: str = "auto"
     damping: float = 0.5
     fisher: str = "empirical"
+    eigencorrect: bool = False
+    refine: int = 0
     batch_size: int | str = "auto"
     query_chunk: int | str = "auto"
     seed: int = 0
@@ -115,8 +120,24 @@ class ForwardINF(Estimator):
             block-diagonal curvature (scale-free; :mod:`forwardinf.core.curvature`); > 0.
         fisher: for ``"kfac"``: ``"empirical"`` (the given targets; any task) or ``"sampled"``
             (targets drawn from the model's softmax; classification). The factors are ``curvature_``.
+        eigencorrect: for ``"kfac"``: EK-FAC (George et al. 2018): one more batched sweep replaces
+            the Kronecker eigenvalues by the mean squared example gradient in their eigenbasis.
+        refine: for ``"kfac"``: iterations of preconditioned conjugate gradients on the exact
+            Gauss-Newton system ``(G + λI) d = ∇m_q`` (K-FAC as preconditioner and first guess;
+            :func:`~forwardinf.core.curvature.refine`), each one more sweep over the training set
+            with a backward pass shared by the chunk's queries. 0 (default): K-FAC alone.
         n_directions: random directions along which ``fit`` takes forward-mode derivatives of every
             training point (``score="cosine"``); cost ~``2 * n_directions`` forward sweeps, once.
+        difference: how each training point's change ``m(θ_q, z_i) - m(θ, z_i)`` is computed.
+            ``"finite"``: as that difference of two float32 sweeps (the paper's); a small step
+            changes a well-fitted point's loss by less than float32 resolves, so many scores are
+            exactly 0 or multiples of a few quanta. ``"tangent"``: the exact first-order change
+            ``∇m(θ, z_i)·(θ_q - θ)``, a forward-mode directional derivative (``torch.func.jvp``;
+            still forward passes only, one per batch shared by the chunk's queries), with no
+            cancellation. ``"auto"`` (default): ``"tangent"`` for a single straight step
+            (``steps=1``, ``"sgd"``/``"nsgd"``/``"kfac"``, eval mode), where first order is what the
+            score stands for (the counterfactual score *is* the first-order influence); else
+            ``"finite"`` (Adam's and multi-step updates move far enough to differ from first order).
         batch_size: training examples per forward batch, or ``"auto"`` (default): the largest batch
             up to 512 whose activations, times the models in flight at once (the forward-mode
             tangents of the cosine score; the stacked query models off CPU), fit 256 MiB. The
@@ -176,9 +197,10 @@ class ForwardINF(Estimator):
         def compute() -> list:
             with mode(self.model, False):
                 return kfac(self.model, self.task.loss, select_params(self.model, self.params), self.train_,
-                            self.batch_size_, self._device(), fisher=self.fisher, seed=self.seed, progress=self.progress)
+                            self.batch_size_, self._device(), fisher=self.fisher, correct=self.eigencorrect,
+                            seed=self.seed, progress=self.progress)
 
-        return self._cached(("kfac", _key(self.params), self.fisher, self.seed), compute)
+        return self._cached(("kfac", _key(self.params), self.fisher, self.eigencorrect, self.seed), compute)
 
     @property
     def base_losses_(self) -> Tensor:
@@ -218,22 +240,13 @@ class ForwardINF(Estimator):
         Forward-mode derivatives (``jvp``), so the training set still sees forward passes only.
         """
         params = select_params(self.model, self.params)
-        buffers = buffers_of(self.model)
-        device = self._device()
-
-        def f(p: Params, batch: Any) -> Tensor:
-            return self.task.score_loss(bind(self.model, p, buffers), batch)
-
+        n_chunks = math.ceil(self.n_directions / self._direction_chunk())
         columns = []
         with mode(self.model, False):
-            for chunk in range(math.ceil(self.n_directions / self._direction_chunk())):
-                tangents = self._directions(params, chunk)
-
-                def directional(batch: Any) -> Tensor:
-                    return vmap(lambda t: jvp(lambda p: f(p, batch), (params,), (t,))[1])(tangents)  # [m, B]
-
-                columns.append(sweep(directional, self.train_, self.batch_size_, device, self.progress,
-                                     desc=f"directions {chunk + 1}/{math.ceil(self.n_directions / self._direction_chunk())}"))
+            for chunk in range(n_chunks):
+                columns.append(directional_sweep(self.task.score_loss, self.model, params, buffers_of(self.model),
+                                                 self._directions(params, chunk), self.train_, self.batch_size_,
+                                                 self._device(), self.progress, desc=f"directions {chunk + 1}/{n_chunks}"))
         out = torch.cat(columns, 0).T.contiguous()
         check_finite_values(out, "train", "directional derivative")  # or NaN cosine scores for that point
         return out
@@ -382,8 +395,32 @@ class ForwardINF(Estimator):
         if self.optimizer == "kfac":
             factors = self._curvature()
             pre = lambda g, stacked: precondition(factors, g, self.damping, stacked)  # noqa: E731
+            if self.refine:
+                pre = self._refined(factors)
         return UpdateRule(self.optimizer, self.lr, self.direction == "ascent", self.momentum, self.weight_decay,
-                          precondition=pre)
+                          precondition=pre, track=self.tangent_)
+
+    def _refined(self, factors: list) -> Any:
+        """``(grads, stacked) -> (G + λI)⁻¹ grads`` by ``refine`` CG iterations on the Gauss-Newton matrix."""
+        params = {k: v.detach() for k, v in select_params(self.model, self.params).items()}
+
+        def product(v: Params) -> Params:
+            with mode(self.model, False):
+                return gauss_newton_product(self.model, self.task.loss, params, self.train_, self.batch_size_,
+                                            self._device(), v)
+
+        def pre(g: Params, stacked: bool) -> Params:
+            out = refine(factors, g if stacked else {k: v[None] for k, v in g.items()}, self.damping, self.refine, product)
+            return out if stacked else {k: v[0] for k, v in out.items()}
+
+        return pre
+
+    @property
+    def tangent_(self) -> bool:
+        """Whether the changes are forward-mode derivatives (``difference``, ``"auto"`` resolved)."""
+        if self.difference == "auto":
+            return (self.steps == 1 and self.optimizer in ("sgd", "nsgd", "kfac") and not self.train_mode)
+        return self.difference == "tangent"
 
     def _update_each(self, batch: Any, n: int) -> Update:
         """Updated ``(params [n, ...], buffers, stacked_buffers, direction_norm [n])`` for each of ``n`` queries at once."""
@@ -404,11 +441,11 @@ class ForwardINF(Estimator):
             for _ in range(self.steps):
                 grads = vmap(grad(objective))(state, batch)
                 state = rule.step(state, grads, stacked=True)
-        return state, buffers, False, rule.state["direction_norm"]
+        return state, buffers, False, rule.state["direction_norm"], rule.state.get("displacement")
 
     def _update_each_looped(self, batch: Any, n: int, params: Params, buffers: Params) -> Update:
         """One query at a time: train-mode BatchNorm mutates its own copy of the running statistics."""
-        out_params, out_buffers, norms = [], [], []
+        out_params, out_buffers, norms, moves = [], [], [], []
         gen = torch.Generator(device="cpu").manual_seed(self.seed)
         for i in range(n):
             example = repeat(unsqueeze(_index(batch, i)), self.query_repeat)
@@ -424,9 +461,11 @@ class ForwardINF(Estimator):
             out_params.append(p)
             out_buffers.append(bufs)
             norms.append(rule.state["direction_norm"])
+            moves.append(rule.state.get("displacement"))
         stacked = {k: torch.stack([p[k] for p in out_params]) for k in params}
         stacked_bufs = {k: torch.stack([b[k] for b in out_buffers]) for k in buffers}
-        return stacked, stacked_bufs, True, torch.stack(norms)
+        moved = {k: torch.stack([m[k] for m in moves]) for k in params} if self.tangent_ else None
+        return stacked, stacked_bufs, True, torch.stack(norms), moved
 
     def _perturb_if_fitted(self, example: Any, params: Params, buffers: Params, gen: torch.Generator) -> Any:
         if not isinstance(example, (tuple, list)) or not torch.is_tensor(example[0]) or not example[0].is_floating_point():
@@ -464,9 +503,11 @@ class ForwardINF(Estimator):
                     total = {k: total[k] + weight * g[k] for k in total}
                 p = rule.step(p, total, stacked=False)
         norm = rule.state["direction_norm"].reshape(1)
+        moved = {k: v.unsqueeze(0) for k, v in rule.state["displacement"].items()} if self.tangent_ else None
         if self.train_mode:
-            return {k: v.unsqueeze(0) for k, v in p.items()}, {k: b.unsqueeze(0) for k, b in buffers.items()}, True, norm
-        return {k: v.unsqueeze(0) for k, v in p.items()}, buffers, False, norm
+            return ({k: v.unsqueeze(0) for k, v in p.items()}, {k: b.unsqueeze(0) for k, b in buffers.items()}, True,
+                    norm, moved)
+        return {k: v.unsqueeze(0) for k, v in p.items()}, buffers, False, norm, moved
 
     # -- scoring ----------------------------------------------------------------------------
     def _score(self, update: Update, rows: Tensor | None = None) -> Tensor:
@@ -474,10 +515,11 @@ class ForwardINF(Estimator):
 
         ``update = (params, buffers, stacked_buffers, direction_norm)``: buffers carry the query dim
         too when the update ran in train mode (each query's own running statistics);
-        ``direction_norm [Q]``: ``||d₀||`` of each update (for ``score="influence"``). ``rows``: the training
-        positions ``[n]`` to score (None: all of them).
+        ``direction_norm [Q]``: ``||d₀||`` of each update (for ``score="influence"``); ``moved``:
+        ``θ_q - θ`` as the update computed it, when the changes are forward-mode derivatives
+        (``tangent_``). ``rows``: the training positions ``[n]`` to score (None: all of them).
         """
-        params, buffers, stacked_buffers, direction_norm = update
+        params, buffers, stacked_buffers, direction_norm, moved = update
         kind = _measure(self.score)
         fn = getattr(self.task, kind)
         base = select_params(self.model, self.params)
@@ -499,22 +541,28 @@ class ForwardINF(Estimator):
             in_dims = (0, 0 if stacked_buffers else None, None)
             return vmap(per_model, in_dims=in_dims)(params, buffers, batch)  # [Q, B]
 
+        pick = (lambda t: t) if rows is None else (lambda t: t[rows])
         with mode(self.model, False):
             train = self.train_ if rows is None else subset(self.train_, rows)
-            values = sweep(batch_scores, train, self.batch_size_, self._device(), self.progress, desc="score")
-        if not torch.isfinite(values).all():
-            raise FloatingPointError("non-finite loss on the training set after the update")
-        pick = (lambda t: t) if rows is None else (lambda t: t[rows])
-        delta = values - pick(self._base(kind))
+            if moved is not None:  # the exact first-order change, ∇m(θ, z_i)·(θ_q - θ)
+                delta = directional_sweep(_tangent_measure(self.task, kind), self.model, base, buffers_of(self.model), moved, train,
+                                          self.batch_size_, self._device(), self.progress, desc="score (tangent)")
+            else:
+                delta = sweep(batch_scores, train, self.batch_size_, self._device(), self.progress, desc="score")
+        if not torch.isfinite(delta).all():
+            raise FloatingPointError("non-finite loss on the training set after the update (diverging update: lower lr or steps)")
+        if moved is None:
+            delta = delta - pick(self._base(kind))
+        move = (lambda: moved) if moved is not None else (lambda: {k: params[k] - base[k] for k in params})
         sign = 1.0 if self.direction == "ascent" else -1.0
         if self.score == "abs":
             return delta.abs()
         if self.score == "influence":  # Δℓ per unit step along d₀: θ moved by ||θ_q - θ|| / ||d₀|| units
-            step = flat_norm({k: params[k] - base[k] for k in params}, stacked=True).double().cpu()
+            step = flat_norm(move(), stacked=True).double().cpu()
             per_unit = direction_norm.double().cpu() / step.clamp_min(1e-30)
             return (sign * delta.double() * per_unit[:, None]).float()
         if self.score == "cosine":
-            return sign * self._cosine(delta, {k: params[k] - base[k] for k in params}, pick(self._base("directional")))
+            return sign * self._cosine(delta, move(), pick(self._base("directional")))
         return sign * delta
 
     # -- tuning -----------------------------------------------------------------------------
@@ -571,6 +619,8 @@ class ForwardINF(Estimator):
         self._validate(probe, "train")  # bad labels or shapes get their clear error before the probe runs
         probe = to_device(probe, self._device())
         n_models = 2 * min(self._direction_chunk(), self.n_directions) if self.score == "cosine" else 1  # primal + tangent
+        if self.tangent_:  # the score's forward-mode sweep: one primal, query_chunk tangents
+            n_models = max(n_models, 1 + self._query_chunk())
         if self._device().type != "cpu":  # scored under vmap, all query_chunk models at once
             n_models = max(n_models, self._query_chunk())
         with mode(self.model, False):
@@ -606,6 +656,10 @@ def check_values(name: str, c: ForwardINFConfig) -> None:
     check_choice(name, "optimizer", c.optimizer, OPTIMIZERS)
     check_choice(name, "direction", c.direction, ("ascent", "descent"))
     check_choice(name, "score", c.score, SCORES)
+    check_choice(name, "difference", c.difference, DIFFERENCES)
+    if c.difference == "tangent" and c.train_mode:
+        raise ValueError(f"{name}: difference='tangent' differentiates along the parameters alone, but "
+                         "train_mode=True also moves BatchNorm's running statistics; use difference='finite'")
     if c.optimizer == "kfac":
         check_choice(name, "fisher", c.fisher, FISHERS)
         if (not isinstance(c.damping, (int, float)) or isinstance(c.damping, bool)
@@ -641,6 +695,18 @@ def forward_inf_capabilities(optimizer: str) -> Capabilities:
 def _key(params: Any) -> Any:
     """``params`` (None, a pattern or patterns) as a hashable cache-key part."""
     return params if params is None or isinstance(params, str) else tuple(params)
+
+
+def _tangent_measure(task: Task, kind: str) -> Any:
+    """``task``'s measure ``kind`` in the form to differentiate. A classifier's cross-entropy is
+    ``softplus(score_loss)``, the same function; but ``F.cross_entropy``'s derivative carries
+    ``p_y - 1``, which float32 rounds to 0 once ``p_y > 1 - 6e-8`` (a well-fitted point), while
+    softplus's is ``sigmoid(score_loss)``, accurate down to ~1e-38. Only for the task's own loss."""
+    from forwardinf.tasks.classification import ClassificationTask
+
+    if kind == "loss" and getattr(type(task), "loss", None) is ClassificationTask.loss:
+        return lambda model, batch: torch.nn.functional.softplus(task.score_loss(model, batch))
+    return getattr(task, kind)
 
 
 def _measure(score: str) -> str:

@@ -40,6 +40,7 @@ from forwardinf.data.inputs import DataLike, TensorDict, batch_len, batches, che
 from forwardinf.estimators.base import Capabilities, Estimator, check_choice
 from forwardinf.estimators.forward_inf import ForwardINF, ForwardINFConfig, check_values, forward_inf_capabilities
 from forwardinf.estimators.hf_tail import HFTail, hf_features, hf_tail_params, is_hf_batch
+from forwardinf.estimators.split import auto_split
 from forwardinf.tasks.base import Task
 
 CACHES = ("auto", "memory", "disk")
@@ -243,6 +244,9 @@ class TailForwardINF(Estimator):
             On a transformers model fed dict batches: a block, ``"model.layers.3"`` (Llama, Qwen,
             Mistral), ``"transformer.h.1"`` (GPT-2), ``"bert.encoder.layer.1"`` (BERT); the cache
             is the hidden states entering it, kept in memory (:mod:`~forwardinf.estimators.hf_tail`).
+            ``"auto"``: the layers after the last convolution, pooling, attention, recurrent or
+            embedding call (a CNN's dense head; an MLP's every layer), see
+            :mod:`forwardinf.estimators.split`; the module chosen is ``split_name_``.
         precision: ``"float32"``, or ``"bfloat16"``/``"float16"``: the prefix runs in autocast
             and the cache is stored in that dtype (half the memory). The tail, its update and
             every score difference stay float32, so base and updated models see the very same
@@ -291,7 +295,17 @@ class TailForwardINF(Estimator):
         first = to_device(next(batches(dataset, 8))[1], self._device())
         check_batch(self.model, self.task, first, "train")  # before tracing and probing: a clear error, not theirs
         hf = is_hf_batch(self.model, first)  # a transformers model: split at a block (hf_tail.py)
-        self.split_ = HFTail(self.model, self.split) if hf else split_model(self.model, self.split, _inputs(first))
+        if hf:
+            if self.split == "auto":
+                raise ValueError("TailForwardINF: split='auto' cuts plain module trees; on a transformers model name "
+                                 "the block where the tail begins, e.g. split='model.layers.11' (Llama), "
+                                 "'transformer.h.11' (GPT-2), 'bert.encoder.layer.11' (BERT)")
+            self.split_name_, self.split_ = self.split, HFTail(self.model, self.split)
+        elif self.split == "auto":  # the rule of forwardinf.estimators.split; the chosen name is split_name_
+            self.split_name_, self.split_ = auto_split(self.model, _inputs(first), split_model,
+                                                       kfac=self.optimizer == "kfac")
+        else:
+            self.split_name_, self.split_ = self.split, split_model(self.model, self.split, _inputs(first))
         with mode(self.model, False):  # the prefix pass: one no-grad forward of the whole model at most
             self.prefix_batch_ = (auto_batch_size(self.model, self.task, first, max_batch=512, name="train")
                                   if self.batch_size == "auto" else int(self.batch_size))
@@ -312,7 +326,7 @@ class TailForwardINF(Estimator):
                 or any(getattr(self, k) != getattr(other, k) for k in self.fit_fields)):
             return self.fit(other.train_)
         self._check_params()
-        for attr in ("split_", "prefix_batch_", "cache_", "features_"):
+        for attr in ("split_", "split_name_", "prefix_batch_", "cache_", "features_"):
             setattr(self, attr, getattr(other, attr))
         self.estimator_ = other.estimator_.with_config(self.forward_config)
         self.train_ = other.train_

@@ -1,4 +1,4 @@
 """Model builders: MLP, the paper's small CNN, CIFAR-style ResNet."""
-from forwardinf.models.vision import MLP, MODELS, BasicBlock, ResNet, SmallCNN, build_model
+from forwardinf.models.vision import MLP, MODELS, FlatCNN, BasicBlock, ResNet, SmallCNN, build_model
 
-__all__ = ["MLP", "SmallCNN", "ResNet", "BasicBlock", "build_model", "MODELS"]
+__all__ = ["MLP", "SmallCNN", "FlatCNN", "ResNet", "BasicBlock", "build_model", "MODELS"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from forwardinf.core.seeding import seeded
@@ -72,6 +73,35 @@ class SmallCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
+class FlatCNN(nn.Module):
+    """SmallCNN's layers with a flat layout: top-level ``conv1, conv2, fc1, fc2`` and functional
+    ReLU / max-pool / flatten in ``forward`` (as many user models are written).
+
+    Same parameter shapes as :class:`SmallCNN` (``width``, ``padding=2``); no module groups the
+    head, so a tail that should hold both linear layers must start at ``fc1`` (the layout of the
+    independent LDS check in issue 26).
+    """
+
+    def __init__(self, input_shape: Sequence[int], n_classes: int, width: int = 32):
+        super().__init__()
+        c, h, w = _check_shape(input_shape, n_classes)
+        if width < 1:
+            raise ValueError(f"width must be >= 1, got {width}")
+        self.conv1 = nn.Conv2d(c, width, 5, padding=2)
+        self.conv2 = nn.Conv2d(width, 2 * width, 5, padding=2)
+        h, w = h // 4, w // 4  # two 2x2 pools; each conv keeps the size
+        if h < 1 or w < 1:
+            raise ValueError(f"input {tuple(input_shape)} is too small for FlatCNN")
+        self.fc1 = nn.Linear(2 * width * h * w, 4 * width)
+        self.fc2 = nn.Linear(4 * width, n_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = F.relu(self.fc1(torch.flatten(x, 1)))
+        return self.fc2(x)
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convs with BatchNorm and an identity (or 1x1 projection) shortcut."""
 
@@ -128,20 +158,21 @@ class ResNet(nn.Module):
         return self.fc(self.pool(self.stages(self.stem(x))))
 
 
-MODELS = ("mlp", "cnn", "resnet18", "resnet34")
+MODELS = ("mlp", "cnn", "flatcnn", "resnet18", "resnet34")
 
 
 def build_model(name: str, input_shape: Sequence[int], n_classes: int, seed: int | None = None,
                 **kw) -> nn.Module:
-    """Build a model by name: ``mlp`` (kw ``hidden``), ``cnn`` (``width``, ``batchnorm``,
-    ``padding``), ``resnet18`` / ``resnet34`` (``width``).
+    """Build a model by name: ``mlp`` (kw ``hidden``, or ``width``: one hidden layer of that width), ``cnn`` (``width``, ``batchnorm``,
+    ``padding``), ``flatcnn`` (``width``), ``resnet18`` / ``resnet34`` (``width``).
 
     ``seed``: initialise under ``torch.manual_seed(seed)`` without changing the global RNG state.
     """
     key = name.lower().replace("-", "").replace("_", "")
     builders = {
-        "mlp": lambda: MLP(input_shape, n_classes, **kw),
+        "mlp": lambda: MLP(input_shape, n_classes, **({"hidden": (kw.pop("width"),)} if "width" in kw else {}), **kw),
         "cnn": lambda: SmallCNN(input_shape, n_classes, **kw),
+        "flatcnn": lambda: FlatCNN(input_shape, n_classes, **kw),
         "resnet18": lambda: ResNet(input_shape, n_classes, depth=18, **kw),
         "resnet34": lambda: ResNet(input_shape, n_classes, depth=34, **kw),
     }
