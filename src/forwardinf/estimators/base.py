@@ -184,7 +184,7 @@ class Estimator:
         """``[n_train]`` influence of each training point on itself."""
         raise NotImplementedError(f"{type(self).__name__} has no self-influence")
 
-    def top_k(self, queries: DataLike, k: int = 10, *, chunk: int | None = None) -> TopK:
+    def top_k(self, queries: DataLike, k: int = 10, *, chunk: int | None = None, shortlist: int | None = None) -> TopK:
         """The ``k`` highest-scoring training points per query, best first (``indices``,
         ``scores`` ``[n_query, k]``), and the ``k`` lowest, lowest first (``opponents``,
         ``opponent_scores``); equal scores in training-index order, exactly as a stable sort of
@@ -193,8 +193,15 @@ class Estimator:
         When the estimator scores slices (``capabilities.indices``) the training set is scored
         ``chunk`` points at a time (default 8192) into a running top-k: memory
         ``[n_query, chunk]``, never ``[n_query, n_train]``.
+
+        ``shortlist=K`` (Forward-INF): score only the ``K`` training points nearest to each query
+        in a retrieval index (:class:`forwardinf.estimators.shortlist.Retriever`: the last one made
+        for this fit, else an in-memory one); ``K >= n_train`` equals the full sweep.
         """
         name = type(self).__name__
+        if shortlist is not None:
+            from forwardinf.estimators.shortlist import Retriever  # imports ForwardINF, which imports this module
+            return Retriever.of(self).top_k(queries, k, shortlist)
         check_positive(name, "k", k, integer=True)
         if chunk is not None:
             check_positive(name, "chunk", chunk, integer=True)

@@ -208,8 +208,9 @@ class ForwardINF(Estimator):
             raise ValueError(f"non-finite loss on training example {bad} with the unchanged model")
         return values
 
-    def _directional(self) -> Tensor:
-        """``[n_train, n_directions]``: ``∇m(θ, z_i)·v_j`` for fixed Gaussian directions ``v_j``.
+    def _directional(self, data: Any = None) -> Tensor:
+        """``[n_train, n_directions]``: ``∇m(θ, z_i)·v_j`` for fixed Gaussian directions ``v_j``
+        (of ``data``'s points instead of the training set's when given: a query's gradient sketch).
 
         Forward-mode derivatives (``jvp``), so the training set still sees forward passes only.
         """
@@ -228,7 +229,7 @@ class ForwardINF(Estimator):
                 def directional(batch: Any) -> Tensor:
                     return vmap(lambda t: jvp(lambda p: f(p, batch), (params,), (t,))[1])(tangents)  # [m, B]
 
-                columns.append(sweep(directional, self.train_, self.batch_size_, device, self.progress,
+                columns.append(sweep(directional, self.train_ if data is None else data, self.batch_size_, device, self.progress,
                                      desc=f"directions {chunk + 1}/{math.ceil(self.n_directions / _DIRECTION_CHUNK)}"))
         return torch.cat(columns, 0).T.contiguous()
 

@@ -103,8 +103,9 @@ def make_manifest(*, model: str, train: str, queries: str, n_train: int, n_query
     }
 
 
-def check_manifest(saved: Mapping[str, Any], expected: Mapping[str, Any], where: str) -> None:
-    """Raise :class:`StoreMismatchError` naming every checked field on which the two differ."""
+def check_manifest(saved: Mapping[str, Any], expected: Mapping[str, Any], where: str, what: str = "score store") -> None:
+    """Raise :class:`StoreMismatchError` naming every checked field on which the two differ
+    (``what``: the kind of folder, for the message)."""
     problems = []
     for key, words in CHECKED.items():
         if saved.get(key) != expected.get(key):
@@ -115,7 +116,7 @@ def check_manifest(saved: Mapping[str, Any], expected: Mapping[str, Any], where:
                 problems.append(f"{words}: store has {saved.get(key)!r}, this run has {expected.get(key)!r}")
     if problems:
         raise StoreMismatchError(
-            f"the score store at {where} was made from something else: " + "; ".join(problems)
+            f"the {what} at {where} was made from something else: " + "; ".join(problems)
             + ". Use another store folder, or overwrite=True (--overwrite) to start it afresh.")
 
 

@@ -1,0 +1,217 @@
+"""Thousands of queries: a retrieval index shortlists candidates, Forward-INF scores only those.
+
+A full Forward-INF query is one forward sweep over the training set. With a shortlist, each query
+first fetches its ``K`` nearest training points from a FAISS index (:class:`ShortlistIndex`)
+built once over the training set, and the queries of one update chunk (``query_chunk``) score the
+union of their shortlists in one sweep through the ``indices=`` path. The top-k is taken over that
+union (every point scored for the chunk, not just the query's own ``K``).
+
+What the index holds (``source``):
+
+- ``"directions"`` (default): each training point's gradient sketch ``[∇m(θ, z_i)·v_j]_j``
+  along the ``n_directions`` random directions that the default cosine score already caches in
+  ``fit`` (no extra sweep); a query's sketch costs ``n_directions`` forward-mode derivatives. The
+  inner product of unit sketches estimates the gradient cosine that the score ranks by.
+- ``"features"``: the input of the module named ``layer`` (e.g. the penultimate features
+  entering the last linear layer), one forward sweep over the training set.
+
+``K`` equal to the training-set size gives exactly the full sweep's answer. :meth:`Retriever.recall`
+measures, on a sample of queries, how much of the full sweep's top-k the shortlist kept.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from forwardinf.core.params import mode
+from forwardinf.core.sweep import sweep
+from forwardinf.data.inputs import DataLike, gather, subset
+from forwardinf.estimators.base import TRAIN_CHUNK, Estimator, check_choice, check_positive
+from forwardinf.estimators.forward_inf import ForwardINF
+from forwardinf.estimators.tail import TailForwardINF
+from forwardinf.storage.index import ShortlistIndex
+from forwardinf.storage.manifest import config_of, fingerprint_data, fingerprint_module, make_manifest
+from forwardinf.storage.topk import RunningTopK, TopK, concat_topk
+
+SOURCES = ("directions", "features")
+
+
+@dataclass(frozen=True)
+class Recall:
+    """How much of the full sweep's top-``k`` a shortlist of ``shortlist`` candidates kept.
+
+    ``per_query [n]``: ``|top-k(shortlist) ∩ top-k(full)| / k`` for each sampled query (positions
+    ``queries`` in the query set); ``mean``: their average.
+    """
+
+    k: int
+    shortlist: int
+    queries: Tensor
+    per_query: Tensor
+
+    @property
+    def mean(self) -> float:
+        return float(self.per_query.float().mean())
+
+
+class Retriever:
+    """A shortlist index over a fitted Forward-INF estimator's training set, and top-k through it.
+
+    Args:
+        estimator: a fitted :class:`~forwardinf.ForwardINF` or :class:`~forwardinf.TailForwardINF`.
+        path: folder of the index on disk (e.g. beside the score store); None keeps it in memory.
+            A folder made from another model, training set or configuration is refused
+            (``StoreMismatchError``) unless ``overwrite``; an interrupted build resumes.
+        source: ``"directions"`` or ``"features"`` (module docstring).
+        layer: for ``"features"``: the module whose input is the vector (default: the last
+            ``nn.Linear`` of the model).
+        factory: FAISS ``index_factory`` string (``"Flat"``: exact inner product; ``"HNSW32"``...).
+        shard_size: training points per vector file (the unit of resuming).
+
+    The estimator's ``top_k(queries, k, shortlist=K)`` uses the retriever made last for its fit
+    (or makes an in-memory one).
+    """
+
+    def __init__(self, estimator: Estimator, path: Any = None, *, source: str = "directions",
+                 layer: str | None = None, factory: str = "Flat", shard_size: int = 65536,
+                 overwrite: bool = False) -> None:
+        check_choice("Retriever", "source", source, SOURCES)
+        if not isinstance(estimator, (ForwardINF, TailForwardINF)):
+            raise TypeError(f"Retriever: shortlists need a ForwardINF or TailForwardINF, got {type(estimator).__name__}")
+        estimator._check_fitted()
+        self.estimator, self.source, self.train = estimator, source, estimator.train_
+        self.layer = _last_linear(estimator.model) if source == "features" and layer is None else layer
+        forward = self._forward()
+        train = estimator.train_
+        config = {"source": source, "layer": self.layer, "estimator": config_of(estimator)}
+        manifest = make_manifest(model=fingerprint_module(estimator.model), train=fingerprint_data(train),
+                                 queries="-", n_train=len(train), n_query=1, shard_size=shard_size,
+                                 query_block=1, config=config)
+        if source == "directions":
+            sketch = forward._base("directional")
+            self.normalize = forward.score == "cosine"  # the cosine score divides by each point's norm
+            vectors = lambda a, b: self._unit(sketch[a:b]) if self.normalize else sketch[a:b]  # noqa: E731
+        else:
+            self.normalize = True
+            vectors = lambda a, b: self._unit(self._features(subset(train, torch.arange(a, b))))  # noqa: E731
+        self.index = ShortlistIndex.build(vectors, manifest, path=path, shard_size=shard_size, factory=factory,
+                                          overwrite=overwrite)
+        estimator.retriever_ = self
+
+    @classmethod
+    def of(cls, estimator: Estimator) -> "Retriever":
+        """The retriever attached to ``estimator``'s current fit, or a new in-memory one."""
+        estimator._check_fitted()
+        found = estimator.__dict__.get("retriever_")
+        if isinstance(found, Retriever) and found.estimator is estimator and found.train is estimator.train_:
+            return found
+        return cls(estimator)
+
+    def _forward(self) -> ForwardINF:
+        """The ForwardINF that scores (a tail estimator's tail)."""
+        est = self.estimator
+        return est._tail() if isinstance(est, TailForwardINF) else est
+
+    def _forward_queries(self, queries: DataLike) -> Any:
+        """Queries as the scoring ForwardINF takes them (a tail estimator's: the prefix's features)."""
+        est = self.estimator
+        return est.features(queries, "queries") if isinstance(est, TailForwardINF) else queries
+
+    @staticmethod
+    def _unit(v: Tensor) -> Tensor:
+        v = torch.as_tensor(v).float()
+        return v / v.norm(dim=1, keepdim=True).clamp_min(1e-30)
+
+    def _features(self, data: Any) -> Tensor:
+        """``[n, D]``: the input of module ``layer`` for each point of ``data`` (flattened)."""
+        model = self.estimator.model
+        module = dict(model.named_modules()).get(self.layer)
+        if module is None:
+            raise ValueError(f"Retriever: the model has no module named {self.layer!r}")
+        seen: list[Tensor] = []
+        hook = module.register_forward_hook(lambda m, args, out: seen.append(args[0].detach().flatten(1)))
+        task, batch_size = self.estimator.task, self._forward().batch_size_
+
+        def run(batch: Any) -> Tensor:
+            seen.clear()
+            task.loss(model, batch)
+            return seen[0].T  # [D, B]: the sweep concatenates along the last dimension
+
+        try:
+            with mode(model, False):
+                return sweep(run, data, batch_size, self.estimator._device()).T.contiguous()
+        finally:
+            hook.remove()
+
+    def embed(self, queries: DataLike) -> Tensor:
+        """``[n_query, d]`` query vectors in the index's space (unit length)."""
+        if self.source == "features":
+            return self._unit(self._features(self.estimator._dataset(queries, "queries")))
+        forward = self._forward()
+        return self._unit(forward._directional(forward._queries(self._forward_queries(queries))))
+
+    def candidates(self, queries: DataLike, shortlist: int) -> Tensor:
+        """``[n_query, K]`` training positions nearest to each query in the index, best first."""
+        check_positive("Retriever", "shortlist", shortlist, integer=True)
+        n = len(self.estimator.train_)
+        q = len(self.estimator._dataset(queries, "queries"))
+        if shortlist >= n:  # the whole training set, whatever the index would return
+            return torch.arange(n).expand(q, n)
+        return self.index.search(self.embed(queries), shortlist)
+
+    def top_k(self, queries: DataLike, k: int = 10, shortlist: int = 100) -> TopK:
+        """As ``estimator.top_k(queries, k)``, scoring only the union of each query chunk's shortlists.
+
+        ``shortlist``: candidates per query (``K``). With ``K >= n_train`` the result equals the
+        full sweep's exactly (the same training batches are scored).
+        """
+        name = type(self.estimator).__name__
+        check_positive(name, "k", k, integer=True)
+        forward = self._forward()
+        cands = self.candidates(queries, shortlist)
+        qset = forward._queries(self._forward_queries(queries))
+        # Chunks of the union start on batch boundaries, as the full sweep's do (bit-identical at K = n).
+        step = math.ceil(TRAIN_CHUNK / forward.batch_size_) * forward.batch_size_
+        parts = []
+        for q0, update in forward._updates(qset):
+            q1 = min(q0 + forward.query_chunk, len(qset))
+            rows = torch.unique(cands[q0:q1])  # sorted: ties go to the lower training index
+            rows = rows[rows >= 0]  # approximate indexes may return -1 for missing neighbours
+            running = RunningTopK(q1 - q0, k)
+            for s in range(0, len(rows), step):
+                running.update(forward._score(update, rows[s:s + step]), s)
+            top = running.result()
+            parts.append(TopK(rows[top.indices], top.scores, rows[top.opponents], top.opponent_scores))
+        return concat_topk(parts)
+
+    def recall(self, queries: DataLike, k: int = 10, shortlist: int = 100, *, sample: int | None = 8,
+               seed: int = 0) -> Recall:
+        """On ``sample`` random queries (all if None), the fraction of the full sweep's top-``k``
+        that the shortlist's top-``k`` kept. Costs one full sweep per sampled query. Also ``recall_``."""
+        qset = self.estimator._dataset(queries, "queries")
+        n = len(qset)
+        if sample is not None:
+            check_positive("Retriever", "sample", sample, integer=True)
+        pick = torch.arange(n) if sample is None or sample >= n else \
+            torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:sample].sort().values
+        chosen = gather(qset, pick.tolist())
+        full = self.estimator.top_k(chosen, k).indices
+        short = self.top_k(chosen, k, shortlist).indices
+        kept = torch.tensor([len(set(a.tolist()) & set(b.tolist())) / full.shape[1] for a, b in zip(full, short)])
+        self.recall_ = Recall(k=k, shortlist=shortlist, queries=pick, per_query=kept)
+        return self.recall_
+
+    def __repr__(self) -> str:
+        return f"Retriever(source={self.source!r}, index={self.index!r})"
+
+
+def _last_linear(model: nn.Module) -> str:
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise ValueError("Retriever: source='features' needs layer= (the model has no nn.Linear)")
+    return names[-1]
+
