@@ -34,9 +34,14 @@ def fitted(digits):
 def test_shortlist_of_the_whole_training_set_equals_the_full_sweep_exactly(digits, fitted):
     _, train, queries = digits
     full = fitted.top_k(queries, k=7)
-    short = fitted.top_k(queries, k=7, shortlist=len(train[1]))
-    for name in ("indices", "scores", "opponents", "opponent_scores"):
-        assert torch.equal(getattr(full, name), getattr(short, name)), name
+    for short in (fitted.top_k(queries, k=7, shortlist=len(train[1])),
+                  Retriever.of(fitted).top_k(queries, k=7, shortlist=len(train[1]) + 5, union=True)):
+        for name in ("indices", "scores", "opponents", "opponent_scores"):
+            assert torch.equal(getattr(full, name), getattr(short, name)), name
+    # each query's model alone on its own shortlist: the same points, scores to float rounding
+    alone = Retriever.of(fitted).top_k(queries, k=7, shortlist=len(train[1]), union=False)
+    assert torch.equal(full.indices, alone.indices) and torch.equal(full.opponents, alone.opponents)
+    assert torch.allclose(full.scores, alone.scores, rtol=1e-5, atol=1e-6)
 
 
 def test_shortlist_finds_the_copies_and_scores_match_the_full_matrix(digits, fitted):
@@ -46,16 +51,21 @@ def test_shortlist_finds_the_copies_and_scores_match_the_full_matrix(digits, fit
     assert cands.shape == (8, 30)
     # an exact copy's gradient sketch is its training point's: it is the nearest neighbour
     assert cands[:4, 0].tolist() == [0, 1, 2, 3]
-    top = fitted.top_k(queries, k=5, shortlist=30)
-    assert top.indices[:4, 0].tolist() == [0, 1, 2, 3]
-    # every returned score is the full sweep's score of that training point
     full = fitted.influence(queries)
-    assert torch.allclose(top.scores, full.gather(1, top.indices), atol=1e-5)
-    # the scored points are the union of each chunk's shortlists (query_chunk=3)
+    own = fitted.top_k(queries, k=5, shortlist=30)  # CPU: each query scores its own 30 candidates
+    union = retriever.top_k(queries, k=5, shortlist=30, union=True)
+    for top in (own, union):
+        assert top.indices[:4, 0].tolist() == [0, 1, 2, 3]
+        # every returned score is the full sweep's score of that training point
+        assert torch.allclose(top.scores, full.gather(1, top.indices), atol=1e-5)
     for q in range(8):
-        chunk = range(q // 3 * 3, min(q // 3 * 3 + 3, 8))
-        union = set(cands[list(chunk)].flatten().tolist())
-        assert set(top.indices[q].tolist()) <= union
+        assert set(own.indices[q].tolist()) <= set(cands[q].tolist())
+        # with union=True the points scored are the union of each chunk's shortlists (query_chunk=3)
+        chunk = list(range(q // 3 * 3, min(q // 3 * 3 + 3, 8)))
+        pool = cands[chunk].flatten().unique()
+        assert union.indices[q].tolist() == pool[full[q, pool].argsort(descending=True, stable=True)[:5]].tolist()
+    with pytest.raises(ValueError, match="at least k"):
+        retriever.top_k(queries, k=5, shortlist=4)
 
 
 def test_recall_is_one_at_full_shortlist_and_measures_overlap(digits, fitted):

@@ -2,9 +2,10 @@
 
 A full Forward-INF query is one forward sweep over the training set. With a shortlist, each query
 first fetches its ``K`` nearest training points from a FAISS index (:class:`ShortlistIndex`)
-built once over the training set, and the queries of one update chunk (``query_chunk``) score the
-union of their shortlists in one sweep through the ``indices=`` path. The top-k is taken over that
-union (every point scored for the chunk, not just the query's own ``K``).
+built once over the training set, and only those are scored, through the ``indices=`` path: the
+queries of one update chunk (``query_chunk``) score the union of their shortlists in one sweep
+(``union=True``, the default off the CPU), or each query's updated model its own ``K`` candidates
+(the default on the CPU, where the updated models run one after another anyway).
 
 What the index holds (``source``):
 
@@ -163,33 +164,60 @@ class Retriever:
             return torch.arange(n).expand(q, n)
         return self.index.search(self.embed(queries), shortlist)
 
-    def top_k(self, queries: DataLike, k: int = 10, shortlist: int = 100) -> TopK:
-        """As ``estimator.top_k(queries, k)``, scoring only the union of each query chunk's shortlists.
+    def top_k(self, queries: DataLike, k: int = 10, shortlist: int = 100, *, union: bool | None = None) -> TopK:
+        """As ``estimator.top_k(queries, k)``, scoring only each query's shortlist of ``K`` candidates.
 
-        ``shortlist``: candidates per query (``K``). With ``K >= n_train`` the result equals the
-        full sweep's exactly (the same training batches are scored).
+        ``shortlist``: candidates per query (``K >= k``). ``union``: the queries of a chunk
+        (``query_chunk``) score the union of their shortlists in one sweep, and each query's top-k
+        is taken over that union; False: each query's updated model scores its own ``K``
+        candidates only. Default (None): union off the CPU (the updated models run at once under
+        ``vmap``, so one sweep of the union costs about one model's), own candidates on the CPU
+        (the models run one after another, so a union of ``Q`` disjoint shortlists would cost
+        ``Q * Q * K`` forwards instead of ``Q * K``). With ``K >= n_train`` the default equals the
+        full sweep exactly (the union is the training set, scored in the same batches); a query
+        scored alone (``union=False``) can differ in the last bit (its update's dot products run
+        as a matrix-vector product).
         """
         name = type(self.estimator).__name__
         check_positive(name, "k", k, integer=True)
+        if shortlist < k:
+            raise ValueError(f"{name}: shortlist={shortlist!r} must be at least k={k}")
         forward = self._forward()
         cands = self.candidates(queries, shortlist)
+        if union is None:  # K >= n_train: every shortlist is the training set, and their union costs one
+            union = forward._device().type != "cpu" or shortlist >= len(forward.train_)
         qset = forward._queries(self._forward_queries(queries))
-        # Chunks of the union start on batch boundaries, as the full sweep's do (bit-identical at K = n).
-        step = math.ceil(TRAIN_CHUNK / forward.batch_size_) * forward.batch_size_
         parts = []
         for q0, update in forward._updates(qset):
             q1 = min(q0 + forward.query_chunk, len(qset))
-            rows = torch.unique(cands[q0:q1])  # sorted: ties go to the lower training index
-            rows = rows[rows >= 0]  # approximate indexes may return -1 for missing neighbours
-            running = RunningTopK(q1 - q0, k)
-            for s in range(0, len(rows), step):
-                running.update(forward._score(update, rows[s:s + step]), s)
-            top = running.result()
-            parts.append(TopK(rows[top.indices], top.scores, rows[top.opponents], top.opponent_scores))
+            if union:
+                parts.append(self._best(forward, update, cands[q0:q1], k))
+                continue
+            for q in range(q1 - q0):
+                one = ({n: v[q:q + 1] for n, v in update[0].items()},
+                       {n: v[q:q + 1] for n, v in update[1].items()} if update[2] else update[1],
+                       update[2], update[3][q:q + 1])
+                parts.append(self._best(forward, one, cands[q0 + q:q0 + q + 1], k))
         return concat_topk(parts)
 
+    @staticmethod
+    def _best(forward: ForwardINF, update: Any, cands: Tensor, k: int) -> TopK:
+        """Top-k of ``update``'s queries over the union of ``cands [q, K]`` (training positions)."""
+        rows = torch.unique(cands)  # sorted: ties go to the lower training index, as in the full sweep
+        rows = rows[rows >= 0]  # approximate indexes may return -1 for missing neighbours
+        if len(rows) < k:
+            raise ValueError(f"the index returned {len(rows)} candidates, fewer than k={k}: raise shortlist "
+                             "or use an exact factory ('Flat')")
+        # Chunks start on batch boundaries, as the full sweep's do (bit-identical at K = n_train).
+        step = math.ceil(TRAIN_CHUNK / forward.batch_size_) * forward.batch_size_
+        running = RunningTopK(cands.shape[0], k)
+        for s in range(0, len(rows), step):
+            running.update(forward._score(update, rows[s:s + step]), s)
+        top = running.result()
+        return TopK(rows[top.indices], top.scores, rows[top.opponents], top.opponent_scores)
+
     def recall(self, queries: DataLike, k: int = 10, shortlist: int = 100, *, sample: int | None = 8,
-               seed: int = 0) -> Recall:
+               seed: int = 0, union: bool | None = None) -> Recall:
         """On ``sample`` random queries (all if None), the fraction of the full sweep's top-``k``
         that the shortlist's top-``k`` kept. Costs one full sweep per sampled query. Also ``recall_``."""
         qset = self.estimator._dataset(queries, "queries")
@@ -200,7 +228,7 @@ class Retriever:
             torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:sample].sort().values
         chosen = gather(qset, pick.tolist())
         full = self.estimator.top_k(chosen, k).indices
-        short = self.top_k(chosen, k, shortlist).indices
+        short = self.top_k(chosen, k, shortlist, union=union).indices
         kept = torch.tensor([len(set(a.tolist()) & set(b.tolist())) / full.shape[1] for a, b in zip(full, short)])
         self.recall_ = Recall(k=k, shortlist=shortlist, queries=pick, per_query=kept)
         return self.recall_
