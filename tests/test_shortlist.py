@@ -46,7 +46,7 @@ def test_shortlist_of_the_whole_training_set_equals_the_full_sweep_exactly(digit
 
 def test_shortlist_finds_the_copies_and_scores_match_the_full_matrix(digits, fitted):
     _, train, queries = digits
-    retriever = Retriever(fitted)
+    retriever = Retriever(fitted, source="directions")
     cands = retriever.candidates(queries, 30)
     assert cands.shape == (8, 30)
     # an exact copy's gradient sketch is its training point's: it is the nearest neighbour
@@ -134,8 +134,8 @@ def test_index_is_refused_when_the_model_or_the_data_changed(digits, fitted, tmp
 
 def test_features_source_tail_estimator_and_errors(digits, fitted):
     model, train, queries = digits
-    feats = Retriever(fitted, source="features")
-    assert feats.layer == "classifier.2" and feats.index.dim == 4 * 8
+    feats = Retriever(fitted)
+    assert feats.source == "features" and feats.layer == "classifier.2" and feats.index.dim == 4 * 8
     assert feats.candidates(queries, 5)[:4, 0].tolist() == [0, 1, 2, 3]
     tail = fi.TailForwardINF(model, split="classifier", query_chunk=3).fit(train)
     full = tail.top_k(queries, k=4)

@@ -7,14 +7,17 @@ queries of one update chunk (``query_chunk``) score the union of their shortlist
 (``union=True``, the default off the CPU), or each query's updated model its own ``K`` candidates
 (the default on the CPU, where the updated models run one after another anyway).
 
-What the index holds (``source``):
+What the index holds (``source``; ``"auto"``, the default: ``"features"`` when the model has an
+``nn.Linear``, else ``"directions"``):
 
-- ``"directions"`` (default): each training point's gradient sketch ``[∇m(θ, z_i)·v_j]_j``
+- ``"features"``: the input of the module named ``layer`` (default: the last ``nn.Linear``, so
+  the penultimate features), one forward sweep over the training set. On Fashion-MNIST
+  (SmallCNN, 2,000 training points, 12 test queries) the full sweep's top 10 were all among the
+  200 nearest by features, 0.93 of them by gradient sketch (benchmarks/results/many_queries.md).
+- ``"directions"``: each training point's gradient sketch ``[∇m(θ, z_i)·v_j]_j``
   along the ``n_directions`` random directions that the default cosine score already caches in
   ``fit`` (no extra sweep); a query's sketch costs ``n_directions`` forward-mode derivatives. The
-  inner product of unit sketches estimates the gradient cosine that the score ranks by.
-- ``"features"``: the input of the module named ``layer`` (e.g. the penultimate features
-  entering the last linear layer), one forward sweep over the training set.
+  inner product of unit sketches estimates the gradient cosine that the score ranks by; any model.
 
 ``K`` equal to the training-set size gives exactly the full sweep's answer. :meth:`Retriever.recall`
 measures, on a sample of queries, how much of the full sweep's top-k the shortlist kept.
@@ -38,7 +41,7 @@ from forwardinf.storage.index import ShortlistIndex
 from forwardinf.storage.manifest import config_of, fingerprint_data, fingerprint_module, make_manifest
 from forwardinf.storage.topk import RunningTopK, TopK, concat_topk
 
-SOURCES = ("directions", "features")
+SOURCES = ("auto", "features", "directions")
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,7 @@ class Retriever:
         path: folder of the index on disk (e.g. beside the score store); None keeps it in memory.
             A folder made from another model, training set or configuration is refused
             (``StoreMismatchError``) unless ``overwrite``; an interrupted build resumes.
-        source: ``"directions"`` or ``"features"`` (module docstring).
+        source: ``"auto"``, ``"features"`` or ``"directions"`` (module docstring).
         layer: for ``"features"``: the module whose input is the vector (default: the last
             ``nn.Linear`` of the model).
         factory: FAISS ``index_factory`` string (``"Flat"``: exact inner product; ``"HNSW32"``...).
@@ -77,13 +80,15 @@ class Retriever:
     (or makes an in-memory one).
     """
 
-    def __init__(self, estimator: Estimator, path: Any = None, *, source: str = "directions",
+    def __init__(self, estimator: Estimator, path: Any = None, *, source: str = "auto",
                  layer: str | None = None, factory: str = "Flat", shard_size: int = 65536,
                  overwrite: bool = False) -> None:
         check_choice("Retriever", "source", source, SOURCES)
         if not isinstance(estimator, (ForwardINF, TailForwardINF)):
             raise TypeError(f"Retriever: shortlists need a ForwardINF or TailForwardINF, got {type(estimator).__name__}")
         estimator._check_fitted()
+        if source == "auto":
+            source = "features" if layer is not None or _linears(estimator.model) else "directions"
         self.estimator, self.source, self.train = estimator, source, estimator.train_
         self.layer = _last_linear(estimator.model) if source == "features" and layer is None else layer
         forward = self._forward()
@@ -237,8 +242,12 @@ class Retriever:
         return f"Retriever(source={self.source!r}, index={self.index!r})"
 
 
+def _linears(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
 def _last_linear(model: nn.Module) -> str:
-    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    names = _linears(model)
     if not names:
         raise ValueError("Retriever: source='features' needs layer= (the model has no nn.Linear)")
     return names[-1]
