@@ -149,3 +149,33 @@ def test_features_source_tail_estimator_and_errors(digits, fitted):
         Retriever(fi.TracIn(model).fit(train))
     with pytest.raises(fi.NotFittedError):
         fi.ForwardINF(model).top_k(queries, shortlist=5)
+
+
+def test_score_cli_shortlist_writes_the_table_index_and_recall(digits, tmp_path, capsys):
+    import numpy as np
+
+    from forwardinf.cli import main as cli_main
+    from forwardinf.storage import read_topk_csv
+
+    model, (x, y), queries = digits
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    np.savez(tmp_path / "train.npz", inputs=x.numpy(), targets=y.numpy())
+    np.savez(tmp_path / "queries.npz", inputs=queries[0].numpy(), targets=queries[1].numpy())
+    (tmp_path / "net.py").write_text("from forwardinf.models import SmallCNN\n"
+                                     "def build():\n    return SmallCNN((1, 8, 8), 10, width=8)\n")
+    args = ["score", "--model", str(tmp_path / "weights.pt"), "--arch", f"{tmp_path / 'net.py'}:build",
+            "--train", str(tmp_path / "train.npz"), "--queries", str(tmp_path / "queries.npz"), "--k", "5",
+            "--query-chunk", "3", "--out", str(tmp_path / "run"), "--shortlist", "300", "--recall-sample", "2"]
+    assert cli_main(args) == 0
+    printed = capsys.readouterr().out
+    assert "recall of the full sweep's top-5 on 2 sampled queries: 1.000" in printed
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    method = results["methods"]["forward-inf"]
+    assert method["shortlist"] == 300 and method["recall"] == 1.0 and method["index_source"] == "features"
+    assert (tmp_path / "run" / "index" / "index.faiss").is_file() and not (tmp_path / "run" / "store").exists()
+    # K = n_train: the table is the full sweep's top-k
+    idx, scores = read_topk_csv(tmp_path / "run" / "topk.csv")
+    full = fi.ForwardINF(model, query_chunk=3).fit((x, y)).top_k(queries, k=5)
+    assert torch.equal(idx, full.indices) and torch.allclose(scores, full.scores)
+    assert cli_main(args[:-4] + ["--shortlist", "3"]) == 2  # fewer candidates than --k
+    assert "at least --k" in capsys.readouterr().err
