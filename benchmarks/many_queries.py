@@ -210,6 +210,68 @@ def write(args, rows: list) -> None:
     print("\n".join(lines))
 
 
+def lds_part(args) -> dict:
+    """LDS of Forward-INF (default and counterfactual) in full and through shortlists, on the
+    ``forwardinf lds`` Fashion-MNIST setup (ground truth retrained and cached under ``--cache``).
+    A shortlist scores only its K candidates: every other training point gets score 0."""
+    import numpy as np
+
+    import forwardinf as fi
+    from forwardinf.cli import build_parser
+    from forwardinf.experiments import lds
+
+    torch.set_num_threads(1)
+    ns = build_parser().parse_args(["lds", "--dataset", "fashion-mnist", "--n-train", str(args.lds_n_train),
+                                    "--subsets", str(args.lds_subsets), "--n-queries", str(args.lds_queries),
+                                    "--out", str(Path(args.cache) / f"lds-{args.lds_n_train}"), "--quiet"])
+    ns = lds.apply_defaults(ns)
+    problem = lds.load_problem(ns)
+    masks, outputs = lds.ground_truth(ns, problem, False)
+    targets, fit = lds.signed_targets(outputs), lds.n_fit(ns.subsets, ns.holdout)
+    model, train = problem.prepared.model, problem.prepared.split.train()
+    out = {"n_train": len(train[1]), "subsets": ns.subsets, "n_queries": len(problem.queries[1]),
+           "epochs": ns.epochs, "retraining_cpu": float(np.nansum(outputs["cpu_seconds"])), "rows": {}}
+    for name, est in (("forward-inf", fi.ForwardINF(model)),
+                      ("forward-inf-counterfactual", fi.ForwardINF.preset("counterfactual", model))):
+        est.fit(train)
+        variants = {"full": est.influence(problem.queries)}
+        for k in args.lds_shortlist:
+            top = est.top_k(problem.queries, k=k, shortlist=k)  # every candidate's score
+            variants[f"shortlist K={k}"] = torch.zeros(len(problem.queries[1]), len(train[1])).scatter_(
+                1, top.indices, top.scores)
+        for label, scores in variants.items():
+            metrics, _ = lds.evaluate(scores.numpy(), masks, targets, fit, 1000, 0)
+            out["rows"][f"{name} {label}"] = {m: metrics[m] for m in ("lds_margin", "lds_margin_ci", "lds_margin_heldout")}
+            print(f"{name} {label}: LDS margin {metrics['lds_margin']:+.3f}", flush=True)
+    (Path(args.cache) / f"many-lds-{args.lds_n_train}.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
+def recall_part(args) -> dict:
+    """Candidate recall of each index source: the fraction of the full sweep's top 10 among the
+    ``K`` nearest training points, on the test images among the queries."""
+    import forwardinf as fi
+    from forwardinf.estimators.shortlist import Retriever
+
+    torch.set_num_threads(1)
+    model, train, (xq, yq), kinds, _ = problem(args)
+    tests = [i for i, k in enumerate(kinds) if k == "test"][:args.recall_queries]
+    queries = (xq[tests], yq[tests])
+    est = fi.ForwardINF(model).fit(train)
+    full = est.top_k(queries, 10).indices
+    n = len(train[1])
+    out = {"n_train": n, "n_queries": len(tests), "rows": {}}
+    for source in ("features", "directions"):
+        retriever = Retriever(est, source=source)
+        for k in (n // 100, n // 30, n // 10, n // 4):
+            cands = retriever.candidates(queries, k)
+            kept = sum(len(set(f.tolist()) & set(c.tolist())) / 10 for f, c in zip(full, cands)) / len(tests)
+            out["rows"][f"{source} K={k}"] = kept
+            print(f"{source} K={k}: {kept:.3f}", flush=True)
+    (Path(args.cache) / f"many-recall-{n}.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n-train", type=int, default=60000)
@@ -221,6 +283,13 @@ def main() -> None:
                    help="largest query count a method runs (the rest is extrapolated), e.g. forward-inf=100")
     p.add_argument("--max-queries", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--recall", action="store_true", help="only the candidate recall of each index source")
+    p.add_argument("--recall-queries", type=int, default=12)
+    p.add_argument("--lds", action="store_true", help="only the LDS part (forwardinf lds setup, ground truth cached)")
+    p.add_argument("--lds-n-train", type=int, default=2000)
+    p.add_argument("--lds-subsets", type=int, default=50)
+    p.add_argument("--lds-queries", type=int, default=200)
+    p.add_argument("--lds-shortlist", type=int, nargs="+", default=[100, 400])
     p.add_argument("--cache", default="/tmp/forwardinf-bench")
     p.add_argument("--data-root", default=None)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -229,6 +298,9 @@ def main() -> None:
     args.limits = {k: int(v) for k, v in (s.split("=") for s in args.limit)}
     if args.child:
         Path(args.json).write_text(json.dumps(child(args)))
+        return
+    if args.lds or args.recall:
+        lds_part(args) if args.lds else recall_part(args)
         return
     if not args.report_only:
         for method in args.methods.split(","):
