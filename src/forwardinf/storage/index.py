@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -26,8 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from forwardinf.io import atomic_path, write_json
-from forwardinf.storage.manifest import StoreMismatchError, check_manifest
+from forwardinf.io import atomic_path
+from forwardinf.storage.manifest import StoreMismatchError, check_manifest, start_folder
 
 MANIFEST = "manifest.json"
 INDEX_FILE = "index.faiss"
@@ -127,14 +126,7 @@ def _open_folder(path: Path, manifest: Mapping[str, Any], overwrite: bool) -> No
         except StoreMismatchError:
             if not overwrite:
                 raise
-        shutil.rmtree(path)
-    elif path.exists() and any(path.iterdir()):
-        if not overwrite:
-            raise StoreMismatchError(f"{path} exists, is not empty and is not a shortlist index (no {MANIFEST}); "
-                                     "choose another folder or pass overwrite=True")
-        shutil.rmtree(path)
-    (path / "vectors").mkdir(parents=True, exist_ok=True)
-    write_json(path / MANIFEST, manifest, sort_keys=True)
+    start_folder(path, manifest, "vectors", "shortlist index", overwrite)
 
 
 def _make_index(data: np.ndarray, factory: str, n: int) -> Any:

@@ -9,6 +9,8 @@ differs.
 from __future__ import annotations
 
 import hashlib
+import shutil
+from pathlib import Path
 from typing import Any, Mapping
 
 from torch import nn
@@ -16,7 +18,7 @@ from torch import nn
 from forwardinf._version import __version__
 from forwardinf.data.inputs import as_dataset, batches
 from forwardinf.hashing import hash_tensor, sha256_hex
-from forwardinf.io import canonical_json
+from forwardinf.io import canonical_json, write_json
 from forwardinf.io import jsonable as _jsonable
 
 FORMAT = 1
@@ -103,6 +105,18 @@ def make_manifest(*, model: str, train: str, queries: str, n_train: int, n_query
     }
 
 
+def start_folder(path: Path, manifest: Mapping[str, Any], subdir: str, what: str, overwrite: bool) -> None:
+    """Make ``path`` a new folder of ``what``: ``manifest.json`` and an empty ``subdir``. A folder
+    that is not empty is cleared with ``overwrite``, else refused (:class:`StoreMismatchError`)."""
+    if path.exists() and any(path.iterdir()):
+        if not overwrite:
+            raise StoreMismatchError(f"{path} exists, is not empty and is not a {what} matching this run; "
+                                     "choose another folder or pass overwrite=True (--overwrite)")
+        shutil.rmtree(path)
+    (path / subdir).mkdir(parents=True, exist_ok=True)
+    write_json(path / "manifest.json", manifest, sort_keys=True)
+
+
 def check_manifest(saved: Mapping[str, Any], expected: Mapping[str, Any], where: str, what: str = "score store") -> None:
     """Raise :class:`StoreMismatchError` naming every checked field on which the two differ
     (``what``: the kind of folder, for the message)."""
@@ -145,4 +159,4 @@ def config_of(estimator: Any) -> dict[str, Any]:
 
 
 __all__ = ["StoreMismatchError", "fingerprint_module", "fingerprint_data", "config_hash", "make_manifest",
-           "check_manifest", "config_of", "jsonable", "canonical_json"]
+           "check_manifest", "start_folder", "config_of", "jsonable", "canonical_json"]
