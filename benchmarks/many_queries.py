@@ -68,12 +68,12 @@ def problem(args):
 
 
 # -------------------------------------------------------------------------------------- child
-def child(args) -> dict:
+def child(args) -> None:
     import forwardinf as fi
     from forwardinf.baselines.registry import make_estimator
     from forwardinf.estimators.shortlist import Retriever
     from forwardinf.experiments.common import timer, warm_up
-    from forwardinf.memory import reset_peak, status_mb
+    from forwardinf.memory import reset_peak
 
     torch.set_num_threads(1)
     model, train, (xq, yq), _, _ = problem(args)
@@ -99,6 +99,7 @@ def child(args) -> dict:
             with timer() as t:
                 top = est.top_k((xq[:q], yq[:q]), 10, **options)
             runs.setdefault("", {})[str(q)] = {"cpu": t["cpu_seconds"], "wall": t["seconds"], "top10": top.indices.tolist()}
+            save(args, out, runs)
             print(f"[{time.strftime('%H:%M:%S')}] {method} Q={q}: {t['cpu_seconds']:.1f} CPU s", flush=True)
     if method in ("forward-inf-shortlist", "forward-inf-tail"):  # the shortlist on the full / tail estimator
         with timer() as t:
@@ -110,11 +111,17 @@ def child(args) -> dict:
                     top = retriever.top_k((xq[:q], yq[:q]), 10, shortlist=k)
                 runs.setdefault(f"shortlist K={k}", {})[str(q)] = {"cpu": t["cpu_seconds"], "wall": t["seconds"],
                                                                    "top10": top.indices.tolist()}
+                save(args, out, runs)
                 print(f"[{time.strftime('%H:%M:%S')}] {method} K={k} Q={q}: {t['cpu_seconds']:.1f} CPU s", flush=True)
-    out["runs"] = runs
-    out["peak_mb"] = status_mb("VmHWM")
-    out["load_average"] = os.getloadavg()[0]
-    return out
+    save(args, out, runs)
+
+
+def save(args, out: dict, runs: dict) -> None:
+    """The child's results so far (a run stopped later keeps every query count it measured)."""
+    from forwardinf.memory import status_mb
+
+    Path(args.json).write_text(json.dumps({**out, "runs": runs, "peak_mb": status_mb("VmHWM"),
+                                           "load_average": os.getloadavg()[0]}))
 
 
 def run_child(method: str, args) -> None:
@@ -133,17 +140,23 @@ def result_path(args, method: str) -> Path:
 
 
 # ------------------------------------------------------------------------------------- report
-def quality(top10: list, kinds: list, targets: torch.Tensor, reference: dict | None) -> dict:
-    """T-1 on exact / near copies, and top-10 overlap with the full sweep on test images."""
+def quality(top10: list, kinds: list, targets: torch.Tensor, reference: list | None, own: list | None) -> dict:
+    """T-1 on exact / near copies; top-10 overlap on test images with the full Forward-INF sweep
+    (``reference``) and, for a shortlist, with the sweep of its own estimator over every point (``own``)."""
     out = {}
     for kind in ("copy", "near"):
         hits = [top10[i][0] == int(targets[i]) for i in range(len(top10)) if kinds[i] == kind]
         out[f"t1_{kind}"] = (sum(hits) / len(hits), len(hits)) if hits else None
-    if reference is not None:
-        both = [i for i in range(min(len(top10), len(reference))) if kinds[i] == "test"]
+    for key, ref in (("overlap_test", reference), ("overlap_own", own)):
+        both = [i for i in range(min(len(top10), len(ref or []))) if kinds[i] == "test"]
         if both:
-            out["overlap_test"] = (sum(len(set(top10[i]) & set(reference[i])) / 10 for i in both) / len(both), len(both))
+            out[key] = (sum(len(set(top10[i]) & set(ref[i])) / 10 for i in both) / len(both), len(both))
     return out
+
+
+def biggest(runs: dict) -> list:
+    """The top 10 of the largest measured query count (the smaller query sets are its prefixes)."""
+    return runs[max(runs, key=int)]["top10"]
 
 
 def fit_line(points: dict) -> tuple[float, float]:
@@ -160,9 +173,9 @@ def fit_line(points: dict) -> tuple[float, float]:
 def report(args) -> None:
     _, _, _, kinds, targets = problem(args)
     found = {m: json.loads(result_path(args, m).read_text()) for m in METHODS if result_path(args, m).is_file()}
-    full = found.get("forward-inf", {}).get("runs", {}).get("", {})
-    reference = full[max(full, key=int)]["top10"] if full else None
-    rows, table = [], []
+    sweeps = {m: biggest(r["runs"][""]) for m, r in found.items() if r["runs"].get("")}
+    reference = sweeps.get("forward-inf")
+    rows = []
     for method, r in found.items():
         for label, runs in r["runs"].items():
             index = r.get("index_cpu") if label else None
@@ -174,12 +187,32 @@ def report(args) -> None:
             for q in map(str, args.queries):
                 if q not in runs:  # not measured: the line through the measured query counts
                     row["queries"][q] = {"cpu": a + b * int(q), "end_to_end": fixed + a + b * int(q), "extrapolated": True}
-            biggest = max(runs, key=int)
-            row["quality_at"] = int(biggest)
-            row.update(quality(runs[biggest]["top10"], kinds, targets, reference))
+            row["fixed_line"] = fixed + a  # end-to-end = fixed_line + per_query_cpu x Q
+            row.update(extrapolate(method, label, fixed + a, b, r["n_train"]))
+            row["quality_at"] = max(map(int, runs))
+            own = sweeps.get("forward-inf" if method == "forward-inf-shortlist" else method) if label else None
+            row.update(quality(biggest(runs), kinds, targets, reference, own))
             rows.append(row)
-            table.append(row)
     write(args, rows)
+
+
+SWEEPING = ("forward-inf", "forward-inf-tail")  # each query is a sweep over the training set
+
+
+def extrapolate(method: str, label: str, fixed: float, per_query: float, n: int, n_to: int = 60000,
+                q_to: int = 1000) -> dict:
+    """End-to-end CPU seconds at ``n_to`` training points and ``q_to`` queries, extrapolated from
+    ``fixed + per_query * Q`` measured at ``n``: fixed costs (fit, index, the training gradients a
+    call recomputes) grow linearly with ``n``; a query of the full or tail sweep too; every other
+    query cost is held as measured (a lower bound for the gradient-store peers, whose query cost
+    also has a part linear in ``n``). A shortlist query costs its K candidates, whatever ``n``
+    (``K`` fixed), or grows with ``n`` if ``K`` must (``K / n`` fixed)."""
+    scale = n_to / n
+    sweeps = method in SWEEPING and not label
+    out = {"e2e_60k_1000": fixed * scale + per_query * q_to * (scale if sweeps else 1.0)}
+    if label.startswith("shortlist"):
+        out["e2e_60k_1000_k_scaled"] = (fixed + per_query * q_to) * scale
+    return out
 
 
 def _cell(v: dict) -> str:
@@ -194,20 +227,91 @@ def _frac(v) -> str:
 def write(args, rows: list) -> None:
     qs = list(map(str, args.queries))
     head = ("| method | fit CPU s | index CPU s | per query CPU s | " + " | ".join(f"end-to-end Q={q}" for q in qs)
-            + " | peak MB | T-1 copies | T-1 near | top-10 overlap (test) | quality at Q |")
+            + " | *60k x 1,000 (extrapolated)* | peak MB | T-1 copies | T-1 near | top-10 overlap with full Forward-INF "
+            "(test) | shortlist: top-10 overlap with its own full sweep (test) | quality at Q |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         idx = "-" if r["index_cpu"] is None else f"{r['index_cpu']:.1f}"
-        lines.append(f"| {r['method']} | {r['fit_cpu']:,.0f} | {idx} | {r['per_query_cpu']:.3f} | "
+        e60 = f"*{r['e2e_60k_1000']:,.0f}*" + (f" (*{r['e2e_60k_1000_k_scaled']:,.0f}* if K/n fixed)"
+                                              if "e2e_60k_1000_k_scaled" in r else "")
+        lines.append(f"| {r['method']} | {r['fit_cpu']:,.1f} | {idx} | {r['per_query_cpu']:.3f} | "
                      + " | ".join(_cell(r["queries"][q]) for q in qs)
-                     + f" | {r['peak_mb']:,.0f} | {_frac(r.get('t1_copy'))} | {_frac(r.get('t1_near'))} | "
-                     f"{_frac(r.get('overlap_test'))} | {r['quality_at']} |")
+                     + f" | {e60} | {r['peak_mb']:,.0f} | {_frac(r.get('t1_copy'))} | {_frac(r.get('t1_near'))} | "
+                     f"{_frac(r.get('overlap_test'))} | {_frac(r.get('overlap_own'))} | {r['quality_at']} |")
     out = {"n_train": args.n_train, "queries": args.queries, "shortlist": args.shortlist, "source": args.source,
            "command": " ".join(["python", "benchmarks/many_queries.py", *sys.argv[1:]]), "rows": rows}
+    extras = {}
+    for part in ("recall", "lds"):
+        found = sorted(Path(args.cache).glob(f"many-{part}-*.json"))
+        if found:
+            extras[part] = json.loads(found[-1].read_text())
+    out.update(extras)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "many_queries.json").write_text(json.dumps(out, indent=1) + "\n")
-    (RESULTS / "many_queries_table.md").write_text("\n".join(lines) + "\n")
+    md = RESULTS / "many_queries.md"
+    notes = md.read_text().split(NOTES, 1)[1] if md.is_file() and NOTES in md.read_text() else "\n"
+    text = [f"# Many queries: Forward-INF full, tail and shortlist against gradient stores (issue 27)\n",
+            f"Fashion-MNIST, SmallCNN (455k parameters, trained on all 60,000 images, test accuracy 0.900), "
+            f"attributed against the first {args.n_train:,} training images; queries: exact copies, near copies "
+            f"(shifted up to 2 px) and test images, interleaved; shortlist index source: `{args.source}`. "
+            "CPU seconds (`time.process_time`) of one single-threaded process per method; *italic* numbers are "
+            "extrapolated, not measured (see below).\n", f"Command: `{out['command']}`\n", "\n".join(lines) + "\n",
+            crossovers(rows), recall_table(extras.get("recall")), lds_table(extras.get("lds")), NOTES + notes]
+    md.write_text("\n".join(text))
     print("\n".join(lines))
+
+
+NOTES = "<!-- notes: kept when the tables are rewritten -->"
+
+
+def crossovers(rows: list) -> str:
+    """Query counts above which each shortlist row is cheaper end-to-end than each other method (measured n)."""
+    out = ["## Crossovers (at the measured training-set size)\n",
+           "Where the shortlist is cheaper end-to-end than each other method, from each method's line "
+           "`fixed + per_query x Q` through its two largest measured query counts (a method measured at one "
+           "query count only: its line through the origin).\n",
+           "| shortlist | vs | shortlist cheaper |", "|---|---|---|"]
+    for sl in (r for r in rows if "shortlist" in r["method"]):
+        f_sl = sl["fixed_line"]
+        for r in rows:
+            if "shortlist" in r["method"]:
+                continue
+            f_o = r["fixed_line"]
+            gap, dq = f_sl - f_o, sl["per_query_cpu"] - r["per_query_cpu"]  # shortlist minus other
+            if dq < 0:
+                q = "at every Q" if gap <= 0 else f"above Q = {gap / -dq:,.0f}"
+            else:
+                q = "never" if gap >= 0 else f"below Q = {-gap / dq:,.0f}"
+            out.append(f"| {sl['method']} | {r['method']} | {q} |")
+    return "\n".join(out) + "\n"
+
+
+def recall_table(rec: dict | None) -> str:
+    if not rec:
+        return ""
+    lines = [f"## Candidate recall of each index source\n",
+             f"Fraction of the full sweep's top 10 among the K nearest training points, {rec['n_queries']} test images, "
+             f"{rec['n_train']:,} training images (`python benchmarks/many_queries.py --recall --n-train {rec['n_train']}`).\n",
+             "| source, K | recall |", "|---|---|"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in rec["rows"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def lds_table(res: dict | None) -> str:
+    if not res:
+        return ""
+    lines = [f"## LDS of the shortlist variant\n",
+             f"`forwardinf lds` setup on Fashion-MNIST, reduced: {res['n_train']:,} training points, {res['subsets']} "
+             f"subsets of half, one run each ({res['retraining_cpu']:.0f} CPU s of retraining), {res['n_queries']} held-out "
+             f"queries, epochs {res['epochs']}; margin target, 95% bootstrap interval over queries. A shortlist scores "
+             f"its K candidates; every other training point scores 0 "
+             f"(`python benchmarks/many_queries.py --lds --lds-n-train {res['n_train']} --lds-subsets {res['subsets']} "
+             f"--lds-queries {res['n_queries']}`).\n",
+             "| method | LDS (all subsets) | 95% CI | held-out subsets |", "|---|---|---|---|"]
+    for k, v in res["rows"].items():
+        ci = v["lds_margin_ci"]
+        lines.append(f"| {k} | {v['lds_margin']:+.3f} | [{ci[0]:+.3f}, {ci[1]:+.3f}] | {v['lds_margin_heldout']:+.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 def lds_part(args) -> dict:
@@ -297,7 +401,7 @@ def main() -> None:
     args = p.parse_args()
     args.limits = {k: int(v) for k, v in (s.split("=") for s in args.limit)}
     if args.child:
-        Path(args.json).write_text(json.dumps(child(args)))
+        child(args)
         return
     if args.lds or args.recall:
         lds_part(args) if args.lds else recall_part(args)
