@@ -255,7 +255,7 @@ def write(args, rows: list) -> None:
             f"attributed against the first {args.n_train:,} training images; queries: exact copies, near copies "
             f"(shifted up to 2 px) and test images, interleaved; shortlist index source: `{args.source}`. "
             "CPU seconds (`time.process_time`) of one single-threaded process per method; *italic* numbers are "
-            "extrapolated, not measured (see below).\n", f"Command: `{out['command']}`\n", "\n".join(lines) + "\n",
+            "extrapolated, not measured (see below).\n", f"Tables written by `{out['command']}` (the measuring runs: *Commands* below).\n", "\n".join(lines) + "\n",
             crossovers(rows), recall_table(extras.get("recall")), lds_table(extras.get("lds")), NOTES + notes]
     md.write_text("\n".join(text))
     print("\n".join(lines))
