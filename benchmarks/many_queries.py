@@ -286,32 +286,33 @@ def crossovers(rows: list) -> str:
     return "\n".join(out) + "\n"
 
 
+def _section(title: str, intro: str, header: str, rows: list[str]) -> str:
+    """A markdown section: title, one paragraph, a table (``header`` with its ``|---|`` line, ``rows``)."""
+    rule = "|" + "---|" * (header.count("|") - 1)
+    return "\n".join([f"## {title}\n", intro + "\n", header, rule, *rows]) + "\n"
+
+
 def recall_table(rec: dict | None) -> str:
     if not rec:
         return ""
-    lines = [f"## Candidate recall of each index source\n",
-             f"Fraction of the full sweep's top 10 among the K nearest training points, {rec['n_queries']} test images, "
-             f"{rec['n_train']:,} training images (`python benchmarks/many_queries.py --recall --n-train {rec['n_train']}`).\n",
-             "| source, K | recall |", "|---|---|"]
-    lines += [f"| {k} | {v:.3f} |" for k, v in rec["rows"].items()]
-    return "\n".join(lines) + "\n"
+    intro = (f"Fraction of the full sweep's top 10 among the K nearest training points, {rec['n_queries']} test images, "
+             f"{rec['n_train']:,} training images (`python benchmarks/many_queries.py --recall --n-train {rec['n_train']}`).")
+    return _section("Candidate recall of each index source", intro, "| source, K | recall |",
+                    [f"| {k} | {v:.3f} |" for k, v in rec["rows"].items()])
 
 
 def lds_table(res: dict | None) -> str:
     if not res:
         return ""
-    lines = [f"## LDS of the shortlist variant\n",
-             f"`forwardinf lds` setup on Fashion-MNIST, reduced: {res['n_train']:,} training points, {res['subsets']} "
+    intro = (f"`forwardinf lds` setup on Fashion-MNIST, reduced: {res['n_train']:,} training points, {res['subsets']} "
              f"subsets of half, one run each ({res['retraining_cpu']:.0f} CPU s of retraining), {res['n_queries']} held-out "
              f"queries, epochs {res['epochs']}; margin target, 95% bootstrap interval over queries. A shortlist scores "
              f"its K candidates; every other training point scores 0 "
              f"(`python benchmarks/many_queries.py --lds --lds-n-train {res['n_train']} --lds-subsets {res['subsets']} "
-             f"--lds-queries {res['n_queries']}`).\n",
-             "| method | LDS (all subsets) | 95% CI | held-out subsets |", "|---|---|---|---|"]
-    for k, v in res["rows"].items():
-        ci = v["lds_margin_ci"]
-        lines.append(f"| {k} | {v['lds_margin']:+.3f} | [{ci[0]:+.3f}, {ci[1]:+.3f}] | {v['lds_margin_heldout']:+.3f} |")
-    return "\n".join(lines) + "\n"
+             f"--lds-queries {res['n_queries']}`).")
+    rows = [f"| {k} | {v['lds_margin']:+.3f} | [{v['lds_margin_ci'][0]:+.3f}, {v['lds_margin_ci'][1]:+.3f}] | "
+            f"{v['lds_margin_heldout']:+.3f} |" for k, v in res["rows"].items()]
+    return _section("LDS of the shortlist variant", intro, "| method | LDS (all subsets) | 95% CI | held-out subsets |", rows)
 
 
 def lds_part(args) -> dict:
