@@ -147,6 +147,8 @@ def test_features_source_tail_estimator_and_errors(digits, fitted):
         fitted.top_k(queries, k=3, shortlist=0)
     with pytest.raises(TypeError, match="ForwardINF"):
         Retriever(fi.TracIn(model).fit(train))
+    with pytest.raises(TypeError, match="no shortlist path"):
+        fi.TracIn(model).fit(train).top_k(queries, k=3, shortlist=5)
     with pytest.raises(fi.NotFittedError):
         fi.ForwardINF(model).top_k(queries, shortlist=5)
 

@@ -200,8 +200,7 @@ class Estimator:
         """
         name = type(self).__name__
         if shortlist is not None:
-            from forwardinf.estimators.shortlist import Retriever  # imports ForwardINF, which imports this module
-            return Retriever.of(self).top_k(queries, k, shortlist)
+            return self._shortlist_top_k(queries, k, shortlist)
         check_positive(name, "k", k, integer=True)
         if chunk is not None:
             check_positive(name, "chunk", chunk, integer=True)
@@ -209,6 +208,9 @@ class Estimator:
         for q0, start, block in self._score_blocks(queries, chunk or TRAIN_CHUNK):
             running.setdefault(q0, RunningTopK(block.shape[0], k)).update(block, start)
         return concat_topk([running[q0].result() for q0 in sorted(running)])
+
+    def _shortlist_top_k(self, queries: DataLike, k: int, shortlist: int) -> TopK:
+        raise TypeError(f"{type(self).__name__} has no shortlist path (ForwardINF and TailForwardINF have)")
 
     def _score_blocks(self, queries: DataLike, chunk: int) -> Iterator[tuple[int, int, Tensor]]:
         """``(first query, first training position, scores [q, b])`` blocks covering the matrix."""

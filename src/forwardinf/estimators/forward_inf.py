@@ -17,6 +17,7 @@ from forwardinf.core.update import OPTIMIZERS, UpdateRule
 from forwardinf.data.inputs import DataLike, batch_len, batches, check_finite, gather, repeat, subset, to_device, unsqueeze
 from forwardinf.estimators.base import (Capabilities, Estimator, EstimatorConfig, check_choice, check_indices,
                                         check_positive)
+from forwardinf.estimators.shortlist import shortlist_top_k
 from forwardinf.tasks.base import Task
 
 SCORES = ("cosine", "margin", "loss", "abs", "influence")
@@ -123,6 +124,7 @@ class ForwardINF(Estimator):
     """
 
     Config = ForwardINFConfig
+    _shortlist_top_k = shortlist_top_k  # top_k(..., shortlist=K): forwardinf.estimators.shortlist
 
     def __init__(self, model: nn.Module, task: Task | None = None, *, config: ForwardINFConfig | None = None,
                  **knobs: Any) -> None:

@@ -35,8 +35,6 @@ from forwardinf.core.params import mode
 from forwardinf.core.sweep import sweep
 from forwardinf.data.inputs import DataLike, gather, subset
 from forwardinf.estimators.base import TRAIN_CHUNK, Estimator, check_choice, check_positive
-from forwardinf.estimators.forward_inf import ForwardINF
-from forwardinf.estimators.tail import TailForwardINF
 from forwardinf.storage.index import ShortlistIndex
 from forwardinf.storage.manifest import config_of, fingerprint_data, fingerprint_module, make_manifest
 from forwardinf.storage.topk import RunningTopK, TopK, concat_topk
@@ -84,7 +82,8 @@ class Retriever:
                  layer: str | None = None, factory: str = "Flat", shard_size: int = 65536,
                  overwrite: bool = False) -> None:
         check_choice("Retriever", "source", source, SOURCES)
-        if not isinstance(estimator, (ForwardINF, TailForwardINF)):
+        # duck-typed (this module sits below forward_inf.py and tail.py, which import it)
+        if not (hasattr(estimator, "_directional") or hasattr(estimator, "_tail")):
             raise TypeError(f"Retriever: shortlists need a ForwardINF or TailForwardINF, got {type(estimator).__name__}")
         estimator._check_fitted()
         if source == "auto":
@@ -117,15 +116,15 @@ class Retriever:
             return found
         return cls(estimator)
 
-    def _forward(self) -> ForwardINF:
+    def _forward(self) -> Any:
         """The ForwardINF that scores (a tail estimator's tail)."""
         est = self.estimator
-        return est._tail() if isinstance(est, TailForwardINF) else est
+        return est._tail() if hasattr(est, "_tail") else est
 
     def _forward_queries(self, queries: DataLike) -> Any:
         """Queries as the scoring ForwardINF takes them (a tail estimator's: the prefix's features)."""
         est = self.estimator
-        return est.features(queries, "queries") if isinstance(est, TailForwardINF) else queries
+        return est.features(queries, "queries") if hasattr(est, "_tail") else queries
 
     @staticmethod
     def _unit(v: Tensor) -> Tensor:
@@ -206,7 +205,7 @@ class Retriever:
         return concat_topk(parts)
 
     @staticmethod
-    def _best(forward: ForwardINF, update: Any, cands: Tensor, k: int) -> TopK:
+    def _best(forward: Any, update: Any, cands: Tensor, k: int) -> TopK:
         """Top-k of ``update``'s queries over the union of ``cands [q, K]`` (training positions)."""
         rows = torch.unique(cands)  # sorted: ties go to the lower training index, as in the full sweep
         rows = rows[rows >= 0]  # approximate indexes may return -1 for missing neighbours
@@ -252,3 +251,8 @@ def _last_linear(model: nn.Module) -> str:
         raise ValueError("Retriever: source='features' needs layer= (the model has no nn.Linear)")
     return names[-1]
 
+
+
+def shortlist_top_k(estimator: Estimator, queries: DataLike, k: int, shortlist: int) -> TopK:
+    """``estimator.top_k(queries, k, shortlist=K)`` of ForwardINF / TailForwardINF."""
+    return Retriever.of(estimator).top_k(queries, k, shortlist)

@@ -38,6 +38,7 @@ from forwardinf.core.params import mode
 from forwardinf.data.inputs import DataLike, TensorDict, batch_len, batches, to_device
 from forwardinf.estimators.base import Capabilities, Estimator, check_choice
 from forwardinf.estimators.forward_inf import ForwardINF, ForwardINFConfig, forward_inf_capabilities
+from forwardinf.estimators.shortlist import shortlist_top_k
 from forwardinf.tasks.base import Task
 
 CACHES = ("auto", "memory", "disk")
@@ -259,6 +260,7 @@ class TailForwardINF(Estimator):
     """
 
     Config = TailForwardINFConfig
+    _shortlist_top_k = shortlist_top_k  # top_k(..., shortlist=K): forwardinf.estimators.shortlist
     fit_fields = ("split", "precision", "cache", "cache_dir", "batch_size")  # the cached prefix
 
     def __init__(self, model: nn.Module, task: Task | None = None, *, config: ForwardINFConfig | None = None,
