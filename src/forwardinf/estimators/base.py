@@ -227,7 +227,7 @@ class Estimator:
         """``[n_train]`` influence of each training point on itself."""
         raise NotImplementedError(f"{type(self).__name__} has no self-influence")
 
-    def top_k(self, queries: DataLike, k: int = 10, *, chunk: int | None = None) -> TopK:
+    def top_k(self, queries: DataLike, k: int = 10, *, chunk: int | None = None, shortlist: int | None = None) -> TopK:
         """The ``k`` highest-scoring training points per query, best first (``indices``,
         ``scores`` ``[n_query, k]``), and the ``k`` lowest, lowest first (``opponents``,
         ``opponent_scores``); equal scores in training-index order, exactly as a stable sort of
@@ -236,8 +236,14 @@ class Estimator:
         When the estimator scores slices (``capabilities.indices``) the training set is scored
         ``chunk`` points at a time (default 8192) into a running top-k: memory
         ``[n_query, chunk]``, never ``[n_query, n_train]``.
+
+        ``shortlist=K`` (Forward-INF): score only the ``K`` training points nearest to each query
+        in a retrieval index (:class:`forwardinf.estimators.shortlist.Retriever`: the last one made
+        for this fit, else an in-memory one); ``K >= n_train`` equals the full sweep.
         """
         name = type(self).__name__
+        if shortlist is not None:
+            return self._shortlist_top_k(queries, k, shortlist)
         check_positive(name, "k", k, integer=True)
         if chunk is not None:
             check_positive(name, "chunk", chunk, integer=True)
@@ -245,6 +251,9 @@ class Estimator:
         for q0, start, block in self._score_blocks(queries, chunk or TRAIN_CHUNK):
             running.setdefault(q0, RunningTopK(block.shape[0], k)).update(block, start)
         return concat_topk([running[q0].result() for q0 in sorted(running)])
+
+    def _shortlist_top_k(self, queries: DataLike, k: int, shortlist: int) -> TopK:
+        raise TypeError(f"{type(self).__name__} has no shortlist path (ForwardINF and TailForwardINF have)")
 
     def _score_blocks(self, queries: DataLike, chunk: int) -> Iterator[tuple[int, int, Tensor]]:
         """``(first query, first training position, scores [q, b])`` blocks covering the matrix."""

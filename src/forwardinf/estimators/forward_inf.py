@@ -22,6 +22,7 @@ from forwardinf.data.inputs import DataLike, batch_len, batches, gather, repeat,
 from forwardinf.estimators.base import (Capabilities, Estimator, EstimatorConfig, check_choice, check_indices,
                                         check_positive, check_range)
 from forwardinf.estimators.validation import DivergedError, check_scores
+from forwardinf.estimators.shortlist import shortlist_top_k
 from forwardinf.tasks.base import Task
 
 SCORES = ("cosine", "margin", "loss", "abs", "influence")
@@ -150,6 +151,7 @@ class ForwardINF(Estimator):
     """
 
     Config = ForwardINFConfig
+    _shortlist_top_k = shortlist_top_k  # top_k(..., shortlist=K): forwardinf.estimators.shortlist
 
     def __init__(self, model: nn.Module, task: Task | None = None, *, config: ForwardINFConfig | None = None,
                  **knobs: Any) -> None:
@@ -234,8 +236,9 @@ class ForwardINF(Estimator):
         check_finite_values(values, "train", kind)
         return values
 
-    def _directional(self) -> Tensor:
-        """``[n_train, n_directions]``: ``∇m(θ, z_i)·v_j`` for fixed Gaussian directions ``v_j``.
+    def _directional(self, data: Any = None) -> Tensor:
+        """``[n_train, n_directions]``: ``∇m(θ, z_i)·v_j`` for fixed Gaussian directions ``v_j``
+        (of ``data``'s points instead of the training set's when given: a query's gradient sketch).
 
         Forward-mode derivatives (``jvp``), so the training set still sees forward passes only.
         """
@@ -245,7 +248,7 @@ class ForwardINF(Estimator):
         with mode(self.model, False):
             for chunk in range(n_chunks):
                 columns.append(directional_sweep(self.task.score_loss, self.model, params, buffers_of(self.model),
-                                                 self._directions(params, chunk), self.train_, self.batch_size_,
+                                                 self._directions(params, chunk), self.train_ if data is None else data, self.batch_size_,
                                                  self._device(), self.progress, desc=f"directions {chunk + 1}/{n_chunks}"))
         out = torch.cat(columns, 0).T.contiguous()
         check_finite_values(out, "train", "directional derivative")  # or NaN cosine scores for that point

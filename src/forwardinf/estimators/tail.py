@@ -41,6 +41,7 @@ from forwardinf.estimators.base import Capabilities, Estimator, check_choice
 from forwardinf.estimators.forward_inf import ForwardINF, ForwardINFConfig, check_values, forward_inf_capabilities
 from forwardinf.estimators.hf_tail import HFTail, hf_features, hf_tail_params, is_hf_batch
 from forwardinf.estimators.split import auto_split
+from forwardinf.estimators.shortlist import shortlist_top_k
 from forwardinf.tasks.base import Task
 
 CACHES = ("auto", "memory", "disk")
@@ -268,6 +269,7 @@ class TailForwardINF(Estimator):
     """
 
     Config = TailForwardINFConfig
+    _shortlist_top_k = shortlist_top_k  # top_k(..., shortlist=K): forwardinf.estimators.shortlist
     fit_fields = ("split", "precision", "cache", "cache_dir", "batch_size")  # the cached prefix
 
     def __init__(self, model: nn.Module, task: Task | None = None, *, config: ForwardINFConfig | None = None,

@@ -45,6 +45,7 @@ from forwardinf.distributed import activation_bytes, auto_batch_size, init_distr
 from forwardinf.estimators.forward_inf import PRESETS, SCORES, ForwardINFConfig
 from forwardinf.estimators.tail import PRECISIONS, ReducedPrecisionTask, TailForwardINF, split_model
 from forwardinf.experiments.checks import UsageError
+from forwardinf.experiments import shortlist
 from forwardinf.experiments.report import markdown_table, results_object, write_outputs
 from forwardinf.storage import write_topk
 
@@ -95,6 +96,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--format", default="csv", choices=("csv", "parquet"), help="top-k table format")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
     g.add_argument("--device", default="cpu", help="device (cpu, cuda, cuda:1); under torchrun+nccl each rank its own GPU")
+    shortlist.add_arguments(p.add_argument_group("many queries"))
 
 
 # ------------------------------------------------------------------------------------ loading
@@ -530,22 +532,25 @@ def _run(args: argparse.Namespace, ctx: Any) -> dict:
     estimator = build_estimator(args, model, task, train)
     store_path = Path(args.store) if args.store else out / "store"
     progress = not args.quiet and ctx.is_main
-    new_store = not store_path.exists()
-    try:
-        result = score_to_store(estimator, train, queries, store_path, shard_size=args.shard_size,
-                                query_block=args.query_block, k=args.k, overwrite=args.overwrite, ctx=ctx,
-                                progress=progress)
-    except Exception:
-        # A run failing before its first block (a diverging update, a bad input) leaves --out as it found it.
-        if new_store and ctx.is_main and store_path.is_dir() and not any((store_path / "blocks").glob("*.npy")):
-            shutil.rmtree(store_path, ignore_errors=True)
-        raise
+    if args.shortlist:
+        result, method = shortlist.score_shortlist(estimator, train, queries, args, ctx, store_path)
+    else:
+        new_store = not store_path.exists()
+        try:
+            result = score_to_store(estimator, train, queries, store_path, shard_size=args.shard_size,
+                                    query_block=args.query_block, k=args.k, overwrite=args.overwrite, ctx=ctx,
+                                    progress=progress)
+        except Exception:
+            # A run failing before its first block (a diverging update, a bad input) leaves --out as it found it.
+            if new_store and ctx.is_main and store_path.is_dir() and not any((store_path / "blocks").glob("*.npy")):
+                shutil.rmtree(store_path, ignore_errors=True)
+            raise
+        method = {"blocks": result.store.n_query_blocks * result.store.n_shards, "blocks_written_rank0": result.stats.written,
+                  "blocks_reused_rank0": result.stats.reused, "store": str(store_path)}
     seconds = time.perf_counter() - start
     config = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("quiet",)}
     config.update(world_size=ctx.world_size, batch_size_used=estimator.batch_size)
-    method = {"seconds": seconds, "n_train": len(train), "n_query": len(queries), "blocks": result.store.n_query_blocks
-              * result.store.n_shards, "blocks_written_rank0": result.stats.written,
-              "blocks_reused_rank0": result.stats.reused, "store": str(store_path)}
+    method = {"seconds": seconds, "n_train": len(train), "n_query": len(queries), **method}
     results = results_object("score", dataset_name, config, {"forward-inf": method})
     if not ctx.is_main:
         return results
@@ -557,7 +562,8 @@ def _run(args: argparse.Namespace, ctx: Any) -> dict:
         tops = ", ".join(f"{int(i)} ({float(s):.3g})" for i, s in zip(result.indices[q, :5], result.scores[q, :5]))
         rows.append([query_names[q] if query_names else q, tops])
     report = (f"# forwardinf score\n\n{len(queries)} queries x {len(train)} training examples, "
-              f"{ctx.world_size} process(es), {seconds:.1f} s; store: `{store_path}`; table: `{table}`\n\n"
+              f"{ctx.world_size} process(es), {seconds:.1f} s; store: `{method.get('store', '-')}`; table: `{table}`\n\n"
+              + (shortlist.summary(method, args.k) if args.shortlist else "")
               + markdown_table(["query", "most influential training indices (score)"], rows) + "\n")
     results = results_object("score", dataset_name, config, {"forward-inf": method})
     write_outputs(out, results, report)

@@ -16,6 +16,8 @@ smaller ``--batch-size``. tests/test_trust_cli.py checks that scores agree withi
 from __future__ import annotations
 
 import hashlib
+import shutil
+from pathlib import Path
 from typing import Any, Mapping
 
 from torch import nn
@@ -23,7 +25,7 @@ from torch import nn
 from forwardinf._version import __version__
 from forwardinf.data.inputs import as_dataset, batches
 from forwardinf.hashing import fingerprint_code, hash_tensor, module_repr, sha256_hex
-from forwardinf.io import canonical_json
+from forwardinf.io import canonical_json, write_json
 from forwardinf.io import jsonable as _jsonable
 
 FORMAT = 2  # 2: the model fingerprint covers structure and code, the configuration the task's code
@@ -125,8 +127,21 @@ def make_manifest(*, model: str, train: str, queries: str, n_train: int, n_query
     }
 
 
-def check_manifest(saved: Mapping[str, Any], expected: Mapping[str, Any], where: str) -> None:
-    """Raise :class:`StoreMismatchError` naming every checked field on which the two differ."""
+def start_folder(path: Path, manifest: Mapping[str, Any], subdir: str, what: str, overwrite: bool) -> None:
+    """Make ``path`` a new folder of ``what``: ``manifest.json`` and an empty ``subdir``. A folder
+    that is not empty is cleared with ``overwrite``, else refused (:class:`StoreMismatchError`)."""
+    if path.exists() and any(path.iterdir()):
+        if not overwrite:
+            raise StoreMismatchError(f"{path} exists, is not empty and is not a {what} matching this run; "
+                                     "choose another folder or pass overwrite=True (--overwrite)")
+        shutil.rmtree(path)
+    (path / subdir).mkdir(parents=True, exist_ok=True)
+    write_json(path / "manifest.json", manifest, sort_keys=True)
+
+
+def check_manifest(saved: Mapping[str, Any], expected: Mapping[str, Any], where: str, what: str = "score store") -> None:
+    """Raise :class:`StoreMismatchError` naming every checked field on which the two differ
+    (``what``: the kind of folder, for the message)."""
     problems = []
     for key, words in CHECKED.items():
         if saved.get(key) != expected.get(key):
@@ -137,7 +152,7 @@ def check_manifest(saved: Mapping[str, Any], expected: Mapping[str, Any], where:
                 problems.append(f"{words}: store has {saved.get(key)!r}, this run has {expected.get(key)!r}")
     if problems:
         raise StoreMismatchError(
-            f"the score store at {where} was made from something else: " + "; ".join(problems)
+            f"the {what} at {where} was made from something else: " + "; ".join(problems)
             + ". Use another store folder (--store), or overwrite=True (--overwrite) to start it afresh; "
             f"only {', '.join(RUNTIME[1:])} may change between runs of one store.")
 
@@ -168,5 +183,5 @@ def config_of(estimator: Any) -> dict[str, Any]:
     return jsonable(cfg)
 
 
-__all__ = ["RUNTIME", "RUNTIME_TOLERANCE", "StoreMismatchError", "fingerprint_module", "fingerprint_data", "config_hash", "make_manifest",
-           "check_manifest", "config_of", "jsonable", "canonical_json"]
+__all__ = ["RUNTIME", "RUNTIME_TOLERANCE", "StoreMismatchError", "fingerprint_module", "fingerprint_data", "config_hash",
+           "make_manifest", "check_manifest", "start_folder", "config_of", "jsonable", "canonical_json"]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -24,8 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from forwardinf.io import atomic_path, write_json
-from forwardinf.storage.manifest import StoreMismatchError, check_manifest
+from forwardinf.io import atomic_path
+from forwardinf.storage.manifest import StoreMismatchError, check_manifest, start_folder
 from forwardinf.storage.topk import RunningTopK, TopK, concat_topk
 
 MANIFEST = "manifest.json"
@@ -52,18 +51,9 @@ class ScoreStore:
         """
         path = Path(path)
         _check_layout(manifest)
-        if (path / MANIFEST).is_file():
-            if overwrite:
-                shutil.rmtree(path)
-            else:
-                return cls.open(path, manifest)
-        elif path.exists() and any(path.iterdir()):
-            if not overwrite:
-                raise StoreMismatchError(f"{path} exists, is not empty and is not a score store (no {MANIFEST}); "
-                                         "choose another folder or pass overwrite=True (--overwrite)")
-            shutil.rmtree(path)
-        (path / "blocks").mkdir(parents=True, exist_ok=True)
-        write_json(path / MANIFEST, manifest, sort_keys=True)
+        if (path / MANIFEST).is_file() and not overwrite:
+            return cls.open(path, manifest)
+        start_folder(path, manifest, "blocks", "score store", overwrite)
         return cls(path, manifest)
 
     @classmethod

@@ -1,0 +1,417 @@
+"""Many queries: Forward-INF full, tail and shortlist next to gradient-store methods (issue 27).
+
+    OMP_NUM_THREADS=1 python benchmarks/many_queries.py --n-train 6000            # every method
+    python benchmarks/many_queries.py --n-train 6000 --methods forward-inf-shortlist   # some (merged)
+    python benchmarks/many_queries.py --report-only --n-train 6000                 # rewrite the tables
+
+Setup: Fashion-MNIST, the SmallCNN of benchmarks/cost.py (trained on all 60,000 images, 2 epochs,
+cached), attributed against the first ``--n-train`` training images. Queries: up to 1,000, a
+fixed interleaving of exact copies of training points (leaked), near copies (the copy shifted by
+up to 2 px, ``forwardinf.data.augment``) and test images; the first 10 / 100 / 1,000 are used, so
+each query set contains the smaller ones.
+
+Each method runs in its own single-threaded process: fit once, then ``top_k(queries, 10)`` for
+every query count it is given. Cost: CPU seconds (``time.process_time``) of fit, index and queries
+(end-to-end for Q queries = fit + index + the Q-query call), and the process's peak memory
+(VmHWM after data and model are loaded, so the ~0.5 GB of data and torch count for every method).
+Quality: leakage T-1 on the exact and near copies (their training point ranks first), and on test
+images the overlap of the top 10 with the full Forward-INF sweep's (on the test images among the
+queries the full sweep was run on).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+METHODS = ("forward-inf", "forward-inf-tail", "forward-inf-shortlist", "grad-cos", "tracin-last", "trak",
+           "kronfluence-ekfac")
+KINDS = ("copy", "near", "test")
+
+
+# ------------------------------------------------------------------------------------ problem
+def problem(args):
+    """``model, train (x, y), queries (x, y), kinds [Q], targets [Q]`` (target -1 for test images)."""
+    from forwardinf.data.augment import near_duplicates
+    from forwardinf.data.loaders import load_idx
+    from forwardinf.models import SmallCNN
+    from forwardinf.training import train_or_load
+
+    data = load_idx(args.data_root)
+
+    def build():
+        torch.manual_seed(0)  # the very model of benchmarks/cost.py
+        return SmallCNN(data.input_shape, data.n_classes)
+
+    model = train_or_load(build, (data.x_train, data.y_train), Path(args.cache) / "smallcnn-fmnist.pt",
+                          epochs=2, lr=0.02, seed=0).eval()
+    x, y = data.x_train[:args.n_train], data.y_train[:args.n_train]
+    n_q = max(args.queries)
+    g = torch.Generator().manual_seed(1)
+    sources = torch.randperm(len(y), generator=g)[:n_q]
+    tests = torch.randperm(len(data.y_test), generator=g)[:n_q]
+    kinds = [KINDS[i % 3] for i in range(n_q)]
+    near = near_duplicates(x[sources], kind="shift", seed=2)
+    xq = torch.stack([x[sources[i]] if k == "copy" else near[i] if k == "near" else data.x_test[tests[i]]
+                      for i, k in enumerate(kinds)])
+    yq = torch.stack([data.y_test[tests[i]] if k == "test" else y[sources[i]] for i, k in enumerate(kinds)])
+    targets = torch.tensor([-1 if k == "test" else int(sources[i]) for i, k in enumerate(kinds)])
+    return model, (x, y), (xq, yq), kinds, targets
+
+
+# -------------------------------------------------------------------------------------- child
+def child(args) -> None:
+    import forwardinf as fi
+    from forwardinf.baselines.registry import make_estimator
+    from forwardinf.estimators.shortlist import Retriever
+    from forwardinf.experiments.common import timer, warm_up
+    from forwardinf.memory import reset_peak
+
+    torch.set_num_threads(1)
+    model, train, (xq, yq), _, _ = problem(args)
+    method = args.child
+    out = {"method": method, "n_train": len(train[1]), "threads": torch.get_num_threads()}
+    warm_up(model, train)
+    reset_peak()
+    if method == "forward-inf-tail":
+        est = fi.TailForwardINF(model, split="classifier")
+    elif method.startswith("forward-inf"):
+        est = fi.ForwardINF(model)
+    else:
+        est = make_estimator(method, model)
+    with timer() as t:
+        est.fit(train)
+    out["fit_cpu"], out["fit_wall"] = t["cpu_seconds"], t["seconds"]
+    sizes = [q for q in args.queries if q <= args.max_queries]
+    runs = {}
+    # grad-cos / TracIn hold [chunk, 455k] training gradients at once: 512 keeps that under 1 GB
+    options = {"chunk": 512} if method in ("grad-cos", "tracin-last") else {}
+    if method != "forward-inf-shortlist":
+        for q in sizes:
+            with timer() as t:
+                top = est.top_k((xq[:q], yq[:q]), 10, **options)
+            runs.setdefault("", {})[str(q)] = {"cpu": t["cpu_seconds"], "wall": t["seconds"], "top10": top.indices.tolist()}
+            save(args, out, runs)
+            print(f"[{time.strftime('%H:%M:%S')}] {method} Q={q}: {t['cpu_seconds']:.1f} CPU s", flush=True)
+    if method in ("forward-inf-shortlist", "forward-inf-tail"):  # the shortlist on the full / tail estimator
+        with timer() as t:
+            retriever = Retriever(est, Path(args.cache) / f"index-{method}-{len(train[1])}", source=args.source)
+        out["index_cpu"], out["index_wall"] = t["cpu_seconds"], t["seconds"]
+        for k in args.shortlist:
+            for q in sizes:
+                with timer() as t:
+                    top = retriever.top_k((xq[:q], yq[:q]), 10, shortlist=k)
+                runs.setdefault(f"shortlist K={k}", {})[str(q)] = {"cpu": t["cpu_seconds"], "wall": t["seconds"],
+                                                                   "top10": top.indices.tolist()}
+                save(args, out, runs)
+                print(f"[{time.strftime('%H:%M:%S')}] {method} K={k} Q={q}: {t['cpu_seconds']:.1f} CPU s", flush=True)
+    save(args, out, runs)
+
+
+def save(args, out: dict, runs: dict) -> None:
+    """The child's results so far (a run stopped later keeps every query count it measured)."""
+    from forwardinf.memory import status_mb
+
+    Path(args.json).write_text(json.dumps({**out, "runs": runs, "peak_mb": status_mb("VmHWM"),
+                                           "load_average": os.getloadavg()[0]}))
+
+
+def run_child(method: str, args) -> None:
+    path = result_path(args, method)
+    cmd = [sys.executable, __file__, "--child", method, "--json", str(path), "--n-train", str(args.n_train),
+           "--queries", *map(str, args.queries), "--shortlist", *map(str, args.shortlist), "--source", args.source,
+           "--max-queries", str(args.limits.get(method, max(args.queries))), "--cache", args.cache]
+    cmd += ["--data-root", args.data_root] if args.data_root else []
+    print(f"[{time.strftime('%H:%M:%S')}] {method} ...", flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    subprocess.run(cmd, check=True, env=env)
+
+
+def result_path(args, method: str) -> Path:
+    return Path(args.cache) / f"many-{args.n_train}-{method}.json"
+
+
+# ------------------------------------------------------------------------------------- report
+def quality(top10: list, kinds: list, targets: torch.Tensor, reference: list | None, own: list | None) -> dict:
+    """T-1 on exact / near copies; top-10 overlap on test images with the full Forward-INF sweep
+    (``reference``) and, for a shortlist, with the sweep of its own estimator over every point (``own``)."""
+    out = {}
+    for kind in ("copy", "near"):
+        hits = [top10[i][0] == int(targets[i]) for i in range(len(top10)) if kinds[i] == kind]
+        out[f"t1_{kind}"] = (sum(hits) / len(hits), len(hits)) if hits else None
+    for key, ref in (("overlap_test", reference), ("overlap_own", own)):
+        both = [i for i in range(min(len(top10), len(ref or []))) if kinds[i] == "test"]
+        if both:
+            out[key] = (sum(len(set(top10[i]) & set(ref[i])) / 10 for i in both) / len(both), len(both))
+    return out
+
+
+def biggest(runs: dict) -> list:
+    """The top 10 of the largest measured query count (the smaller query sets are its prefixes)."""
+    return runs[max(runs, key=int)]["top10"]
+
+
+def fit_line(points: dict) -> tuple[float, float]:
+    """``cpu = a + b Q`` through the two largest measured query counts ``{Q: cpu}`` (the smallest call
+    carries one-time costs); a single count gives the line through the origin."""
+    qs = sorted(points)
+    if len(qs) == 1:
+        return 0.0, points[qs[0]] / qs[0]
+    (q0, q1) = qs[-2:]
+    b = (points[q1] - points[q0]) / (q1 - q0)
+    return points[q1] - b * q1, b
+
+
+def report(args) -> None:
+    _, _, _, kinds, targets = problem(args)
+    found = {m: json.loads(result_path(args, m).read_text()) for m in METHODS if result_path(args, m).is_file()}
+    sweeps = {m: biggest(r["runs"][""]) for m, r in found.items() if r["runs"].get("")}
+    reference = sweeps.get("forward-inf")
+    rows = []
+    for method, r in found.items():
+        for label, runs in r["runs"].items():
+            index = r.get("index_cpu") if label else None
+            fixed = r["fit_cpu"] + (index or 0.0)
+            a, b = fit_line({int(q): v["cpu"] for q, v in runs.items()})
+            row = {"method": method + (f" {label}" if label else ""), "n_train": r["n_train"], "fit_cpu": r["fit_cpu"],
+                   "index_cpu": index, "peak_mb": r["peak_mb"], "per_query_cpu": b,
+                   "queries": {q: {"cpu": v["cpu"], "end_to_end": fixed + v["cpu"]} for q, v in runs.items()}}
+            for q in map(str, args.queries):
+                if q not in runs:  # not measured: the line through the measured query counts
+                    row["queries"][q] = {"cpu": a + b * int(q), "end_to_end": fixed + a + b * int(q), "extrapolated": True}
+            row["fixed_line"] = fixed + a  # end-to-end = fixed_line + per_query_cpu x Q
+            row.update(extrapolate(method, label, fixed + a, b, r["n_train"]))
+            row["quality_at"] = max(map(int, runs))
+            own = sweeps.get("forward-inf" if method == "forward-inf-shortlist" else method) if label else None
+            row.update(quality(biggest(runs), kinds, targets, reference, own))
+            rows.append(row)
+    write(args, rows)
+
+
+SWEEPING = ("forward-inf", "forward-inf-tail")  # each query is a sweep over the training set
+
+
+def extrapolate(method: str, label: str, fixed: float, per_query: float, n: int, n_to: int = 60000,
+                q_to: int = 1000) -> dict:
+    """End-to-end CPU seconds at ``n_to`` training points and ``q_to`` queries, extrapolated from
+    ``fixed + per_query * Q`` measured at ``n``: fixed costs (fit, index, the training gradients a
+    call recomputes) grow linearly with ``n``; a query of the full or tail sweep too; every other
+    query cost is held as measured (a lower bound for the gradient-store peers, whose query cost
+    also has a part linear in ``n``). A shortlist query costs its K candidates, whatever ``n``
+    (``K`` fixed), or grows with ``n`` if ``K`` must (``K / n`` fixed)."""
+    scale = n_to / n
+    sweeps = method in SWEEPING and not label
+    out = {"e2e_60k_1000": fixed * scale + per_query * q_to * (scale if sweeps else 1.0)}
+    if label.startswith("shortlist"):
+        out["e2e_60k_1000_k_scaled"] = (fixed + per_query * q_to) * scale
+    return out
+
+
+def _cell(v: dict) -> str:
+    s = f"{v['end_to_end']:,.0f}"
+    return f"*{s}*" if v.get("extrapolated") else s
+
+
+def _frac(v) -> str:
+    return "-" if not v else f"{v[0]:.3f} ({v[1]})"
+
+
+def write(args, rows: list) -> None:
+    qs = list(map(str, args.queries))
+    head = ("| method | fit CPU s | index CPU s | per query CPU s | " + " | ".join(f"end-to-end Q={q}" for q in qs)
+            + " | *60k x 1,000 (extrapolated)* | peak MB | T-1 copies | T-1 near | top-10 overlap with full Forward-INF "
+            "(test) | shortlist: top-10 overlap with its own full sweep (test) | quality at Q |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        idx = "-" if r["index_cpu"] is None else f"{r['index_cpu']:.1f}"
+        e60 = f"*{r['e2e_60k_1000']:,.0f}*" + (f" (*{r['e2e_60k_1000_k_scaled']:,.0f}* if K/n fixed)"
+                                              if "e2e_60k_1000_k_scaled" in r else "")
+        lines.append(f"| {r['method']} | {r['fit_cpu']:,.1f} | {idx} | {r['per_query_cpu']:.3f} | "
+                     + " | ".join(_cell(r["queries"][q]) for q in qs)
+                     + f" | {e60} | {r['peak_mb']:,.0f} | {_frac(r.get('t1_copy'))} | {_frac(r.get('t1_near'))} | "
+                     f"{_frac(r.get('overlap_test'))} | {_frac(r.get('overlap_own'))} | {r['quality_at']} |")
+    out = {"n_train": args.n_train, "queries": args.queries, "shortlist": args.shortlist, "source": args.source,
+           "command": " ".join(["python", "benchmarks/many_queries.py", *sys.argv[1:]]), "rows": rows}
+    extras = {}
+    for part in ("recall", "lds"):
+        found = sorted(Path(args.cache).glob(f"many-{part}-*.json"))
+        if found:
+            extras[part] = json.loads(found[-1].read_text())
+    out.update(extras)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "many_queries.json").write_text(json.dumps(out, indent=1) + "\n")
+    md = RESULTS / "many_queries.md"
+    notes = md.read_text().split(NOTES, 1)[1] if md.is_file() and NOTES in md.read_text() else "\n"
+    text = [f"# Many queries: Forward-INF full, tail and shortlist against gradient stores (issue 27)\n",
+            f"Fashion-MNIST, SmallCNN (455k parameters, trained on all 60,000 images, test accuracy 0.900), "
+            f"attributed against the first {args.n_train:,} training images; queries: exact copies, near copies "
+            f"(shifted up to 2 px) and test images, interleaved; shortlist index source: `{args.source}`. "
+            "CPU seconds (`time.process_time`) of one single-threaded process per method; *italic* numbers are "
+            "extrapolated, not measured (see below).\n", f"Tables written by `{out['command']}` (the measuring runs: *Commands* below).\n", "\n".join(lines) + "\n",
+            crossovers(rows), recall_table(extras.get("recall")), lds_table(extras.get("lds")), NOTES + notes]
+    md.write_text("\n".join(text))
+    print("\n".join(lines))
+
+
+NOTES = "<!-- notes: kept when the tables are rewritten -->"
+
+
+def crossovers(rows: list) -> str:
+    """Query counts above which each shortlist row is cheaper end-to-end than each other method (measured n)."""
+    out = ["## Crossovers (at the measured training-set size)\n",
+           "Where the shortlist is cheaper end-to-end than each other method, from each method's line "
+           "`fixed + per_query x Q` through its two largest measured query counts (a method measured at one "
+           "query count only: its line through the origin).\n",
+           "| shortlist | vs | shortlist cheaper |", "|---|---|---|"]
+    for sl in (r for r in rows if "shortlist" in r["method"]):
+        f_sl = sl["fixed_line"]
+        for r in rows:
+            if "shortlist" in r["method"]:
+                continue
+            f_o = r["fixed_line"]
+            gap, dq = f_sl - f_o, sl["per_query_cpu"] - r["per_query_cpu"]  # shortlist minus other
+            if dq < 0:
+                q = "at every Q" if gap <= 0 else f"above Q = {gap / -dq:,.0f}"
+            else:
+                q = "never" if gap >= 0 else f"below Q = {-gap / dq:,.0f}"
+            out.append(f"| {sl['method']} | {r['method']} | {q} |")
+    return "\n".join(out) + "\n"
+
+
+def _section(title: str, intro: str, header: str, rows: list[str]) -> str:
+    """A markdown section: title, one paragraph, a table (``header`` with its ``|---|`` line, ``rows``)."""
+    rule = "|" + "---|" * (header.count("|") - 1)
+    return "\n".join([f"## {title}\n", intro + "\n", header, rule, *rows]) + "\n"
+
+
+def recall_table(rec: dict | None) -> str:
+    if not rec:
+        return ""
+    intro = (f"Fraction of the full sweep's top 10 among the K nearest training points, {rec['n_queries']} test images, "
+             f"{rec['n_train']:,} training images (`python benchmarks/many_queries.py --recall --n-train {rec['n_train']}`).")
+    return _section("Candidate recall of each index source", intro, "| source, K | recall |",
+                    [f"| {k} | {v:.3f} |" for k, v in rec["rows"].items()])
+
+
+def lds_table(res: dict | None) -> str:
+    if not res:
+        return ""
+    intro = (f"`forwardinf lds` setup on Fashion-MNIST, reduced: {res['n_train']:,} training points, {res['subsets']} "
+             f"subsets of half, one run each ({res['retraining_cpu']:.0f} CPU s of retraining), {res['n_queries']} held-out "
+             f"queries, epochs {res['epochs']}; margin target, 95% bootstrap interval over queries. A shortlist scores "
+             f"its K candidates; every other training point scores 0 "
+             f"(`python benchmarks/many_queries.py --lds --lds-n-train {res['n_train']} --lds-subsets {res['subsets']} "
+             f"--lds-queries {res['n_queries']}`).")
+    rows = [f"| {k} | {v['lds_margin']:+.3f} | [{v['lds_margin_ci'][0]:+.3f}, {v['lds_margin_ci'][1]:+.3f}] | "
+            f"{v['lds_margin_heldout']:+.3f} |" for k, v in res["rows"].items()]
+    return _section("LDS of the shortlist variant", intro, "| method | LDS (all subsets) | 95% CI | held-out subsets |", rows)
+
+
+def lds_part(args) -> dict:
+    """LDS of Forward-INF (default and counterfactual) in full and through shortlists, on the
+    ``forwardinf lds`` Fashion-MNIST setup (ground truth retrained and cached under ``--cache``).
+    A shortlist scores only its K candidates: every other training point gets score 0."""
+    import numpy as np
+
+    import forwardinf as fi
+    from forwardinf.cli import build_parser
+    from forwardinf.experiments import lds
+
+    torch.set_num_threads(1)
+    ns = build_parser().parse_args(["lds", "--dataset", "fashion-mnist", "--n-train", str(args.lds_n_train),
+                                    "--subsets", str(args.lds_subsets), "--n-queries", str(args.lds_queries),
+                                    "--out", str(Path(args.cache) / f"lds-{args.lds_n_train}"), "--quiet"])
+    ns = lds.apply_defaults(ns)
+    problem = lds.load_problem(ns)
+    masks, outputs = lds.ground_truth(ns, problem, False)
+    targets, fit = lds.signed_targets(outputs), lds.n_fit(ns.subsets, ns.holdout)
+    model, train = problem.prepared.model, problem.prepared.split.train()
+    out = {"n_train": len(train[1]), "subsets": ns.subsets, "n_queries": len(problem.queries[1]),
+           "epochs": ns.epochs, "retraining_cpu": float(np.nansum(outputs["cpu_seconds"])), "rows": {}}
+    for name, est in (("forward-inf", fi.ForwardINF(model)),
+                      ("forward-inf-counterfactual", fi.ForwardINF.preset("counterfactual", model))):
+        est.fit(train)
+        variants = {"full": est.influence(problem.queries)}
+        for k in args.lds_shortlist:
+            top = est.top_k(problem.queries, k=k, shortlist=k)  # every candidate's score
+            variants[f"shortlist K={k}"] = torch.zeros(len(problem.queries[1]), len(train[1])).scatter_(
+                1, top.indices, top.scores)
+        for label, scores in variants.items():
+            metrics, _ = lds.evaluate(scores.numpy(), masks, targets, fit, 1000, 0)
+            out["rows"][f"{name} {label}"] = {m: metrics[m] for m in ("lds_margin", "lds_margin_ci", "lds_margin_heldout")}
+            print(f"{name} {label}: LDS margin {metrics['lds_margin']:+.3f}", flush=True)
+    (Path(args.cache) / f"many-lds-{args.lds_n_train}.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
+def recall_part(args) -> dict:
+    """Candidate recall of each index source: the fraction of the full sweep's top 10 among the
+    ``K`` nearest training points, on the test images among the queries."""
+    import forwardinf as fi
+    from forwardinf.estimators.shortlist import Retriever
+
+    torch.set_num_threads(1)
+    model, train, (xq, yq), kinds, _ = problem(args)
+    tests = [i for i, k in enumerate(kinds) if k == "test"][:args.recall_queries]
+    queries = (xq[tests], yq[tests])
+    est = fi.ForwardINF(model).fit(train)
+    full = est.top_k(queries, 10).indices
+    n = len(train[1])
+    out = {"n_train": n, "n_queries": len(tests), "rows": {}}
+    for source in ("features", "directions"):
+        retriever = Retriever(est, source=source)
+        for k in (n // 100, n // 30, n // 10, n // 4):
+            cands = retriever.candidates(queries, k)
+            kept = sum(len(set(f.tolist()) & set(c.tolist())) / 10 for f, c in zip(full, cands)) / len(tests)
+            out["rows"][f"{source} K={k}"] = kept
+            print(f"{source} K={k}: {kept:.3f}", flush=True)
+    (Path(args.cache) / f"many-recall-{n}.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n-train", type=int, default=60000)
+    p.add_argument("--queries", type=int, nargs="+", default=[10, 100, 1000])
+    p.add_argument("--shortlist", type=int, nargs="+", default=[200], help="candidates per query (K), one or more")
+    p.add_argument("--source", default="features", choices=("auto", "features", "directions"))
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--limit", action="append", default=[], metavar="METHOD=Q",
+                   help="largest query count a method runs (the rest is extrapolated), e.g. forward-inf=100")
+    p.add_argument("--max-queries", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--recall", action="store_true", help="only the candidate recall of each index source")
+    p.add_argument("--recall-queries", type=int, default=12)
+    p.add_argument("--lds", action="store_true", help="only the LDS part (forwardinf lds setup, ground truth cached)")
+    p.add_argument("--lds-n-train", type=int, default=2000)
+    p.add_argument("--lds-subsets", type=int, default=50)
+    p.add_argument("--lds-queries", type=int, default=200)
+    p.add_argument("--lds-shortlist", type=int, nargs="+", default=[100, 400])
+    p.add_argument("--cache", default="/tmp/forwardinf-bench")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--json", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.limits = {k: int(v) for k, v in (s.split("=") for s in args.limit)}
+    if args.child:
+        child(args)
+        return
+    if args.lds or args.recall:
+        lds_part(args) if args.lds else recall_part(args)
+        return
+    if not args.report_only:
+        for method in args.methods.split(","):
+            run_child(method, args)
+    report(args)
+
+
+if __name__ == "__main__":
+    main()

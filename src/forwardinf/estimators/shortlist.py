@@ -1,0 +1,259 @@
+"""Thousands of queries: a retrieval index shortlists candidates, Forward-INF scores only those.
+
+A full Forward-INF query is one forward sweep over the training set. With a shortlist, each query
+first fetches its ``K`` nearest training points from a FAISS index (:class:`ShortlistIndex`)
+built once over the training set, and only those are scored, through the ``indices=`` path: the
+queries of one update chunk (``query_chunk``) score the union of their shortlists in one sweep
+(``union=True``, the default off the CPU), or each query's updated model its own ``K`` candidates
+(the default on the CPU, where the updated models run one after another anyway).
+
+What the index holds (``source``; ``"auto"``, the default: ``"features"`` when the model has an
+``nn.Linear``, else ``"directions"``):
+
+- ``"features"``: the input of the module named ``layer`` (default: the last ``nn.Linear``, so
+  the penultimate features), one forward sweep over the training set. On Fashion-MNIST
+  (SmallCNN, 2,000 training points, 12 test queries) the full sweep's top 10 were all among the
+  200 nearest by features, 0.93 of them by gradient sketch (benchmarks/results/many_queries.md).
+- ``"directions"``: each training point's gradient sketch ``[∇m(θ, z_i)·v_j]_j``
+  along the ``n_directions`` random directions that the default cosine score already caches in
+  ``fit`` (no extra sweep); a query's sketch costs ``n_directions`` forward-mode derivatives. The
+  inner product of unit sketches estimates the gradient cosine that the score ranks by; any model.
+
+``K`` equal to the training-set size gives exactly the full sweep's answer. :meth:`Retriever.recall`
+measures, on a sample of queries, how much of the full sweep's top-k the shortlist kept.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from forwardinf.core.params import mode
+from forwardinf.core.sweep import sweep
+from forwardinf.data.inputs import DataLike, gather, subset
+from forwardinf.estimators.base import TRAIN_CHUNK, Estimator, check_choice, check_positive
+from forwardinf.storage.index import ShortlistIndex
+from forwardinf.storage.manifest import config_of, fingerprint_data, fingerprint_module, make_manifest
+from forwardinf.storage.topk import RunningTopK, TopK, concat_topk
+
+SOURCES = ("auto", "features", "directions")
+
+
+@dataclass(frozen=True)
+class Recall:
+    """How much of the full sweep's top-``k`` a shortlist of ``shortlist`` candidates kept.
+
+    ``per_query [n]``: ``|top-k(shortlist) ∩ top-k(full)| / k`` for each sampled query (positions
+    ``queries`` in the query set); ``mean``: their average.
+    """
+
+    k: int
+    shortlist: int
+    queries: Tensor
+    per_query: Tensor
+
+    @property
+    def mean(self) -> float:
+        return float(self.per_query.float().mean())
+
+
+class Retriever:
+    """A shortlist index over a fitted Forward-INF estimator's training set, and top-k through it.
+
+    Args:
+        estimator: a fitted :class:`~forwardinf.ForwardINF` or :class:`~forwardinf.TailForwardINF`.
+        path: folder of the index on disk (e.g. beside the score store); None keeps it in memory.
+            A folder made from another model, training set or configuration is refused
+            (``StoreMismatchError``) unless ``overwrite``; an interrupted build resumes.
+        source: ``"auto"``, ``"features"`` or ``"directions"`` (module docstring).
+        layer: for ``"features"``: the module whose input is the vector (default: the last
+            ``nn.Linear`` of the model).
+        factory: FAISS ``index_factory`` string (``"Flat"``: exact inner product; ``"HNSW32"``...).
+        shard_size: training points per vector file (the unit of resuming).
+
+    The estimator's ``top_k(queries, k, shortlist=K)`` uses the retriever made last for its fit
+    (or makes an in-memory one).
+    """
+
+    def __init__(self, estimator: Estimator, path: Any = None, *, source: str = "auto",
+                 layer: str | None = None, factory: str = "Flat", shard_size: int = 65536,
+                 overwrite: bool = False) -> None:
+        check_choice("Retriever", "source", source, SOURCES)
+        # duck-typed (this module sits below forward_inf.py and tail.py, which import it)
+        if not (hasattr(estimator, "_directional") or hasattr(estimator, "_tail")):
+            raise TypeError(f"Retriever: shortlists need a ForwardINF or TailForwardINF, got {type(estimator).__name__}")
+        estimator._check_fitted()
+        if source == "auto":
+            source = "features" if layer is not None or _linears(estimator.model) else "directions"
+        self.estimator, self.source, self.train = estimator, source, estimator.train_
+        self.layer = _last_linear(estimator.model) if source == "features" and layer is None else layer
+        forward = self._forward()
+        train = estimator.train_
+        config = {"source": source, "layer": self.layer, "estimator": config_of(estimator)}
+        manifest = make_manifest(model=fingerprint_module(estimator.model), train=fingerprint_data(train),
+                                 queries="-", n_train=len(train), n_query=1, shard_size=shard_size,
+                                 query_block=1, config=config)
+        if source == "directions":
+            sketch = forward._base("directional")
+            self.normalize = forward.score == "cosine"  # the cosine score divides by each point's norm
+            vectors = lambda a, b: self._unit(sketch[a:b]) if self.normalize else sketch[a:b]  # noqa: E731
+        else:
+            self.normalize = True
+            vectors = lambda a, b: self._unit(self._features(subset(train, torch.arange(a, b))))  # noqa: E731
+        self.index = ShortlistIndex.build(vectors, manifest, path=path, shard_size=shard_size, factory=factory,
+                                          overwrite=overwrite)
+        estimator.retriever_ = self
+
+    @classmethod
+    def of(cls, estimator: Estimator) -> "Retriever":
+        """The retriever attached to ``estimator``'s current fit, or a new in-memory one."""
+        estimator._check_fitted()
+        found = estimator.__dict__.get("retriever_")
+        if isinstance(found, Retriever) and found.estimator is estimator and found.train is estimator.train_:
+            return found
+        return cls(estimator)
+
+    def _forward(self) -> Any:
+        """The ForwardINF that scores (a tail estimator's tail)."""
+        est = self.estimator
+        return est._tail() if hasattr(est, "_tail") else est
+
+    def _forward_queries(self, queries: DataLike) -> Any:
+        """Queries as the scoring ForwardINF takes them (a tail estimator's: the prefix's features)."""
+        est = self.estimator
+        return est.features(queries, "queries") if hasattr(est, "_tail") else queries
+
+    @staticmethod
+    def _unit(v: Tensor) -> Tensor:
+        v = torch.as_tensor(v).float()
+        return v / v.norm(dim=1, keepdim=True).clamp_min(1e-30)
+
+    def _features(self, data: Any) -> Tensor:
+        """``[n, D]``: the input of module ``layer`` for each point of ``data`` (flattened)."""
+        model = self.estimator.model
+        module = dict(model.named_modules()).get(self.layer)
+        if module is None:
+            raise ValueError(f"Retriever: the model has no module named {self.layer!r}")
+        seen: list[Tensor] = []
+        hook = module.register_forward_hook(lambda m, args, out: seen.append(args[0].detach().flatten(1)))
+        task, batch_size = self.estimator.task, self._forward().batch_size_
+
+        def run(batch: Any) -> Tensor:
+            seen.clear()
+            task.loss(model, batch)
+            return seen[0].T  # [D, B]: the sweep concatenates along the last dimension
+
+        try:
+            with mode(model, False):
+                return sweep(run, data, batch_size, self.estimator._device()).T.contiguous()
+        finally:
+            hook.remove()
+
+    def embed(self, queries: DataLike) -> Tensor:
+        """``[n_query, d]`` query vectors in the index's space (unit length)."""
+        if self.source == "features":
+            return self._unit(self._features(self.estimator._dataset(queries, "queries")))
+        forward = self._forward()
+        return self._unit(forward._directional(forward._queries(self._forward_queries(queries))))
+
+    def candidates(self, queries: DataLike, shortlist: int) -> Tensor:
+        """``[n_query, K]`` training positions nearest to each query in the index, best first."""
+        check_positive("Retriever", "shortlist", shortlist, integer=True)
+        n = len(self.estimator.train_)
+        q = len(self.estimator._dataset(queries, "queries"))
+        if shortlist >= n:  # the whole training set, whatever the index would return
+            return torch.arange(n).expand(q, n)
+        return self.index.search(self.embed(queries), shortlist)
+
+    def top_k(self, queries: DataLike, k: int = 10, shortlist: int = 100, *, union: bool | None = None) -> TopK:
+        """As ``estimator.top_k(queries, k)``, scoring only each query's shortlist of ``K`` candidates.
+
+        ``shortlist``: candidates per query (``K >= k``). ``union``: the queries of a chunk
+        (``query_chunk``) score the union of their shortlists in one sweep, and each query's top-k
+        is taken over that union; False: each query's updated model scores its own ``K``
+        candidates only. Default (None): union off the CPU (the updated models run at once under
+        ``vmap``, so one sweep of the union costs about one model's), own candidates on the CPU
+        (the models run one after another, so a union of ``Q`` disjoint shortlists would cost
+        ``Q * Q * K`` forwards instead of ``Q * K``). With ``K >= n_train`` the default equals the
+        full sweep exactly (the union is the training set, scored in the same batches); a query
+        scored alone (``union=False``) can differ in the last bit (its update's dot products run
+        as a matrix-vector product).
+        """
+        name = type(self.estimator).__name__
+        check_positive(name, "k", k, integer=True)
+        if shortlist < k:
+            raise ValueError(f"{name}: shortlist={shortlist!r} must be at least k={k}")
+        forward = self._forward()
+        cands = self.candidates(queries, shortlist)
+        if union is None:  # K >= n_train: every shortlist is the training set, and their union costs one
+            union = forward._device().type != "cpu" or shortlist >= len(forward.train_)
+        qset = forward._queries(self._forward_queries(queries))
+        parts = []
+        for q0, update in forward._updates(qset):
+            q1 = min(q0 + forward._query_chunk(), len(qset))
+            if union:
+                parts.append(self._best(forward, update, cands[q0:q1], k))
+                continue
+            for q in range(q1 - q0):
+                one = ({n: v[q:q + 1] for n, v in update[0].items()},
+                       {n: v[q:q + 1] for n, v in update[1].items()} if update[2] else update[1],
+                       update[2], update[3][q:q + 1],
+                       None if update[4] is None else {n: v[q:q + 1] for n, v in update[4].items()})
+                parts.append(self._best(forward, one, cands[q0 + q:q0 + q + 1], k))
+        return concat_topk(parts)
+
+    @staticmethod
+    def _best(forward: Any, update: Any, cands: Tensor, k: int) -> TopK:
+        """Top-k of ``update``'s queries over the union of ``cands [q, K]`` (training positions)."""
+        rows = torch.unique(cands)  # sorted: ties go to the lower training index, as in the full sweep
+        rows = rows[rows >= 0]  # approximate indexes may return -1 for missing neighbours
+        if len(rows) < k:
+            raise ValueError(f"the index returned {len(rows)} candidates, fewer than k={k}: raise shortlist "
+                             "or use an exact factory ('Flat')")
+        # Chunks start on batch boundaries, as the full sweep's do (bit-identical at K = n_train).
+        step = math.ceil(TRAIN_CHUNK / forward.batch_size_) * forward.batch_size_
+        running = RunningTopK(cands.shape[0], k)
+        for s in range(0, len(rows), step):
+            running.update(forward._score(update, rows[s:s + step]), s)
+        top = running.result()
+        return TopK(rows[top.indices], top.scores, rows[top.opponents], top.opponent_scores)
+
+    def recall(self, queries: DataLike, k: int = 10, shortlist: int = 100, *, sample: int | None = 8,
+               seed: int = 0, union: bool | None = None) -> Recall:
+        """On ``sample`` random queries (all if None), the fraction of the full sweep's top-``k``
+        that the shortlist's top-``k`` kept. Costs one full sweep per sampled query. Also ``recall_``."""
+        qset = self.estimator._dataset(queries, "queries")
+        n = len(qset)
+        if sample is not None:
+            check_positive("Retriever", "sample", sample, integer=True)
+        pick = torch.arange(n) if sample is None or sample >= n else \
+            torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:sample].sort().values
+        chosen = gather(qset, pick.tolist())
+        full = self.estimator.top_k(chosen, k).indices
+        short = self.top_k(chosen, k, shortlist, union=union).indices
+        kept = torch.tensor([len(set(a.tolist()) & set(b.tolist())) / full.shape[1] for a, b in zip(full, short)])
+        self.recall_ = Recall(k=k, shortlist=shortlist, queries=pick, per_query=kept)
+        return self.recall_
+
+    def __repr__(self) -> str:
+        return f"Retriever(source={self.source!r}, index={self.index!r})"
+
+
+def _linears(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def _last_linear(model: nn.Module) -> str:
+    names = _linears(model)
+    if not names:
+        raise ValueError("Retriever: source='features' needs layer= (the model has no nn.Linear)")
+    return names[-1]
+
+
+
+def shortlist_top_k(estimator: Estimator, queries: DataLike, k: int, shortlist: int) -> TopK:
+    """``estimator.top_k(queries, k, shortlist=K)`` of ForwardINF / TailForwardINF."""
+    return Retriever.of(estimator).top_k(queries, k, shortlist)
