@@ -268,6 +268,24 @@ def _positions(cands: list[int], props: list[int]) -> list[int]:
 
 
 # -- the experiment ---------------------------------------------------------------------------
+def make_splits(facts: Any, args: argparse.Namespace) -> tuple[list[dict], tuple]:
+    """``(chosen queries, (tune_q, eval_q, tune_c, eval_c, tune_r, eval_r))``: the tuning and evaluated
+    queries, their candidate sets (abstract indices) and proponent positions, drawn from ``args.seed``."""
+    from forwardinf.data.facts import select_queries
+
+    rng = random.Random(args.seed)
+    chosen = select_queries(facts, args.queries + args.tune_queries, rng)
+    if len(chosen) < args.queries + args.tune_queries:
+        raise ValueError(f"only {len(chosen)} queries have a proponent; lower --queries/--tune-queries")
+    cand_sets, relevant = [], []
+    for q in chosen:
+        cands, props = facts.candidates(q, args.candidates, rng)
+        cand_sets.append(cands)
+        relevant.append(_positions(cands, props))
+    t = args.tune_queries
+    return chosen, (chosen[:t], chosen[t:], cand_sets[:t], cand_sets[t:], relevant[:t], relevant[t:])
+
+
 def run(args: argparse.Namespace) -> dict:
     if args.dataset == "hard":  # the set where lexical overlap fails, over several seeds (issue 23)
         from forwardinf.experiments import trace_hard
@@ -279,21 +297,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.candidates < 2 or args.queries < 1 or args.tune_queries < 0:
         raise ValueError("--candidates must be >= 2, --queries >= 1 and --tune-queries >= 0")
 
-    from forwardinf.data.facts import select_queries
-
     facts, dataset_name = load_facts(args)
-    rng = random.Random(args.seed)
-    chosen = select_queries(facts, args.queries + args.tune_queries, rng)
-    if len(chosen) < args.queries + args.tune_queries:
-        raise ValueError(f"only {len(chosen)} queries have a proponent; lower --queries/--tune-queries")
-    tune_q, eval_q = chosen[:args.tune_queries], chosen[args.tune_queries:]
-    cand_sets, relevant = [], []
-    for q in chosen:
-        cands, props = facts.candidates(q, args.candidates, rng)
-        cand_sets.append(cands)
-        relevant.append(_positions(cands, props))
-    tune_c, eval_c = cand_sets[:args.tune_queries], cand_sets[args.tune_queries:]
-    tune_r, eval_r = relevant[:args.tune_queries], relevant[args.tune_queries:]
+    chosen, (tune_q, eval_q, tune_c, eval_c, tune_r, eval_r) = make_splits(facts, args)
     print(f"trace: {dataset_name}: {len(facts.abstracts)} abstracts, {len(eval_q)} queries (+{len(tune_q)} for tuning), "
           f"{args.candidates} candidates each, mean {np.mean([len(r) for r in eval_r]):.1f} proponents")
 
