@@ -290,7 +290,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.dataset == "hard":  # the set where lexical overlap fails, over several seeds (issue 23)
         from forwardinf.experiments import trace_hard
 
-        return trace_hard.run(args)
+        return trace_hard.run(args, sys.modules[__name__])
     seed_everything(args.seed)
     progress = not args.quiet and sys.stderr.isatty()
     methods = parse_methods(args.methods)

@@ -67,12 +67,12 @@ def pair_order(scores: torch.Tensor, props: list[int], negs: list[int]) -> float
     return float(((p > q).double() + 0.5 * (p == q).double()).mean())
 
 
-def run_seed(args: argparse.Namespace, seed: int, progress: bool) -> dict[str, Any]:
-    """One seed: build the set, fine-tune, score; per-method per-query reciprocal ranks and pair orders."""
+def run_seed(args: argparse.Namespace, seed: int, progress: bool, trace: Any) -> dict[str, Any]:
+    """One seed: build the set, fine-tune, score; per-method per-query reciprocal ranks and pair orders.
+    ``trace``: the :mod:`forwardinf.experiments.trace` module, whose pipeline (model preparation, tuning,
+    scorers) this reuses; it is passed in by ``trace.run`` (this module does not import it: no cycle)."""
     from forwardinf.data.hard_facts import build_hard_facts, hard_candidates
     from forwardinf.experiments.common import seed_everything
-    from forwardinf.experiments.trace import (encode_records, fit_scorer, forward_inf_scorer, prepare_model, run_bm25,
-                                              run_method, tracin_scorer, tune, _answer_accuracy)
     from forwardinf.experiments.tracing import answer_match_scores, random_scores, rrf, string_match_scores
 
     seed_everything(seed)
@@ -96,26 +96,26 @@ def run_seed(args: argparse.Namespace, seed: int, progress: bool) -> dict[str, A
                           and facts.abstracts[x]["kind"] == k] for k in ("false", "relation")})
     t = len(tune_q)
     c0 = time.process_time()
-    prep = prepare_model(a, facts, progress)
+    prep = trace.prepare_model(a, facts, progress)
     train_cpu = time.process_time() - c0
     model, task = prep["model"], prep["task"]
     with torch.no_grad():
-        q_loss = task.loss(model, encode_records(prep["tokenizer"], eval_q, task.kind)).mean().item()
-    top1 = _answer_accuracy(prep, eval_q)
-    tuned = tune(prep, a, [FI, "tracin-single"], tune_q, cands[:t], rel[:t])
+        q_loss = task.loss(model, trace.encode_records(prep["tokenizer"], eval_q, task.kind)).mean().item()
+    top1 = trace._answer_accuracy(prep, eval_q)
+    tuned = trace.tune(prep, a, [FI, "tracin-single"], tune_q, cands[:t], rel[:t])
     print(f"  seed {seed}: {len(facts.abstracts)} abstracts, {len(eval_q)} queries (+{t} tuning), "
           f"{args.candidates} candidates; fine-tune {train_cpu:.0f}s CPU; query loss {q_loss:.3f}, answer top-1 "
           f"{top1:.2f}; tuned {tuned}")
     ec, er = cands[t:], rel[t:]
     scores: dict[str, list[torch.Tensor]] = {}
     cpu: dict[str, float] = {}
-    for name, scorer in ((FI, forward_inf_scorer(prep, (tuned[f"{FI}-lr"], tuned[f"{FI}-params"]), a)),
-                         ("tracin-dot", tracin_scorer(prep, False, False, a)),
-                         ("tracin-cos", tracin_scorer(prep, False, True, a))):
-        state, setup_cpu, _ = fit_scorer(scorer)
-        timed = run_method(scorer, state, eval_q, ec, prep)
+    for name, scorer in ((FI, trace.forward_inf_scorer(prep, (tuned[f"{FI}-lr"], tuned[f"{FI}-params"]), a)),
+                         ("tracin-dot", trace.tracin_scorer(prep, False, False, a)),
+                         ("tracin-cos", trace.tracin_scorer(prep, False, True, a))):
+        state, setup_cpu, _ = trace.fit_scorer(scorer)
+        timed = trace.run_method(scorer, state, eval_q, ec, prep)
         scores[name], cpu[name] = timed.scores, setup_cpu + sum(timed.cpu)
-    bm = run_bm25(facts, eval_q, ec)
+    bm = trace.run_bm25(facts, eval_q, ec)
     scores["bm25"], cpu["bm25"] = bm.scores, sum(bm.cpu)
     scores["string-match"] = [string_match_scores(facts.abstracts, q, c) for q, c in zip(eval_q, ec)]
     scores["answer-match"] = [answer_match_scores(facts.abstracts, q, c) for q, c in zip(eval_q, ec)]
@@ -173,7 +173,7 @@ def summarize(seeds: list[dict]) -> tuple[dict, list[str]]:
     return summary, lines
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, trace: Any) -> dict:
     from forwardinf.experiments.report import markdown_table, results_object, write_outputs
 
     if args.checkpoint:
@@ -183,7 +183,7 @@ def run(args: argparse.Namespace) -> dict:
     progress = not args.quiet and sys.stderr.isatty()
     torch.set_num_threads(1)
     c0 = time.process_time()
-    seeds = [run_seed(args, s, progress) for s in (args.seeds or [args.seed])]
+    seeds = [run_seed(args, s, progress, trace) for s in (args.seeds or [args.seed])]
     summary, lines = summarize(seeds)
     setup = markdown_table(["seed", "abstracts", "queries", "fine-tune CPU s", "query loss", "answer top-1", "tuned",
                             "CV weights (bm25+forward-inf)"],
