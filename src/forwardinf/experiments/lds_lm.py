@@ -247,6 +247,7 @@ def run(args: argparse.Namespace) -> dict:
           flush=True)
     outputs, gt_cpu = ground_truth(setup, masks, Path(args.out) / "ground_truth", key)
     c = time.process_time()
+    setup.reset()  # the retrainings leave the last subset's weights in the tail
     base_before = setup.outputs()
     checkpoints = setup.fine_tune(np.arange(n), seed=args.seed, checkpoint_epochs=tuple(range(1, args.epochs + 1)))
     full_cpu = time.process_time() - c
