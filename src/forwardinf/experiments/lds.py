@@ -490,6 +490,10 @@ def seed_agreement(outputs: dict[str, np.ndarray]) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------------ run
 def run(args: argparse.Namespace) -> dict:
+    if (args.dataset or "").lower() == "lm-facts":  # a language model (issue 23): its own setup and retraining
+        from forwardinf.experiments import lds_lm
+
+        return lds_lm.run(args)
     args = apply_defaults(args)
     seed_everything(args.seed)
     progress = not args.quiet and sys.stderr.isatty()

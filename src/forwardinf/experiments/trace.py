@@ -98,6 +98,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fi-steps", type=int, default=1, help="Forward-INF update steps (default: 1)")
     p.add_argument("--fi-score", default="loss", help="Forward-INF score: loss or abs (default: loss)")
     p.add_argument("--no-paraphrase", action="store_true", help="skip the paraphrased-query table")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="--dataset hard: the seeds (fact set, model and training) of the multi-seed run (default: --seed)")
 
 
 # -- data and model ---------------------------------------------------------------------------
@@ -111,7 +113,7 @@ def load_facts(args: argparse.Namespace) -> tuple[Any, str]:
         if not args.data_root:
             raise ValueError("--dataset ftrace needs --data-root: a folder with abstracts.jsonl and queries.jsonl")
         return load_ftrace(args.data_root), f"ftrace ({args.data_root})"
-    raise ValueError(f"unknown --dataset {name!r}; expected geo or ftrace")
+    raise ValueError(f"unknown --dataset {name!r}; expected geo, ftrace or hard")
 
 
 def encode_records(tokenizer: Any, records: list[dict], kind: str) -> dict[str, torch.Tensor]:
@@ -266,7 +268,29 @@ def _positions(cands: list[int], props: list[int]) -> list[int]:
 
 
 # -- the experiment ---------------------------------------------------------------------------
+def make_splits(facts: Any, args: argparse.Namespace) -> tuple[list[dict], tuple]:
+    """``(chosen queries, (tune_q, eval_q, tune_c, eval_c, tune_r, eval_r))``: the tuning and evaluated
+    queries, their candidate sets (abstract indices) and proponent positions, drawn from ``args.seed``."""
+    from forwardinf.data.facts import select_queries
+
+    rng = random.Random(args.seed)
+    chosen = select_queries(facts, args.queries + args.tune_queries, rng)
+    if len(chosen) < args.queries + args.tune_queries:
+        raise ValueError(f"only {len(chosen)} queries have a proponent; lower --queries/--tune-queries")
+    cand_sets, relevant = [], []
+    for q in chosen:
+        cands, props = facts.candidates(q, args.candidates, rng)
+        cand_sets.append(cands)
+        relevant.append(_positions(cands, props))
+    t = args.tune_queries
+    return chosen, (chosen[:t], chosen[t:], cand_sets[:t], cand_sets[t:], relevant[:t], relevant[t:])
+
+
 def run(args: argparse.Namespace) -> dict:
+    if args.dataset == "hard":  # the set where lexical overlap fails, over several seeds (issue 23)
+        from forwardinf.experiments import trace_hard
+
+        return trace_hard.run(args, sys.modules[__name__])
     seed_everything(args.seed)
     progress = not args.quiet and sys.stderr.isatty()
     methods = parse_methods(args.methods)
@@ -277,21 +301,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.model in SHORTHANDS and not args.checkpoint:  # its package, before any work (ImportError naming pip)
         find_gguf(SHORTHANDS[args.model])
 
-    from forwardinf.data.facts import select_queries
-
     facts, dataset_name = load_facts(args)
-    rng = random.Random(args.seed)
-    chosen = select_queries(facts, args.queries + args.tune_queries, rng)
-    if len(chosen) < args.queries + args.tune_queries:
-        raise ValueError(f"only {len(chosen)} queries have a proponent; lower --queries/--tune-queries")
-    tune_q, eval_q = chosen[:args.tune_queries], chosen[args.tune_queries:]
-    cand_sets, relevant = [], []
-    for q in chosen:
-        cands, props = facts.candidates(q, args.candidates, rng)
-        cand_sets.append(cands)
-        relevant.append(_positions(cands, props))
-    tune_c, eval_c = cand_sets[:args.tune_queries], cand_sets[args.tune_queries:]
-    tune_r, eval_r = relevant[:args.tune_queries], relevant[args.tune_queries:]
+    chosen, (tune_q, eval_q, tune_c, eval_c, tune_r, eval_r) = make_splits(facts, args)
     print(f"trace: {dataset_name}: {len(facts.abstracts)} abstracts, {len(eval_q)} queries (+{len(tune_q)} for tuning), "
           f"{args.candidates} candidates each, mean {np.mean([len(r) for r in eval_r]):.1f} proponents")
 
@@ -325,26 +336,7 @@ def run(args: argparse.Namespace) -> dict:
     print(f"  pool: {len(prep['pool'])} abstracts; one output-layer gradient per abstract would take {grad_mb:,.0f} MB "
           f"(TracIn keeps them across queries only within --tracin-cache-mb {args.tracin_cache_mb:g}, or as 'tracin-cached')")
 
-    # Hyperparameters picked on the tuning queries only (the paper's held-out split); one fit each.
-    tuned: dict[str, Any] = {}
-    if FI in methods:
-        # One fit per parameter subset (score="cosine" caches sensitivities of those parameters), then every lr
-        # (with_config reuses the fit's base losses).
-        best = (-1.0, (args.fi_lr[0], args.fi_params[0]))
-        for params in args.fi_params:
-            if not tune_q:
-                break
-            scorer = forward_inf_scorer(prep, (args.fi_lr[0], params), args)
-            lr, mrr = _pick(args.fi_lr, scorer, lambda est, v: est.with_config(est.config.replace(lr=v)), tune_q,
-                            tune_c, tune_r, prep, args.precision_k)
-            if mrr > best[0] + 1e-12:
-                best = (mrr, (lr, params))
-        tuned[f"{FI}-lr"], tuned[f"{FI}-params"] = best[1]
-    if any(m.startswith("tracin") for m in methods):
-        scorer = tracin_scorer(prep, False, False, args)
-        tuned["tracin-normalize"] = _pick([False, True], scorer,
-                                          lambda est, v: est.with_config(est.config.replace(normalize=v)), tune_q,
-                                          tune_c, tune_r, prep, args.precision_k)[0] if tune_q else False
+    tuned = tune(prep, args, methods, tune_q, tune_c, tune_r)
     if tuned:
         print("  tuned on held-out queries: " + ", ".join(f"{k}={v}" for k, v in tuned.items()))
 
@@ -422,6 +414,32 @@ def run(args: argparse.Namespace) -> dict:
               f"{len(eval_q)} queries, {args.candidates} candidates each; tuned: {tuned}. Clocks in CPU seconds "
               f"(time.process_time); queries/min excludes the one-time set-up, 'incl. set-up' spreads it over these queries.", ""]
     return write_report(args.out, dataset_name, config, methods_out, report, tables)
+
+
+def tune(prep: dict, args: argparse.Namespace, methods: list[str], tune_q: list[dict], tune_c: list[list[int]],
+         tune_r: list[list[int]]) -> dict[str, Any]:
+    """Hyperparameters picked on the tuning queries only (the paper's held-out split), one fit each:
+    Forward-INF's lr and parameter subset, TracIn's normalisation."""
+    tuned: dict[str, Any] = {}
+    if FI in methods:
+        # One fit per parameter subset (score="cosine" caches sensitivities of those parameters), then every lr
+        # (with_config reuses the fit's base losses).
+        best = (-1.0, (args.fi_lr[0], args.fi_params[0]))
+        for params in args.fi_params:
+            if not tune_q:
+                break
+            scorer = forward_inf_scorer(prep, (args.fi_lr[0], params), args)
+            lr, mrr = _pick(args.fi_lr, scorer, lambda est, v: est.with_config(est.config.replace(lr=v)), tune_q,
+                            tune_c, tune_r, prep, args.precision_k)
+            if mrr > best[0] + 1e-12:
+                best = (mrr, (lr, params))
+        tuned[f"{FI}-lr"], tuned[f"{FI}-params"] = best[1]
+    if any(m.startswith("tracin") for m in methods):
+        scorer = tracin_scorer(prep, False, False, args)
+        tuned["tracin-normalize"] = _pick([False, True], scorer,
+                                          lambda est, v: est.with_config(est.config.replace(normalize=v)), tune_q,
+                                          tune_c, tune_r, prep, args.precision_k)[0] if tune_q else False
+    return tuned
 
 
 def _pick(values: list, scorer: Scorer, apply: Callable[[Any, Any], Any], queries: list, cands: list,

@@ -60,11 +60,31 @@ def tail_batch(model: Any, data: dict[str, torch.Tensor], n_tail: int, batch_siz
             "attention_mask": data["attention_mask"], **answer_fields(data["labels"])}
 
 
+def add_references(raw: dict, records: list[dict], queries: list[dict], cands: list[list[int]], seed: int) -> None:
+    """Add the model-free references (string match, random) and the parameter-free fusions
+    ``rrf(bm25, X)`` of BM25 with each full-sweep method X to ``raw`` (name -> (scores, Timed, setup))."""
+    import numpy as np
+
+    from forwardinf.experiments.tracing import Timed, random_scores, rrf, string_match_scores
+
+    rng = np.random.default_rng(seed)
+    zeros = [0.0] * len(queries)
+    raw["string-match"] = ([string_match_scores(records, q, c) for q, c in zip(queries, cands)],
+                           Timed([], zeros, zeros), (0.0, 0.0))
+    raw["random"] = ([random_scores(len(c), rng) for c in cands], Timed([], zeros, zeros), (0.0, 0.0))
+    bm = raw["bm25"]
+    for name in [n for n in raw if n not in ("bm25", "string-match", "random") and "+" not in n]:
+        scores, t, setup = raw[name]
+        fused = [rrf(a, b) for a, b in zip(bm[0], scores)]
+        raw[f"rrf(bm25,{name})"] = (fused, Timed([], [a + b for a, b in zip(bm[1].cpu, t.cpu)],
+                                                 [a + b for a, b in zip(bm[1].wall, t.wall)]), setup)
+
+
 def run(args: argparse.Namespace, facts: Any, dataset_name: str, splits: dict) -> dict:
     from forwardinf.baselines.bm25 import BM25, rerank
     from forwardinf.baselines.tracin import TracIn
     from forwardinf.experiments.tracing import (FI, Timed, bm25_texts, build_pool, evaluate, forward_inf_estimator,
-                                                within_budget, write_report)
+                                                reciprocal_ranks, within_budget, write_report)
     from forwardinf.models.language import train_language_model
     from forwardinf.models.pretrained import TailLM, TailTask, load_pretrained
     from forwardinf.tasks.language_model import DictDataset
@@ -183,6 +203,7 @@ def run(args: argparse.Namespace, facts: Any, dataset_name: str, splits: dict) -
             raw[name] = (t.scores, t, setup)
             t = sweep(est, queries, splits["eval_c"], args.rerank_k)
             raw[f"bm25+{name}"] = (combine(t, tuned[f"bm25+{name}-weight"]), t, setup)
+        add_references(raw, facts.abstracts, queries, splits["eval_c"], args.seed)
         budget = args.budget or statistics.median(raw[FI][1].cpu)
         rows, res = [], {}
         for name, (scores, t, setup) in raw.items():
@@ -194,7 +215,8 @@ def run(args: argparse.Namespace, facts: Any, dataset_name: str, splits: dict) -
                          "queries_per_min_amortized": 60.0 * n / (cpu + setup[0]), "seconds": wall + setup[1],
                          "cpu_seconds": cpu + setup[0], "setup_cpu_seconds": setup[0], "cpu_seconds_per_query": cpu / n,
                          "mrr_at_budget": capped["mrr"], "precision_at_budget": capped["precision"],
-                         "budget_cpu_seconds": budget}
+                         "budget_cpu_seconds": budget,
+                         "reciprocal_ranks": reciprocal_ranks(scores, splits["eval_r"]).tolist()}
             rows.append([name, full["mrr"], full["precision"], capped["mrr"], capped["precision"],
                          round(res[name]["queries_per_min"], 1), round(setup[0], 1), round(cpu / n, 4)])
             print(f"  [{variant}] {name:23s} MRR {full['mrr']:.4f}  P {full['precision']:.4f}  @budget MRR "

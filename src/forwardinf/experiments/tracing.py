@@ -102,3 +102,55 @@ def write_report(out: Any, dataset: str, config: dict, methods: dict, head: list
         print(f"\n{variant} queries\n{table}")
     print(f"wrote {path}/results.json, report.md")
     return obj
+
+
+# -- lexical references and fusion (issue 23: the task must not reward string matching) --------------
+def string_match_scores(records: list[dict], query: dict, cands: list[int]) -> torch.Tensor:
+    """``[len(cands)]`` 1.0 where the candidate's filled-in sentence contains both the query's subject
+    and answer (``sub_surface``/``obj_surface``, case-insensitive substrings), else 0.0. Ties count
+    against the method in every rank metric, so proponents tied with such distractors rank after them."""
+    from forwardinf.data.facts import fill
+
+    sub, obj = query["sub_surface"].lower(), query["obj_surface"].lower()
+    texts = [fill(records[i]["inputs_pretokenized"], records[i]["targets_pretokenized"]).lower() for i in cands]
+    return torch.tensor([float(sub in t and obj in t) for t in texts])
+
+
+def answer_match_scores(records: list[dict], query: dict, cands: list[int]) -> torch.Tensor:
+    """``[len(cands)]`` 1.0 where the candidate's masked entity (its training target) is the query's
+    answer, else 0.0: the lexical reference for methods whose signal is the target token."""
+    from forwardinf.data.facts import split_cloze
+
+    obj = query["obj_surface"].lower()
+    return torch.tensor([float(split_cloze(records[i]["inputs_pretokenized"], records[i]["targets_pretokenized"])[1]
+                               .lower() == obj) for i in cands])
+
+
+def random_scores(n: int, rng: np.random.Generator) -> torch.Tensor:
+    """``[n]`` a uniformly random ranking (the chance reference)."""
+    return torch.as_tensor(rng.permutation(n), dtype=torch.float32)
+
+
+def rrf(*scores: torch.Tensor, k: float = 60.0) -> torch.Tensor:
+    """Reciprocal rank fusion (Cormack et al. 2009), a fusion with no tuned weight:
+    ``sum_m 1 / (k + rank_m)`` over the methods' ``[N]`` scores (rank 1 = highest; tied scores share
+    their average rank)."""
+    from forwardinf.metrics import rankdata
+
+    out = torch.zeros(len(scores[0]), dtype=torch.float64)
+    for s in scores:
+        out += 1.0 / (k + torch.as_tensor(rankdata(-s.double().numpy())))
+    return out
+
+
+def reciprocal_ranks(scores: list[torch.Tensor], relevant: list[list[int]]) -> np.ndarray:
+    """``[Q]`` 1 / rank of each query's first proponent (ties against the method)."""
+    return np.array([metrics.mrr(s[None], [r]) for s, r in zip(scores, relevant)])
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Mean of ``a - b`` over queries (paired per-query values) with its 95% percentile bootstrap
+    interval over the queries."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    lo, hi = metrics.bootstrap_interval(d, n_boot=n_boot, seed=seed)
+    return {"mean": float(d.mean()), "low": lo, "high": hi}

