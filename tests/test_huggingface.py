@@ -29,7 +29,7 @@ SUPPORTED = (*[n for n, v in FORWARD_INF.items() if v.task in ("classification",
              "if-100", "if-1000", "if-10000", "if-cg", "if-exact", "tracin-last", "grad-cos", "grad-dot")
 REFUSED = ("forward-inf-authors",  # perturbs float inputs
            *KFAC,  # K-FAC: Linear / Conv2d only
-           "knn-shapley", "tmc-shapley", "pixel-nn", "feature-nn")  # (inputs, targets) batches only
+           "knn-shapley", "tmc-shapley", "pixel-nn", "feature-nn", "representer")  # (inputs, targets) batches only
 # LiSSA's / CG's depth and the damping and scale estimates only change how long the same code path runs (as in test_contract)
 OVERRIDES = {name: {"depth": 5, "damping": 0.01, "scale": 100.0} for name in ("if-100", "if-1000", "if-10000", "if-cg")}
 

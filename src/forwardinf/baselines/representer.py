@@ -76,6 +76,11 @@ class RepresenterPoint(GradientEstimator):
         """Extract features, re-fit the head with L2 to stationarity, compute ``alpha_ [n, C]``."""
         self._check_params()
         self.train_ = self._load_train(train)
+        first = gather(self.train_, [0])
+        if isinstance(first, dict) and "inputs" not in first:  # e.g. {input_ids, attention_mask, labels}
+            raise ValueError("RepresenterPoint: train must be (inputs, targets) batches or dicts with 'inputs'; "
+                             f"keyword batches ({', '.join(sorted(first))}) are not supported: the head's input "
+                             "features are taken from the model's positional input")
         self.fitted_config_ = self.config
         self.head_name_, head = self._head()
         feats, rest = self._features(self.train_)  # [n, d+1] float64
