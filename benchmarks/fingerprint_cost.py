@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from forwardinf.estimators.validation import weights_fingerprint
+from forwardinf.experiments.report import markdown_table
 from forwardinf.models import build_model
 
 OUT = Path(__file__).resolve().parent / "results"
@@ -45,10 +46,10 @@ def main() -> None:
     lines = ["# Cost of the weights fingerprint (one check per influence / top_k / self_influence call)", "",
              "`OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONPATH=src python benchmarks/fingerprint_cost.py` "
              "(one thread, CPU seconds, best of 5)", "",
-             "| model | parameters + buffers | fingerprint (s) | ns per value | one no-grad forward of 64 (s) |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['values']:,} | {r['fingerprint_cpu_s']:.4f} | {r['ns_per_value']:.2f} | "
-              f"{r['forward_batch64_cpu_s']:.4f} |" for r in rows]
+             markdown_table(["model", "parameters + buffers", "fingerprint (s)", "ns per value",
+                             "one no-grad forward of 64 (s)"],
+                            [[r["model"], f"{r['values']:,}", f"{r['fingerprint_cpu_s']:.4f}", f"{r['ns_per_value']:.2f}",
+                              f"{r['forward_batch64_cpu_s']:.4f}"] for r in rows])]
     (OUT / "fingerprint_cost.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -19,6 +19,7 @@ import torch
 
 import forwardinf as fi
 from forwardinf.data.loaders import load_digits
+from forwardinf.experiments.report import markdown_table
 from forwardinf.estimators.forward_inf import SCORES
 from forwardinf.models import build_model
 from forwardinf.storage.manifest import RUNTIME_TOLERANCE
@@ -58,10 +59,9 @@ def main() -> None:
              f"CNN (digits, width 16), {len(train[1])} training points x 16 test queries; reference: batch 1024, "
              f"16 queries per sweep. Relative = max |difference| / (1 + max |score|); the store's tolerance "
              f"is {RUNTIME_TOLERANCE:g}. Worst: {worst:.2e}. CPU {out['cpu_seconds']:.0f} s.", "",
-             "| score | batch | query chunk | max abs diff | max abs score | relative | top-10 equal |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['score']} | {r['batch_size']} | {r['query_chunk']} | {r['max_abs_diff']:.2e} | "
-              f"{r['max_abs_score']:.3g} | {r['relative']:.2e} | {r['top10_equal']} |" for r in rows]
+             markdown_table(["score", "batch", "query chunk", "max abs diff", "max abs score", "relative", "top-10 equal"],
+                            [[r["score"], r["batch_size"], r["query_chunk"], f"{r['max_abs_diff']:.2e}",
+                              f"{r['max_abs_score']:.3g}", f"{r['relative']:.2e}", r["top10_equal"]] for r in rows])]
     (res / "store_runtime_settings.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     sys.exit(0 if worst <= RUNTIME_TOLERANCE else 1)

@@ -87,7 +87,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", default="auto", help="training examples per forward batch, or 'auto' (default)")
     g.add_argument("--memory-budget", type=float, default=256.0,
                    help="MiB of activations per forward batch for --batch-size auto (default: 256)")
-    g.add_argument("--query-chunk", type=int, default=16, help="queries updated and scored in one sweep (default: 16)")
+    g.add_argument("--query-chunk", type=int, default=None,
+                   help="queries updated and scored in one sweep (default: as many as fit the estimator's memory budget, at most 16)")
     g.add_argument("--query-block", type=int, default=64, help="queries per stored block (default: 64)")
     g.add_argument("--shard-size", type=int, default=65536, help="training examples per shard (default: 65536)")
     g.add_argument("--k", type=int, default=10, help="training points kept per query in the table (default: 10)")
@@ -443,11 +444,13 @@ def build_estimator(args: argparse.Namespace, model: nn.Module, task: fi.Task, t
                  if getattr(args, k) is not None}
     if args.params:
         overrides["params"] = args.params
-    config = ForwardINFConfig.preset(args.preset, **overrides, query_chunk=args.query_chunk, seed=args.seed)
+    if args.query_chunk is not None:  # else the estimator's "auto"
+        overrides["query_chunk"] = args.query_chunk
+    config = ForwardINFConfig.preset(args.preset, **overrides, seed=args.seed)
     if args.batch_size == "auto":
         probe = to_device(gather(train, range(min(8, len(train)))), device_of(model))
         # in flight at once: the stacked query models, or the vmapped directional tangents (+ primal)
-        n_models = max(args.query_chunk, 2 * min(8, config.n_directions) if config.score == "cosine" else 1)
+        n_models = max(args.query_chunk or 16, 2 * min(8, config.n_directions) if config.score == "cosine" else 1)
         budget = int(args.memory_budget * 2**20)
         if args.tail:
             # The prefix runs one model; only the (smaller) tail runs n_models at once.
