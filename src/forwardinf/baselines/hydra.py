@@ -44,7 +44,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from forwardinf.baselines.influence_function import GradientConfig, GradientEstimator
+from forwardinf.baselines.gradient import GradientConfig, GradientEstimator
+from forwardinf.baselines.run import TrainingRun, legacy_run
 from forwardinf.core import gradients as G
 from forwardinf.core.params import mode
 from forwardinf.data.inputs import DataLike, as_dataset, batch_len, gather, to_device
@@ -273,7 +274,7 @@ def step_coefficients(hypers: Sequence[Hyper | None]) -> np.ndarray:
 class HyDRAConfig(GradientConfig):
     """Every knob of :class:`HyDRA` (see its docstring)."""
 
-    trajectory: Any = None
+    run: TrainingRun | None = None
     hessian: bool = False
     chunk: int = 256
 
@@ -288,8 +289,10 @@ class HyDRA(GradientEstimator):
     query is one gradient and ``n`` dot products.
 
     Args (all keyword):
-        trajectory: a :class:`TrajectoryRecorder` (or its list of :class:`Step`) whose indices are
-            positions in the ``train`` passed to :meth:`fit`.
+        run: a :class:`~forwardinf.baselines.run.TrainingRun` whose ``trajectory`` is a
+            :class:`TrajectoryRecorder` (or its list of :class:`Step`, or the path
+            :meth:`TrajectoryRecorder.save` wrote) with indices that are positions in the ``train``
+            passed to :meth:`fit`. (``trajectory=`` still works, with a ``DeprecationWarning``.)
         params: None for all trainable parameters, glob patterns, or ``"last"`` (the last layer):
             the hypergradients live in this subspace (the others are held fixed).
         hessian: False for the fast (Hessian-free) form, True for the exact unrolling with one
@@ -309,19 +312,19 @@ class HyDRA(GradientEstimator):
     capabilities = Capabilities(self_influence="-(1/n) ∇ℓ(z_i; θ_T) · h_i: the diagonal of influence(train)")
 
     Config = HyDRAConfig
-    fit_fields = ("trajectory", "params", "hessian")
+    fit_fields = ("run", "params", "hessian")
 
     def __init__(self, model: nn.Module, task: Task | None = None, *, config: HyDRAConfig | None = None,
                  **knobs: Any) -> None:
         """Every knob a keyword (the fields of :class:`HyDRAConfig`), or ``config=``."""
+        if "trajectory" in knobs:
+            knobs["run"] = legacy_run(type(self).__name__, knobs.get("run"), {"trajectory": knobs.pop("trajectory")})
         super().__init__(model, task, config, **knobs)
 
     # -- fit --------------------------------------------------------------------------------
-    def fit(self, train: DataLike) -> "HyDRA":
-        """Unroll the trajectory: ``hypergradients_ [n_train, D]``; returns self."""
-        steps = self._check_params()
-        self.train_ = self._load_train(train)
-        self.fitted_config_ = self.config
+    def _fit(self, train: Any) -> None:
+        """Unroll the trajectory: ``hypergradients_ [n_train, D]``."""
+        steps = self._steps()
         self._grad_cache_: dict[Any, Tensor] = {}
         n = len(self.train_)
         seen = torch.zeros(n, dtype=torch.bool)
@@ -338,7 +341,6 @@ class HyDRA(GradientEstimator):
             self._select(s.state)  # every step must hold the selected parameters
         self.n_steps_ = len(steps)
         self.hypergradients_ = self._fast(steps, names) if not self.hessian else self._full(steps, names)
-        return self
 
     def _state(self, step: Step) -> dict[str, Tensor]:
         return {**self._own_, **step.state}  # buffers a step lacks come from the model
@@ -417,7 +419,7 @@ class HyDRA(GradientEstimator):
     def influence(self, queries: DataLike, joint: bool = False) -> Tensor:
         """``[n_query, n_train]`` scores, or ``[n_train]`` for the mean query loss (``joint``)."""
         self._check_fitted()
-        qset, _ = self._load_queries(queries)
+        qset = self._load_queries(queries)
         params, loss_fn = self._select(), self._loss_fn()
         gq = self._grads(qset, loss_fn, params, "query gradients")  # [Q, D] at θ_T
         if joint:
@@ -436,13 +438,27 @@ class HyDRA(GradientEstimator):
             out[start:start + g.shape[0]] = (-(g * h).sum(1) / len(self.train_)).cpu()
         return out
 
-    def _check_params(self) -> list[Step]:
+    def _check_params(self) -> None:
         name = type(self).__name__
         if not isinstance(self.hessian, bool):
             raise ValueError(f"{name}: invalid hessian={self.hessian!r}; expected True or False")
         check_positive(name, "chunk", self.chunk, integer=True)
         self._check_common()
-        traj = self.trajectory
+        self._steps(load=False)
+
+    def _steps(self, load: bool = True) -> list[Step]:
+        """The recorded steps of ``run.trajectory`` (read onto the model when it is a path and
+        ``load``; else only checked to exist)."""
+        name = type(self).__name__
+        if self.run is not None and not isinstance(self.run, TrainingRun):
+            raise TypeError(f"{name}: run must be a TrainingRun, got {type(self.run).__name__}")
+        traj = self.run.trajectory if self.run is not None else None
+        if isinstance(traj, (str, os.PathLike)):
+            if not load:
+                if not os.path.isfile(traj):
+                    raise ValueError(f"{name}: trajectory file {os.fspath(traj)!r} does not exist")
+                return []
+            traj = TrajectoryRecorder.load(traj, self.model)
         steps = traj.steps_ if isinstance(traj, TrajectoryRecorder) else traj
         if not isinstance(steps, (list, tuple)) or not steps or not all(isinstance(s, Step) for s in steps):
             raise ValueError(f"{name}: trajectory must be a TrajectoryRecorder with recorded steps (or a list of Step); "

@@ -1,8 +1,4 @@
-"""Influence functions (Koh & Liang 2017; survey section 5.1.1) with exact, CG and LiSSA solvers.
-
-Also home of :class:`GradientEstimator`, the shared plumbing of the gradient-based baselines
-(parameter selection, functional losses, input checks, cached training gradients).
-"""
+"""Influence functions (Koh & Liang 2017; survey section 5.1.1) with exact, CG and LiSSA solvers."""
 from __future__ import annotations
 
 import math
@@ -16,143 +12,13 @@ from tqdm.auto import tqdm
 
 from forwardinf.core import gradients as G
 from forwardinf.core.params import Params, mode, select_params
-from forwardinf.data.checks import check_batch, check_finite_values
-from forwardinf.data.inputs import DataLike, batch_len, batches, gather, to_device
-from forwardinf.estimators.base import Capabilities, Estimator, EstimatorConfig, check_choice, check_positive
+from forwardinf.baselines.gradient import GradientConfig, GradientEstimator
+from forwardinf.data.inputs import DataLike, batches, gather, to_device
+from forwardinf.estimators.base import Capabilities, check_choice, check_positive
 from forwardinf.tasks.base import Task
 
 SOLVERS = ("exact", "cg", "lissa")
 MAX_EXACT_DIM = 5000  # a float64 D x D Hessian of 200 MB; beyond that use cg/lissa or a subset
-
-
-class GradientEstimator(Estimator):
-    """Shared plumbing: parameter subset, functional loss, input checks, training gradients.
-
-    Gradients are always taken with the model in eval mode (dropout off, BatchNorm running
-    statistics), on a functional view: the user's model is never written to. Subclasses have
-    ``params``, ``batch_size``, ``cache_mb`` and ``progress`` knobs (:class:`GradientConfig`).
-    """
-
-    # -- parameter subset -----------------------------------------------------------------
-    def _patterns(self) -> str | list[str] | None:
-        """``params`` with the ``"last"`` alias resolved to the last layer's name."""
-        if self.params == "last":
-            return [G.last_layer(self.model)]
-        return self.params  # type: ignore[return-value]
-
-    def _select(self, state: dict[str, Tensor] | None = None) -> Params:
-        """The selected parameters (from ``state`` when given, e.g. a checkpoint)."""
-        chosen = select_params(self.model, self._patterns())
-        if state is None:
-            return chosen
-        missing = [k for k in chosen if k not in state]
-        if missing:
-            raise ValueError(f"checkpoint lacks parameters {missing[:5]}")
-        for k, v in chosen.items():
-            if state[k].shape != v.shape:
-                raise ValueError(f"checkpoint parameter {k} has shape {tuple(state[k].shape)}, model has {tuple(v.shape)}")
-        return {k: state[k].detach() for k in chosen}
-
-    def _loss_fn(self, state: dict[str, Tensor] | None = None) -> G.LossFn:
-        return G.functional_loss(self.model, self.task.loss, state)
-
-    # -- inputs -----------------------------------------------------------------------------
-    def _load_train(self, train: DataLike) -> Any:
-        """The training dataset, every batch checked (one forward sweep: a bad label anywhere is
-        reported here, not as an obscure error inside a vmapped gradient later)."""
-        dataset = self._dataset(train, "train")
-        self._example_shapes_ = None
-        for start, batch in batches(dataset, self.batch_size):
-            shapes = _shapes(batch)
-            if self._example_shapes_ is None:
-                self._example_shapes_ = shapes
-            elif shapes != self._example_shapes_:
-                raise ValueError(f"train: examples from {start} on have shapes {shapes}, earlier ones {self._example_shapes_}")
-            self._validate(batch, f"train (examples {start}..{start + batch_len(batch) - 1})")
-        return dataset
-
-    def _load_queries(self, queries: DataLike) -> tuple[Any, Any]:
-        """``(dataset, all queries collated)`` after checking them against the training data."""
-        qset = self._dataset(queries, "queries")
-        batch = gather(qset, range(len(qset)))
-        shapes = _shapes(batch)
-        if shapes != self._example_shapes_:
-            raise ValueError(f"queries: per-example shapes {shapes} do not match the training data's {self._example_shapes_}")
-        self._validate(batch, "queries")
-        return qset, batch
-
-    def _validate(self, batch: Any, name: str) -> None:
-        check_batch(self.model, self.task, batch, name)
-
-    def _check_common(self) -> None:
-        name = type(self).__name__
-        check_positive(name, "batch_size", self.batch_size, integer=True)
-        check_positive(name, "cache_mb", self.cache_mb)
-        select_params(self.model, self._patterns())  # raises if the patterns match nothing
-
-    # -- gradients --------------------------------------------------------------------------
-    def _grads(self, dataset: Any, loss_fn: G.LossFn, params: Params, desc: str) -> Tensor:
-        """``[n, D]`` per-example gradients of ``dataset`` (eval mode); ``desc`` names them ("query
-        gradients", "train gradients"). A non-finite one (an input too large for the model's
-        precision) is refused: its NaN would end up in the scores."""
-        with mode(self.model, False):
-            out = G.grad_matrix(loss_fn, params, dataset, self.batch_size, self._device(), self.progress, desc)
-        check_finite_values(out, "queries" if desc.startswith("query") else "train", "gradient")
-        return out
-
-    def _train_grad_blocks(self, key: Any, loss_fn: G.LossFn, params: Params) -> Iterable[tuple[int, Tensor]]:
-        """``(start, G [b, D])`` over the training set; kept in memory while all cached gradients fit in ``cache_mb``."""
-        cache = self._grad_cache_
-        if key in cache:
-            yield 0, cache[key]
-            return
-        n, d = len(self.train_), G.dim(params)
-        size = n * d * next(iter(params.values())).element_size()
-        used = sum(t.numel() * t.element_size() for t in cache.values())
-        if used + size <= self.cache_mb * 2**20:  # the budget covers every cached matrix together
-            cache[key] = self._grads(self.train_, loss_fn, params, "train gradients")
-            yield 0, cache[key]
-            return
-        with mode(self.model, False):
-            yield from G.iter_grads(loss_fn, params, self.train_, self.batch_size, self._device(),
-                                    self.progress, "train gradients")
-
-    def _dot_train(self, vectors: Tensor, key: Any, loss_fn: G.LossFn, params: Params) -> Tensor:
-        """``[K, n_train]``: ``vectors [K, D]`` dotted with every training gradient."""
-        out = torch.empty(vectors.shape[0], len(self.train_), dtype=vectors.dtype)
-        for start, g in self._train_grad_blocks(key, loss_fn, params):  # start: a multiple of batch_size
-            out[:, start:start + g.shape[0]] = blocked_dot(vectors, g, self.batch_size).cpu()
-        return out
-
-    def _row_block(self) -> int:
-        return self.batch_size
-
-
-def blocked_dot(vectors: Tensor, g: Tensor, rows: int) -> Tensor:
-    """``[K, n]``: ``vectors [K, D] @ g[n, D].T``, one product per ``rows`` rows of ``g``. A block's
-    result depends only on the block (a matrix product's last bits depend on its shape), so any
-    slice of the training set that starts and ends on block boundaries scores bit-identically."""
-    return torch.cat([vectors @ g[s:s + rows].T for s in range(0, g.shape[0], rows)], 1)
-
-
-def _shapes(batch: Any) -> list[tuple[int, ...]]:
-    """Per-example shapes of the floating-point tensors (features) of a batch.
-
-    Integer tensors (labels, token ids, masks) are left out: sequences may be padded to a
-    different length in the queries than in the training data.
-    """
-    leaves = [batch] if torch.is_tensor(batch) else list(batch.values() if isinstance(batch, dict) else batch)
-    return [tuple(t.shape[1:]) for t in leaves if torch.is_tensor(t) and t.is_floating_point()]
-
-
-@dataclass(frozen=True, kw_only=True)
-class GradientConfig(EstimatorConfig):
-    """The knobs every gradient-based baseline has (see :class:`InfluenceFunction`)."""
-
-    params: str | Iterable[str] | None = None
-    batch_size: int = 64
-    cache_mb: float = 512.0
-    progress: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -234,12 +100,8 @@ class InfluenceFunction(GradientEstimator):
         super().__init__(model, task, config, **knobs)
 
     # -- fit --------------------------------------------------------------------------------
-    def fit(self, train: DataLike) -> "InfluenceFunction":
-        """Store the training set and settle ``damping_`` (and, for ``exact``, factorise
-        ``H + λI``; for ``lissa``, pick ``scale_``)."""
-        self._check_params()
-        self.train_ = self._load_train(train)
-        self.fitted_config_ = self.config
+    def _fit(self, train: Any) -> None:
+        """Settle ``damping_`` (and, for ``exact``, factorise ``H + λI``; for ``lissa``, pick ``scale_``)."""
         self._grad_cache_: dict[Any, Tensor] = {}
         params = self._select()
         d = G.dim(params)
@@ -264,7 +126,7 @@ class InfluenceFunction(GradientEstimator):
                               "(non-convex model); solving with LU. Use a larger damping or damping='auto'.", stacklevel=2)
                 lu, piv = torch.linalg.lu_factor(h)
                 self._solve_ = lambda b: torch.linalg.lu_solve(lu, piv, b)
-            return self
+            return
         need_spectrum = self.damping == "auto" or (self.solver == "lissa" and self.scale is None)
         self.spectrum_ = self._spectrum(loss_fn, params) if need_spectrum else None
         self.damping_ = self._damping_from(*self.spectrum_) if self.damping == "auto" else float(self.damping)
@@ -273,7 +135,6 @@ class InfluenceFunction(GradientEstimator):
                 self.scale_ = float(self.scale)
             else:
                 self.scale_ = 1.5 * (self._lissa_top(loss_fn, params) + self.damping_)
-        return self
 
     def _lissa_top(self, loss_fn: G.LossFn, params: Params) -> float:
         """Largest |eigenvalue| over the full Hessian and 8 sampled LiSSA minibatches.
@@ -318,7 +179,7 @@ class InfluenceFunction(GradientEstimator):
     def influence(self, queries: DataLike, joint: bool = False) -> Tensor:
         """``[n_query, n_train]`` scores, or ``[n_train]`` for the mean query gradient (``joint``)."""
         self._check_fitted()
-        qset, _ = self._load_queries(queries)
+        qset = self._load_queries(queries)
         params, loss_fn = self._select(), self._loss_fn()
         gq = self._grads(qset, loss_fn, params, "query gradients")  # [Q, D]
         if joint:

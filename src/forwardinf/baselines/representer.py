@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from forwardinf.baselines.influence_function import GradientEstimator
+from forwardinf.baselines.gradient import GradientEstimator
 from forwardinf.core.params import mode
 from forwardinf.data.inputs import DataLike, batches, gather, to_device
 from forwardinf.estimators.base import Capabilities, EstimatorConfig, check_choice, check_positive
@@ -72,16 +72,13 @@ class RepresenterPoint(GradientEstimator):
         """Every knob a keyword (the fields of :class:`RepresenterPointConfig`), or ``config=``."""
         super().__init__(model, task, config, **knobs)
 
-    def fit(self, train: DataLike) -> "RepresenterPoint":
+    def _fit(self, train: Any) -> None:
         """Extract features, re-fit the head with L2 to stationarity, compute ``alpha_ [n, C]``."""
-        self._check_params()
-        self.train_ = self._load_train(train)
         first = gather(self.train_, [0])
         if isinstance(first, dict) and "inputs" not in first:  # e.g. {input_ids, attention_mask, labels}
             raise ValueError("RepresenterPoint: train must be (inputs, targets) batches or dicts with 'inputs'; "
                              f"keyword batches ({', '.join(sorted(first))}) are not supported: the head's input "
                              "features are taken from the model's positional input")
-        self.fitted_config_ = self.config
         self.head_name_, head = self._head()
         feats, rest = self._features(self.train_)  # [n, d+1] float64
         theta0 = torch.cat([head.weight.detach(), _bias(head)[:, None]], 1).double().to(feats.device)
@@ -118,12 +115,11 @@ class RepresenterPoint(GradientEstimator):
         self.labels_ = _targets(rest).to(feats.device)
         # ||∇ objective|| at the re-fit: how exactly Θ* = Σ α_i f_iᵀ holds (0 at stationarity).
         self.stationarity_ = float(g.norm())
-        return self
 
     def influence(self, queries: DataLike, joint: bool = False) -> Tensor:
         """``[n_query, n_train]`` representer scores, or ``[n_train]`` their mean over queries (``joint``)."""
         self._check_fitted()
-        qset, _ = self._load_queries(queries)
+        qset = self._load_queries(queries)
         fq, rest = self._features(qset)
         if self.target == "label":
             classes = _targets(rest).to(fq.device)

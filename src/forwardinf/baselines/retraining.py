@@ -1,6 +1,8 @@
 """Retraining ground truth: leave-one-out, leave-group-out, test-to-train, Downsampling (Feldman-Zhang).
 
-Everything here retrains the user's model with the user's own recipe, a **training function**::
+Everything here retrains the user's model with the user's own recipe, a **training function**
+(``TrainingRun(train_fn=...)``, :mod:`forwardinf.baselines.run`; the estimators take the run, or
+the function alone)::
 
     def train_fn(data: torch.utils.data.Dataset, seed: int) -> torch.nn.Module: ...
 
@@ -35,8 +37,9 @@ import multiprocessing
 import os
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -44,10 +47,10 @@ from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
 from tqdm.auto import tqdm
 
+from forwardinf.baselines.run import TrainFn, TrainingRun, legacy_run, training_function
 from forwardinf.core.params import device_of, mode
-from forwardinf.data.checks import check_batch
 from forwardinf.data.inputs import DataLike, as_dataset, batches, check_finite, to_device
-from forwardinf.estimators.base import Capabilities, Estimator, check_choice, check_positive
+from forwardinf.estimators.base import Capabilities, Estimator, EstimatorConfig, check_choice, check_positive
 from forwardinf.hashing import fingerprint, sha256_hex
 from forwardinf.io import atomic_save
 from forwardinf.tasks.base import Task
@@ -68,12 +71,14 @@ __all__ = [
     "LeaveGroupOut",
     "TestToTrain",
     "Downsampling",
-    "check_data",
+    "RetrainingConfig",
+    "LeaveOneOutConfig",
+    "TestToTrainConfig",
+    "DownsamplingConfig",
 ]
 
 logger = logging.getLogger(__name__)
 
-TrainFn = Callable[[Dataset, int], nn.Module]
 Job = tuple[Sequence[int], int]  # (positions in the pool, seed)
 
 _CACHE_VERSION = "forwardinf-retraining-v1"
@@ -295,84 +300,104 @@ def run_trainings(
     return results
 
 
-# ------------------------------------------------------------------------- input checks
-def _feature_shapes(batch: Any) -> list[tuple[int, ...]]:
-    leaves = [batch] if torch.is_tensor(batch) else list(batch.values() if isinstance(batch, dict) else batch)
-    return [tuple(t.shape[1:]) for t in leaves if torch.is_tensor(t) and t.is_floating_point()]
-
-
-def check_data(data: Any, name: str, model: nn.Module | None, task: Task | None,
-               shapes: list[tuple[int, ...]] | None = None, batch_size: int = 1024) -> list[tuple[int, ...]]:
-    """Refuse bad data with a ``ValueError`` naming it; return the per-example feature shapes.
-
-    Every batch: finite inputs, the same per-example shapes throughout (and as ``shapes``, the
-    training data's, when given), and, with a ``model`` and ``task``, ``task.validate`` in eval
-    mode (labels in range, the model runs on the inputs).
-    """
-    dataset = as_dataset(data, name)
-    if len(dataset) == 0:
-        raise ValueError(f"{name} is empty")
-    seen = None
-    for start, batch in batches(dataset, batch_size):
-        here = _feature_shapes(batch)
-        if seen is None:
-            seen = here
-            if shapes is not None and here != shapes:
-                raise ValueError(f"{name}: per-example shapes {here} do not match the training data's {shapes}")
-        elif here != seen:
-            raise ValueError(f"{name}: examples from {start} on have shapes {here}, earlier ones {seen}")
-        if model is not None and task is not None:
-            check_batch(model, task, batch, name)
-        else:
-            check_finite(batch, name)
-    return seen or []
-
-
 # --------------------------------------------------------------------------- the estimators
+@dataclass(frozen=True, kw_only=True)
+class RetrainingConfig(EstimatorConfig):
+    """The knobs every retraining estimator has; ``run`` is its training run (``run.train_fn``)."""
+
+    run: TrainingRun | None = None
+    workers: int = 1
+    cache_dir: str | os.PathLike | None = None
+    batch_size: int = 1024
+    progress: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class LeaveOneOutConfig(RetrainingConfig):
+    """Every knob of :class:`LeaveOneOut` and :class:`LeaveGroupOut` (see their docstrings)."""
+
+    groups: Any = None
+    seeds: int | Sequence[int] = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class TestToTrainConfig(RetrainingConfig):
+    """Every knob of :class:`TestToTrain` (see its docstring)."""
+
+    __test__ = False  # not a pytest class despite the name
+
+    seeds: int | Sequence[int] = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class DownsamplingConfig(RetrainingConfig):
+    """Every knob of :class:`Downsampling` (see its docstring)."""
+
+    n_models: int = 100
+    fraction: float = 0.5
+    metric: str = "loss"
+    seed: int = 0
+
+
+def retraining_run(owner: str, run: Any, config: Any, knobs: dict[str, Any]) -> Any:
+    """The estimator configuration of a retraining estimator built as ``Cls(run, task, config=...,
+    **knobs)``; ``run`` (a :class:`TrainingRun`, or a bare training function for
+    ``TrainingRun(train_fn=...)``) goes into ``knobs``. The old ``train_fn=`` keyword and the old
+    ``config=`` (the recipe's identity in cache keys, now ``TrainingRun.recipe``) still work, with a
+    ``DeprecationWarning``."""
+    if config is not None and not isinstance(config, EstimatorConfig):
+        if isinstance(run, TrainingRun):
+            raise TypeError(f"{owner}: config= is the estimator's configuration; name the training recipe with "
+                            "TrainingRun(recipe=...)")
+        knobs["run"] = legacy_run(owner, None, {"train_fn": knobs.pop("train_fn", run), "config": config})
+        return None
+    if "train_fn" in knobs:
+        run = legacy_run(owner, run, {"train_fn": knobs.pop("train_fn")})
+    if run is not None:
+        knobs["run"] = run if isinstance(run, TrainingRun) else TrainingRun(train_fn=run)
+    return config
+
+
 class _Retraining(Estimator):
-    """Shared plumbing: a training function instead of a trained model."""
+    """Shared plumbing: a training run's ``train_fn`` instead of a trained model."""
 
-    def __init__(self, train_fn: TrainFn, task: Task | None = None, *, seeds: int | Sequence[int] = 1,
-                 workers: int = 1, cache_dir: str | os.PathLike | None = None, config: Any = None,
-                 batch_size: int = 1024, progress: bool = False) -> None:
-        super().__init__(None, task)  # type: ignore[arg-type]
-        self.train_fn = train_fn
-        self.seeds = seeds
-        self.workers = workers
-        self.cache_dir = cache_dir
-        self.config = config
-        self.batch_size = batch_size
-        self.progress = progress
-        self._check()  # bad values refused now, not after the first trainings
+    Config: ClassVar[type[EstimatorConfig]] = RetrainingConfig
 
-    def _check(self) -> list[int]:
+    def __init__(self, run: TrainingRun | TrainFn | None = None, task: Task | None = None, *,
+                 config: EstimatorConfig | None = None, **knobs: Any) -> None:
+        """``run``: the :class:`TrainingRun` (``run.train_fn`` retrains, ``run.recipe`` names it
+        in cache keys) or a bare training function; every knob a keyword, or ``config=``."""
+        config = retraining_run(type(self).__name__, run, config, knobs)
+        super().__init__(None, task, config, **knobs)  # type: ignore[arg-type]
+
+    def _check_params(self) -> None:
         name = type(self).__name__
-        if not callable(self.train_fn):
-            raise ValueError(f"{name}: train_fn must be callable as train_fn(data, seed) -> nn.Module")
+        self._train_fn()
         check_positive(name, "workers", self.workers, integer=True)
         check_positive(name, "batch_size", self.batch_size, integer=True)
+        if hasattr(self.config, "seeds"):
+            self._seeds()
+
+    def _train_fn(self) -> TrainFn:
+        return training_function(type(self).__name__, self.run)
+
+    def _seeds(self) -> list[int]:
+        """``seeds`` as a list: ``0..R-1`` for a count, else the distinct integers given."""
+        name = type(self).__name__
         if isinstance(self.seeds, int) and not isinstance(self.seeds, bool):
             check_positive(name, "seeds", self.seeds, integer=True)
             return list(range(self.seeds))
-        seeds = [int(s) for s in self.seeds]
+        try:
+            seeds = [int(s) for s in self.seeds]
+        except (TypeError, ValueError):
+            seeds = []
         if not seeds or len(set(seeds)) != len(seeds):
             raise ValueError(f"{name}: invalid seeds={self.seeds!r}; expected a positive count or distinct integers")
         return seeds
 
     def _run(self, pool: Dataset, jobs: Sequence[Job], probe: Any = None, desc: str = "retraining") -> list[Any]:
-        return run_trainings(self.train_fn, pool, jobs, probe, workers=self.workers, cache_dir=self.cache_dir,
-                             config=self.config, progress=self.progress, desc=desc)
-
-    def _checked(self, data: DataLike, name: str, model: nn.Module | None = None) -> Dataset:
-        """``data`` as a dataset, refused with a ``ValueError`` naming the problem: empty, non-finite,
-        per-example shapes unlike the training data's, or (with a trained ``model``) labels out of
-        range or inputs the model cannot run on. Records the training shapes on the first call."""
-        dataset = as_dataset(data, name)
-        shapes = check_data(dataset, name, model, self.task if model is not None else None,
-                            getattr(self, "shapes_", None), self.batch_size)
-        if not hasattr(self, "shapes_"):
-            self.shapes_ = shapes
-        return dataset
+        return run_trainings(self._train_fn(), pool, jobs, probe, workers=self.workers, cache_dir=self.cache_dir,
+                             config=self.run.recipe, progress=self.progress, desc=desc)
 
     def _losses(self, models: Sequence[nn.Module], data: Dataset) -> Tensor:
         """``[len(models), n]`` per-example losses."""
@@ -393,31 +418,24 @@ class LeaveOneOut(_Retraining):
     :func:`run_trainings` with a :class:`LossProbe` so that only losses are kept.
 
     Args:
-        train_fn: ``train_fn(data, seed) -> nn.Module`` (module docstring).
+        run: the :class:`~forwardinf.baselines.run.TrainingRun` whose ``train_fn(data, seed) ->
+            nn.Module`` retrains (module docstring), or that function alone.
         task: per-example loss (default: classification cross-entropy).
         groups: None (every training point is a source) or a group label per training point
             ``[n_train]`` or a list of index collections; sources are then the groups, in sorted
             label order (``group_ids_``), and scores are ``[n_query, n_groups]``.
         seeds: number of training runs averaged (seeds ``0..R-1``) or the seeds themselves.
 
-    ``workers``, ``cache_dir``, ``config`` and ``progress``: see :func:`run_trainings`.
+    ``workers``, ``cache_dir`` (with ``run.recipe``) and ``progress``: see :func:`run_trainings`.
     """
 
+    Config = LeaveOneOutConfig
     capabilities = Capabilities(self_influence="how much leaving D_i out raises its own mean loss: the diagonal "
                                                "of influence(train)")
 
-    def __init__(self, train_fn: TrainFn, task: Task | None = None, *, groups: Any = None,
-                 seeds: int | Sequence[int] = 1, workers: int = 1, cache_dir: str | os.PathLike | None = None,
-                 config: Any = None, batch_size: int = 1024, progress: bool = False) -> None:
-        super().__init__(train_fn, task, seeds=seeds, workers=workers, cache_dir=cache_dir, config=config,
-                         batch_size=batch_size, progress=progress)
-        self.groups = groups
-
-    def fit(self, train: DataLike) -> "LeaveOneOut":
-        """Train the full model and every leave-out model (per seed); returns self."""
-        seeds = self._check()
-        self.__dict__.pop("shapes_", None)
-        train = self._checked(train, "train")
+    def _fit(self, train: Dataset) -> None:
+        """Train the full model and every leave-out model (per seed)."""
+        seeds = self._seeds()
         n = len(train)
         if self.groups is None:
             ids, members = list(range(n)), [np.array([i]) for i in range(n)]
@@ -432,15 +450,13 @@ class LeaveOneOut(_Retraining):
             jobs += [(keep, s) for s in seeds]
         # the full models first: they check the labels before the n leave-out trainings run
         self.base_models_ = self._run(train, [(everyone, s) for s in seeds], None, desc=type(self).__name__)
-        self._checked(train, "train", self.base_models_[0])
+        self._load(train, "train", self.base_models_[0])
         models = self._run(train, jobs, None, desc=type(self).__name__)
         r = len(seeds)
-        self.train_ = train
         self.seeds_ = seeds
         self.group_ids_ = ids
         self.members_ = members
         self.left_out_models_ = [models[k * r: (k + 1) * r] for k in range(len(members))]
-        return self
 
     def _deltas(self, data: Dataset) -> Tensor:
         """``[n_sources, n]``: mean over seeds of L(A(D \\ D_i), x) - L(A(D), x)."""
@@ -451,7 +467,7 @@ class LeaveOneOut(_Retraining):
     def influence(self, queries: DataLike, joint: bool = False) -> Tensor:
         """``[n_query, n_sources]``, or ``[n_sources]`` for the mean loss over the queries (``joint``)."""
         self._check_fitted()
-        deltas = self._deltas(self._checked(queries, "queries", self.base_models_[0]))  # [S, Q]
+        deltas = self._deltas(self._load(queries, "queries", self.base_models_[0]))  # [S, Q]
         return deltas.mean(1) if joint else deltas.T.contiguous()
 
     def self_influence(self) -> Tensor:
@@ -472,16 +488,10 @@ class LeaveGroupOut(LeaveOneOut):
     positions in that order.
     """
 
-    def __init__(self, train_fn: TrainFn, task: Task | None = None, *, groups: Any,
-                 seeds: int | Sequence[int] = 1, workers: int = 1, cache_dir: str | os.PathLike | None = None,
-                 config: Any = None, batch_size: int = 1024, progress: bool = False) -> None:
-        super().__init__(train_fn, task, groups=groups, seeds=seeds, workers=workers, cache_dir=cache_dir,
-                         config=config, batch_size=batch_size, progress=progress)
-
-    def fit(self, train: DataLike) -> "LeaveGroupOut":
+    def _check_params(self) -> None:
+        super()._check_params()
         if self.groups is None:
             raise ValueError("LeaveGroupOut: groups is required (a label per training point or index lists)")
-        return super().fit(train)  # type: ignore[return-value]
 
 
 class TestToTrain(_Retraining):
@@ -497,23 +507,20 @@ class TestToTrain(_Retraining):
     """
 
     __test__ = False  # not a pytest class despite the name
+    Config = TestToTrainConfig
 
-    def fit(self, train: DataLike) -> "TestToTrain":
-        seeds = self._check()
-        self.__dict__.pop("shapes_", None)
-        train = self._checked(train, "train")
+    def _fit(self, train: Dataset) -> None:
+        seeds = self._seeds()
         everyone = np.arange(len(train))
         probe = LossProbe(train, self.task, self.batch_size)
         base = self._run(train, [(everyone, s) for s in seeds], probe, desc="TestToTrain base")
-        self.train_ = train
         self.seeds_ = seeds
         self.base_losses_ = torch.stack(base).double().mean(0)  # [n_train]
-        return self
 
     def influence(self, queries: DataLike, joint: bool = False) -> Tensor:
         """``[n_query, n_train]`` (one retraining per query and seed) or ``[n_train]`` (``joint``)."""
         self._check_fitted()
-        qset = self._checked(queries, "queries")  # shapes and values (no trained model is kept to check labels)
+        qset = self._load(queries, "queries")  # shapes and values (no trained model is kept to check labels)
         n, nq = len(self.train_), len(qset)
         pool = concat(self.train_, qset)
         everyone = np.arange(n)
@@ -550,40 +557,30 @@ class Downsampling(_Retraining):
                                                "metric='accuracy'): the diagonal of influence(train)")
     finite_scores = False  # NaN marks points in every subset or in none (documented, and warned about in fit)
 
-    def __init__(self, train_fn: TrainFn, task: Task | None = None, *, n_models: int = 100,
-                 fraction: float = 0.5, metric: str = "loss", seed: int = 0, workers: int = 1,
-                 cache_dir: str | os.PathLike | None = None, config: Any = None, batch_size: int = 1024,
-                 progress: bool = False) -> None:
-        super().__init__(train_fn, task, seeds=1, workers=workers, cache_dir=cache_dir, config=config,
-                         batch_size=batch_size, progress=progress)
-        self.n_models = n_models
-        self.fraction = fraction
-        self.metric = metric
-        self.seed = seed
+    Config = DownsamplingConfig
 
-    def fit(self, train: DataLike) -> "Downsampling":
-        self._check()
+    def _check_params(self) -> None:
+        super()._check_params()
         name = type(self).__name__
         check_positive(name, "n_models", self.n_models, integer=True)
         check_choice(name, "metric", self.metric, ("loss", "accuracy"))
         if not isinstance(self.fraction, (int, float)) or not 0.0 < float(self.fraction) < 1.0:
             raise ValueError(f"{name}: invalid fraction={self.fraction!r}; expected a number in (0, 1)")
+
+    def _fit(self, train: Dataset) -> None:
         from forwardinf.metrics import random_subsets
 
-        self.__dict__.pop("shapes_", None)
-        train = self._checked(train, "train")
+        name = type(self).__name__
         n = len(train)
         masks = random_subsets(n, self.n_models, float(self.fraction), seed=self.seed)
         jobs = [(np.flatnonzero(m), self.seed + k) for k, m in enumerate(masks)]
         self.models_ = self._run(train, jobs, None, desc=name)
-        self._checked(train, "train", self.models_[0])
-        self.train_ = train
+        self._load(train, "train", self.models_[0])
         self.masks_ = torch.from_numpy(masks)
         counts = self.masks_.sum(0)
         if bool(((counts == 0) | (counts == self.n_models)).any()):
             warnings.warn(f"{name}: some training points are in every subset or in none; their influence is NaN "
-                          "(use more models)", stacklevel=2)
-        return self
+                          "(use more models)", stacklevel=3)
 
     def _metric(self, data: Dataset) -> Tensor:
         """``[K, n]`` metric of every model on ``data``."""
@@ -595,7 +592,7 @@ class Downsampling(_Retraining):
     def losses(self, queries: DataLike) -> Tensor:
         """``[K, n_query]`` loss of each subset model on each query."""
         self._check_fitted()
-        return self._losses(self.models_, self._checked(queries, "queries", self.models_[0]))
+        return self._losses(self.models_, self._load(queries, "queries", self.models_[0]))
 
     def _contrast(self, values: Tensor) -> Tensor:
         """``values [K, Q]`` -> ``[Q, n_train]`` mean(in) - mean(out), oriented so higher = helps."""
@@ -611,7 +608,7 @@ class Downsampling(_Retraining):
     def influence(self, queries: DataLike, joint: bool = False) -> Tensor:
         """``[n_query, n_train]``, or ``[n_train]`` for the mean metric over the queries (``joint``)."""
         self._check_fitted()
-        values = self._metric(self._checked(queries, "queries", self.models_[0]))
+        values = self._metric(self._load(queries, "queries", self.models_[0]))
         if joint:
             values = values.mean(1, keepdim=True)
         scores = self._contrast(values)

@@ -39,8 +39,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from forwardinf.baselines.retraining import (AccuracyProbe, LossProbe, TrainFn, check_data, load_cached, process_map,
+from forwardinf.baselines.retraining import (AccuracyProbe, LossProbe, load_cached, process_map, retraining_run,
                                              subset_of)
+from forwardinf.baselines.run import TrainFn, TrainingRun, training_function
 from forwardinf.core.params import device_of, mode
 from forwardinf.data.inputs import DataLike, as_dataset, batches, to_device
 from forwardinf.estimators.base import Capabilities, Estimator, EstimatorConfig, check_choice, check_positive
@@ -55,7 +56,6 @@ __all__ = [
     "knn_coefficients",
     "knn_values",
     "split_rhat",
-    "check_data",
     "KNNShapley",
     "LastLayerTrainer",
     "TMCShapley",
@@ -265,24 +265,21 @@ class KNNShapley(Estimator):
         super().__init__(model, task, config, **knobs)  # type: ignore[arg-type]
 
     # -- fit --------------------------------------------------------------------------------
-    def fit(self, train: DataLike) -> "KNNShapley":
-        """Embed the training set (``features_ [n, d]``, ``labels_ [n]``) and precompute the recursion."""
-        self._check_params()
-        for attr in ("train_", "features_", "labels_", "coefficients_", "shapes_"):  # a refit may change the embedding
+    def _load_train(self, train: DataLike) -> Any:
+        for attr in ("features_", "labels_", "coefficients_", "shapes_"):  # a refit may change the embedding
             self.__dict__.pop(attr, None)
-        dataset = self._dataset(train, "train")
-        features, labels = self.embed(dataset, "train")
-        self.fitted_config_ = self.config
+        return self._dataset(train, "train")  # checked by embed, batch by batch, as it embeds
+
+    def _fit(self, train: Any) -> None:
+        """Embed the training set (``features_ [n, d]``, ``labels_ [n]``) and precompute the recursion."""
+        features, labels = self.embed(train, "train")
         self.coefficients_ = knn_coefficients(len(labels), self.k, self.weighting, self.beta)
-        self.train_, self.features_, self.labels_ = dataset, features, labels
-        return self
+        self.features_, self.labels_ = features, labels
 
     def embed(self, data: DataLike, name: str = "data") -> tuple[Tensor, Tensor]:
         """``(features [m, d], labels [m])`` of ``data`` on the chosen embedding (eval mode, no grad)."""
-        dataset = as_dataset(data, name)
         uses_model = self.model is not None and not callable(self.embedding) and self.embedding != "inputs"
-        shapes = check_data(dataset, name, self.model if uses_model else None, self.task,
-                            getattr(self, "shapes_", None), self.batch_size)
+        dataset = self._load(data, name, self.model if uses_model else None)
         feats, labels = [], []
         device = self._device()
         for _, batch in batches(dataset, self.batch_size):
@@ -292,8 +289,6 @@ class KNNShapley(Estimator):
             feats.append(self._features(to_device(inputs, device)).detach().flatten(1).to("cpu", torch.float64))
             labels.append(torch.as_tensor(targets).to("cpu", torch.long))
         out, y = torch.cat(feats), torch.cat(labels)
-        if not hasattr(self, "shapes_"):
-            self.shapes_ = shapes
         if not torch.isfinite(out).all():
             raise ValueError(f"{name}: the embedding contains NaN or inf")
         if hasattr(self, "features_") and out.shape[1] != self.features_.shape[1]:
@@ -523,11 +518,34 @@ class _Game:
         return {"marginals": marginals, "positions": torch.from_numpy(positions), "truncated_at": truncated_at}
 
 
+@dataclass(frozen=True, kw_only=True)
+class TMCShapleyConfig(EstimatorConfig):
+    """Every knob of :class:`TMCShapley` (see its docstring); ``run`` is its training run."""
+
+    run: TrainingRun | None = None
+    permutations: int = 100
+    truncation: float = 0.0
+    utility: str = "loss"
+    empty: Any = "uniform"
+    weighting: str = "shapley"
+    beta: Sequence[float] = (16.0, 1.0)
+    train_seed: int = 0
+    seed: int = 0
+    tolerance: float | None = None
+    min_permutations: int = 8
+    chains: int = 4
+    workers: int = 1
+    cache_dir: str | os.PathLike | None = None
+    batch_size: int = 1024
+    progress: bool = False
+
+
 class TMCShapley(Estimator):
     """Truncated Monte-Carlo data Shapley (Ghorbani & Zou 2019) over a training function.
 
     The game of query ``q`` is ``U_q(S) = -ℓ(q; A(S))`` (``utility="loss"``, the survey's eq. 18)
     or ``1[A(S) classifies q correctly]`` (``"accuracy"``), where ``A(S) = train_fn(S, train_seed)``
+    (``train_fn`` of the :class:`~forwardinf.baselines.run.TrainingRun` ``run``, or given alone)
     is trained on the members of ``S`` in training-set order (so ``U`` is a function of the set).
     ``U_q(∅)`` is ``empty``. Each permutation ``π`` of the training set trains the models on its
     prefixes and records every point's marginal ``U(π_{<r} ∪ {i}) - U(π_{<r})``; the value is the
@@ -547,7 +565,7 @@ class TMCShapley(Estimator):
     workers).
 
     Resumable and parallel: each finished permutation is saved in ``cache_dir`` (a hash of the
-    training function's ``config``, the data, the probe, the seeds and the permutation number), so
+    training run's ``recipe``, the data, the probe, the seeds and the permutation number), so
     a rerun with more permutations only computes the new ones. ``workers > 1`` runs permutations in
     spawned processes; ``train_fn`` must then be picklable (see
     :mod:`forwardinf.baselines.retraining` for the training-function contract).
@@ -563,7 +581,7 @@ class TMCShapley(Estimator):
         train_seed: seed passed to every training (``U`` must be deterministic).
         seed: draws the permutations.
         tolerance, min_permutations, chains: early stopping and diagnostics (above).
-        workers, cache_dir, config, batch_size, progress: as in :func:`run_trainings`.
+        workers, cache_dir, batch_size, progress: as in :func:`run_trainings` (``run.recipe`` is its ``config``).
 
     ``fit(train)`` trains ``A(D)`` once. ``influence(queries)`` runs the permutations with the
     queries as validation points, ``[n_query, n_train]`` (``joint=True``: the mean utility,
@@ -575,52 +593,31 @@ class TMCShapley(Estimator):
     capabilities = Capabilities(self_influence="the point's value in the game of its own loss, never truncated "
                                                "(not the diagonal of influence(train))")
 
-    def __init__(self, train_fn: TrainFn, task: Task | None = None, *, permutations: int = 100,
-                 truncation: float = 0.0, utility: str = "loss", empty: Any = "uniform",
-                 weighting: str = "shapley", beta: Sequence[float] = (16.0, 1.0), train_seed: int = 0,
-                 seed: int = 0, tolerance: float | None = None, min_permutations: int = 8, chains: int = 4,
-                 workers: int = 1, cache_dir: str | os.PathLike | None = None, config: Any = None,
-                 batch_size: int = 1024, progress: bool = False) -> None:
-        super().__init__(None, task)  # type: ignore[arg-type]
-        self.train_fn = train_fn
-        self.permutations = permutations
-        self.truncation = truncation
-        self.utility = utility
-        self.empty = empty
-        self.weighting = weighting
-        self.beta = beta
-        self.train_seed = train_seed
-        self.seed = seed
-        self.tolerance = tolerance
-        self.min_permutations = min_permutations
-        self.chains = chains
-        self.workers = workers
-        self.cache_dir = cache_dir
-        self.config = config
-        self.batch_size = batch_size
-        self.progress = progress
-        self._check_params()  # bad values refused now, not after the first trainings
+    Config = TMCShapleyConfig
+
+    def __init__(self, run: TrainingRun | TrainFn | None = None, task: Task | None = None, *,
+                 config: EstimatorConfig | None = None, **knobs: Any) -> None:
+        """``run``: the :class:`TrainingRun` (or its training function alone); every knob a keyword
+        (the fields of :class:`TMCShapleyConfig`), or ``config=``."""
+        config = retraining_run(type(self).__name__, run, config, knobs)
+        super().__init__(None, task, config, **knobs)  # type: ignore[arg-type]
 
     # -- fit --------------------------------------------------------------------------------
-    def fit(self, train: DataLike) -> "TMCShapley":
-        """Train the full model ``A(D)`` (``full_model_``) once; returns self."""
-        self._check_params()
-        train = as_dataset(train, "train")
-        shapes = check_data(train, "train", None, None, batch_size=self.batch_size)
-        model = self.train_fn(subset_of(train, np.arange(len(train))), int(self.train_seed))
+    def _fit(self, train: Any) -> None:
+        """Train the full model ``A(D)`` (``full_model_``) once."""
+        model = self._train_fn()(subset_of(train, np.arange(len(train))), int(self.train_seed))
         if not isinstance(model, nn.Module):
             raise ValueError(f"TMCShapley: train_fn must return an nn.Module, got {type(model).__name__}")
-        check_data(train, "train", model, self.task, shapes, self.batch_size)  # e.g. labels the model has no class for
-        self.shapes_ = shapes
-        self.train_ = train
+        self._load(train, "train", model)  # e.g. labels the model has no class for
         self.full_model_ = model
-        return self
+
+    def _train_fn(self) -> TrainFn:
+        return training_function(type(self).__name__, self.run)
 
     def influence(self, queries: DataLike, joint: bool = False) -> Tensor:
         """``[n_query, n_train]`` values (float64), or ``[n_train]`` for the mean utility (``joint``)."""
         self._check_fitted()
-        qset = as_dataset(queries, "queries")
-        check_data(qset, "queries", self.full_model_, self.task, self.shapes_, self.batch_size)
+        qset = self._load(queries, "queries", self.full_model_)
         values = self._run(qset, diag=False)  # [n, Q]
         return values.mean(1) if joint else values.T.contiguous()
 
@@ -656,7 +653,7 @@ class TMCShapley(Estimator):
         u_full = sign * probe(self.full_model_).to(torch.float64)
         u_empty = self._empty_utility(probe, sign, m)
         truncation = 0.0 if diag else float(self.truncation)
-        game = _Game(self.train_fn, self.train_, probe, sign, diag, truncation, u_full, u_empty,
+        game = _Game(self._train_fn(), self.train_, probe, sign, diag, truncation, u_full, u_empty,
                      int(self.train_seed), int(self.seed))
         n, width = len(self.train_), (1 if diag else m)
         scale = n * cardinality_weights(n, self.weighting, self.beta)  # importance weight per position
@@ -750,7 +747,8 @@ class TMCShapley(Estimator):
             return None
         cache = Path(self.cache_dir)
         cache.mkdir(parents=True, exist_ok=True)
-        parts = (_CACHE_VERSION, fingerprint(self.config if self.config is not None else self.train_fn),
+        recipe = self.run.recipe
+        parts = (_CACHE_VERSION, fingerprint(recipe if recipe is not None else self._train_fn()),
                  fingerprint(self.train_), fingerprint(probe), self.utility, repr(diag), repr(truncation),
                  fingerprint(self.empty if isinstance(self.empty, nn.Module) else repr(self.empty)),
                  str(int(self.train_seed)), str(int(self.seed)))
@@ -759,8 +757,7 @@ class TMCShapley(Estimator):
 
     def _check_params(self) -> None:
         name = type(self).__name__
-        if not callable(self.train_fn):
-            raise ValueError(f"{name}: train_fn must be callable as train_fn(data, seed) -> nn.Module")
+        self._train_fn()
         check_positive(name, "permutations", self.permutations, integer=True)
         check_positive(name, "chains", self.chains, integer=True)
         check_positive(name, "min_permutations", self.min_permutations, integer=True)

@@ -4,12 +4,13 @@ from __future__ import annotations
 import fnmatch
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from forwardinf.baselines.influence_function import GradientConfig, GradientEstimator, blocked_dot
+from forwardinf.baselines.gradient import GradientConfig, GradientEstimator, blocked_dot
+from forwardinf.baselines.run import TrainingRun, legacy_run
 from forwardinf.core import gradients as G
 from forwardinf.core.params import Params, mode
 from forwardinf.data.inputs import DataLike, batches, gather, to_device
@@ -23,8 +24,7 @@ Checkpoint = Any  # a state dict, or a path to one saved with torch.save
 class TracInConfig(GradientConfig):
     """Every knob of :class:`TracIn` (see its docstring)."""
 
-    checkpoints: Sequence[Checkpoint] | None = None
-    lrs: Sequence[float] | None = None
+    run: TrainingRun | None = None
     normalize: bool = False
 
 
@@ -46,9 +46,12 @@ class TracIn(GradientEstimator):
     ``transformers`` ``BatchEncoding``): one example per row.
 
     Args (all keyword):
-        checkpoints: list of state dicts or paths (``torch.save(model.state_dict(), path)``); a
-            dict with a ``"state_dict"`` or ``"model"`` entry is unwrapped. None/empty: the model.
-        lrs: step size ``η_c`` per checkpoint (e.g. the learning rate in force after it); default 1.
+        run: the :class:`~forwardinf.baselines.run.TrainingRun` whose ``checkpoints`` (state dicts
+            or paths written by ``torch.save(model.state_dict(), path)``; a dict with a
+            ``"state_dict"`` or ``"model"`` entry is unwrapped) and ``lrs`` (step size ``η_c`` per
+            checkpoint, e.g. the learning rate in force after it; default 1) are summed over.
+            None, or a run without checkpoints: the model alone. (``checkpoints=`` / ``lrs=``
+            still work, with a ``DeprecationWarning``.)
         params: None for all trainable parameters, glob patterns, or ``"last"`` (the last layer).
         normalize: use gradient cosines instead of dot products.
         batch_size: examples per per-example-gradient chunk.
@@ -64,28 +67,25 @@ class TracIn(GradientEstimator):
     """
 
     Config = TracInConfig
-    fit_fields = ("checkpoints", "lrs", "params")
+    fit_fields = ("run", "params")
     capabilities = Capabilities(indices=True, shardable=True,
                                 self_influence="Σ_c η_c ||∇ℓ(z_i; θ_c)||²: the diagonal of influence(train)")
 
     def __init__(self, model: nn.Module, task: Task | None = None, *, config: TracInConfig | None = None,
                  **knobs: Any) -> None:
         """Every knob a keyword (the fields of :class:`TracInConfig`), or ``config=``."""
+        old = {k: knobs.pop(k) for k in ("checkpoints", "lrs") if k in knobs}
+        if old:
+            knobs["run"] = legacy_run(type(self).__name__, knobs.get("run"), old)
         super().__init__(model, task, config, **knobs)
 
-    def fit(self, train: DataLike) -> "TracIn":
-        """Load the checkpoints and store the training set (its gradients are computed lazily)."""
-        self._check_params()
-        self.train_ = self._load_train(train)
-        self.fitted_config_ = self.config
+    def _fit(self, train: Any) -> None:
+        """Load the checkpoints (the training gradients are computed lazily)."""
         self._grad_cache_: dict[Any, Tensor] = {}
         device = self._device()
-        checkpoints = list(self.checkpoints or [])
-        self.states_: list[dict[str, Tensor] | None] = [_load_state(c, device) for c in checkpoints] or [None]
-        lrs = [1.0] * len(self.states_) if self.lrs is None else [float(x) for x in self.lrs]
-        if len(lrs) != len(self.states_):
-            raise ValueError(f"TracIn: {len(lrs)} lrs for {len(self.states_)} checkpoints")
-        self.lrs_ = lrs
+        run = self.run if self.run is not None else TrainingRun()
+        self.states_: list[dict[str, Tensor] | None] = [_load_state(c, device) for c in run.checkpoints] or [None]
+        self.lrs_ = [1.0] * len(self.states_) if run.lrs is None else [float(x) for x in run.lrs]
         aliases = _aliases(self.model)
         own = _untie({k: v.detach() for k, v in self.model.state_dict().items()}, aliases, "the model")
         for c, state in enumerate(self.states_):
@@ -94,7 +94,6 @@ class TracIn(GradientEstimator):
                 self._select(state)  # every checkpoint must hold the selected parameters
                 # Buffers (and unselected parameters) a checkpoint lacks come from the model.
                 self.states_[c] = {**own, **state}
-        return self
 
     def influence(self, queries: DataLike, joint: bool = False, indices: Any = None) -> Tensor:
         """``[n_query, n]`` TracInCP scores, or ``[n]`` for the mean query gradient (``joint``).
@@ -103,7 +102,7 @@ class TracIn(GradientEstimator):
         """
         self._check_fitted()
         rows = check_indices("TracIn", indices, len(self.train_))
-        qset, _ = self._load_queries(queries)
+        qset = self._load_queries(queries)
         total = None
         for c, (state, lr) in enumerate(zip(self.states_, self.lrs_)):
             params, loss_fn = self._checkpoint(state)
@@ -183,7 +182,7 @@ class TracIn(GradientEstimator):
                 chosen.append(name)
         return chosen or patterns  # nothing matched: select_params reports the patterns
 
-    def _load_queries(self, queries: DataLike) -> tuple[Any, Any]:
+    def _load_queries(self, queries: DataLike) -> Any:
         """As the base check, but dict batches (``transformers`` inputs) may be padded to another
         length than the training data: they must have the same keys and tensor ranks."""
         qset = self._dataset(queries, "queries")
@@ -198,7 +197,7 @@ class TracIn(GradientEstimator):
         if ours != theirs:
             raise ValueError(f"queries: fields {ours} (name: per-example rank) do not match the training data's {theirs}")
         self._validate(batch, "queries")
-        return qset, batch
+        return qset
 
     def _checkpoint(self, state: dict[str, Tensor] | None) -> tuple[Params, G.LossFn]:
         return self._select(state), self._loss_fn(state)
@@ -215,9 +214,10 @@ class TracIn(GradientEstimator):
 
     def _check_params(self) -> None:
         name = type(self).__name__
-        if self.lrs is not None:
-            for lr in self.lrs:
-                check_positive(name, "lrs entry", lr)
+        if self.run is not None and not isinstance(self.run, TrainingRun):
+            raise TypeError(f"{name}: run must be a TrainingRun, got {type(self.run).__name__}")
+        for lr in (self.run.lrs or ()) if self.run is not None else ():
+            check_positive(name, "lrs entry", lr)
         if not isinstance(self.normalize, bool):
             raise ValueError(f"{name}: invalid normalize={self.normalize!r}; expected True or False")
         self._check_common()

@@ -1,4 +1,6 @@
-"""One check of a batch against a model and task, run before any expensive work on it."""
+"""The input checks, run before any expensive work: one batch against a model and task
+(:func:`check_batch`), a whole dataset batch by batch (:func:`check_data`, what every estimator's
+``fit`` and ``influence`` run through :meth:`forwardinf.estimators.base.Estimator._load`)."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
@@ -7,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from forwardinf.core.params import device_of, mode
-from forwardinf.data.inputs import check_finite, to_device
+from forwardinf.data.inputs import as_dataset, batches, check_finite, to_device
 
 if TYPE_CHECKING:
     from forwardinf.tasks.base import Task
@@ -29,6 +31,43 @@ def check_batch(model: nn.Module, task: "Task", batch: Any, name: str) -> None:
             raise ValueError(f"{name}: each example needs the field {e} (the task reads it)") from e
         except (RuntimeError, IndexError, TypeError) as e:  # e.g. a shape or dtype mismatch inside the model
             raise ValueError(f"{name}: the model cannot run on these inputs: {e}{_dtype_hint(model, batch)}") from e
+
+
+def feature_shapes(batch: Any) -> list[tuple[int, ...]]:
+    """Per-example shapes of the floating-point tensors (features) of a batch.
+
+    Integer tensors (labels, token ids, masks) are left out: sequences may be padded to a
+    different length in the queries than in the training data.
+    """
+    leaves = [batch] if torch.is_tensor(batch) else list(batch.values() if isinstance(batch, dict) else batch)
+    return [tuple(t.shape[1:]) for t in leaves if torch.is_tensor(t) and t.is_floating_point()]
+
+
+def check_data(data: Any, name: str, model: nn.Module | None, task: "Task | None",
+               shapes: list[tuple[int, ...]] | None = None, batch_size: int = 1024) -> list[tuple[int, ...]]:
+    """Refuse bad data with a ``ValueError`` naming it; return the per-example feature shapes.
+
+    Every batch: finite inputs, the same per-example shapes throughout (and as ``shapes``, the
+    training data's, when given), and, with a ``model`` and ``task``, ``task.validate`` in eval
+    mode (labels in range, the model runs on the inputs).
+    """
+    dataset = as_dataset(data, name)
+    if len(dataset) == 0:
+        raise ValueError(f"{name} is empty")
+    seen = None
+    for start, batch in batches(dataset, batch_size):
+        here = feature_shapes(batch)
+        if seen is None:
+            seen = here
+            if shapes is not None and here != shapes:
+                raise ValueError(f"{name}: per-example shapes {here} do not match the training data's {shapes}")
+        elif here != seen:
+            raise ValueError(f"{name}: examples from {start} on have shapes {here}, earlier ones {seen}")
+        if model is not None and task is not None:
+            check_batch(model, task, batch, name)
+        else:
+            check_finite(batch, name)
+    return seen or []
 
 
 def check_finite_values(values: Tensor, name: str, what: str) -> None:

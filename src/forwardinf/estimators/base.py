@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from forwardinf.core.params import device_of
+from forwardinf.data.checks import check_data
 from forwardinf.data.inputs import DataLike, as_dataset
 from forwardinf.estimators.validation import changed_weights, finite_scores, weights_fingerprint
 from forwardinf.storage.topk import RunningTopK, TopK, concat_topk
@@ -216,7 +217,29 @@ class Estimator:
         return self.fit(other.train_)
 
     # -- contract -------------------------------------------------------------------
-    def fit(self, train: DataLike) -> "Estimator":
+    def fit(self: E, train: DataLike) -> E:
+        """Fit on ``train`` (``n_train`` examples); returns self.
+
+        The template every estimator follows: check the settings again (the model may have
+        changed since construction), check and store the training set (:meth:`_load_train`, which
+        marks the estimator fitted as ``train_``), then :meth:`_fit` does the estimator's own work
+        and ``fitted_config_`` records the settings it was done under. A fit that fails leaves
+        the estimator unfitted, never half-fitted on the new data.
+        """
+        self._check_params()
+        self.__dict__.pop("train_", None)
+        dataset = self._load_train(train)
+        self.train_ = dataset
+        try:
+            self._fit(dataset)
+        except BaseException:
+            self.__dict__.pop("train_", None)
+            raise
+        self.fitted_config_ = self.__dict__.get("config")
+        return self
+
+    def _fit(self, train: Any) -> None:
+        """The estimator's own fitting on the checked training dataset ``train`` (``self.train_``)."""
         raise NotImplementedError
 
     def influence(self, queries: DataLike, joint: bool = False) -> Tensor:
@@ -295,6 +318,29 @@ class Estimator:
 
     def _dataset(self, data: DataLike, name: str) -> Any:
         return as_dataset(data, name)
+
+    # -- the input check -------------------------------------------------------------
+    def _load_train(self, train: DataLike) -> Any:
+        """``train`` as a dataset, checked by :meth:`_load` against the model (none for the
+        retraining estimators: their models come later). Its per-example shapes become ``shapes_``,
+        which the queries must match."""
+        self.__dict__.pop("shapes_", None)
+        return self._load(train, "train", self.model)
+
+    def _load(self, data: DataLike, name: str, model: nn.Module | None = None) -> Any:
+        """``data`` as a dataset, refused with a ``ValueError`` naming ``name`` and the problem
+        (:func:`~forwardinf.data.checks.check_data`, batch by batch): empty, non-finite values,
+        per-example shapes that change or differ from the training data's (``shapes_``) and, with a
+        ``model``, what the task refuses (labels out of range) or inputs the model cannot run on.
+        The one input check of every estimator; the first call records ``shapes_``."""
+        dataset = as_dataset(data, name)
+        batch_size = getattr(self, "batch_size", None)
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool):
+            batch_size = 1024  # e.g. "auto": only how many examples each check looks at once
+        shapes = check_data(dataset, name, model, self.task if model is not None else None,
+                            self.__dict__.get("shapes_"), batch_size)
+        self.__dict__.setdefault("shapes_", shapes)
+        return dataset
 
     def __repr__(self) -> str:
         config = self.__dict__.get("config")
