@@ -21,8 +21,7 @@ from torch import nn
 import forwardinf as fi
 from forwardinf.baselines import METHODS, make_estimator
 from forwardinf.baselines.hydra import TrajectoryRecorder
-from forwardinf.baselines.peers import PEERS
-from forwardinf.baselines.registry import FORWARD_INF, PEER_METHODS, REFERENCE_METHODS, requirements
+from forwardinf.baselines.methods import FORWARD_INF, PEER_METHODS, PEERS, REFERENCE_METHODS, requirements
 from forwardinf.core.params import fingerprint
 from forwardinf.data.loaders import load_digits
 from forwardinf.estimators.base import NotFittedError, TopK
@@ -101,8 +100,8 @@ def _make(name: str, model: nn.Module):
         pytest.skip("forwardinf.estimators.forward_inf is not there yet")
     if name in EXTRA:
         return EXTRA[name](model, ClassificationTask())
-    return make_estimator(name, model, ClassificationTask(), checkpoints=_checkpoints(model),
-                          trajectory=TRAJECTORIES.get(name), **OVERRIDES.get(name, {}))
+    run = fi.TrainingRun(checkpoints=_checkpoints(model), trajectory=TRAJECTORIES.get(name))
+    return make_estimator(name, model, ClassificationTask(), run=run, **OVERRIDES.get(name, {}))
 
 
 def _flags(model: nn.Module) -> list[bool]:
@@ -227,9 +226,9 @@ def test_registry_refuses_unknown_names_and_missing_checkpoints():
     with pytest.raises(ValueError, match="unknown method"):
         make_estimator("if-7", model)
     with pytest.raises(ValueError, match="at least 5 checkpoints"):
-        make_estimator("tracin-5", model, checkpoints=_checkpoints(model)[:3])
-    est = make_estimator("tracin-3", model, checkpoints=_checkpoints(model), lrs=[1, 2, 3, 4, 5])
-    assert est.lrs == [3, 4, 5] and len(est.checkpoints) == 3
+        make_estimator("tracin-5", model, run=fi.TrainingRun(checkpoints=_checkpoints(model)[:3]))
+    est = make_estimator("tracin-3", model, run=fi.TrainingRun(checkpoints=_checkpoints(model), lrs=[1, 2, 3, 4, 5]))
+    assert est.run.lrs == (3, 4, 5) and len(est.run.checkpoints) == 3
 
 
 def test_requirements_are_declared():
@@ -304,7 +303,8 @@ def test_top_k_is_a_stable_sort_of_influence(name, digits_problem):
         pytest.importorskip(PEERS[name].package)
     model, rec, train, queries = digits_problem
     over = {**OVERRIDES.get(name, {}), **({"n_directions": 2} if name.startswith("forward-inf-diffusion-cosine") else {})}
-    est = make_estimator(name, model, ClassificationTask(), checkpoints=_checkpoints(model), trajectory=rec, **over)
+    run = fi.TrainingRun(checkpoints=_checkpoints(model), trajectory=rec)
+    est = make_estimator(name, model, ClassificationTask(), run=run, **over)
     est.fit(train)
     scores = est.influence(queries)
     order = torch.sort(scores, dim=1, descending=True, stable=True)

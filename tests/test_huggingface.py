@@ -24,7 +24,7 @@ V, N, T, QUERIES = 64, 16, 8, (0, 5, 10, 15)  # vocabulary, training rows, token
 
 # Registry methods that run on transformers models; the others refuse them with a ValueError.
 KFAC = ("forward-inf-counterfactual", "forward-inf-counterfactual-tail", "forward-inf-counterfactual-ekfac")
-SUPPORTED = (*[n for n, v in FORWARD_INF.items() if v.task in ("classification", "language") and not v.checkpoints
+SUPPORTED = (*[n for n, v in FORWARD_INF.items() if v.task in ("classification", "language") and not v.needs
                and n not in ("forward-inf-authors", *KFAC)],
              "if-100", "if-1000", "if-10000", "if-cg", "if-exact", "tracin-last", "grad-cos", "grad-dot")
 REFUSED = ("forward-inf-authors",  # perturbs float inputs
@@ -149,7 +149,7 @@ def test_every_supported_registry_method_runs(name):
     before = _state(model)
     for method in SUPPORTED:
         kw = dict(OVERRIDES.get(method, {}))
-        if FORWARD_INF.get(method) is not None and FORWARD_INF[method].estimator == "tail":
+        if FORWARD_INF.get(method) is not None and FORWARD_INF[method].estimator is fi.TailForwardINF:
             kw["split"] = MODELS[name][3]
         scores = make_estimator(method, model, task, **kw).fit(train).influence(queries)
         assert scores.shape == (len(QUERIES), N) and torch.isfinite(scores).all(), method

@@ -364,7 +364,8 @@ def test_experiments_record_cache_and_load_the_trajectory(tmp_path):
     again = prepare_classifier(args("--methods", "hydra-last"))  # from the cache now
     assert len(again.trajectory) == 2 and torch.equal(again.trajectory.steps_[1].indices, recorded.trajectory.steps_[1].indices)
     x, y = recorded.split.train()
-    scores = make_estimator("hydra", recorded.model, trajectory=recorded.trajectory).fit((x, y)).influence((x[:3], y[:3]))
+    run = fi.TrainingRun(trajectory=recorded.trajectory)
+    scores = make_estimator("hydra", recorded.model, run=run).fit((x, y)).influence((x[:3], y[:3]))
     assert scores.shape == (3, 60) and torch.isfinite(scores).all()
 
     # A user's own model: --checkpoint with the trajectory file its training loop saved.
@@ -372,10 +373,10 @@ def test_experiments_record_cache_and_load_the_trajectory(tmp_path):
     save_checkpoint(recorded.model, ckpt)
     recorded.trajectory.save(traj)
     loaded = prepare_classifier(args("--methods", "hydra", "--checkpoint", str(ckpt), "--trajectory", str(traj)))
-    torch.testing.assert_close(make_estimator("hydra", loaded.model, trajectory=loaded.trajectory).fit((x, y))
-                               .influence((x[:3], y[:3])), scores)
-    torch.testing.assert_close(make_estimator("hydra", loaded.model, trajectory=str(traj)).fit((x, y))
-                               .influence((x[:3], y[:3])), scores)  # or just the path
+    torch.testing.assert_close(make_estimator("hydra", loaded.model, run=fi.TrainingRun(trajectory=loaded.trajectory))
+                               .fit((x, y)).influence((x[:3], y[:3])), scores)
+    torch.testing.assert_close(make_estimator("hydra", run=fi.TrainingRun(model=loaded.model, trajectory=str(traj)))
+                               .fit((x, y)).influence((x[:3], y[:3])), scores)  # or just the path; the run's model
     with pytest.raises(ValueError, match="--trajectory"):
         prepare_classifier(args("--methods", "hydra", "--checkpoint", str(ckpt)))
     with pytest.raises(ValueError, match="--checkpoint"):

@@ -5,7 +5,8 @@ import importlib.util
 import pytest
 import torch
 
-from forwardinf.baselines.peers import PEERS, require
+from forwardinf.baselines.methods import PEERS
+from forwardinf.baselines.peers import require
 from forwardinf.data.loaders import load_digits
 from forwardinf.models import build_model
 from forwardinf.training import state_fingerprint as fingerprint

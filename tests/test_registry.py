@@ -1,12 +1,11 @@
-"""The method registry: one definition per Forward-INF name, read the same way by every experiment."""
+"""The method table: one definition per name, read the same way by every experiment."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import forwardinf as fi
-from forwardinf.baselines.registry import FORWARD_INF, forward_inf_names, make_estimator, requirements
-from forwardinf.estimators.forward_inf import PRESETS
+from forwardinf.baselines.methods import FORWARD_INF, forward_inf_names, make_estimator, requirements
 from forwardinf.models import build_model
 
 
@@ -18,14 +17,10 @@ def _mlp() -> torch.nn.Module:
 def test_every_classifier_variant_builds_with_its_keywords(name):
     est = make_estimator(name, _mlp(), fi.ClassificationTask())
     variant = FORWARD_INF[name]
-    if variant.estimator == "tail":
-        assert isinstance(est, fi.TailForwardINF)
-    else:
-        kw = dict(variant.kw)
-        kw = {**PRESETS[kw.pop("preset", "default")], **kw} if variant.estimator == "forward-inf" else kw
-        for key, value in kw.items():
-            assert getattr(est, key) == value, (name, key)
-    assert requirements(name) == (frozenset({"checkpoints"}) if FORWARD_INF[name].checkpoints else frozenset())
+    assert type(est) is variant.estimator and est.config == variant.config
+    for key, value in variant.kw.items():
+        assert getattr(est, key) == value, (name, key)
+    assert requirements(name) == variant.needs
 
 
 def test_the_experiments_read_the_registry():
@@ -39,7 +34,8 @@ def test_the_experiments_read_the_registry():
     # the configurations the experiments ran under their old labels
     margin = make_estimator("forward-inf-margin", _mlp())
     assert (margin.score, margin.optimizer, margin.lr, margin.steps) == ("margin", "nsgd", 1e-3, 1)
-    assert FORWARD_INF["forward-inf-margin-cp"].kw == {"score": "margin"} and FORWARD_INF["forward-inf-margin-cp"].checkpoints
+    assert FORWARD_INF["forward-inf-margin-cp"].kw == {"score": "margin"}
+    assert FORWARD_INF["forward-inf-margin-cp"].needs == {"checkpoints"}
     assert diffusion.VARIANTS["forward-inf-diffusion"] == dict(score="margin", optimizer="adam", lr=3e-4, steps=3)
     assert diffusion.VARIANTS["forward-inf-diffusion-contrast"]["contrast"] is True
     # the library default is the same estimator under every route

@@ -85,9 +85,3 @@ class NearestNeighbour(Estimator):
 
     def self_influence(self) -> Tensor:
         raise NotImplementedError("NearestNeighbour: every point is its own nearest neighbour; no self-influence")
-
-
-def make_nearest(name: str, model: nn.Module, task: Task | None = None, **kw: Any) -> NearestNeighbour:
-    """``pixel-nn`` or ``feature-nn``."""
-    embedding = {"pixel-nn": "inputs", "feature-nn": "penultimate"}[name]
-    return NearestNeighbour(model, task, **{"embedding": embedding, **kw})

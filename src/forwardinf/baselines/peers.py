@@ -27,16 +27,18 @@ import logging
 import shutil
 import tempfile
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, ClassVar, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from forwardinf.baselines.run import TrainingRun
 from forwardinf.core.params import mode
 from forwardinf.data.inputs import DataLike, as_dataset, gather
-from forwardinf.estimators.base import Estimator, check_choice, check_positive
+from forwardinf.estimators.base import Estimator, EstimatorConfig, check_choice, check_positive
 from forwardinf.tasks.base import Task
 from forwardinf.tasks.classification import ClassificationTask
 
@@ -85,24 +87,86 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
+@dataclass(frozen=True, kw_only=True)
+class PeerConfig(EstimatorConfig):
+    """The knobs every peer has: examples per batch and the seed of its RNG and projections."""
+
+    batch_size: int = 64
+    seed: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class TRAKConfig(PeerConfig):
+    """Every knob of :class:`TRAK`."""
+
+    proj_dim: int = 512
+    checkpoints: Sequence[dict] | None = None
+    lambda_reg: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class DattriTRAKConfig(PeerConfig):
+    """Every knob of :class:`DattriTRAK`."""
+
+    proj_dim: int = 512
+
+
+@dataclass(frozen=True, kw_only=True)
+class DattriIFConfig(PeerConfig):
+    """Every knob of :class:`DattriIF`."""
+
+    solver: str = "lissa"
+    batch_size: int = 256
+
+
+@dataclass(frozen=True, kw_only=True)
+class KronfluenceEKFACConfig(PeerConfig):
+    """Every knob of :class:`KronfluenceEKFAC`."""
+
+    measurement: str = "margin"
+    damping: float | None = 1e-8
+    batch_size: int = 256
+
+
+@dataclass(frozen=True, kw_only=True)
+class CaptumTracInCPConfig(PeerConfig):
+    """Every knob of :class:`CaptumTracInCP`; ``run`` holds the checkpoints."""
+
+    run: TrainingRun | None = None
+
+
 class _Peer(Estimator):
     """Shared plumbing: a scratch folder removed with the estimator, the training tensors, and the
-    seeded RNG (subclasses implement ``_fit`` / ``_influence``; ``seed`` is set by their constructor)."""
+    seeded RNG (subclasses implement ``_fit`` / ``_influence``; their settings are a :class:`PeerConfig`)."""
 
     package = ""
-    seed = 0
+    Config: ClassVar[type[EstimatorConfig]] = PeerConfig
+
+    def __init__(self, model: nn.Module, task: Task | None = None, *, config: PeerConfig | None = None,
+                 **knobs: Any) -> None:
+        """Every knob a keyword (the fields of the class's ``Config``), or ``config=``."""
+        super().__init__(model, task, config, **knobs)
 
     def fit(self, train: DataLike) -> "_Peer":
         with seeded(self.seed):
-            return self._fit(train)
+            return super().fit(train)
+
+    def _check_params(self) -> None:
+        name = type(self).__name__
+        check_positive(name, "batch_size", self.batch_size, integer=True)
+        if "proj_dim" in self.Config.names():
+            check_positive(name, "proj_dim", self.proj_dim, integer=True)
 
     def influence(self, queries: DataLike, joint: bool = False) -> Tensor:
         with seeded(self.seed + 1):  # not the fit's stream: scoring twice after one fit still agrees
             return self._influence(queries, joint)
 
-    def _start(self, train: DataLike) -> None:
+    def _load_train(self, train: DataLike) -> tuple[Tensor, Tensor]:
         require(self.package)
-        self.train_ = _tensors(train, "train", self.model, self.task)
+        return _tensors(train, "train", self.model, self.task)
+
+    def _scratch(self) -> None:
+        """A scratch folder for the peer's files, removed with the estimator: ``dir_``."""
         self.dir_ = Path(tempfile.mkdtemp(prefix=f"forwardinf-{self.package}-"))
         weakref.finalize(self, shutil.rmtree, str(self.dir_), True)
 
@@ -126,21 +190,10 @@ class TRAK(_Peer):
     """
 
     package = "trak"
+    Config = TRAKConfig
 
-    def __init__(self, model: nn.Module, task: Task | None = None, *, proj_dim: int = 512,
-                 checkpoints: Sequence[dict] | None = None, batch_size: int = 64, seed: int = 0,
-                 lambda_reg: float = 0.0) -> None:
-        super().__init__(model, task)
-        self.proj_dim = proj_dim
-        self.checkpoints = checkpoints
-        self.batch_size = batch_size
-        self.seed = seed
-        self.lambda_reg = lambda_reg
-
-    def _fit(self, train: DataLike) -> "TRAK":
-        check_positive("TRAK", "proj_dim", self.proj_dim, integer=True)
-        check_positive("TRAK", "batch_size", self.batch_size, integer=True)
-        self._start(train)
+    def _fit(self, train: tuple[Tensor, Tensor]) -> None:
+        self._scratch()
         from trak import TRAKer
 
         x, y = self.train_
@@ -156,7 +209,6 @@ class TRAK(_Peer):
                                        num_samples=len(y[a:a + self.batch_size]))
         self.traker_.finalize_features()
         self.n_scored_ = 0
-        return self
 
     def _influence(self, queries: DataLike, joint: bool = False) -> Tensor:
         xq, yq = self._queries(queries, joint)
@@ -194,17 +246,10 @@ class DattriTRAK(_Peer):
     the margin as output function and the correct-class probability for TRAK's ``Q``."""
 
     package = "dattri"
+    Config = DattriTRAKConfig
 
-    def __init__(self, model: nn.Module, task: Task | None = None, *, proj_dim: int = 512,
-                 batch_size: int = 64, seed: int = 0) -> None:
-        super().__init__(model, task)
-        self.proj_dim = proj_dim
-        self.batch_size = batch_size
-        self.seed = seed
-
-    def _fit(self, train: DataLike) -> "DattriTRAK":
-        check_positive("DattriTRAK", "proj_dim", self.proj_dim, integer=True)
-        self._start(train)
+    def _fit(self, train: tuple[Tensor, Tensor]) -> None:
+        self._scratch()
         from dattri.algorithm.trak import TRAKAttributor
 
         model = self.model
@@ -218,7 +263,6 @@ class DattriTRAK(_Peer):
                                           projector_kwargs={"proj_dim": self.proj_dim, "proj_seed": self.seed,
                                                             "device": "cpu"}, device="cpu")
         self.attributor_.cache(DataLoader(TensorDataset(*self.train_), batch_size=self.batch_size, shuffle=False))
-        return self
 
     def _influence(self, queries: DataLike, joint: bool = False) -> Tensor:
         xq, yq = self._queries(queries, joint)
@@ -233,17 +277,14 @@ class DattriIF(_Peer):
     CNN (LiSSA: 12 GB for 16 queries; CG: 13 GB)."""
 
     package = "dattri"
+    Config = DattriIFConfig
 
-    def __init__(self, model: nn.Module, task: Task | None = None, *, solver: str = "lissa",
-                 batch_size: int = 256, seed: int = 0) -> None:
-        super().__init__(model, task)
-        self.solver = solver
-        self.batch_size = batch_size
-        self.seed = seed
-
-    def _fit(self, train: DataLike) -> "DattriIF":
+    def _check_params(self) -> None:
+        super()._check_params()
         check_choice("DattriIF", "solver", self.solver, ("lissa", "cg"))
-        self._start(train)
+
+    def _fit(self, train: tuple[Tensor, Tensor]) -> None:
+        self._scratch()
         from dattri.algorithm.influence_function import IFAttributorCG, IFAttributorLiSSA
 
         task = _dattri_task(self.model)
@@ -254,7 +295,6 @@ class DattriIF(_Peer):
                                                  scaling=50.0, device="cpu")
         self.loader_ = DataLoader(TensorDataset(*self.train_), batch_size=self.batch_size, shuffle=False)
         self.attributor_.cache(self.loader_)
-        return self
 
     def _influence(self, queries: DataLike, joint: bool = False) -> Tensor:
         xq, yq = self._queries(queries, joint)
@@ -273,18 +313,14 @@ class KronfluenceEKFAC(_Peer):
     """
 
     package = "kronfluence"
+    Config = KronfluenceEKFACConfig
 
-    def __init__(self, model: nn.Module, task: Task | None = None, *, measurement: str = "margin",
-                 damping: float | None = 1e-8, batch_size: int = 256, seed: int = 0) -> None:
-        super().__init__(model, task)
-        self.measurement = measurement
-        self.damping = damping
-        self.batch_size = batch_size
-        self.seed = seed
-
-    def _fit(self, train: DataLike) -> "KronfluenceEKFAC":
+    def _check_params(self) -> None:
+        super()._check_params()
         check_choice("KronfluenceEKFAC", "measurement", self.measurement, ("margin", "loss"))
-        self._start(train)
+
+    def _fit(self, train: tuple[Tensor, Tensor]) -> None:
+        self._scratch()
         from kronfluence.analyzer import Analyzer, prepare_model
         from kronfluence.arguments import FactorArguments
         from kronfluence.task import Task as KTask
@@ -312,7 +348,6 @@ class KronfluenceEKFAC(_Peer):
         self.analyzer_.fit_all_factors("ekfac", TensorDataset(*self.train_), per_device_batch_size=self.batch_size,
                                        factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True)
         self.n_scored_ = 0
-        return self
 
     def _influence(self, queries: DataLike, joint: bool = False) -> Tensor:
         from kronfluence.arguments import ScoreArguments
@@ -332,20 +367,15 @@ class CaptumTracInCP(_Peer):
     as the one checkpoint), every layer, learning-rate weight 1 per checkpoint."""
 
     package = "captum"
+    Config = CaptumTracInCPConfig
 
-    def __init__(self, model: nn.Module, task: Task | None = None, *, checkpoints: Sequence[dict] | None = None,
-                 batch_size: int = 64, seed: int = 0) -> None:
-        super().__init__(model, task)
-        self.checkpoints = checkpoints
-        self.batch_size = batch_size
-        self.seed = seed
-
-    def _fit(self, train: DataLike) -> "CaptumTracInCP":
-        self._start(train)
+    def _fit(self, train: tuple[Tensor, Tensor]) -> None:
+        self._scratch()
         from captum.influence import TracInCP
 
         paths = []
-        for c, state in enumerate(self.checkpoints or [self.model.state_dict()]):
+        checkpoints = self.run.checkpoints if self.run is not None else ()
+        for c, state in enumerate(checkpoints or [self.model.state_dict()]):
             paths.append(str(self.dir_ / f"checkpoint{c}.pt"))
             torch.save(state, paths[-1])
 
@@ -356,18 +386,7 @@ class CaptumTracInCP(_Peer):
         self.tracin_ = TracInCP(copy.deepcopy(self.model), TensorDataset(*self.train_), paths, load,
                                 loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=self.batch_size,
                                 sample_wise_grads_per_batch=True)
-        return self
 
     def _influence(self, queries: DataLike, joint: bool = False) -> Tensor:
         xq, yq = self._queries(queries, joint)
         return self.tracin_.influence((xq, yq), show_progress=False)  # [Q, N], proponents positive
-
-
-PEERS = {
-    "trak": TRAK,
-    "dattri-trak": DattriTRAK,
-    "kronfluence-ekfac": KronfluenceEKFAC,
-    "captum-tracincp": CaptumTracInCP,
-    "dattri-if-lissa": DattriIF,
-    "dattri-if-cg": DattriIF,
-}

@@ -54,7 +54,7 @@ DATASETS: dict[str, dict[str, Any]] = {
 # candidate; Fashion diagnostic: better mean ranks, not better top-1 on held-out sets).
 DEFAULT_VARIANT = "forward-inf-diffusion"
 VARIANTS: dict[str, dict[str, Any]] = {
-    n: {**FORWARD_INF[n].kw, **({"contrast": True} if FORWARD_INF[n].contrast else {})}
+    n: {**FORWARD_INF[n].kw, **({"contrast": True} if n.endswith("-contrast") else {})}
     for n in forward_inf_names("diffusion")}
 # The fixed timesteps of the loss (of T = 1000). Low timesteps alone (2..50) were fooled by
 # pre-training images that look like an exemplar; adding 100..400 made the ranking robust over a

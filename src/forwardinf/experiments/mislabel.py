@@ -130,7 +130,7 @@ def rank_scores(name: str, model: nn.Module, train: tuple[Tensor, Tensor], check
     options = options or {}
     if name in FI_VARIANTS:
         order = ORDERS.get(name, "support")
-        if FORWARD_INF[name].checkpoints:
+        if "checkpoints" in FORWARD_INF[name].needs:  # the self-influence averaged over the run's checkpoints
             per = []
             for state in checkpoints:
                 snapshot = copy.deepcopy(model)
@@ -147,8 +147,8 @@ def rank_scores(name: str, model: nn.Module, train: tuple[Tensor, Tensor], check
     if name == "random":
         return torch.rand(len(train[1]), generator=torch.Generator().manual_seed(seed + 99), dtype=torch.float64)
     if name in BASELINES:
-        est = make_estimator(name, model, fi.ClassificationTask(), checkpoints=checkpoints, trajectory=trajectory,
-                             **options)
+        run = fi.TrainingRun(model=model, checkpoints=checkpoints or (), trajectory=trajectory)
+        est = make_estimator(name, model, fi.ClassificationTask(), run=run, **options)
         return est.fit(train).self_influence()
     raise ValueError(f"unknown method {name!r}; choose from {', '.join([*FI_VARIANTS, *BASELINES])}")
 

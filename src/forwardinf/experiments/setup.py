@@ -143,19 +143,19 @@ def make_method(name: str, model: torch.nn.Module, prepared: "Prepared", progres
     kw = dict(options or {})
     variant = FORWARD_INF.get(name)
     if variant is not None:
-        if variant.task not in ("classification", "image") or variant.checkpoints or variant.contrast:
+        if variant.task not in ("classification", "image") or variant.needs:
             raise ValueError(f"{name} is a {variant.task} variant" + (" averaged over checkpoints (forwardinf "
-                             "mislabel)" if variant.checkpoints else "") + "; choose a classifier's: "
+                             "mislabel)" if variant.needs else "") + "; choose a classifier's: "
                              + ", ".join(forward_inf_names("classification", "image")))
         kw.setdefault("progress", progress)
-        if variant.estimator == "invariant" and prepared.split is not None:
+        if "flip" in variant.config.names() and prepared.split is not None:  # InvariantForwardINF
             from forwardinf.data.augment import flip_is_sensible
 
             if not flip_is_sensible(prepared.split.name):
                 kw.setdefault("flip", False)
     try:
-        return make_estimator(name, model, fi.ClassificationTask(), checkpoints=prepared.checkpoints,
-                              trajectory=prepared.trajectory, **kw)
+        run = fi.TrainingRun(model=model, checkpoints=prepared.checkpoints or (), trajectory=prepared.trajectory)
+        return make_estimator(name, model, fi.ClassificationTask(), run=run, **kw)
     except TypeError as e:  # an unknown keyword
         raise ValueError(f"{name}: {e}; check its --option keywords") from e
 
