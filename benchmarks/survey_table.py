@@ -92,11 +92,11 @@ def leakage(split: Any, args: argparse.Namespace) -> tuple[str, dict]:
         "knn-shapley (K=10, penultimate)": lambda: KNNShapley(model, task, k=10).fit(train).influence((xq, yq)),
         "knn-shapley (K=1, penultimate)": lambda: KNNShapley(model, task, k=1).fit(train).influence((xq, yq)),
         "knn-banzhaf (K=10, penultimate)": lambda: KNNShapley(model, task, k=10, weighting="banzhaf").fit(train).influence((xq, yq)),
-        "hydra (fast, all layers)": lambda: HyDRA(model, task, trajectory=rec).fit(train).influence((xq, yq)),
-        "hydra (fast, last layer)": lambda: HyDRA(model, task, trajectory=rec, params="last").fit(train).influence((xq, yq)),
+        "hydra (fast, all layers)": lambda: HyDRA(model, task, run=fi.TrainingRun(trajectory=rec)).fit(train).influence((xq, yq)),
+        "hydra (fast, last layer)": lambda: HyDRA(model, task, run=fi.TrainingRun(trajectory=rec), params="last").fit(train).influence((xq, yq)),
     }
     if args.hessian:
-        methods["hydra (Hessian, last layer)"] = lambda: HyDRA(model, task, trajectory=rec, params="last",
+        methods["hydra (Hessian, last layer)"] = lambda: HyDRA(model, task, run=fi.TrainingRun(trajectory=rec), params="last",
                                                                hessian=True).fit(train).influence((xq, yq))
     tmc = TMCShapley(LastLayerTrainer(model), task, permutations=args.permutations, truncation=0.05, seed=args.seed)
     if args.tmc:
@@ -126,11 +126,11 @@ def mislabel(split: Any, args: argparse.Namespace) -> tuple[str, dict]:
         "random": lambda: rank_scores("random", model, train, [], args.seed),
         "knn-shapley self (K=10, penultimate)": lambda: KNNShapley(model, task, k=10).fit(train).self_influence(),
         "knn-shapley self (K=10, inputs)": lambda: KNNShapley(model, task, k=10, embedding="inputs").fit(train).self_influence(),
-        "hydra self (fast, all layers)": lambda: HyDRA(model, task, trajectory=rec).fit(train).self_influence(),
-        "hydra self (fast, last layer)": lambda: HyDRA(model, task, trajectory=rec, params="last").fit(train).self_influence(),
+        "hydra self (fast, all layers)": lambda: HyDRA(model, task, run=fi.TrainingRun(trajectory=rec)).fit(train).self_influence(),
+        "hydra self (fast, last layer)": lambda: HyDRA(model, task, run=fi.TrainingRun(trajectory=rec), params="last").fit(train).self_influence(),
     }
     if args.hessian:
-        methods["hydra self (Hessian, last layer)"] = lambda: HyDRA(model, task, trajectory=rec, params="last",
+        methods["hydra self (Hessian, last layer)"] = lambda: HyDRA(model, task, run=fi.TrainingRun(trajectory=rec), params="last",
                                                                     hessian=True).fit(train).self_influence()
     tmc = TMCShapley(LastLayerTrainer(model), task, permutations=args.permutations, seed=args.seed)
     if args.tmc:
@@ -231,10 +231,10 @@ def complexity(args: argparse.Namespace, split: Any, tag: str) -> None:
     measure("if-100 (LiSSA depth 100)", "Inf. func.", lambda: make_estimator("if-100", model, task))
     measure("if-cg (≤100 CG iterations)", "Inf. func.", lambda: make_estimator("if-cg", model, task))
     measure("representer", "Rep. pt.", lambda: make_estimator("representer", model, task))
-    measure("tracin-5 (5 checkpoints)", "TracIn", lambda: make_estimator("tracin-5", model, task, checkpoints=checkpoints, lrs=lrs))
-    measure("hydra (fast, all layers)", "HyDRA", lambda: make_estimator("hydra", model, task, trajectory=rec),
+    measure("tracin-5 (5 checkpoints)", "TracIn", lambda: make_estimator("tracin-5", model, task, run=fi.TrainingRun(checkpoints=checkpoints, lrs=lrs)))
+    measure("hydra (fast, all layers)", "HyDRA", lambda: make_estimator("hydra", model, task, run=fi.TrainingRun(trajectory=rec)),
             f"{steps} steps; hypergradients n x p = {n * p * 4 / 2**20:.0f} MB")
-    measure("hydra-last (fast, last layer)", "HyDRA", lambda: make_estimator("hydra-last", model, task, trajectory=rec))
+    measure("hydra-last (fast, last layer)", "HyDRA", lambda: make_estimator("hydra-last", model, task, run=fi.TrainingRun(trajectory=rec)))
     measure("knn-shapley (K=10, penultimate)", "Shapley", lambda: make_estimator("knn-shapley", model, task),
             "exact for the KNN surrogate: O(n log n) per query")
     measure(f"tmc-shapley (last layer, {args.permutations} perms, trunc 0.05)", "Shapley",

@@ -4,7 +4,7 @@ Docstrings' Sphinx roles (``:class:`X``` ...) are shown as plain code (``on_page
 
 - ``<!-- generate: cli -->``: the ``--help`` of every ``forwardinf`` subcommand, from the argparse
   parser that ``forwardinf.cli`` builds (so the page cannot drift from the command line);
-- ``<!-- generate: methods -->``: every name of the method registry (``forwardinf.baselines.registry``);
+- ``<!-- generate: methods -->``: every name of the method table (``forwardinf.baselines.methods``);
 - ``<!-- generate: benchmarks -->``: an index of ``benchmarks/results/*.md``; every file of that
   folder is added to the site under ``benchmarks/results/`` and its pages to the navigation.
 
@@ -104,17 +104,15 @@ def _rst_to_md(text: str) -> str:
 
 
 def _methods() -> str:
-    from forwardinf.baselines import registry as r
+    from forwardinf.baselines import methods as r
 
     def cell(s: object) -> str:
         return str(s).replace("|", "\\|")
 
     out = ["| name | estimator | set for | keywords | needs |", "|---|---|---|---|---|"]
     for name, v in r.FORWARD_INF.items():
-        flags = ", ".join(f for f in ("checkpoints", "contrast") if getattr(v, f))
-        kind = {"forward-inf": "ForwardINF", "tail": "TailForwardINF", "invariant": "InvariantForwardINF"}[v.estimator]
         kw = ", ".join(f"{k}={val!r}" for k, val in v.kw.items()) or "defaults"
-        out.append(f"| `{name}` | {kind} | {v.task} | `{cell(kw)}` | {flags or '-'} |")
+        out.append(f"| `{name}` | {v.estimator.__name__} | {v.task} | `{cell(kw)}` | {', '.join(sorted(v.needs)) or '-'} |")
     groups = [(r.METHODS[1:], "baseline"), (r.PEER_METHODS, "peer library (optional install)"),
               (r.REFERENCE_METHODS, "reference (nearest neighbour)")]
     for names, kind in groups:

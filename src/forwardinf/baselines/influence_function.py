@@ -4,16 +4,16 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from forwardinf.core import gradients as G
-from forwardinf.core.params import Params, mode, select_params
 from forwardinf.baselines.gradient import GradientConfig, GradientEstimator
-from forwardinf.data.inputs import DataLike, batches, gather, to_device
+from forwardinf.core import gradients as G
+from forwardinf.core.params import Params, mode
+from forwardinf.data.inputs import DataLike, gather, to_device
 from forwardinf.estimators.base import Capabilities, check_choice, check_positive
 from forwardinf.tasks.base import Task
 

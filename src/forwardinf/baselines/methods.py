@@ -99,7 +99,7 @@ class Method:
 
     estimator: the class built; settings: its keywords for this name (the caller's override
     them); kind: ``"library"`` (a baseline), ``"peer"`` (an optional peer library) or
-    ``"reference"`` (nearest neighbours); needs: the :class:`TrainingRun` fields it requires;
+    ``"reference"`` (nearest neighbours), ``"variant"`` for a :class:`Variant`; needs: the :class:`TrainingRun` fields it requires;
     build: for names whose keywords depend on the model or the run (default: the class with
     ``settings``).
     """
@@ -134,7 +134,7 @@ class Variant:
     settings: dict[str, Any] = field(default_factory=dict)
     task: str = "classification"
     needs: frozenset[str] = frozenset()
-    kind = "forward-inf"
+    kind = "variant"
 
     @property
     def estimator(self) -> type[Estimator]:
@@ -271,7 +271,8 @@ TABLE: dict[str, Variant | Method] = {
 }
 
 # Views of TABLE by kind (their order is the table's).
-METHODS = ("forward-inf", *(n for n, m in TABLE.items() if m.kind == "library"))
+# METHODS: the library's own estimators, the default Forward-INF variant (the table's first) and the baselines.
+METHODS = (next(iter(FORWARD_INF)), *(n for n, m in TABLE.items() if m.kind == "library"))
 PEER_METHODS = tuple(n for n, m in TABLE.items() if m.kind == "peer")
 REFERENCE_METHODS = tuple(n for n, m in TABLE.items() if m.kind == "reference")
 PEERS: dict[str, type[Estimator]] = {n: TABLE[n].estimator for n in PEER_METHODS}

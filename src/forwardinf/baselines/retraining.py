@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 
 from forwardinf.baselines.run import TrainFn, TrainingRun, legacy_run, training_function
 from forwardinf.core.params import device_of, mode
-from forwardinf.data.inputs import DataLike, as_dataset, batches, check_finite, to_device
+from forwardinf.data.inputs import DataLike, as_dataset, batches, to_device
 from forwardinf.estimators.base import Capabilities, Estimator, EstimatorConfig, check_choice, check_positive
 from forwardinf.hashing import fingerprint, sha256_hex
 from forwardinf.io import atomic_save

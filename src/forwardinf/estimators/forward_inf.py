@@ -168,13 +168,14 @@ class ForwardINF(Estimator):
         return forward_inf_capabilities(self.optimizer)
 
     # -- fit --------------------------------------------------------------------------------
-    def fit(self, train: DataLike) -> "ForwardINF":
+    def _load_train(self, train: DataLike) -> Any:
+        return self._dataset(train, "train")  # each batch is checked by the base sweep that reads it
+
+    def _fit(self, train: Any) -> None:
         """Cache ``m(θ, z_i)`` (and sensitivities for ``score="cosine"``) for every training point."""
-        self._check_params()
-        self.train_ = self._dataset(train, "train")
         self._cache_: dict[tuple, Any] = {}
         self.batch_size_ = self._resolve_batch_size()
-        return self._prepare()
+        self._prepare()
 
     def _fit_like(self, other: Estimator) -> "ForwardINF":
         """Fitted on ``other``'s training set, sharing its cache (entries are keyed by what they depend on)."""

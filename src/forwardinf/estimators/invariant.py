@@ -113,11 +113,12 @@ class InvariantForwardINF(ForwardINF):
         if self.shift is not None and (not isinstance(self.shift, int) or isinstance(self.shift, bool) or self.shift < 0):
             raise ValueError(f"{name}: invalid shift={self.shift!r}; expected None or an integer >= 0")
 
-    def fit(self, train: DataLike) -> "InvariantForwardINF":
-        """As :meth:`ForwardINF.fit`; the training examples must be images ``[C, H, W]`` (a 5-D
-        batch would be taken for views)."""
-        _check_images(gather(self._dataset(train, "train"), [0]), "train")
-        return super().fit(train)
+    def _load_train(self, train: DataLike) -> Any:
+        """As ForwardINF's; the training examples must be images ``[C, H, W]`` (a 5-D batch would
+        be taken for views)."""
+        dataset = super()._load_train(train)
+        _check_images(gather(dataset, [0]), "train")
+        return dataset
 
     def _queries(self, queries: DataLike) -> Views:
         """The queries' views ``(inputs [Q, V, C, H, W], targets [Q], ...)``, checked, and with

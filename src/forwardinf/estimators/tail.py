@@ -290,10 +290,11 @@ class TailForwardINF(Estimator):
         return config
 
     # -- fit --------------------------------------------------------------------------------
-    def fit(self, train: DataLike) -> "TailForwardINF":
+    def _load_train(self, train: DataLike) -> Any:
+        return self._dataset(train, "train")  # checked below and by the tail's ForwardINF
+
+    def _fit(self, dataset: Any) -> None:
         """Cut the model, cache the prefix over ``train``, fit the tail's ForwardINF on the cache."""
-        self._check_params()
-        dataset = self._dataset(train, "train")
         first = to_device(next(batches(dataset, 8))[1], self._device())
         check_batch(self.model, self.task, first, "train")  # before tracing and probing: a clear error, not theirs
         hf = is_hf_batch(self.model, first)  # a transformers model: split at a block (hf_tail.py)
@@ -318,9 +319,6 @@ class TailForwardINF(Estimator):
         self.features_ = self.features(dataset, "train", on_disk=self.cache_ == "disk")
         tail = self.split_ if hf else self.split_.tail
         self.estimator_ = ForwardINF(tail, self.task, config=self.forward_config).fit(self.features_)
-        self.train_ = dataset
-        self.fitted_config_ = self.config
-        return self
 
     def _fit_like(self, other: Estimator) -> "TailForwardINF":
         """Reuses ``other``'s cut and cached features when the prefix is configured the same."""
