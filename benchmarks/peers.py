@@ -86,7 +86,7 @@ PEER_OPTIONS = {
 
 
 def peer(name, model, train, queries):
-    from forwardinf.baselines.peers import PEERS
+    from forwardinf.baselines.methods import PEERS
 
     return PEERS[name](model, **PEER_OPTIONS[name]).fit(train).influence(queries)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
 import shutil
 import tempfile
 import weakref
@@ -35,9 +36,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from forwardinf.baselines.run import TrainingRun
-from forwardinf.core.params import mode
-from forwardinf.data.inputs import DataLike, as_dataset, gather
+from forwardinf.baselines.run import TrainingRun, legacy_run
+from forwardinf.data.inputs import DataLike, gather
 from forwardinf.estimators.base import Estimator, EstimatorConfig, check_choice, check_positive
 from forwardinf.tasks.base import Task
 from forwardinf.tasks.classification import ClassificationTask
@@ -57,20 +57,6 @@ def require(package: str) -> None:
     if importlib.util.find_spec(package) is None:
         raise ImportError(f"{package} is not installed ({INSTALL.get(package, 'pip install ' + package)})",
                           name=package)
-
-
-def _tensors(data: DataLike, name: str, model: nn.Module, task: Task) -> tuple[Tensor, Tensor]:
-    """``(inputs [N, ...], targets [N])`` of a classification dataset, gathered into one batch and
-    checked by ``task.validate`` (labels in range, finite inputs, shapes the model accepts)."""
-    dataset = as_dataset(data, name)
-    batch = gather(dataset, range(len(dataset)))
-    x, y = (batch["inputs"], batch["targets"]) if isinstance(batch, dict) else (batch[0], batch[1])
-    try:
-        with mode(model, False):
-            task.validate(model, (x, y))
-    except (RuntimeError, IndexError) as e:  # the model cannot take these inputs
-        raise ValueError(f"{name}: the model cannot take these inputs ({e})") from e
-    return x, y
 
 
 def _margin(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -145,6 +131,8 @@ class _Peer(Estimator):
     def __init__(self, model: nn.Module, task: Task | None = None, *, config: PeerConfig | None = None,
                  **knobs: Any) -> None:
         """Every knob a keyword (the fields of the class's ``Config``), or ``config=``."""
+        if "checkpoints" in knobs and "run" in self.Config.names():  # the old keyword of CaptumTracInCP
+            knobs["run"] = legacy_run(type(self).__name__, knobs.get("run"), {"checkpoints": knobs.pop("checkpoints")})
         super().__init__(model, task, config, **knobs)
 
     def fit(self, train: DataLike) -> "_Peer":
@@ -163,7 +151,8 @@ class _Peer(Estimator):
 
     def _load_train(self, train: DataLike) -> tuple[Tensor, Tensor]:
         require(self.package)
-        return _tensors(train, "train", self.model, self.task)
+        self.__dict__.pop("shapes_", None)
+        return self._tensors(train, "train")
 
     def _scratch(self) -> None:
         """A scratch folder for the peer's files, removed with the estimator: ``dir_``."""
@@ -174,7 +163,14 @@ class _Peer(Estimator):
         self._check_fitted()
         if joint:
             raise ValueError(f"{type(self).__name__}: joint=True is not supported for a peer library")
-        return _tensors(queries, "queries", self.model, self.task)
+        return self._tensors(queries, "queries")
+
+    def _tensors(self, data: DataLike, name: str) -> tuple[Tensor, Tensor]:
+        """``(inputs [N, ...], targets [N])`` of a classification dataset checked by the base's input
+        check (:meth:`~forwardinf.estimators.base.Estimator._load`), gathered into one batch."""
+        dataset = self._load(data, name, self.model)
+        batch = gather(dataset, range(len(dataset)))
+        return (batch["inputs"], batch["targets"]) if isinstance(batch, dict) else (batch[0], batch[1])
 
 
 class TRAK(_Peer):
@@ -363,8 +359,9 @@ class KronfluenceEKFAC(_Peer):
 
 
 class CaptumTracInCP(_Peer):
-    """captum's ``TracInCP`` over ``checkpoints`` (state dicts, oldest first; default: the model
-    as the one checkpoint), every layer, learning-rate weight 1 per checkpoint."""
+    """captum's ``TracInCP`` over ``run.checkpoints`` (a :class:`~forwardinf.baselines.run.TrainingRun`'s
+    state dicts or their paths, oldest first; default: the model as the one checkpoint), every
+    layer, learning-rate weight 1 per checkpoint."""
 
     package = "captum"
     Config = CaptumTracInCPConfig
@@ -376,6 +373,9 @@ class CaptumTracInCP(_Peer):
         paths = []
         checkpoints = self.run.checkpoints if self.run is not None else ()
         for c, state in enumerate(checkpoints or [self.model.state_dict()]):
+            if isinstance(state, (str, os.PathLike)):  # a saved state dict already
+                paths.append(os.fspath(state))
+                continue
             paths.append(str(self.dir_ / f"checkpoint{c}.pt"))
             torch.save(state, paths[-1])
 
