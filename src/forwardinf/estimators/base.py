@@ -131,10 +131,11 @@ def _same(a: Any, b: Any) -> bool:
 class Estimator:
     """Base class: scores are ``[n_query, n_train]``, higher = more influential (proponent).
 
-    Subclasses store their keyword arguments in ``__init__``, do the work in ``fit`` (learned
-    state ends in ``_``), and implement :meth:`influence`. A subclass with a ``Config`` (an
-    :class:`EstimatorConfig`) takes every knob as a keyword or ``config=`` (keywords override
-    it); the configuration is checked on construction (``_check_params``) and read-only
+    Subclasses declare their settings as a ``Config`` (an :class:`EstimatorConfig`; every
+    estimator of the library has one), do their work in ``_fit`` (learned state ends in ``_``;
+    :meth:`fit` is the template that checks the settings and the training set first) and
+    implement :meth:`influence`. Every knob is a keyword or ``config=`` (keywords override it);
+    the configuration is checked on construction (``_check_params``) and read-only
     (``est.config``; its fields read as ``est.<name>``; assigning one raises
     ``AttributeError``): :meth:`with_config` gives an estimator with another one.
     ``capabilities`` says what else the estimator can do.
@@ -332,7 +333,9 @@ class Estimator:
         (:func:`~forwardinf.data.checks.check_data`, batch by batch): empty, non-finite values,
         per-example shapes that change or differ from the training data's (``shapes_``) and, with a
         ``model``, what the task refuses (labels out of range) or inputs the model cannot run on.
-        The one input check of every estimator; the first call records ``shapes_``."""
+        The one input check of the estimators (the Forward-INF ones run its batch check,
+        :func:`~forwardinf.data.checks.check_batch`, on each batch as their sweeps read it); the
+        first call records ``shapes_``."""
         dataset = as_dataset(data, name)
         batch_size = getattr(self, "batch_size", None)
         if not isinstance(batch_size, int) or isinstance(batch_size, bool):
