@@ -417,7 +417,7 @@ class LeaveOneOut(_Retraining):
     negated). Costs ``(n_sources + 1) * n_seeds`` trainings; for thousands of sources prefer
     :func:`run_trainings` with a :class:`LossProbe` so that only losses are kept.
 
-    Args:
+    Args (``run``, ``task`` positional; the rest keywords, the fields of :class:`LeaveOneOutConfig`):
         run: the :class:`~forwardinf.baselines.run.TrainingRun` whose ``train_fn(data, seed) ->
             nn.Module`` retrains (module docstring), or that function alone.
         task: per-example loss (default: classification cross-entropy).
@@ -547,7 +547,7 @@ class Downsampling(_Retraining):
     or in none get NaN (raise ``n_models``). ``masks_`` ``[K, n_train]`` and :meth:`losses` feed
     :func:`forwardinf.metrics.lds` (pass ``-losses``).
 
-    Args:
+    Args (``run`` as in :class:`LeaveOneOut`; the rest keywords, the fields of :class:`DownsamplingConfig`):
         n_models: K. fraction: p, the subset size as a fraction of the training set.
         metric: ``"loss"`` or ``"accuracy"`` (classification). seed: draws the subsets; model ``k``
             trains with seed ``seed + k``.
