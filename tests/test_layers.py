@@ -17,14 +17,15 @@ LAYERS = [
     ["forwardinf._version", "forwardinf.io", "forwardinf.hashing", "forwardinf.memory", "forwardinf.data.inputs", "forwardinf.tasks.base"],
     ["forwardinf.core"],
     ["forwardinf.tasks", "forwardinf.data", "forwardinf.models", "forwardinf.metrics", "forwardinf.storage"],
-    ["forwardinf.estimators", "forwardinf.distributed", "forwardinf.training"],
+    # scoring.loaders: the user's model and data for `forwardinf score` (library code, no printing)
+    ["forwardinf.estimators", "forwardinf.distributed", "forwardinf.training", "forwardinf.scoring.loaders"],
     ["forwardinf.baselines"],
     ["forwardinf.workloads"],  # experiment material: recipes, training of the experiments' models
-    ["forwardinf.experiments", "forwardinf.cli", "forwardinf"],
+    ["forwardinf.experiments", "forwardinf.scoring", "forwardinf.cli", "forwardinf"],
 ]
 # Library code reports through return values, warnings and logging; only the experiments and the
-# command line print (their tables are the output).
-PRINTING = ("forwardinf.experiments", "forwardinf.cli")
+# commands print (their tables are the output).
+PRINTING = ("forwardinf.experiments", "forwardinf.scoring.command", "forwardinf.cli")
 
 
 def _modules() -> dict[str, Path]:

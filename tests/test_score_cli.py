@@ -11,7 +11,7 @@ import torch
 import forwardinf as fi
 from forwardinf.cli import main as cli_main
 from forwardinf.data.loaders import load_digits
-from forwardinf.experiments.score import ImageFolder, ScriptedModule
+from forwardinf.scoring import ImageFolder, ScriptedModule
 from forwardinf.storage import ScoreStore, read_topk_csv
 
 NET = textwrap.dedent('''
@@ -45,7 +45,7 @@ def user(tmp_path_factory):
     np.savez(tmp / "train.npz", inputs=d.x_train[:200].numpy(), targets=d.y_train[:200].numpy())
     saved = torch.get_num_threads()
     torch.set_num_threads(1)
-    from forwardinf.experiments.score import load_object
+    from forwardinf.scoring import load_object
     model = load_object(f"{tmp / 'net.py'}:trained", "--model")().eval()
     torch.set_num_threads(saved)
     torch.save(model.state_dict(), tmp / "weights.pt")

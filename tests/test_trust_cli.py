@@ -24,7 +24,7 @@ import forwardinf as fi
 from forwardinf.cli import main
 from forwardinf.data.loaders import load_digits
 from forwardinf.distributed import score_to_store
-from forwardinf.experiments.score import load_object
+from forwardinf.scoring import load_object
 from forwardinf.storage import ScoreStore, StoreMismatchError, config_of
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -462,9 +462,17 @@ TABLE = [
     ("score-feature-count", lambda u, b: _score(u, "--train", str(b / "features.npz")), "cannot run on"),
     ("score-int64-inputs", lambda u, b: _score(u, "--queries", str(b / "int64.npz")), "float32"),
     ("score-label-range", lambda u, b: _score(u, "--train", str(b / "label_range.npz")), "0..9"),
-    ("score-lr-huge", lambda u, b: _score(u, "--lr", "1e30", "--steps", "2"), "diverged"),  # 2 steps: measured change
-    ("score-lr-negative", lambda u, b: _score(u, "--lr", "-1"), "--lr must be"),
-    ("score-lr-nan", lambda u, b: _score(u, "--lr", "nan"), "--lr must be"),
+    ("score-lr-huge", lambda u, b: _score(u, "--option", "forward-inf.lr=1e30", "--option", "forward-inf.steps=2"),
+     "diverged"),  # 2 steps: measured change
+    ("score-lr-negative", lambda u, b: _score(u, "--option", "forward-inf.lr=-1"), "invalid lr=-1"),
+    ("score-lr-nan", lambda u, b: _score(u, "--option", "forward-inf.lr=nan"), "invalid lr='nan'"),
+    ("score-option-key", lambda u, b: _score(u, "--option", "forward-inf.bogus=1"), "unexpected keyword"),
+    ("score-option-method", lambda u, b: _score(u, "--option", "trak.lr=1"), "'trak' is not one of"),
+    # old spellings of estimator settings and of training flags: one line naming the new one
+    ("score-old-lr", lambda u, b: _score(u, "--lr", "0.1"), "--lr is now --option forward-inf.lr=VALUE"),
+    ("diffusion-old-steps", lambda u, b: ["diffusion", "--steps", "2"], "--steps is now --option"),
+    ("hypothesis-old-lr", lambda u, b: ["hypothesis", "--lr", "0.1"], "--lr is now --train-lr"),
+    ("hypothesis-old-fi-lr", lambda u, b: ["hypothesis", "--fi-lr", "0.1"], "--option forward-inf-group.lr=VALUE"),
     ("score-device-bogus", lambda u, b: _score(u, "--device", "bogus"), "not a device name"),
     ("score-device-cuda", lambda u, b: _score(u, "--device", "cuda"), "CUDA"),
     ("score-k-zero", lambda u, b: _score(u, "--k", "0"), "--k must be"),
