@@ -115,7 +115,7 @@ def test_tail_mode_and_params_give_the_same_table(user):
     tmp, _ = user
     model = ["--model", f"{tmp / 'net.py'}:trained", "--batch-size", "64"]  # (auto would size them differently)
     assert cli_main(_args(tmp, tmp / "run_tail", *model, "--tail", "4")) == 0
-    assert cli_main(_args(tmp, tmp / "run_params", *model, "--params", "4", "6")) == 0
+    assert cli_main(_args(tmp, tmp / "run_params", *model, "--option", "forward-inf.params=['4','6']")) == 0
     assert (tmp / "run_tail" / "topk.csv").read_text() == (tmp / "run_params" / "topk.csv").read_text()
     assert cli_main(_args(tmp, tmp / "run_disk", *model, "--tail", "4", "--tail-cache", "disk")) == 0
     assert (tmp / "run_disk" / "topk.csv").read_text() == (tmp / "run_tail" / "topk.csv").read_text()
@@ -153,10 +153,10 @@ def test_mismatched_store_is_refused_by_the_cli(user, capsys):
     out = tmp / "run_mismatch"
     model = ["--model", f"{tmp / 'net.py'}:trained"]
     assert cli_main(_args(tmp, out, *model)) == 0
-    assert cli_main(_args(tmp, out, *model, "--lr", "0.01")) == 2
+    assert cli_main(_args(tmp, out, *model, "--option", "forward-inf.lr=0.01")) == 2
     err = capsys.readouterr().err
     assert "configuration differs" in err and "lr: store 0.001 != now 0.01" in err and "--overwrite" in err
-    assert cli_main(_args(tmp, out, *model, "--lr", "0.01", "--overwrite")) == 0
+    assert cli_main(_args(tmp, out, *model, "--option", "forward-inf.lr=0.01", "--overwrite")) == 0
 
 
 def test_bad_specs_fail_clearly(user, capsys):

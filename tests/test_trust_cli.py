@@ -344,7 +344,7 @@ def test_11_a_store_resumes_with_another_batch_size_and_scores_agree(user, tmp_p
     assert main(argv + ["--query-chunk", "1", "--out", str(tmp_path / "fresh")]) == 0
     fresh = ScoreStore.open(tmp_path / "fresh" / "store").to_tensor()
     assert (resumed - fresh).abs().max() <= RUNTIME_TOLERANCE * (1 + fresh.abs().max())
-    assert main(score_argv(user, out, "--lr", "0.01")) == 2  # what changes scores is still refused
+    assert main(score_argv(user, out, "--option", "forward-inf.lr=0.01")) == 2  # what changes scores is still refused
     line = one_error_line(capsys, "score")
     assert "lr: store 0.001 != now 0.01" in line and "--store" in line and "--overwrite" in line
     assert "batch_size" in line  # the message says what may change
