@@ -1,11 +1,15 @@
 """Compare the measured numbers of two runs of the experiments (results.json), timings and memory left out.
 
     .venv/bin/python benchmarks/compare_results.py RUNS_A RUNS_B [--rtol 0] [--rename OLD=NEW ...]
+        [--config-rename OLD=NEW ...]
 
 RUNS_A / RUNS_B: folders holding one sub-folder per run (each with a results.json), or two results.json
 files. Prints one line per run: identical, or every number that differs (with both values). Exit 1 if any
 run differs beyond ``--rtol``. ``--rename OLD=NEW`` reads method ``OLD`` of RUNS_A as ``NEW`` (a method
 renamed between the runs; ``OLD@LABEL`` follows), in keys and in string values such as config lists.
+``--config-rename OLD=NEW`` reads the top-level ``config`` key ``OLD`` of RUNS_A as ``NEW`` (a command-line
+flag renamed between the runs); ``OLD=`` leaves it out (a flag removed; its value was printed when it was
+not None).
 """
 from __future__ import annotations
 
@@ -62,6 +66,20 @@ def differences(a: dict, b: dict, rtol: float = 0.0) -> list[str]:
     return out
 
 
+def renamed_config(result: dict, names: dict[str, str]) -> dict:
+    """``result`` with its ``config`` keys renamed by ``names`` (``OLD -> NEW``; ``NEW`` empty: dropped,
+    printed unless None, so that a dropped setting is seen)."""
+    config = dict(result.get("config") or {})
+    for old, new in names.items():
+        if old in config:
+            value = config.pop(old)
+            if new:
+                config[new] = value
+            elif value is not None:
+                print(f"  (config {old}={value!r} dropped)")
+    return {**result, "config": config}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("a", type=Path)
@@ -69,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rtol", type=float, default=0.0, help="relative tolerance on floats (default: exact)")
     ap.add_argument("--rename", action="append", default=[], metavar="OLD=NEW",
                     help="method OLD in RUNS_A is NEW in RUNS_B (repeatable)")
+    ap.add_argument("--config-rename", action="append", default=[], metavar="OLD=NEW",
+                    help="config key OLD in RUNS_A is NEW in RUNS_B; OLD= drops it (repeatable)")
     args = ap.parse_args(argv)
     if not args.a.exists():
         ap.error(f"{args.a} not found")
@@ -84,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
             bad += 1
             continue
         names = dict(item.split("=", 1) for item in args.rename)
-        diff = differences(renamed(json.loads(fa.read_text()), names), json.loads(fb.read_text()), args.rtol)
+        keys = dict(item.split("=", 1) for item in args.config_rename)
+        diff = differences(renamed_config(renamed(json.loads(fa.read_text()), names), keys),
+                           json.loads(fb.read_text()), args.rtol)
         n = sum(1 for p, _ in _leaves(json.loads(fa.read_text()).get("methods")) if not any(k in p for k in NOISE))
         print(f"{name}: identical ({n} numbers)" if not diff else f"{name}: {len(diff)} differ\n  " + "\n  ".join(diff))
         bad += bool(diff)

@@ -179,3 +179,26 @@ def test_bad_specs_fail_clearly(user, capsys):
     # K-FAC's curvature comes from the whole training set: 200 points in shards of 64 are refused
     assert cli_main(_args(tmp, tmp / "bad6", "--model", f"{tmp / 'net.py'}:trained", "--preset", "counterfactual")) == 2
     assert "ForwardINF cannot be sharded" in capsys.readouterr().err
+
+
+def test_score_moved_out_of_experiments_keeps_its_names():
+    """``score`` lives in forwardinf.scoring; the old module name still gives the same objects."""
+    from forwardinf import scoring
+    from forwardinf.cli import COMMANDS, build_parser
+    from forwardinf.experiments import EXPERIMENTS
+    from forwardinf.experiments import score as old
+
+    assert COMMANDS["score"] == "forwardinf.scoring.command" and "score" not in EXPERIMENTS
+    assert old.load_object is scoring.load_object and old.ImageFolder is scoring.ImageFolder
+    assert build_parser().parse_args(["score"])._module.run is old.run
+
+
+def test_old_spellings_are_refused_with_the_new_one(capsys):
+    for argv, new in [(["score", "--lr", "0.1"], "--option forward-inf.lr=VALUE"),
+                      (["score", "--params", "fc", "x"], "--option forward-inf.params=VALUE"),
+                      (["diffusion", "--score", "loss"], "--option forward-inf-diffusion.score=VALUE"),
+                      (["hypothesis", "--weight-decay", "0"], "--train-weight-decay"),
+                      (["hypothesis", "--fi-steps", "3"], "--option forward-inf-group.steps=VALUE")]:
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"{argv[1]} is now {new}" in err, err
