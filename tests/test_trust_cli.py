@@ -473,6 +473,8 @@ TABLE = [
     ("diffusion-old-steps", lambda u, b: ["diffusion", "--steps", "2"], "--steps is now --option"),
     ("hypothesis-old-lr", lambda u, b: ["hypothesis", "--lr", "0.1"], "--lr is now --train-lr"),
     ("hypothesis-old-fi-lr", lambda u, b: ["hypothesis", "--fi-lr", "0.1"], "--option forward-inf-group.lr=VALUE"),
+    ("trace-old-fi-lr", lambda u, b: ["trace", "--fi-lr", "1e-3", "1e-2"], "--option forward-inf.lr=[VALUE,...]"),
+    ("trace-option-lr", lambda u, b: ["trace", "--option", "forward-inf.lr=[1e-3,-1]"], "expected positive numbers"),
     ("score-device-bogus", lambda u, b: _score(u, "--device", "bogus"), "not a device name"),
     ("score-device-cuda", lambda u, b: _score(u, "--device", "cuda"), "CUDA"),
     ("score-k-zero", lambda u, b: _score(u, "--k", "0"), "--k must be"),
@@ -530,7 +532,8 @@ def test_bad_invocations_exit_2_with_one_line_and_leave_out_intact(case, user, b
 
 def test_the_table_covers_every_experiment_thirty_times():
     assert len(TABLE) >= 30
-    assert {argv(Path("u"), Path("b"))[0] for _, argv, _ in TABLE} == {"score", "leakage", "lds", "memorization", "trace"}
+    assert {argv(Path("u"), Path("b"))[0] for _, argv, _ in TABLE} == {"score", "leakage", "lds", "memorization", "trace",
+                                                                       "diffusion", "hypothesis"}
 
 
 @pytest.mark.parametrize("out_kind", ["file", "unwritable"])
