@@ -1,14 +1,9 @@
 """Loading the user's model and data for ``forwardinf score`` (and for anyone scripting it).
 
---model: ``module:callable`` (or ``file.py:callable``) returning an nn.Module; a ``torch.export``
-program (``.pt2``, exported in eval mode); a TorchScript file; or a state-dict checkpoint with
---arch ``module:callable`` building the architecture (read with ``torch.load(weights_only=True)``,
-never unpickling code).
---train / --queries: an image folder (one sub-folder per class; queries may be a flat folder,
-then each is explained for the model's predicted class), an .npz file (arrays ``inputs`` and
-``targets``, ``x`` and ``y``, or ``x_<split>``/``y_<split>`` picked with ``file.npz:<split>``), a
-built-in dataset ``NAME:train|test`` (digits, fashion-mnist, mnist, cifar10), or
-``module:callable`` returning a Dataset or ``(inputs, targets)`` tensors.
+The forms a model or data set may take (a ``module:callable``, a ``torch.export`` program, a
+TorchScript file, a state-dict checkpoint with its architecture; an image folder, an .npz file, a
+built-in dataset ``NAME:train|test``) are listed in ``forwardinf score --help``
+(:mod:`forwardinf.scoring.command`). Nothing here unpickles code (``weights_only`` loads).
 """
 from __future__ import annotations
 
