@@ -468,6 +468,7 @@ TABLE = [
     ("score-lr-nan", lambda u, b: _score(u, "--option", "forward-inf.lr=nan"), "invalid lr='nan'"),
     ("score-option-key", lambda u, b: _score(u, "--option", "forward-inf.bogus=1"), "unexpected keyword"),
     ("score-option-method", lambda u, b: _score(u, "--option", "trak.lr=1"), "'trak' is not one of"),
+    ("score-option-own-flag", lambda u, b: _score(u, "--option", "forward-inf.batch_size=8"), "give it as --batch-size"),
     # old spellings of estimator settings and of training flags: one line naming the new one
     ("score-old-lr", lambda u, b: _score(u, "--lr", "0.1"), "--lr is now --option forward-inf.lr=VALUE"),
     ("diffusion-old-steps", lambda u, b: ["diffusion", "--steps", "2"], "--steps is now --option"),

@@ -142,9 +142,16 @@ def build_estimator(args: argparse.Namespace, model: nn.Module, task: fi.Task, t
     return fi.ForwardINF(model, task, config=config)
 
 
+# ForwardINFConfig fields this command sets from flags of their own (an --option would be overridden).
+OWN_FLAGS = {"batch_size": "--batch-size", "query_chunk": "--query-chunk", "seed": "--seed", "progress": "--quiet"}
+
+
 def forward_inf_options(args: argparse.Namespace) -> dict[str, Any]:
     """``--option forward-inf.KEY=VALUE`` as ``{KEY: VALUE}`` (the one method of this command)."""
-    return method_options(args, ["forward-inf"]).get("forward-inf", {})
+    options = method_options(args, ["forward-inf"]).get("forward-inf", {})
+    for key in set(options) & set(OWN_FLAGS):
+        raise UsageError(f"--option forward-inf.{key}: give it as {OWN_FLAGS[key]}")
+    return options
 
 
 # -------------------------------------------------------------------------------------- run
