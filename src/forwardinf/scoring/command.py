@@ -40,8 +40,8 @@ from forwardinf.distributed import activation_bytes, auto_batch_size, init_distr
 from forwardinf.estimators.forward_inf import PRESETS, ForwardINFConfig, check_values
 from forwardinf.estimators.tail import PRECISIONS, ReducedPrecisionTask, TailForwardINF, split_model
 from forwardinf.experiments.checks import UsageError, refuse_renamed
-from forwardinf.experiments.setup import add_option_argument, method_options
 from forwardinf.experiments.report import markdown_table, results_object, write_outputs
+from forwardinf.experiments.setup import add_option_argument, method_options
 from forwardinf.scoring import shortlist
 from forwardinf.scoring.loaders import (ImageFolder, call_object, check_runs, first_n, label_by_prediction, load_data,
                                         load_model)
@@ -69,7 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("Forward-INF")
     g.add_argument("--preset", default="default", choices=sorted(PRESETS), help="named recipe (default: default)")
-    add_option_argument(g)  # --option forward-inf.KEY=VALUE: a ForwardINFConfig field over the preset's
+    add_option_argument(g, "here forward-inf's: any ForwardINFConfig field over --preset's, e.g. forward-inf.lr=0.01 "
+                           "or \"forward-inf.params=['fc']\"")
     refuse_renamed(g, {f"--{k}": f"--option forward-inf.{k}=VALUE" for k in RENAMED})
     g.add_argument("--tail", default=None, metavar="MODULE",
                    help="tail-only mode: update only MODULE and what follows it; the frozen prefix runs once")
