@@ -84,7 +84,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps per generated image (default: 50)")
     p.add_argument("--methods", default=f"{DEFAULT_VARIANT},pixel-l2",
                    help="comma-separated: " + ", ".join([*VARIANTS, *BASELINES]) + " (default: %(default)s)")
-    add_option_argument(p)  # e.g. forward-inf-diffusion.lr=1e-4 (its defaults: adam, lr 3e-4, 3 steps, margin)
+    add_option_argument(p, f"a variant of --methods, e.g. {DEFAULT_VARIANT}.lr=1e-4 (its defaults: optimizer=adam, lr=3e-4, "
+                           "steps=3, score=margin: the change of the log loss; loss: the paper's raw change; abs; cosine)")
     refuse_renamed(p, {f"--{k}": f"--option {DEFAULT_VARIANT}.{k}=VALUE" for k in ("optimizer", "lr", "steps", "score")})
     p.add_argument("--timesteps", default=",".join(map(str, TIMESTEPS)),
                    help="the fixed diffusion timesteps of the loss (default: "
