@@ -1,11 +1,16 @@
 """Compare the measured numbers of two runs of the experiments (results.json), timings and memory left out.
 
     .venv/bin/python benchmarks/compare_results.py RUNS_A RUNS_B [--rtol 0] [--rename OLD=NEW ...]
+        [--config-rename OLD=NEW ...]
 
 RUNS_A / RUNS_B: folders holding one sub-folder per run (each with a results.json), or two results.json
 files. Prints one line per run: identical, or every number that differs (with both values). Exit 1 if any
-run differs beyond ``--rtol``. ``--rename OLD=NEW`` reads method ``OLD`` of RUNS_A as ``NEW`` (a method
+run differs beyond ``--rtol``. Paths under RUNS_A / RUNS_B compare as ``<RUNS>/...`` (the same run
+written elsewhere). ``--rename OLD=NEW`` reads method ``OLD`` of RUNS_A as ``NEW`` (a method
 renamed between the runs; ``OLD@LABEL`` follows), in keys and in string values such as config lists.
+``--config-rename [RUN:]OLD=NEW`` reads the top-level ``config`` key ``OLD`` of RUNS_A as ``NEW`` (a
+command-line flag renamed between the runs), in run ``RUN`` only when given; ``OLD=`` leaves it out of both
+sides (a flag removed; its value is printed when it was not None).
 """
 from __future__ import annotations
 
@@ -62,6 +67,31 @@ def differences(a: dict, b: dict, rtol: float = 0.0) -> list[str]:
     return out
 
 
+def under_runs(obj: Any, root: Path) -> Any:
+    """``obj`` with the folder ``root`` written ``<RUNS>`` in every string (paths of a run's outputs)."""
+    if isinstance(obj, dict):
+        return {k: under_runs(v, root) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [under_runs(v, root) for v in obj]
+    return obj.replace(str(root), "<RUNS>") if isinstance(obj, str) else obj
+
+
+def renamed_config(a: dict, b: dict, names: dict[str, str], run: str = "") -> tuple[dict, dict]:
+    """``(a, b)`` with ``a``'s ``config`` keys renamed by ``names`` (``OLD -> NEW``); ``NEW`` empty: the
+    key is dropped from both, printed unless None, so that a dropped setting is seen."""
+    ca, cb = dict(a.get("config") or {}), dict(b.get("config") or {})
+    for old, new in names.items():
+        if old in ca:
+            value = ca.pop(old)
+            if new:
+                ca[new] = value
+            else:
+                cb.pop(old, None)
+                if value is not None:
+                    print(f"{run}: config {old}={value!r} left out")
+    return {**a, "config": ca}, {**b, "config": cb}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("a", type=Path)
@@ -69,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rtol", type=float, default=0.0, help="relative tolerance on floats (default: exact)")
     ap.add_argument("--rename", action="append", default=[], metavar="OLD=NEW",
                     help="method OLD in RUNS_A is NEW in RUNS_B (repeatable)")
+    ap.add_argument("--config-rename", action="append", default=[], metavar="OLD=NEW",
+                    help="config key OLD in RUNS_A is NEW in RUNS_B (in run RUN only: RUN:OLD=NEW); OLD= leaves it "
+                         "out (repeatable)")
     args = ap.parse_args(argv)
     if not args.a.exists():
         ap.error(f"{args.a} not found")
@@ -84,7 +117,11 @@ def main(argv: list[str] | None = None) -> int:
             bad += 1
             continue
         names = dict(item.split("=", 1) for item in args.rename)
-        diff = differences(renamed(json.loads(fa.read_text()), names), json.loads(fb.read_text()), args.rtol)
+        keys = {old.split(":", 1)[-1]: new for old, new in (item.split("=", 1) for item in args.config_rename)
+                if ":" not in old or old.split(":", 1)[0] == name}
+        runs_a, runs_b = (fa.parent.parent.resolve(), fb.parent.parent.resolve())
+        a = under_runs(renamed(json.loads(fa.read_text()), names), runs_a)
+        diff = differences(*renamed_config(a, under_runs(json.loads(fb.read_text()), runs_b), keys, name), args.rtol)
         n = sum(1 for p, _ in _leaves(json.loads(fa.read_text()).get("methods")) if not any(k in p for k in NOISE))
         print(f"{name}: identical ({n} numbers)" if not diff else f"{name}: {len(diff)} differ\n  " + "\n  ".join(diff))
         bad += bool(diff)

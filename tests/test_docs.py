@@ -52,10 +52,10 @@ def test_site_builds_strict_and_renders_every_public_name(site):
 
 
 def test_cli_page_has_every_subcommand(site):
-    from forwardinf.experiments import EXPERIMENTS
+    from forwardinf.cli import COMMANDS
 
     html = (site / "reference" / "cli" / "index.html").read_text()
-    for name in EXPERIMENTS:
+    for name in COMMANDS:
         assert f'id="forwardinf-{name}"' in html, name
     assert "--query-chunk" in html  # an option of `score`, from argparse
 

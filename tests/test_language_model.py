@@ -269,7 +269,7 @@ def test_trace_experiment_end_to_end(tmp_path):
     from forwardinf.cli import build_parser
 
     args = build_parser().parse_args(["trace", "--epochs", "2", "--n-cities", "20", "--queries", "3", "--tune-queries", "1",
-                                      "--candidates", "20", "--fi-lr", "1e-3", "--methods", "forward-inf,tracin-single,tracin-multi,bm25", "--out", str(tmp_path), "--quiet"])
+                                      "--candidates", "20", "--option", "forward-inf.lr=1e-3", "--methods", "forward-inf,tracin-single,tracin-multi,bm25", "--out", str(tmp_path), "--quiet"])
     res = args._module.run(args)
     assert res["experiment"] == "trace"
     for name in ("forward-inf-trace", "tracin-single", "tracin-multi", "bm25", "forward-inf-trace-paraphrased"):

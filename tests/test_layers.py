@@ -1,6 +1,7 @@
 """The package's import graph: acyclic, and every module imports only its own layer or those below.
 
-Read from the source (``ast``), so imports inside functions count too; nothing is imported.
+Read from the source (``ast``, :func:`forwardinf.hashing.imported_names`), so imports inside functions
+count too; the package's modules are not imported.
 """
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import ast
 import re
 from pathlib import Path
 from typing import Iterator
+
+from forwardinf.hashing import imported_names
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -17,14 +20,15 @@ LAYERS = [
     ["forwardinf._version", "forwardinf.io", "forwardinf.hashing", "forwardinf.memory", "forwardinf.data.inputs", "forwardinf.tasks.base"],
     ["forwardinf.core"],
     ["forwardinf.tasks", "forwardinf.data", "forwardinf.models", "forwardinf.metrics", "forwardinf.storage"],
-    ["forwardinf.estimators", "forwardinf.distributed", "forwardinf.training"],
+    # scoring.loaders: the user's model and data for `forwardinf score` (library code, no printing)
+    ["forwardinf.estimators", "forwardinf.distributed", "forwardinf.training", "forwardinf.scoring.loaders"],
     ["forwardinf.baselines"],
     ["forwardinf.workloads"],  # experiment material: recipes, training of the experiments' models
-    ["forwardinf.experiments", "forwardinf.cli", "forwardinf"],
+    ["forwardinf.experiments", "forwardinf.scoring", "forwardinf.cli", "forwardinf"],
 ]
 # Library code reports through return values, warnings and logging; only the experiments and the
-# command line print (their tables are the output).
-PRINTING = ("forwardinf.experiments", "forwardinf.cli")
+# commands print (their tables are the output).
+PRINTING = ("forwardinf.experiments", "forwardinf.scoring.command", "forwardinf.cli")
 
 
 def _modules() -> dict[str, Path]:
@@ -36,20 +40,11 @@ def _modules() -> dict[str, Path]:
 
 
 def _imports(name: str, path: Path, mods: dict[str, Path]) -> set[str]:
+    """The package's modules ``name`` imports: a package and, in ``from pkg import x``, ``pkg.x`` when a module."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            targets = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                up = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(up + ([base] if base else []))
-            targets = [base] + [f"{base}.{a.name}" for a in node.names]
-        else:
-            continue
-        found |= {t for t in targets if t in mods and t != name}
+    for base, names in imported_names(path.read_text(), package):
+        found |= {t for t in [base, *(f"{base}.{a}" for a in names)] if t in mods and t != name}
     return found
 
 

@@ -7,7 +7,8 @@ from torch.utils.data import TensorDataset
 
 from forwardinf.data.loaders import load_digits
 from forwardinf.models import MLP, ResNet, SmallCNN, build_model
-from forwardinf.training import (accuracy, data_fingerprint, load_checkpoint, save_checkpoint,
+from forwardinf.hashing import fingerprint_data
+from forwardinf.training import (accuracy, load_checkpoint, save_checkpoint,
                                  train_classifier, train_or_load)
 
 SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
@@ -152,6 +153,6 @@ def test_train_or_load_caches(digits, tmp_path):
     # a different argument, data or init retrains
     train_or_load(build, digits.train(), p, epochs=2, lr=0.02)
     assert p.stat().st_mtime_ns != stamp
-    assert data_fingerprint(digits.train()) != data_fingerprint(digits.test())
+    assert fingerprint_data(digits.train()) != fingerprint_data(digits.test())
     with pytest.raises(ValueError, match="unknown training arguments"):
         train_or_load(build, digits.train(), p, epoch=2)

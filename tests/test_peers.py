@@ -9,7 +9,7 @@ from forwardinf.baselines.methods import PEERS
 from forwardinf.baselines.peers import require
 from forwardinf.data.loaders import load_digits
 from forwardinf.models import build_model
-from forwardinf.training import state_fingerprint as fingerprint
+from forwardinf.hashing import state_fingerprint as fingerprint
 from forwardinf.training import train_classifier
 
 PACKAGE = {"trak": "trak", "dattri-trak": "dattri", "kronfluence-ekfac": "kronfluence", "captum-tracincp": "captum"}

@@ -11,7 +11,7 @@ import torch
 import forwardinf as fi
 from forwardinf.cli import main as cli_main
 from forwardinf.data.loaders import load_digits
-from forwardinf.experiments.score import ImageFolder, ScriptedModule
+from forwardinf.scoring import ImageFolder, ScriptedModule
 from forwardinf.storage import ScoreStore, read_topk_csv
 
 NET = textwrap.dedent('''
@@ -45,7 +45,7 @@ def user(tmp_path_factory):
     np.savez(tmp / "train.npz", inputs=d.x_train[:200].numpy(), targets=d.y_train[:200].numpy())
     saved = torch.get_num_threads()
     torch.set_num_threads(1)
-    from forwardinf.experiments.score import load_object
+    from forwardinf.scoring import load_object
     model = load_object(f"{tmp / 'net.py'}:trained", "--model")().eval()
     torch.set_num_threads(saved)
     torch.save(model.state_dict(), tmp / "weights.pt")
@@ -115,7 +115,7 @@ def test_tail_mode_and_params_give_the_same_table(user):
     tmp, _ = user
     model = ["--model", f"{tmp / 'net.py'}:trained", "--batch-size", "64"]  # (auto would size them differently)
     assert cli_main(_args(tmp, tmp / "run_tail", *model, "--tail", "4")) == 0
-    assert cli_main(_args(tmp, tmp / "run_params", *model, "--params", "4", "6")) == 0
+    assert cli_main(_args(tmp, tmp / "run_params", *model, "--option", "forward-inf.params=['4','6']")) == 0
     assert (tmp / "run_tail" / "topk.csv").read_text() == (tmp / "run_params" / "topk.csv").read_text()
     assert cli_main(_args(tmp, tmp / "run_disk", *model, "--tail", "4", "--tail-cache", "disk")) == 0
     assert (tmp / "run_disk" / "topk.csv").read_text() == (tmp / "run_tail" / "topk.csv").read_text()
@@ -153,10 +153,10 @@ def test_mismatched_store_is_refused_by_the_cli(user, capsys):
     out = tmp / "run_mismatch"
     model = ["--model", f"{tmp / 'net.py'}:trained"]
     assert cli_main(_args(tmp, out, *model)) == 0
-    assert cli_main(_args(tmp, out, *model, "--lr", "0.01")) == 2
+    assert cli_main(_args(tmp, out, *model, "--option", "forward-inf.lr=0.01")) == 2
     err = capsys.readouterr().err
     assert "configuration differs" in err and "lr: store 0.001 != now 0.01" in err and "--overwrite" in err
-    assert cli_main(_args(tmp, out, *model, "--lr", "0.01", "--overwrite")) == 0
+    assert cli_main(_args(tmp, out, *model, "--option", "forward-inf.lr=0.01", "--overwrite")) == 0
 
 
 def test_bad_specs_fail_clearly(user, capsys):
@@ -179,3 +179,26 @@ def test_bad_specs_fail_clearly(user, capsys):
     # K-FAC's curvature comes from the whole training set: 200 points in shards of 64 are refused
     assert cli_main(_args(tmp, tmp / "bad6", "--model", f"{tmp / 'net.py'}:trained", "--preset", "counterfactual")) == 2
     assert "ForwardINF cannot be sharded" in capsys.readouterr().err
+
+
+def test_score_moved_out_of_experiments_keeps_its_names():
+    """``score`` lives in forwardinf.scoring; the old module name still gives the same objects."""
+    from forwardinf import scoring
+    from forwardinf.cli import COMMANDS, build_parser
+    from forwardinf.experiments import EXPERIMENTS
+    from forwardinf.experiments import score as old
+
+    assert COMMANDS["score"] == "forwardinf.scoring.command" and "score" not in EXPERIMENTS
+    assert old.load_object is scoring.load_object and old.ImageFolder is scoring.ImageFolder
+    assert build_parser().parse_args(["score"])._module.run is old.run
+
+
+def test_old_spellings_are_refused_with_the_new_one(capsys):
+    for argv, new in [(["score", "--lr", "0.1"], "--option forward-inf.lr=VALUE"),
+                      (["score", "--params", "fc", "x"], "--option forward-inf.params=VALUE"),
+                      (["diffusion", "--score", "loss"], "--option forward-inf-diffusion.score=VALUE"),
+                      (["hypothesis", "--weight-decay", "0"], "--train-weight-decay"),
+                      (["hypothesis", "--fi-steps", "3"], "--option forward-inf-group.steps=VALUE")]:
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"{argv[1]} is now {new}" in err, err

@@ -118,7 +118,7 @@ def test_trace_hard_end_to_end(tmp_path):
 
     out = tmp_path / "hard"
     assert main(["trace", "--dataset", "hard", "--seeds", "0", "1", "--queries", "20", "--tune-queries", "5",
-                 "--candidates", "20", "--epochs", "3", "--fi-lr", "1e-2", "--fi-params", "all", "--quiet",
+                 "--candidates", "20", "--epochs", "3", "--option", "forward-inf.lr=1e-2", "--option", "forward-inf.params=all", "--quiet",
                  "--out", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
     m = res["methods"]

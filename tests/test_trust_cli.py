@@ -24,7 +24,7 @@ import forwardinf as fi
 from forwardinf.cli import main
 from forwardinf.data.loaders import load_digits
 from forwardinf.distributed import score_to_store
-from forwardinf.experiments.score import load_object
+from forwardinf.scoring import load_object
 from forwardinf.storage import ScoreStore, StoreMismatchError, config_of
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -344,7 +344,7 @@ def test_11_a_store_resumes_with_another_batch_size_and_scores_agree(user, tmp_p
     assert main(argv + ["--query-chunk", "1", "--out", str(tmp_path / "fresh")]) == 0
     fresh = ScoreStore.open(tmp_path / "fresh" / "store").to_tensor()
     assert (resumed - fresh).abs().max() <= RUNTIME_TOLERANCE * (1 + fresh.abs().max())
-    assert main(score_argv(user, out, "--lr", "0.01")) == 2  # what changes scores is still refused
+    assert main(score_argv(user, out, "--option", "forward-inf.lr=0.01")) == 2  # what changes scores is still refused
     line = one_error_line(capsys, "score")
     assert "lr: store 0.001 != now 0.01" in line and "--store" in line and "--overwrite" in line
     assert "batch_size" in line  # the message says what may change
@@ -462,9 +462,20 @@ TABLE = [
     ("score-feature-count", lambda u, b: _score(u, "--train", str(b / "features.npz")), "cannot run on"),
     ("score-int64-inputs", lambda u, b: _score(u, "--queries", str(b / "int64.npz")), "float32"),
     ("score-label-range", lambda u, b: _score(u, "--train", str(b / "label_range.npz")), "0..9"),
-    ("score-lr-huge", lambda u, b: _score(u, "--lr", "1e30", "--steps", "2"), "diverged"),  # 2 steps: measured change
-    ("score-lr-negative", lambda u, b: _score(u, "--lr", "-1"), "--lr must be"),
-    ("score-lr-nan", lambda u, b: _score(u, "--lr", "nan"), "--lr must be"),
+    ("score-lr-huge", lambda u, b: _score(u, "--option", "forward-inf.lr=1e30", "--option", "forward-inf.steps=2"),
+     "diverged"),  # 2 steps: measured change
+    ("score-lr-negative", lambda u, b: _score(u, "--option", "forward-inf.lr=-1"), "invalid lr=-1"),
+    ("score-lr-nan", lambda u, b: _score(u, "--option", "forward-inf.lr=nan"), "invalid lr='nan'"),
+    ("score-option-key", lambda u, b: _score(u, "--option", "forward-inf.bogus=1"), "unexpected keyword"),
+    ("score-option-method", lambda u, b: _score(u, "--option", "trak.lr=1"), "'trak' is not one of"),
+    ("score-option-own-flag", lambda u, b: _score(u, "--option", "forward-inf.batch_size=8"), "give it as --batch-size"),
+    # old spellings of estimator settings and of training flags: one line naming the new one
+    ("score-old-lr", lambda u, b: _score(u, "--lr", "0.1"), "--lr is now --option forward-inf.lr=VALUE"),
+    ("diffusion-old-steps", lambda u, b: ["diffusion", "--steps", "2"], "--steps is now --option"),
+    ("hypothesis-old-lr", lambda u, b: ["hypothesis", "--lr", "0.1"], "--lr is now --train-lr"),
+    ("hypothesis-old-fi-lr", lambda u, b: ["hypothesis", "--fi-lr", "0.1"], "--option forward-inf-group.lr=VALUE"),
+    ("trace-old-fi-lr", lambda u, b: ["trace", "--fi-lr", "1e-3", "1e-2"], "--option forward-inf.lr=[VALUE,...]"),
+    ("trace-option-lr", lambda u, b: ["trace", "--option", "forward-inf.lr=[1e-3,-1]"], "expected positive numbers"),
     ("score-device-bogus", lambda u, b: _score(u, "--device", "bogus"), "not a device name"),
     ("score-device-cuda", lambda u, b: _score(u, "--device", "cuda"), "CUDA"),
     ("score-k-zero", lambda u, b: _score(u, "--k", "0"), "--k must be"),
@@ -522,7 +533,8 @@ def test_bad_invocations_exit_2_with_one_line_and_leave_out_intact(case, user, b
 
 def test_the_table_covers_every_experiment_thirty_times():
     assert len(TABLE) >= 30
-    assert {argv(Path("u"), Path("b"))[0] for _, argv, _ in TABLE} == {"score", "leakage", "lds", "memorization", "trace"}
+    assert {argv(Path("u"), Path("b"))[0] for _, argv, _ in TABLE} == {"score", "leakage", "lds", "memorization", "trace",
+                                                                       "diffusion", "hypothesis"}
 
 
 @pytest.mark.parametrize("out_kind", ["file", "unwritable"])

@@ -16,6 +16,10 @@ from typing import NoReturn
 from forwardinf.experiments import EXPERIMENTS
 from forwardinf.experiments.checks import UsageError, check_device, check_out
 
+# Subcommand -> its module (``add_arguments(parser)``, ``run(args)``): the paper's experiments, then
+# ``score``, Forward-INF on the user's own model and data (forwardinf.scoring).
+COMMANDS: dict[str, str] = {**{n: f"forwardinf.experiments.{n}" for n in EXPERIMENTS}, "score": "forwardinf.scoring.command"}
+
 # Experiments whose figures need matplotlib (the optional extra "plots"; leakage and lds skip theirs without it).
 DRAWING = ("mislabel", "memorization", "hypothesis", "diffusion")
 # What a run may raise on bad input or a broken file, reported as one line. Anything else is a bug:
@@ -38,13 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Training-data attribution with Forward-INF: which training examples made the model do this?",
     )
     sub = parser.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True, parser_class=_Parser)
-    for name in EXPERIMENTS:
-        try:
-            module = importlib.import_module(f"forwardinf.experiments.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"forwardinf.experiments.{name}":
-                raise
-            continue  # not built yet
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else None,
                            description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--dataset", default=None, help="dataset name (default: the experiment's embedded default)")

@@ -1,7 +1,13 @@
 """Content hashes (SHA-256) for cache keys and store manifests: the bottom layer every module may use.
 
-Imports nothing from forwardinf. Changing what any function here feeds the hash changes every cache
-key made with it (old caches are then recomputed, never misread).
+The one place for them: a model's weights (:func:`state_fingerprint`), what a model computes
+(:func:`fingerprint_module`), a dataset's examples (:func:`fingerprint_data`), the code a model
+runs (:func:`fingerprint_code`), any object (:func:`fingerprint`), and the static import walk
+(:func:`imported_names`) behind the code fingerprints of ``forwardinf lds`` and the layering test.
+
+Imports only the bottom layer (``forwardinf.data.inputs``). Changing what any function here feeds
+the hash changes every cache key made with it: caches are then recomputed, never misread, and
+score stores are refused (``storage.manifest.check_manifest`` names what differs).
 """
 from __future__ import annotations
 
@@ -11,17 +17,20 @@ import hashlib
 import importlib.metadata
 import inspect
 import json
+import ast
 import re
 import sys
 import sysconfig
 import types
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
+
+from forwardinf.data.inputs import as_dataset, batches
 
 
 def sha256_hex(*parts: str | bytes, length: int | None = None) -> str:
@@ -49,6 +58,58 @@ def hash_tensor(h: "hashlib._Hash", t: Any) -> None:
         t = torch.as_tensor(np.asarray(t))
     h.update(f"{t.dtype}{tuple(t.shape)}".encode())
     h.update(tensor_bytes(t))
+
+
+def hash_state(h: "hashlib._Hash", model: nn.Module) -> None:
+    """Feed ``h`` every parameter and buffer of ``model``: its name, then its dtype, shape and values."""
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        hash_tensor(h, t)
+
+
+def state_fingerprint(model: nn.Module) -> str:
+    """SHA-256 (16 hex chars) of a model's weights: names, dtypes, shapes and values (not its code)."""
+    h = hashlib.sha256()
+    hash_state(h, model)
+    return h.hexdigest()[:16]
+
+
+def fingerprint_module(model: nn.Module) -> str:
+    """SHA-256 (16 hex chars) of what a model computes: every parameter and buffer (names, dtypes,
+    shapes, values), its module tree (``repr``: a ReLU and a Tanh model of equal weights differ)
+    and its code (:func:`fingerprint_code`)."""
+    h = hashlib.sha256()
+    hash_state(h, model)
+    h.update(module_repr(model).encode())
+    h.update(fingerprint_code(model).encode())
+    return h.hexdigest()[:16]
+
+
+def fingerprint_data(data: Any, batch_size: int = 1024) -> str:
+    """SHA-256 (16 hex chars) of every example of ``data`` in order, read batch by batch: equal iff
+    the examples are (a dict batch by its sorted keys and their tensors).
+
+    Streaming: memory stays at one batch whatever the size of the dataset. The hash depends on
+    ``batch_size`` (each batch's shape is fed): keep the default.
+    """
+    dataset = as_dataset(data, "data")
+    h = hashlib.sha256()
+    h.update(str(len(dataset)).encode())
+    for _, batch in batches(dataset, batch_size):
+        _hash_leaves(h, batch)
+    return h.hexdigest()[:16]
+
+
+def _hash_leaves(h: "hashlib._Hash", obj: Any) -> None:
+    if isinstance(obj, dict):
+        for k in sorted(obj):
+            h.update(str(k).encode())
+            _hash_leaves(h, obj[k])
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _hash_leaves(h, v)
+    else:
+        hash_tensor(h, obj)
 
 
 def fingerprint(obj: Any) -> str:
@@ -190,4 +251,23 @@ def _class_source(cls: type) -> tuple[str, str | bytes]:
     return name, f"{top}=={version}"
 
 
-__all__ = ["sha256_hex", "json_hash", "tensor_bytes", "hash_tensor", "fingerprint", "fingerprint_code", "module_repr"]
+def imported_names(source: str, package: str) -> Iterator[tuple[str, list[str]]]:
+    """``(module, names)`` for every import statement of ``source``, anywhere in it (function level
+    included), read from the syntax tree (nothing is imported): ``import a.b`` gives ``("a.b", [])``,
+    ``from .x import y, z`` in package ``p`` gives ``("p.x", ["y", "z"])`` (relative imports resolved
+    against ``package``, the package the source belongs to). Whether a name is a submodule or
+    something the module defines is left to the caller."""
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, []
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from ..x import y
+                parts = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, base] if base else parts)
+            yield base, [a.name for a in node.names]
+
+
+__all__ = ["sha256_hex", "json_hash", "tensor_bytes", "hash_tensor", "hash_state", "state_fingerprint",
+           "fingerprint_module", "fingerprint_data", "fingerprint", "fingerprint_code", "module_repr", "imported_names"]

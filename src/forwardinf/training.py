@@ -6,7 +6,6 @@ init + data + arguments give bit-identical weights, and the caller's RNG state i
 """
 from __future__ import annotations
 
-import hashlib
 import inspect
 import math
 import os
@@ -20,7 +19,7 @@ from torch.utils.data import TensorDataset
 
 from forwardinf.core.params import device_of, mode
 from forwardinf.data.inputs import as_dataset, batches, gather, to_device
-from forwardinf.hashing import hash_tensor
+from forwardinf.hashing import fingerprint_data, state_fingerprint
 from forwardinf.io import atomic_save
 
 OPTIMIZERS = ("sgd", "adam")
@@ -171,31 +170,6 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module) -> dict:
 
 
 # ------------------------------------------------------------------------------------- caching
-def data_fingerprint(data: Any) -> str:
-    """SHA-256 (hex, 16 chars) of every tensor in ``data`` in order: equal iff the data are equal."""
-    dataset = as_dataset(data, "data")
-    h = hashlib.sha256()
-    if isinstance(dataset, TensorDataset):
-        for t in dataset.tensors:
-            hash_tensor(h, t)
-    else:
-        for _, batch in batches(dataset, 1024):
-            leaves = batch if isinstance(batch, (list, tuple)) else [batch]
-            for t in leaves:
-                hash_tensor(h, torch.as_tensor(t))
-    h.update(str(len(dataset)).encode())
-    return h.hexdigest()[:16]
-
-
-def state_fingerprint(model: nn.Module) -> str:
-    """SHA-256 (hex, 16 chars) of a model's names, shapes and values (architecture + weights)."""
-    h = hashlib.sha256()
-    for k, v in model.state_dict().items():
-        h.update(k.encode())
-        hash_tensor(h, v)
-    return h.hexdigest()[:16]
-
-
 _TRAIN_DEFAULTS = {k: p.default for k, p in inspect.signature(train_classifier).parameters.items()
                    if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
@@ -218,7 +192,7 @@ def train_or_load(build_fn: Callable[[], nn.Module], train: Any, path: str | os.
     kw.pop("progress")
     if kw["augment"] is None:  # keys of models trained before augment existed stay valid
         kw.pop("augment")
-    key = {"train_kw": kw, "data": data_fingerprint(train), "init": state_fingerprint(model)}
+    key = {"train_kw": kw, "data": fingerprint_data(train), "init": state_fingerprint(model)}
     path = Path(path)
     if path.is_file():
         try:

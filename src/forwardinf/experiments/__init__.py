@@ -4,4 +4,4 @@
 :func:`forwardinf.experiments.report.write_outputs`.
 """
 
-EXPERIMENTS = ("leakage", "mislabel", "memorization", "hypothesis", "diffusion", "trace", "score", "lds")
+EXPERIMENTS = ("leakage", "mislabel", "memorization", "hypothesis", "diffusion", "trace", "lds")

@@ -5,6 +5,7 @@ line and exits with status 2.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -21,6 +22,27 @@ WORKER_GB = 1.0
 
 class UsageError(ValueError):
     """A command line the experiment refuses: bad arguments, an unusable --out, a missing package."""
+
+
+def refuse_renamed(p: argparse.ArgumentParser | argparse._ArgumentGroup, renamed: dict[str, str]) -> None:
+    """Old spellings of flags, hidden from --help: each is refused with one line giving its new
+    spelling (``forwardinf hypothesis: error: --lr is now --train-lr ...``, exit status 2).
+
+    ``renamed``: old flag -> its new spelling (e.g. ``--option forward-inf-group.lr=VALUE``).
+    Registering the old flag also stops argparse reading it as an abbreviation of a longer one
+    (``--score`` of ``--score-average``).
+    """
+    for old, new in renamed.items():
+        p.add_argument(old, nargs="*", action=_Renamed, new=new, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+class _Renamed(argparse.Action):
+    def __init__(self, *args, new: str, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        parser.error(f"{option_string} is now {self.new}")
 
 
 def check_out(out: str | os.PathLike, experiment: str) -> None:

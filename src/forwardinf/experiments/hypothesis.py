@@ -45,8 +45,10 @@ from forwardinf.baselines.retraining import LossProbe, concat, group_mean, run_t
 from forwardinf.data.loaders import DataSplit, balanced_indices, load_dataset
 from forwardinf.workloads import convex as cvx
 from forwardinf.workloads.trainers import CNNTrainer, PairedCNNTrainer
+from forwardinf.experiments.checks import UsageError, refuse_renamed
 from forwardinf.experiments.common import seed_everything, timer
 from forwardinf.experiments.report import markdown_table, pyplot, results_object, write_outputs
+from forwardinf.experiments.setup import add_option_argument, method_options
 from forwardinf.tasks.classification import ClassificationTask
 
 SETTINGS = ("convex", "noisy", "both")
@@ -64,7 +66,7 @@ NOISY_EPOCHS = {"cifar10": 20}  # else 10
 # Above this many parameters the exact Hessian (P x P, float64) no longer fits comfortably:
 # 2x2-average-pool the images first (CIFAR-10: 3,072 -> 768 features).
 MAX_CONVEX_PARAMS = 10_000
-# Forward-INF per setting (registry names; the CLI's --convex-fi-lr / --fi-* override their knobs).
+# Forward-INF per setting (registry names; --option NAME.KEY=VALUE overrides their keywords).
 CONVEX_FI, NOISY_FI = "forward-inf-convex", "forward-inf-group"
 FI_NAMES = {"convex": CONVEX_FI, "noisy": NOISY_FI}
 
@@ -92,8 +94,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "correlations are then over those points, the model is still trained on all")
     g.add_argument("--features", choices=("auto", "pixels", "pool2"), default="auto",
                    help="logistic-regression inputs; auto pools 2x2 when the model would exceed 10k parameters")
-    g.add_argument("--convex-fi-lr", type=float, default=1e-3,
-                   help="Forward-INF step size on the convex model (SGD ascent, 1 step; default: 1e-3)")
     g = p.add_argument_group("noisy setting")
     g.add_argument("--groups", type=int, default=30, help="training groups (default: 30)")
     g.add_argument("--mislabel-ratio", type=float, default=0.5,
@@ -106,23 +106,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "training shuffles its own subset (the paper's recipe)")
     g.add_argument("--runs", type=int, default=5, help="training runs every loss is averaged over (default: 5)")
     g.add_argument("--epochs", type=int, default=None, help="SGD epochs (default: 10; CIFAR-10 20)")
-    g.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (default: 0.01)")
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=1e-3)
-    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--train-lr", type=float, default=0.01, help="SGD learning rate (default: 0.01)")
+    g.add_argument("--train-momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
+    g.add_argument("--train-weight-decay", type=float, default=1e-3, help="SGD weight decay (default: 1e-3)")
+    g.add_argument("--train-batch-size", type=int, default=64, help="SGD batch size (default: 64)")
     g.add_argument("--width", type=int, default=32, help="CNN width: conv(w)-conv(2w)-fc(4w) (default: 32)")
-    g.add_argument("--fi-steps", type=int, default=2, help="Forward-INF ascent steps (default: 2, Table 7)")
-    g.add_argument("--fi-lr", type=float, default=0.01, help="Forward-INF SGD ascent lr (default: 0.01)")
-    g.add_argument("--fi-weight-decay", type=float, default=1e-3, help="Forward-INF weight decay (default: 1e-3)")
+    add_option_argument(p, f"{CONVEX_FI} (convex; default: one SGD step, lr 1e-3) or {NOISY_FI} (noisy; default: "
+                           f"the 'group' preset, 2 SGD steps, lr 0.01, weight decay 1e-3, Table 7), e.g. {NOISY_FI}.lr=0.02")
+    refuse_renamed(p, {"--lr": "--train-lr", "--momentum": "--train-momentum", "--weight-decay": "--train-weight-decay",
+                       "--batch-size": "--train-batch-size", "--convex-fi-lr": f"--option {CONVEX_FI}.lr=VALUE",
+                       **{f"--fi-{k}": f"--option {NOISY_FI}.{k.replace('-', '_')}=VALUE"
+                          for k in ("steps", "lr", "weight-decay")}})
 
 
 # ------------------------------------------------------------------------------------ data
 def _check_args(args: argparse.Namespace) -> None:
-    for name in ("val_size", "workers", "n_queries", "groups", "runs", "batch_size", "width", "fi_steps"):
+    for name in ("val_size", "workers", "n_queries", "groups", "runs", "train_batch_size", "width"):
         v = getattr(args, name)
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
-    for name in ("l2", "lr", "fi_lr", "convex_fi_lr", "sklearn_c"):
+    for name in ("l2", "train_lr", "sklearn_c"):
         if name == "sklearn_c" and args.sklearn_c is None:
             continue
         if not getattr(args, name) > 0:
@@ -133,6 +136,11 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--loo-points must be at least 3 (a correlation needs points), got {args.loo_points}")
     if args.n_train is not None and args.n_train < 2:
         raise ValueError(f"--n-train must be at least 2, got {args.n_train}")
+    for name, kw in fi_options(args).items():  # the --option keywords, on a stand-in model before any training
+        try:
+            make_estimator(name, nn.Linear(2, 2), ClassificationTask(), **kw)._check_params()
+        except (ValueError, TypeError) as e:
+            raise UsageError(f"--option {name}: {e}") from None
     if args.epochs is not None and args.epochs < 1:
         raise ValueError(f"--epochs must be a positive integer, got {args.epochs}")
 
@@ -241,8 +249,8 @@ def run_convex(split: DataSplit, args: argparse.Namespace, cache: Path, progress
     with timer(children=True) as t_if:
         if_scores = cvx.influence_scores(model, train, queries, n, l2, h_inv)[:, points]
     with timer(children=True) as t_fi:
-        fi_scores = _forward_inf(CONVEX_FI, model, train, queries, joint=False, lr=args.convex_fi_lr,
-                                 progress=progress)[:, points]
+        fi_scores = _forward_inf(CONVEX_FI, model, train, queries, joint=False, progress=progress,
+                                 **fi_options(args)[CONVEX_FI])[:, points]
     dot = cvx.gradient_dot(model, train, queries)[:, points]
 
     def corr(a: Tensor, b: Tensor) -> dict:
@@ -277,6 +285,11 @@ def run_convex(split: DataSplit, args: argparse.Namespace, cache: Path, progress
     return {"methods": methods, "info": info, "arrays": arrays}
 
 
+def fi_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """``--option`` keywords per Forward-INF of this study (``{CONVEX_FI: {...}, NOISY_FI: {...}}``)."""
+    return {CONVEX_FI: {}, NOISY_FI: {}, **method_options(args, [CONVEX_FI, NOISY_FI])}
+
+
 def _forward_inf(name: str, model: nn.Module, train: Any, queries: Any, *, joint: bool, progress: bool,
                  **overrides: Any) -> Tensor:
     """``name``'s scores (a registry variant: ``forward-inf-convex`` / ``forward-inf-group``), float64."""
@@ -299,14 +312,14 @@ def run_noisy(split: DataSplit, args: argparse.Namespace, cache: Path, progress:
     train, val = TensorDataset(x, y), TensorDataset(x_val, y_val)
     n, nv, runs = len(y), len(y_val), list(range(args.seed, args.seed + args.runs))
     epochs = args.epochs or NOISY_EPOCHS.get(split.name, 10)
-    recipe = (tuple(split.input_shape), c, epochs, args.lr, args.momentum, args.weight_decay,
-              args.batch_size, args.width)
+    recipe = (tuple(split.input_shape), c, epochs, args.train_lr, args.train_momentum, args.train_weight_decay,
+              args.train_batch_size, args.width)
     pool = concat(train, val)
     everyone = np.arange(n)
     probe = LossProbe(pool)
     if args.pairing == "crn":
         train_fn: CNNTrainer = PairedCNNTrainer(*recipe, pool_size=n + nv,
-                                                steps_per_epoch=-(-n // args.batch_size))
+                                                steps_per_epoch=-(-n // args.train_batch_size))
         train_pool = TensorDataset(*pool.tensors, torch.arange(n + nv))  # + each example's slot
     else:
         train_fn, train_pool = CNNTrainer(*recipe), pool
@@ -332,8 +345,8 @@ def run_noisy(split: DataSplit, args: argparse.Namespace, cache: Path, progress:
         per_run_t2t = group_mean(base[:, :n] - added[:, :n], members)  # [R, G]
         test_to_train = per_run_t2t.mean(0)  # [G]
     with timer(children=True) as t_fi:
-        fi_runs = [_forward_inf(NOISY_FI, m, train, val, joint=True, steps=args.fi_steps, lr=args.fi_lr,
-                                weight_decay=args.fi_weight_decay, progress=progress) for m in base_models]
+        fi_runs = [_forward_inf(NOISY_FI, m, train, val, joint=True, progress=progress, **fi_options(args)[NOISY_FI])
+                   for m in base_models]
         forward_inf = group_mean(torch.stack(fi_runs).mean(0), members)  # [G]
 
     def corr(a: Tensor, b: Tensor) -> dict:

@@ -28,7 +28,6 @@ too slow for every query can score the first n only (``--option NAME.queries=n``
 from __future__ import annotations
 
 import argparse
-import ast
 import importlib.metadata
 import json
 import logging
@@ -53,14 +52,13 @@ from forwardinf.core.params import mode
 from forwardinf.data.loaders import balanced_indices
 from forwardinf.experiments.common import seed_everything, timer, warm_up
 from forwardinf.experiments.report import markdown_table, results_object, write_outputs
-from forwardinf.hashing import fingerprint, json_hash, sha256_hex
+from forwardinf.hashing import fingerprint, fingerprint_data, imported_names, json_hash, sha256_hex, state_fingerprint
 from forwardinf.io import atomic_path, atomic_save, write_json
 from forwardinf.memory import reset_peak, status_mb
 from forwardinf.experiments.checks import cap_workers, check_label
 from forwardinf.experiments.setup import (FORWARD_INF_VARIANTS, Prepared, add_model_arguments, check_methods,
                                           make_method, method_options, parse_methods, prepare_classifier)
 from forwardinf.tasks.classification import ClassificationTask
-from forwardinf.training import data_fingerprint, state_fingerprint
 from forwardinf.workloads.trainers import SubsetTrainer
 
 # Per dataset: subsets, held-out queries, training-set size and epochs (None = setup.DEFAULTS).
@@ -228,7 +226,7 @@ def ground_truth(args: argparse.Namespace, problem: Problem, progress: bool) -> 
     folder = Path(args.out) / "ground_truth"
     check_manifest(folder, {
         "format": FORMAT, "dataset": prepared.split.name, "model": trainer.model, "model_kw": trainer.model_kw,
-        "recipe": trainer.recipe, "train": data_fingerprint(train), "queries": data_fingerprint(problem.queries),
+        "recipe": trainer.recipe, "train": fingerprint_data(train), "queries": fingerprint_data(problem.queries),
         "alpha": args.alpha, "seed": args.seed})
     masks = M.random_subsets(len(train[1]), args.subsets, args.alpha, seed=args.seed)
     out = retrain_outputs(trainer, train, OutputProbe(problem.queries), masks, args.seeds_per_subset, args.seed,
@@ -372,16 +370,9 @@ def _imports(module: str, root: Path) -> set[str]:
     f = _module_file(module, root)
     package = module if f.name == "__init__.py" else module.rpartition(".")[0]
     out = set()
-    for node in ast.walk(ast.parse(f.read_text())):
-        if isinstance(node, ast.Import):
-            out |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:  # relative: from .x import y
-                parts = package.split(".")[:len(package.split(".")) - node.level + 1]
-                base = ".".join([*parts, base] if base else parts)
-            # `from pkg import sub` names a submodule when it is one, else something pkg defines
-            out |= {f"{base}.{a.name}" if _module_file(f"{base}.{a.name}", root) else base for a in node.names}
+    for base, names in imported_names(f.read_text(), package):
+        # `from pkg import sub` names a submodule when it is one, else something pkg defines
+        out |= {f"{base}.{a}" if _module_file(f"{base}.{a}", root) else base for a in names} if names else {base}
     # the top-level package only re-exports (importing it would make every method depend on every file)
     return {m for m in out if m.startswith("forwardinf.") and _module_file(m, root)}
 

@@ -36,9 +36,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     add_option_argument(p)
 
 
-def add_option_argument(p: argparse.ArgumentParser) -> None:
+def add_option_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup, example: str | None = None) -> None:
+    """``--option METHOD.KEY=VALUE``: the one spelling of an estimator setting on every command line
+    (read by :func:`method_options`). ``example``: the help's examples (default: forward-inf's lr, if-100's damping)."""
+    example = example or "e.g. forward-inf.lr=0.01 or if-100.damping=0.01"
     p.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE",
-                   help="a keyword for one method's estimator, e.g. forward-inf.lr=0.01 or if-100.damping=0.01 "
+                   help=f"a keyword for one method's estimator, {example} "
                         "(values are Python literals, else strings); repeatable")
 
 

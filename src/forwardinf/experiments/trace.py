@@ -38,10 +38,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from forwardinf.experiments.checks import refuse_renamed
 from forwardinf.experiments.common import seed_everything
 from forwardinf.experiments.report import markdown_table
+from forwardinf.experiments.setup import add_option_argument
 from forwardinf.experiments.tracing import (FI, Timed, bm25_texts, build_pool, evaluate, forward_inf_estimator,
-                                            within_budget, write_report)
+                                            forward_inf_options, within_budget, write_report)
 
 METHODS = (FI, "tracin-single", "tracin-multi", "tracin-cached", "bm25")
 ALIASES = {"forward-inf": FI}  # the label before the registry
@@ -89,14 +91,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="memory TracIn may keep training gradients in across queries (the library default, 512 MB); "
                         "'tracin-cached' gets whatever the whole pool needs (default: 512)")
     p.add_argument("--batch-size", type=int, default=64, help="examples per forward/gradient batch, every method (default: 64)")
-    p.add_argument("--fi-lr", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
-                   help="Forward-INF learning rates tried on the tuning queries (default: 1e-4 3e-4 1e-3 3e-3 1e-2)")
-    p.add_argument("--fi-params", nargs="+", default=["all", "output"],
-                   help="parameters Forward-INF updates, tried on the tuning queries: 'all', 'output' (the output "
-                        "layer, as TracIn's), or name patterns (default: all output)")
-    p.add_argument("--fi-optimizer", default="nsgd", help="Forward-INF optimizer (default: nsgd)")
-    p.add_argument("--fi-steps", type=int, default=1, help="Forward-INF update steps (default: 1)")
-    p.add_argument("--fi-score", default="loss", help="Forward-INF score: loss or abs (default: loss)")
+    add_option_argument(p, "here only forward-inf's: lr and params are lists of candidates tried on the tuning queries "
+                           "(default: forward-inf.lr=[1e-4,3e-4,1e-3,3e-3,1e-2], forward-inf.params=['all','output']: "
+                           "'all', 'output' = the output layer as TracIn's, or a name pattern), e.g. "
+                           "forward-inf.optimizer=sgd (default nsgd), forward-inf.steps=2 (default 1), forward-inf.score=abs")
+    refuse_renamed(p, {f"--fi-{k}": f"--option forward-inf.{k}=" + ("[VALUE,...]" if k in ("lr", "params") else "VALUE")
+                       for k in ("lr", "params", "optimizer", "steps", "score")})
     p.add_argument("--no-paraphrase", action="store_true", help="skip the paraphrased-query table")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="--dataset hard: the seeds (fact set, model and training) of the multi-seed run (default: --seed)")
@@ -287,6 +287,7 @@ def make_splits(facts: Any, args: argparse.Namespace) -> tuple[list[dict], tuple
 
 
 def run(args: argparse.Namespace) -> dict:
+    forward_inf_options(args)
     if args.dataset == "hard":  # the set where lexical overlap fails, over several seeds (issue 23)
         from forwardinf.experiments import trace_hard
 

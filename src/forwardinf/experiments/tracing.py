@@ -16,13 +16,49 @@ from forwardinf import metrics
 FI = "forward-inf-trace"  # the registry's name (baselines/registry.py); lr and parameters are tuned per run
 
 
+# Forward-INF's settings in trace (--option forward-inf.KEY=VALUE): lr and params are lists of
+# candidates tried on the tuning queries; any other key is a keyword of the registry's variant.
+FI_DEFAULTS: dict[str, Any] = {"lr": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], "params": ["all", "output"],
+                               "optimizer": "nsgd", "steps": 1, "score": "loss"}
+
+
+def forward_inf_options(args: Any) -> None:
+    """Read ``--option forward-inf.KEY=VALUE`` (or ``forward-inf-trace.KEY``) into ``args``:
+    ``fi_lr`` and ``fi_params`` (candidate lists), ``fi_optimizer``, ``fi_steps``, ``fi_score`` and
+    ``fi_extra`` (the other keywords), over :data:`FI_DEFAULTS`. Refuses a bad value up front."""
+    from forwardinf.experiments.setup import method_options
+
+    given = method_options(args, ["forward-inf", FI])
+    kw = {**FI_DEFAULTS, **given.get("forward-inf", {}), **given.get(FI, {})}
+    for key in ("lr", "params"):  # one value: a list of one candidate
+        kw[key] = list(kw[key]) if isinstance(kw[key], (list, tuple)) else [kw[key]]
+    if not kw["lr"] or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in kw["lr"]):
+        raise ValueError(f"--option forward-inf.lr={kw['lr']!r}: expected positive numbers (candidates)")
+    if not kw["params"] or not all(isinstance(v, str) for v in kw["params"]):
+        raise ValueError(f"--option forward-inf.params={kw['params']!r}: expected 'all', 'output' or name patterns")
+    args.fi_lr, args.fi_params = [float(v) for v in kw.pop("lr")], kw.pop("params")
+    args.fi_optimizer, args.fi_steps, args.fi_score = kw.pop("optimizer"), kw.pop("steps"), kw.pop("score")
+    args.fi_extra = kw
+    from torch import nn
+
+    from forwardinf.baselines.registry import make_estimator
+    from forwardinf.tasks import ClassificationTask
+
+    try:  # the other settings on a stand-in model, before any training (the estimator's own checks)
+        make_estimator(FI, nn.Linear(2, 2), ClassificationTask(), lr=args.fi_lr[0], optimizer=args.fi_optimizer,
+                       steps=args.fi_steps, score=args.fi_score, **kw)._check_params()
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"--option forward-inf: {e}") from None
+
+
 def forward_inf_estimator(model: Any, task: Any, lr: float, params: Any, args: Any) -> Any:
-    """The registry's ``forward-inf-trace`` (unfitted) with this run's lr and parameters; the
-    ``--fi-optimizer/--fi-steps/--fi-score`` flags override the registry's keywords."""
+    """The registry's ``forward-inf-trace`` (unfitted) with this run's lr and parameters and the
+    settings :func:`forward_inf_options` read."""
     from forwardinf.baselines.registry import make_estimator
 
     return make_estimator(FI, model, task, lr=lr, params=params, batch_size=args.batch_size,
-                          optimizer=args.fi_optimizer, steps=args.fi_steps, score=args.fi_score)
+                          optimizer=args.fi_optimizer, steps=args.fi_steps, score=args.fi_score,
+                          **getattr(args, "fi_extra", {}))
 
 
 def build_pool(data: dict[str, torch.Tensor]) -> tuple[Any, torch.Tensor]:

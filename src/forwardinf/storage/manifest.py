@@ -15,16 +15,12 @@ smaller ``--batch-size``. tests/test_trust_cli.py checks that scores agree withi
 """
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
-from torch import nn
-
 from forwardinf._version import __version__
-from forwardinf.data.inputs import as_dataset, batches
-from forwardinf.hashing import fingerprint_code, hash_tensor, module_repr, sha256_hex
+from forwardinf.hashing import fingerprint_code, fingerprint_data, fingerprint_module, sha256_hex  # data, module: re-exported
 from forwardinf.io import canonical_json, write_json
 from forwardinf.io import jsonable as _jsonable
 
@@ -52,44 +48,6 @@ CHECKED = {
 
 class StoreMismatchError(ValueError):
     """A score store was made from a different model, data, configuration or library version."""
-
-
-def fingerprint_module(model: nn.Module) -> str:
-    """SHA-256 (16 hex chars) of what a model computes: every parameter and buffer (names, dtypes,
-    shapes, values), its module tree (``repr``: a ReLU and a Tanh model of equal weights differ)
-    and its code (:func:`forwardinf.hashing.fingerprint_code`)."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        hash_tensor(h, t)
-    h.update(module_repr(model).encode())
-    h.update(fingerprint_code(model).encode())
-    return h.hexdigest()[:16]
-
-
-def fingerprint_data(data: Any, batch_size: int = 1024) -> str:
-    """SHA-256 (16 hex chars) of every example of ``data`` in order, read batch by batch.
-
-    Streaming: memory stays at one batch whatever the size of the dataset.
-    """
-    dataset = as_dataset(data, "data")
-    h = hashlib.sha256()
-    h.update(str(len(dataset)).encode())
-    for _, batch in batches(dataset, batch_size):
-        _hash_leaves(h, batch)
-    return h.hexdigest()[:16]
-
-
-def _hash_leaves(h: "hashlib._Hash", obj: Any) -> None:
-    if isinstance(obj, dict):
-        for k in sorted(obj):
-            h.update(str(k).encode())
-            _hash_leaves(h, obj[k])
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            _hash_leaves(h, v)
-    else:
-        hash_tensor(h, obj)
 
 
 def config_hash(config: Mapping[str, Any]) -> str:
