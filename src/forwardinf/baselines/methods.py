@@ -186,7 +186,8 @@ FORWARD_INF: dict[str, Variant] = {
     "forward-inf-diffusion-cosine": _fi(**{**_DIFFUSION, "score": "cosine", "n_directions": 16}),
     "forward-inf-diffusion-contrast": _fi(**_DIFFUSION),
     # The hypothesis study's convex setting (experiments/hypothesis.py,
-    # --option forward-inf-convex.lr): one plain SGD step, whose loss change is to first order the gradient dot product.
+    # --option forward-inf-convex.lr): one plain SGD step, whose loss change is to first order the
+    # gradient dot product.
     "forward-inf-convex": _fi(optimizer="sgd", score="loss", steps=1, lr=1e-3, task="convex"),
     # Fact tracing in a language model: lr and the parameter subset are tuned per run on held-out
     # queries (experiments/trace.py, --option forward-inf.lr=[...] / forward-inf.params=[...]).
