@@ -374,6 +374,7 @@ class ForwardINF(Estimator):
                 block = self._score(update, rows if step is None else torch.arange(start, min(start + step, n)))
                 check_scores(type(self).__name__, block)  # what top_k streams is checked as influence is
                 yield q0, start, block
+            del update  # else this chunk's update stays alive while the next one is computed
 
     @contextlib.contextmanager
     def _divergence_named(self) -> Iterator[None]:
