@@ -243,7 +243,7 @@ def test_tail_mode_refuses_a_split_that_is_not_a_block():
 def test_lora_scores_the_adapters_only_and_leaves_the_base_weights():
     model, task, train, queries = _setup("lora-llama")
     est = fi.ForwardINF(model.eval(), task).fit(train)
-    update = est._update_each(queries, len(QUERIES))[0]
+    update = est._update_each(queries, len(QUERIES)).moved  # the forward-mode scores: θ_q - θ only
     assert update and all("lora_" in k for k in update)
     base = fi.ForwardINF(model, task, params="*lora_A*").fit(train).influence(queries)  # a chosen subset
     assert _ranks(base) == [1] * len(QUERIES)

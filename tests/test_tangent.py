@@ -109,3 +109,20 @@ def test_one_step_forward_mode_update_never_forms_the_updated_parameters(fitted)
     update = next(est._updates(est._queries(queries)))[1]
     assert update.params is None and update.moved is not None
     assert fi.ForwardINF(model, difference="finite").fit(train)._query_chunk() == est._query_chunk() == 16
+
+
+def test_delta_scales_gradients_that_share_memory_once():
+    """A vmapped backward can return one gradient as a view into another's (ViT's class token's
+    inside the position embeddings'): the in-place step must scale each element once."""
+    from forwardinf.core.update import UpdateRule
+
+    g = torch.Generator().manual_seed(0)
+    params = {"pos": torch.randn(2, 5, 4, generator=g), "cls": torch.randn(2, 1, 4, generator=g)}
+    pos = torch.randn(2, 5, 4, generator=g)
+    shared = {"pos": pos, "cls": pos[:, :1]}
+    fresh = {k: v.clone() for k, v in shared.items()}
+    a, b = (UpdateRule("nsgd", lr=1e-2, track=True) for _ in range(2))
+    a.step(params, fresh, stacked=True)
+    b.delta(params, shared, stacked=True)
+    for k in params:
+        assert torch.equal(a.state["displacement"][k], b.state["displacement"][k]), k

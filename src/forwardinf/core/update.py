@@ -106,7 +106,7 @@ class UpdateRule:
         """``-lr`` times the (momentum, weight-decayed or Adam) direction ``factor * grads``; in
         place in ``grads`` where no state keeps a reference to it."""
         d = {k: g.mul_(_per_query(factor, g, stacked) if isinstance(factor, Tensor) else factor)
-             for k, g in grads.items()}
+             for k, g in _owned(grads).items()}
         if self.weight_decay:
             d = {k: v + self.weight_decay * params[k] for k, v in d.items()}
         if self.optimizer in ("sgd", "nsgd", "kfac"):
@@ -131,6 +131,16 @@ class UpdateRule:
         if self.track:
             total = self.state.get("displacement")
             self.state["displacement"] = step if total is None else {k: total[k] + step[k] for k in step}
+
+
+def _owned(grads: Params) -> Params:
+    """``grads`` safe to scale in place: a tensor sharing memory with another one is copied (a
+    vmapped backward may return one parameter's gradient as a view into another's, e.g. ViT's
+    class token's inside the position embeddings'), else a shared element would be scaled twice."""
+    count: dict[int, int] = {}
+    for g in grads.values():
+        count[g.untyped_storage().data_ptr()] = count.get(g.untyped_storage().data_ptr(), 0) + 1
+    return {k: g if count[g.untyped_storage().data_ptr()] == 1 else g.clone() for k, g in grads.items()}
 
 
 def _per_query(scale: Tensor, like: Tensor, stacked: bool) -> Tensor:
