@@ -167,7 +167,8 @@ class ForwardINF(Estimator):
             tangents of the cosine score; the stacked query models off CPU), fit 256 MiB. The
             batch used is ``batch_size_``.
         query_chunk: queries updated and scored at once, or ``"auto"`` (default): as many as keep
-            their updated parameters (about three copies each in flight) within 256 MiB, 1 to 16;
+            their parameter copies (one each for forward-mode scores: ``θ_q - θ``; about three
+            otherwise) within 256 MiB, 1 to 16;
             a full 135M-parameter model takes one at a time.
         seed: seeds the random directions and the fallback noise.
         progress: show progress bars.
