@@ -20,7 +20,9 @@ import torch
 
 import forwardinf as fi
 from forwardinf.core.autobatch import auto_batch_size
+from forwardinf.core.params import buffers_of, select_params
 from forwardinf.core.sweep import sweep
+from forwardinf.core.tangent import directional_sweep
 from forwardinf.experiments.common import timer
 from forwardinf.memory import reset_peak, status_mb
 from forwardinf.models.pretrained import find_gguf, release_memory, require
@@ -93,9 +95,17 @@ def main() -> None:
         rows[f"{label}: influence"]["per_query_cpu_seconds"] = rows[f"{label}: influence"]["cpu_seconds"] / args.n_queries
         rows[f"{label}: fit"]["direction_chunk"] = (est if label == "full model" else est.estimator_)._direction_chunk()
         rows[f"{label}: influence"]["query_chunk"] = (est if label == "full model" else est.estimator_)._query_chunk()
+        if label == "full model":  # where the cosine fit's time goes: per chunk of directions
+            params = select_params(model, None)
+            rows["full model: fit, one direction chunk: generate"] = measure(lambda: est._directions(params, 0))
+            tangents = rows["full model: fit, one direction chunk: generate"].pop("out")
+            rows["full model: fit, one direction chunk: forward-mode sweep"] = measure(lambda: directional_sweep(
+                task.score_loss, model, params, buffers_of(model), tangents, est.train_, est.batch_size_,
+                torch.device("cpu")))
+            del tangents
         del est
     for r in rows.values():
-        r.pop("out")
+        r.pop("out", None)
         r["sweeps"] = r["cpu_seconds"] / unit
         r["peak_ratio"] = r["peak_mb"] / peak
         if "per_query_cpu_seconds" in r:

@@ -29,9 +29,14 @@ SUPPORTED = (*[n for n, v in FORWARD_INF.items() if v.task in ("classification",
              "if-100", "if-1000", "if-10000", "if-cg", "if-exact", "tracin-last", "grad-cos", "grad-dot")
 REFUSED = ("forward-inf-authors",  # perturbs float inputs
            *KFAC,  # K-FAC: Linear / Conv2d only
-           "knn-shapley", "tmc-shapley", "pixel-nn", "feature-nn", "representer")  # (inputs, targets) batches only
+           "representer")  # (inputs, targets) batches only
+# Baselines that need class labels [B] and a per-example embedding: they run on these models and refuse
+# the others (per-token labels; a head on every token, as GPT-2's classifier; token ids as pixel-nn's inputs).
+CLASSIFIER_BASELINES = {"knn-shapley": ("bert", "distilbert", "vit"), "tmc-shapley": ("bert", "distilbert", "vit"),
+                        "feature-nn": ("bert", "distilbert", "vit"), "pixel-nn": ("vit",)}
 # LiSSA's / CG's depth and the damping and scale estimates only change how long the same code path runs (as in test_contract)
 OVERRIDES = {name: {"depth": 5, "damping": 0.01, "scale": 100.0} for name in ("if-100", "if-1000", "if-10000", "if-cg")}
+OVERRIDES["tmc-shapley"] = {"permutations": 2}  # more permutations only repeat the same retraining path
 
 
 def _tokens(n: int = N, t: int = T, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,6 +161,21 @@ def test_every_supported_registry_method_runs(name):
     assert _same(before, model)
 
 
+@pytest.mark.parametrize("method", CLASSIFIER_BASELINES)
+def test_classifier_baselines_take_hugging_face_batches_or_refuse_them_clearly(method):
+    for name in MODELS:
+        model, task, train, queries = _setup(name)
+        before = _state(model)
+        est = make_estimator(method, model, task, **OVERRIDES.get(method, {}))
+        if name in CLASSIFIER_BASELINES[method]:
+            scores = est.fit(train).influence(queries)
+            assert scores.shape == (len(QUERIES), N) and torch.isfinite(scores).all(), name
+        else:
+            with pytest.raises(ValueError, match="class indices|every token|float inputs"):
+                est.fit(train).influence(queries)
+        assert _same(before, model), name
+
+
 @pytest.mark.parametrize("method", REFUSED)
 def test_the_other_methods_refuse_hugging_face_batches_clearly(method):
     model, task, train, queries = _setup("bert")
@@ -223,7 +243,7 @@ def test_tail_mode_refuses_a_split_that_is_not_a_block():
 def test_lora_scores_the_adapters_only_and_leaves_the_base_weights():
     model, task, train, queries = _setup("lora-llama")
     est = fi.ForwardINF(model.eval(), task).fit(train)
-    update = est._update_each(queries, len(QUERIES))[0]
+    update = est._update_each(queries, len(QUERIES)).moved  # the forward-mode scores: θ_q - θ only
     assert update and all("lora_" in k for k in update)
     base = fi.ForwardINF(model, task, params="*lora_A*").fit(train).influence(queries)  # a chosen subset
     assert _ranks(base) == [1] * len(QUERIES)

@@ -79,3 +79,50 @@ def test_auto_resolves_by_update():
     assert not fi.ForwardINF.preset("paper", model).tangent_  # Adam moves far: the measured change
     assert not fi.ForwardINF.preset("group", model).tangent_  # two steps
     assert not fi.ForwardINF(model, train_mode=True).tangent_
+
+
+@pytest.mark.parametrize("optimizer,extra", [("nsgd", {}), ("sgd", {"momentum": 0.9}), ("adam", {}),
+                                             ("sgd", {"weight_decay": 0.1})])
+def test_delta_is_the_tracked_displacement_of_step_bit_for_bit(optimizer, extra):
+    """``UpdateRule.delta`` (the forward-mode scores' last step: θ_q is never formed, the step is
+    computed in the gradients' memory) gives the very bits ``step`` tracks as ``θ_q - θ``."""
+    from forwardinf.core.update import UpdateRule
+
+    g = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(3, 5, 4, generator=g), "b": torch.randn(3, 4, generator=g)}
+    grads = [{k: torch.randn(v.shape, generator=g) for k, v in params.items()} for _ in range(2)]
+    a, b = (UpdateRule(optimizer, lr=1e-2, track=True, **extra) for _ in range(2))
+    p = a.step(params, {k: v.clone() for k, v in grads[0].items()}, stacked=True)
+    a.step(p, {k: v.clone() for k, v in grads[1].items()}, stacked=True)
+    q = b.step(params, {k: v.clone() for k, v in grads[0].items()}, stacked=True)
+    owned = {k: v.clone() for k, v in grads[1].items()}
+    step = b.delta(q, owned, stacked=True)
+    for k in params:
+        assert torch.equal(a.state["displacement"][k], b.state["displacement"][k])
+    if optimizer == "nsgd":  # a straight step: the change lives in the gradients' own memory
+        assert all(step[k].data_ptr() == owned[k].data_ptr() for k in params)
+
+
+def test_one_step_forward_mode_update_never_forms_the_updated_parameters(fitted):
+    model, train, queries = fitted
+    est = fi.ForwardINF(model).fit(train)
+    update = next(est._updates(est._queries(queries)))[1]
+    assert update.params is None and update.moved is not None
+    assert fi.ForwardINF(model, difference="finite").fit(train)._query_chunk() == est._query_chunk() == 16
+
+
+def test_delta_scales_gradients_that_share_memory_once():
+    """A vmapped backward can return one gradient as a view into another's (ViT's class token's
+    inside the position embeddings'): the in-place step must scale each element once."""
+    from forwardinf.core.update import UpdateRule
+
+    g = torch.Generator().manual_seed(0)
+    params = {"pos": torch.randn(2, 5, 4, generator=g), "cls": torch.randn(2, 1, 4, generator=g)}
+    pos = torch.randn(2, 5, 4, generator=g)
+    shared = {"pos": pos, "cls": pos[:, :1]}
+    fresh = {k: v.clone() for k, v in shared.items()}
+    a, b = (UpdateRule("nsgd", lr=1e-2, track=True) for _ in range(2))
+    a.step(params, fresh, stacked=True)
+    b.delta(params, shared, stacked=True)
+    for k in params:
+        assert torch.equal(a.state["displacement"][k], b.state["displacement"][k]), k

@@ -44,6 +44,8 @@ from forwardinf.baselines.retraining import (AccuracyProbe, LossProbe, load_cach
 from forwardinf.baselines.run import TrainFn, TrainingRun, training_function
 from forwardinf.core.params import device_of, mode
 from forwardinf.data.inputs import DataLike, as_dataset, batches, to_device
+from forwardinf.tasks.classification import _call as classification_logits
+from forwardinf.tasks.classification import _split as classification_split
 from forwardinf.estimators.base import Capabilities, Estimator, EstimatorConfig, check_choice, check_positive
 from forwardinf.hashing import fingerprint, sha256_hex
 from forwardinf.io import atomic_save
@@ -300,24 +302,24 @@ class KNNShapley(Estimator):
             with torch.no_grad():
                 return self.embedding(inputs)
         if self.embedding == "inputs":
-            return inputs
+            return _float_inputs(inputs)
         if self.model is None:
             raise ValueError(f"KNNShapley: embedding={self.embedding!r} needs a model; pass one or use embedding='inputs'")
         with torch.no_grad(), mode(self.model, False):
             if self.embedding == "logits":
-                return self.model(inputs)
+                return classification_logits(self.model, inputs)
             from forwardinf.core.gradients import last_layer
 
             head = dict(self.model.named_modules())[last_layer(self.model)]
             seen: list[Tensor] = []
             handle = head.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
             try:
-                self.model(inputs)
+                classification_logits(self.model, inputs)
             finally:
                 handle.remove()
             if not seen:
                 raise ValueError("KNNShapley: the model's last layer was not called; pass embedding= explicitly")
-            return seen[-1]
+            return _per_example(seen[-1], inputs)
 
     # -- influence --------------------------------------------------------------------------
     def influence(self, queries: DataLike, joint: bool = False) -> Tensor:
@@ -374,20 +376,46 @@ class KNNShapley(Estimator):
 
 
 def _inputs_targets(batch: Any, name: str) -> tuple[Any, Any]:
+    """``(inputs, targets [B])``: a tensor, or a Hugging Face batch's keyword inputs (``model(**inputs)``)."""
     if isinstance(batch, dict):
-        if "inputs" not in batch or "targets" not in batch:
-            raise ValueError(f"{name}: dict batches need 'inputs' and 'targets'")
-        inputs, targets = batch["inputs"], batch["targets"]
+        try:
+            inputs, targets = classification_split(batch)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
     elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
         inputs, targets = batch[0], batch[1]
     else:
         raise ValueError(f"{name}: KNN-Shapley needs labelled data: (inputs, targets) batches")
     t = torch.as_tensor(targets)
     if t.is_floating_point() or t.ndim != 1:
-        raise ValueError(f"{name}: targets must be integer class indices [B], got {t.dtype} {tuple(t.shape)}")
+        hint = " (per-token labels: a language model; these methods need a classifier)" if t.ndim == 2 else ""
+        raise ValueError(f"{name}: targets must be integer class indices [B], got {t.dtype} {tuple(t.shape)}{hint}")
     if torch.is_tensor(inputs) and inputs.is_floating_point() and not torch.isfinite(inputs).all():
         raise ValueError(f"{name} contains NaN or inf values")
     return inputs, t
+
+
+def _float_inputs(inputs: Any) -> Tensor:
+    """The raw float inputs to compare (``embedding="inputs"``): the tensor, or a keyword batch's one
+    float field (``pixel_values``); token ids are not a space to measure distances in."""
+    if not isinstance(inputs, dict):
+        return inputs
+    floats = [k for k, v in inputs.items() if torch.is_tensor(v) and v.is_floating_point()]
+    if len(floats) != 1:
+        raise ValueError(f"embedding='inputs' (pixel-nn) compares raw float inputs such as pixel_values; this batch's "
+                         f"inputs ({', '.join(sorted(inputs))}) have {len(floats)} float fields (token ids are not "
+                         "features): use embedding='penultimate' (feature-nn) or a callable")
+    return inputs[floats[0]]
+
+
+def _per_example(features: Tensor, inputs: Any) -> Tensor:
+    """The last layer's input as one vector per example: a keyword (Hugging Face) model whose head
+    runs on every token (``[B, T, H]``, pooled after it, as GPT-2's and Llama's sequence
+    classifiers) has none, and is refused."""
+    if isinstance(inputs, dict) and features.ndim > 2:
+        raise ValueError(f"the model's last layer takes {tuple(features.shape)} (a head on every token, pooled after "
+                         "it): no per-example feature vector; pass embedding= a callable returning [B, d]")
+    return features
 
 
 # ------------------------------------------------------------------------------ TMC-Shapley
@@ -431,8 +459,8 @@ class LastLayerTrainer:
                     if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= head.out_features):
                         raise ValueError(f"LastLayerTrainer: labels must lie in [0, {head.out_features}), got "
                                          f"[{int(targets.min())}, {int(targets.max())}]")
-                    self.model(to_device(inputs, device_of(self.model)))
-                    feats.append(seen.pop().flatten(1))
+                    classification_logits(self.model, to_device(inputs, device_of(self.model)))
+                    feats.append(_per_example(seen.pop(), inputs).flatten(1))
                     labels.append(targets.to(feats[-1].device))
         finally:
             handle.remove()
@@ -636,9 +664,9 @@ class TMCShapley(Estimator):
             return sign * probe(self.empty).to(torch.float64)
         if isinstance(self.empty, str):
             batch = next(batches(probe.data, 1))[1]
-            inputs = batch["inputs"] if isinstance(batch, dict) else batch[0]
+            inputs = _inputs_targets(batch, "probe")[0]
             with torch.no_grad(), mode(self.full_model_, False):
-                out = self.full_model_(to_device(inputs, device_of(self.full_model_)))
+                out = classification_logits(self.full_model_, to_device(inputs, device_of(self.full_model_)))
             if not torch.is_tensor(out) or out.ndim != 2:
                 raise ValueError("TMCShapley: empty='uniform' needs a classifier (logits [B, C]); pass empty=<number or module>")
             c = out.shape[1]

@@ -16,7 +16,7 @@ from forwardinf.core.curvature import FISHERS, gauss_newton_product, kfac, layer
 from forwardinf.core.params import Params, bind, buffers_of, flat_norm, mode, select_params, stack
 from forwardinf.core.sweep import sweep
 from forwardinf.core.tangent import directional_sweep
-from forwardinf.core.update import OPTIMIZERS, UpdateRule
+from forwardinf.core.update import OPTIMIZERS, Update, UpdateRule
 from forwardinf.data.checks import check_batch, check_finite_values
 from forwardinf.data.inputs import DataLike, batch_len, batches, gather, repeat, subset, to_device, unsqueeze
 from forwardinf.estimators.base import (Capabilities, Estimator, EstimatorConfig, check_choice, check_indices,
@@ -25,7 +25,30 @@ from forwardinf.estimators.validation import DivergedError, check_scores
 from forwardinf.estimators.shortlist import shortlist_top_k
 from forwardinf.tasks.base import Task
 
-SCORES = ("cosine", "margin", "loss", "abs", "influence")
+
+
+@dataclass(frozen=True)
+class ScoreKind:
+    """What a ``score`` setting means. ``measure``: the task's value compared on the training
+    points (``"loss"``, or ``"score_loss"``, the non-saturating margin); ``objective``: what the
+    update ascends on the queries (the mean ``"score_loss"``, which does not underflow once
+    fitted, or the task's ``"query_loss"``); ``finish``: how the change ``Δm [Q, n]`` becomes the
+    score (``"signed"``: the change, ``"magnitude"``: its absolute value, ``"per_unit"``: per unit
+    step along ``d₀``, ``"cosine"``: the gradients' cosine, from the directions cached in fit)."""
+
+    measure: str
+    objective: str
+    finish: str
+
+
+SCORE_KINDS: dict[str, ScoreKind] = {
+    "cosine": ScoreKind("score_loss", "score_loss", "cosine"),
+    "margin": ScoreKind("score_loss", "score_loss", "signed"),
+    "loss": ScoreKind("loss", "query_loss", "signed"),
+    "abs": ScoreKind("loss", "query_loss", "magnitude"),
+    "influence": ScoreKind("loss", "score_loss", "per_unit"),
+}
+SCORES = tuple(SCORE_KINDS)
 DIFFERENCES = ("auto", "tangent", "finite")
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -144,7 +167,8 @@ class ForwardINF(Estimator):
             tangents of the cosine score; the stacked query models off CPU), fit 256 MiB. The
             batch used is ``batch_size_``.
         query_chunk: queries updated and scored at once, or ``"auto"`` (default): as many as keep
-            their updated parameters (about three copies each in flight) within 256 MiB, 1 to 16;
+            their parameter copies (one each for forward-mode scores: ``θ_q - θ``; about three
+            otherwise) within 256 MiB, 1 to 16;
             a full 135M-parameter model takes one at a time.
         seed: seeds the random directions and the fallback noise.
         progress: show progress bars.
@@ -189,8 +213,8 @@ class ForwardINF(Estimator):
         return self._prepare()
 
     def _prepare(self) -> "ForwardINF":
-        self._base(_measure(self.score))
-        if self.score == "cosine":
+        self._base(self.kind_.measure)
+        if self.kind_.finish == "cosine":
             self._base("directional")
         self.curvature_ = self._curvature() if self.optimizer == "kfac" else None
         return self
@@ -352,6 +376,7 @@ class ForwardINF(Estimator):
                 block = self._score(update, rows if step is None else torch.arange(start, min(start + step, n)))
                 check_scores(type(self).__name__, block)  # what top_k streams is checked as influence is
                 yield q0, start, block
+            del update  # else this chunk's update stays alive while the next one is computed
 
     @contextlib.contextmanager
     def _divergence_named(self) -> Iterator[None]:
@@ -389,10 +414,15 @@ class ForwardINF(Estimator):
 
     # -- the update -------------------------------------------------------------------------
     def _objective(self, model: Any, batch: Any) -> Tensor:
-        if self.score in ("cosine", "margin", "influence"):
+        if self.kind_.objective == "score_loss":
             # Same direction as the loss for one example, but no float32 underflow when fitted.
             return self.task.score_loss(model, batch).mean()
         return self.task.query_loss(model, batch)
+
+    @property
+    def kind_(self) -> ScoreKind:
+        """What ``score`` means (:data:`SCORE_KINDS`)."""
+        return SCORE_KINDS[self.score]
 
     def _rule(self) -> UpdateRule:
         pre = None
@@ -427,7 +457,7 @@ class ForwardINF(Estimator):
         return self.difference == "tangent"
 
     def _update_each(self, batch: Any, n: int) -> Update:
-        """Updated ``(params [n, ...], buffers, stacked_buffers, direction_norm [n])`` for each of ``n`` queries at once."""
+        """The :class:`~forwardinf.core.update.Update` of each of ``n`` queries, all at once."""
         device = self._device()
         batch = to_device(batch, device)
         params = select_params(self.model, self.params)
@@ -442,10 +472,16 @@ class ForwardINF(Estimator):
         # no_grad outside the transform: grad still differentiates the query objective, but no graph
         # to the model's unselected (requires_grad) parameters is kept, nor reaches the scores
         with torch.no_grad(), mode(self.model, False):
-            for _ in range(self.steps):
+            for step in range(self.steps):
                 grads = vmap(grad(objective))(state, batch)
-                state = rule.step(state, grads, stacked=True)
-        return state, buffers, False, rule.state["direction_norm"], rule.state.get("displacement")
+                if self.tangent_ and step == self.steps - 1:
+                    # the scores differentiate along θ_q - θ: θ_q itself is never formed, and the
+                    # last step is computed in the gradients' memory (one parameter copy per query)
+                    rule.delta(state, grads, stacked=True)
+                    state = None
+                else:
+                    state = rule.step(state, grads, stacked=True)
+        return Update(state, buffers, False, rule.state["direction_norm"], rule.state.get("displacement"))
 
     def _update_each_looped(self, batch: Any, n: int, params: Params, buffers: Params) -> Update:
         """One query at a time: train-mode BatchNorm mutates its own copy of the running statistics."""
@@ -469,7 +505,7 @@ class ForwardINF(Estimator):
         stacked = {k: torch.stack([p[k] for p in out_params]) for k in params}
         stacked_bufs = {k: torch.stack([b[k] for b in out_buffers]) for k in buffers}
         moved = {k: torch.stack([m[k] for m in moves]) for k in params} if self.tangent_ else None
-        return stacked, stacked_bufs, True, torch.stack(norms), moved
+        return Update(stacked, stacked_bufs, True, torch.stack(norms), moved)
 
     def _perturb_if_fitted(self, example: Any, params: Params, buffers: Params, gen: torch.Generator) -> Any:
         if not isinstance(example, (tuple, list)) or not torch.is_tensor(example[0]) or not example[0].is_floating_point():
@@ -509,25 +545,23 @@ class ForwardINF(Estimator):
         norm = rule.state["direction_norm"].reshape(1)
         moved = {k: v.unsqueeze(0) for k, v in rule.state["displacement"].items()} if self.tangent_ else None
         if self.train_mode:
-            return ({k: v.unsqueeze(0) for k, v in p.items()}, {k: b.unsqueeze(0) for k, b in buffers.items()}, True,
-                    norm, moved)
-        return {k: v.unsqueeze(0) for k, v in p.items()}, buffers, False, norm, moved
+            return Update({k: v.unsqueeze(0) for k, v in p.items()}, {k: b.unsqueeze(0) for k, b in buffers.items()},
+                          True, norm, moved)
+        return Update({k: v.unsqueeze(0) for k, v in p.items()}, buffers, False, norm, moved)
 
     # -- scoring ----------------------------------------------------------------------------
     def _score(self, update: Update, rows: Tensor | None = None) -> Tensor:
-        """``[Q, n]`` scores of updated parameters ``[Q, ...]`` against the cached base values.
+        """``[Q, n]`` scores of ``Q`` queries' updates against the cached base values.
 
-        ``update = (params, buffers, stacked_buffers, direction_norm)``: buffers carry the query dim
-        too when the update ran in train mode (each query's own running statistics);
-        ``direction_norm [Q]``: ``||d₀||`` of each update (for ``score="influence"``); ``moved``:
-        ``θ_q - θ`` as the update computed it, when the changes are forward-mode derivatives
-        (``tangent_``). ``rows``: the training positions ``[n]`` to score (None: all of them).
+        With ``update.moved`` (forward-mode scores, ``tangent_``) each change is the derivative
+        along ``θ_q - θ``; else the difference of ``m`` at ``update.params`` and the cached
+        ``m(θ, z_i)``. ``rows``: the training positions ``[n]`` to score (None: all of them).
         """
-        params, buffers, stacked_buffers, direction_norm, moved = update
-        kind = _measure(self.score)
+        params, buffers, stacked_buffers, moved = update.params, update.buffers, update.stacked_buffers, update.moved
+        kind, score = self.kind_.measure, self.kind_
         fn = getattr(self.task, kind)
         base = select_params(self.model, self.params)
-        for k, v in params.items():
+        for k, v in (params if moved is None else moved).items():
             if not torch.isfinite(v).all():
                 raise FloatingPointError(f"non-finite parameter {k} after the update")
 
@@ -559,13 +593,13 @@ class ForwardINF(Estimator):
             delta = delta - pick(self._base(kind))
         move = (lambda: moved) if moved is not None else (lambda: {k: params[k] - base[k] for k in params})
         sign = 1.0 if self.direction == "ascent" else -1.0
-        if self.score == "abs":
+        if score.finish == "magnitude":
             return delta.abs()
-        if self.score == "influence":  # Δℓ per unit step along d₀: θ moved by ||θ_q - θ|| / ||d₀|| units
+        if score.finish == "per_unit":  # Δℓ per unit step along d₀: θ moved by ||θ_q - θ|| / ||d₀|| units
             step = flat_norm(move(), stacked=True).double().cpu()
-            per_unit = direction_norm.double().cpu() / step.clamp_min(1e-30)
+            per_unit = update.direction_norm.double().cpu() / step.clamp_min(1e-30)
             return (sign * delta.double() * per_unit[:, None]).float()
-        if self.score == "cosine":
+        if score.finish == "cosine":
             return sign * self._cosine(delta, move(), pick(self._base("directional")))
         return sign * delta
 
@@ -622,7 +656,7 @@ class ForwardINF(Estimator):
         probe = gather(self.train_, range(min(8, len(self.train_))))
         self._validate(probe, "train")  # bad labels or shapes get their clear error before the probe runs
         probe = to_device(probe, self._device())
-        n_models = 2 * min(self._direction_chunk(), self.n_directions) if self.score == "cosine" else 1  # primal + tangent
+        n_models = 2 * min(self._direction_chunk(), self.n_directions) if self.kind_.finish == "cosine" else 1  # primal + tangent
         if self.tangent_:  # the score's forward-mode sweep: one primal, query_chunk tangents
             n_models = max(n_models, 1 + self._query_chunk())
         if self._device().type != "cpu":  # scored under vmap, all query_chunk models at once
@@ -637,12 +671,15 @@ class ForwardINF(Estimator):
         return int(max(1, min(_DIRECTION_CHUNK, DEFAULT_BUDGET // max(size, 1))))
 
     def _query_chunk(self) -> int:
-        """``query_chunk``, resolved: for ``"auto"`` the queries whose updates fit the budget (each
-        holds about three copies of the updated parameters at once: θ_q, its gradient, θ_q - θ)."""
+        """``query_chunk``, resolved: for ``"auto"`` the queries whose updates fit the budget. Each
+        query holds one copy of the selected parameters when the scores are forward-mode derivatives
+        (``θ_q - θ``, computed in its gradient's memory), else about three (its gradient, ``θ_q``
+        and the temporaries of a multi-step or Adam update)."""
         if self.query_chunk != "auto":
             return self.query_chunk
         size = sum(p.numel() * p.element_size() for p in select_params(self.model, self.params).values())
-        return int(max(1, min(16, DEFAULT_BUDGET // max(3 * size, 1))))
+        copies = 1 if self.tangent_ else 3
+        return int(max(1, min(16, DEFAULT_BUDGET // max(copies * size, 1))))
 
     def _validate(self, batch: Any, name: str) -> None:
         check_batch(self.model, self.task, batch, name)
@@ -650,7 +687,6 @@ class ForwardINF(Estimator):
 
 _DIRECTION_CHUNK = 8
 MAX_DIRECTIONS = 1024  # n_directions above this is refused: cost grows linearly, accuracy as 1/sqrt
-Update = tuple[Params, Params, bool, Tensor]  # (params [Q, ...], buffers, stacked_buffers, direction_norm [Q])
 
 
 def check_values(name: str, c: ForwardINFConfig) -> None:
@@ -713,9 +749,6 @@ def _tangent_measure(task: Task, kind: str) -> Any:
     return getattr(task, kind)
 
 
-def _measure(score: str) -> str:
-    """What a score measures on the training points: the loss, or the non-saturating margin loss."""
-    return "loss" if score in ("loss", "abs", "influence") else "score_loss"
 _COSINE_BLOCK = 8192  # training points per block of the cosine's float64 arithmetic
 
 

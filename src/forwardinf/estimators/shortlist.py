@@ -198,10 +198,7 @@ class Retriever:
                 parts.append(self._best(forward, update, cands[q0:q1], k))
                 continue
             for q in range(q1 - q0):
-                one = ({n: v[q:q + 1] for n, v in update[0].items()},
-                       {n: v[q:q + 1] for n, v in update[1].items()} if update[2] else update[1],
-                       update[2], update[3][q:q + 1],
-                       None if update[4] is None else {n: v[q:q + 1] for n, v in update[4].items()})
+                one = update.take(q, q + 1)
                 parts.append(self._best(forward, one, cands[q0 + q:q0 + q + 1], k))
         return concat_topk(parts)
 
