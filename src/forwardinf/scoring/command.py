@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import forwardinf as fi
+from forwardinf.baselines.methods import METHODS
 from forwardinf.core.params import device_of
 from forwardinf.data.inputs import gather, to_device
 from forwardinf.distributed import activation_bytes, auto_batch_size, init_distributed, score_to_store
@@ -46,6 +47,9 @@ from forwardinf.scoring import shortlist
 from forwardinf.scoring.loaders import (ImageFolder, call_object, check_runs, first_n, label_by_prediction, load_data,
                                         load_model)
 from forwardinf.storage import write_topk
+
+# The one method `score` runs, named as in the method table (its `--option` prefix and results key).
+METHOD = METHODS[0]
 
 
 # Forward-INF settings that were flags of their own before --option (``--lr 0.01`` is now
@@ -149,7 +153,7 @@ OWN_FLAGS = {"batch_size": "--batch-size", "query_chunk": "--query-chunk", "seed
 
 def forward_inf_options(args: argparse.Namespace) -> dict[str, Any]:
     """``--option forward-inf.KEY=VALUE`` as ``{KEY: VALUE}`` (the one method of this command)."""
-    options = method_options(args, ["forward-inf"]).get("forward-inf", {})
+    options = method_options(args, [METHOD]).get(METHOD, {})
     for key in set(options) & set(OWN_FLAGS):
         raise UsageError(f"--option forward-inf.{key}: give it as {OWN_FLAGS[key]}")
     return options
@@ -166,7 +170,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     if not (math.isfinite(v) and v > 0):
         raise UsageError(f"--memory-budget must be a finite number > 0, got {v}")
     try:  # the --option settings, checked on the preset they change (the model is not needed)
-        check_values("forward-inf", ForwardINFConfig.preset(args.preset, **forward_inf_options(args)))
+        check_values(METHOD, ForwardINFConfig.preset(args.preset, **forward_inf_options(args)))
     except (ValueError, TypeError) as e:
         raise UsageError(str(e) if str(e).startswith("--option") else f"--option: {e}") from None
     if args.batch_size != "auto" and not (args.batch_size.isdigit() and int(args.batch_size) > 0):
@@ -239,7 +243,7 @@ def _run(args: argparse.Namespace, ctx: Any) -> dict:
     config = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("quiet",)}
     config.update(world_size=ctx.world_size, batch_size_used=estimator.batch_size)
     method = {"seconds": seconds, "n_train": len(train), "n_query": len(queries), **method}
-    results = results_object("score", dataset_name, config, {"forward-inf": method})
+    results = results_object("score", dataset_name, config, {METHOD: method})
     if not ctx.is_main:
         return results
     table = out / f"topk.{args.format}"
@@ -253,7 +257,7 @@ def _run(args: argparse.Namespace, ctx: Any) -> dict:
               f"{ctx.world_size} process(es), {seconds:.1f} s; store: `{method.get('store', '-')}`; table: `{table}`\n\n"
               + (shortlist.summary(method, args.k) if args.shortlist else "")
               + markdown_table(["query", "most influential training indices (score)"], rows) + "\n")
-    results = results_object("score", dataset_name, config, {"forward-inf": method})
+    results = results_object("score", dataset_name, config, {METHOD: method})
     write_outputs(out, results, report)
     if not args.quiet:
         print(report)
