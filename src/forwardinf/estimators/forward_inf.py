@@ -168,13 +168,17 @@ class ForwardINF(Estimator):
         return forward_inf_capabilities(self.optimizer)
 
     # -- fit --------------------------------------------------------------------------------
-    def fit(self, train: DataLike) -> "ForwardINF":
-        """Cache ``m(θ, z_i)`` (and sensitivities for ``score="cosine"``) for every training point."""
+    def fit(self, train: DataLike, *, lazy: bool = False) -> "ForwardINF":
+        """Cache ``m(θ, z_i)`` (and sensitivities for ``score="cosine"``) for every training point.
+
+        ``lazy``: leave them to first use instead; a shortlist (``top_k(..., shortlist=K)``) then
+        computes the sensitivities of its candidates only (:mod:`forwardinf.estimators.shortlist`).
+        """
         self._check_params()
         self.train_ = self._dataset(train, "train")
         self._cache_: dict[tuple, Any] = {}
         self.batch_size_ = self._resolve_batch_size()
-        return self._prepare()
+        return self._prepare(lazy)
 
     def _fit_like(self, other: Estimator) -> "ForwardINF":
         """Fitted on ``other``'s training set, sharing its cache (entries are keyed by what they depend on)."""
@@ -187,10 +191,11 @@ class ForwardINF(Estimator):
             self.batch_size_ = min(self.batch_size_, other.batch_size_)
         return self._prepare()
 
-    def _prepare(self) -> "ForwardINF":
-        self._base(_measure(self.score))
-        if self.score == "cosine":
-            self._base("directional")
+    def _prepare(self, lazy: bool = False) -> "ForwardINF":
+        if not lazy:
+            self._base(_measure(self.score))
+            if self.score == "cosine":
+                self._base("directional")
         self.curvature_ = self._curvature() if self.optimizer == "kfac" else None
         return self
 
@@ -221,8 +226,12 @@ class ForwardINF(Estimator):
         """Cached values of the unchanged model on the training set: ``[n_train]`` for ``"loss"`` /
         ``"score_loss"``, ``[n_train, n_directions]`` for ``"directional"``."""
         if kind == "directional":
-            return self._cached(("directional", _key(self.params), self.seed, self.n_directions), self._directional)
+            return self._cached(self._directional_key(), self._directional)
         return self._cached((kind,), lambda: self._sweep_base(kind))
+
+    def _directional_key(self) -> tuple:
+        """Cache key of the ``[n_train, n_directions]`` derivatives (``_cached`` adds the batch size)."""
+        return ("directional", _key(self.params), self.seed, self.n_directions)
 
     def _sweep_base(self, kind: str) -> Tensor:
         fn = getattr(self.task, kind)
@@ -263,8 +272,12 @@ class ForwardINF(Estimator):
         size = self._direction_chunk()
         m = min(size, self.n_directions - chunk * size)
         gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + chunk)
-        for k, p in params.items():
-            yield k, torch.randn((m, *p.shape), generator=gen).to(p.device, p.dtype)
+        drawn = ((k, torch.randn((m, *p.shape), generator=gen).to(p.device, p.dtype)) for k, p in params.items())
+        if m * sum(p.numel() * p.element_size() for p in params.values()) > DEFAULT_BUDGET // 4:
+            yield from drawn  # a large model: drawn again at each use, one parameter tensor at a time
+            return
+        # small enough to keep: drawn once, not again for every query's cosine (_score per query)
+        yield from self._cached(("directions", _key(self.params), self.seed, size, chunk), lambda: list(drawn))
 
     def _cosine(self, delta: Tensor, moved: Params, directional: Tensor) -> Tensor:
         """``[Q, n]`` cosine between each ``∇m(θ, z_i)`` and each update ``moved[q] = θ_q - θ``.

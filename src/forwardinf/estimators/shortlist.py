@@ -19,11 +19,18 @@ What the index holds (``source``; ``"auto"``, the default: ``"features"`` when t
   ``fit`` (no extra sweep); a query's sketch costs ``n_directions`` forward-mode derivatives. The
   inner product of unit sketches estimates the gradient cosine that the score ranks by; any model.
 
-``K`` equal to the training-set size gives exactly the full sweep's answer. :meth:`Retriever.recall`
+Sensitivities on demand: the default cosine score divides each change by the training point's
+sensitivity, ``n_directions`` forward-mode derivatives per point (about 31 forward sweeps for the
+whole set, most of ``fit``). After ``fit(train, lazy=True)`` the retriever computes them only for
+the candidates some shortlist needs, once each, and keeps them for later queries (on SmallCNN at
+2,000 points this fit was 88% of a 1,000-query shortlist run's cost; benchmarks/results/many_queries.md).
+
+``K`` equal to the training-set size gives exactly the full sweep's answer (also after a lazy fit). :meth:`Retriever.recall`
 measures, on a sample of queries, how much of the full sweep's top-k the shortlist kept.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -103,6 +110,7 @@ class Retriever:
         else:
             self.normalize = True
             vectors = lambda a, b: self._unit(self._features(subset(train, torch.arange(a, b))))  # noqa: E731
+        self._sensitivities: dict[tuple, tuple[Tensor, Tensor]] = {}  # key -> ([n, M] values, [n] computed)
         self.index = ShortlistIndex.build(vectors, manifest, path=path, shard_size=shard_size, factory=factory,
                                           overwrite=overwrite)
         estimator.retriever_ = self
@@ -205,8 +213,7 @@ class Retriever:
                 parts.append(self._best(forward, one, cands[q0 + q:q0 + q + 1], k))
         return concat_topk(parts)
 
-    @staticmethod
-    def _best(forward: Any, update: Any, cands: Tensor, k: int) -> TopK:
+    def _best(self, forward: Any, update: Any, cands: Tensor, k: int) -> TopK:
         """Top-k of ``update``'s queries over the union of ``cands [q, K]`` (training positions)."""
         rows = torch.unique(cands)  # sorted: ties go to the lower training index, as in the full sweep
         rows = rows[rows >= 0]  # approximate indexes may return -1 for missing neighbours
@@ -217,9 +224,44 @@ class Retriever:
         step = math.ceil(TRAIN_CHUNK / forward.batch_size_) * forward.batch_size_
         running = RunningTopK(cands.shape[0], k)
         for s in range(0, len(rows), step):
-            running.update(forward._score(update, rows[s:s + step]), s)
+            with self._sensitive(forward, rows[s:s + step]):
+                running.update(forward._score(update, rows[s:s + step]), s)
         top = running.result()
         return TopK(rows[top.indices], top.scores, rows[top.opponents], top.opponent_scores)
+
+    @contextlib.contextmanager
+    def _sensitive(self, forward: Any, rows: Tensor) -> Any:
+        """Within: the cosine score's sensitivities of training positions ``rows [r]`` are at hand,
+        even when the fit left them to first use (``fit(train, lazy=True)``).
+
+        Those of rows not seen before are computed (``forward._directional`` on them alone) and
+        kept; the ``[n_train, M]`` table, filled only on the rows computed so far, stands in the
+        estimator's cache while ``_score`` reads its ``rows`` and is taken out after, so a full
+        sweep never sees the rows not computed. A sweep's chunk starts on a batch boundary, so
+        with every row at once (K = n_train) the batches, and the values, are the eager fit's.
+        """
+        key = (*forward._directional_key(), forward.batch_size_)  # as ForwardINF._cached keys it
+        if forward.score != "cosine" or key in forward._cache_:  # not needed, or fitted eagerly
+            yield
+            return
+        kept = self._sensitivities.get(key)
+        missing = rows if kept is None else rows[~kept[1][rows]]
+        if len(missing):
+            new = forward._directional(subset(forward.train_, missing))  # [r', M]
+            if kept is None:
+                n = len(forward.train_)
+                kept = self._sensitivities[key] = (new.new_zeros(n, new.shape[1]), torch.zeros(n, dtype=torch.bool))
+            kept[0][missing], kept[1][missing] = new, True
+        forward._cache_[key] = kept[0]
+        try:
+            yield
+        finally:
+            del forward._cache_[key]
+
+    @property
+    def sensitivities_computed_(self) -> int:
+        """Training points whose sensitivities the shortlists computed on demand (0 after an eager fit)."""
+        return max((int(done.sum()) for _, done in self._sensitivities.values()), default=0)
 
     def recall(self, queries: DataLike, k: int = 10, shortlist: int = 100, *, sample: int | None = 8,
                seed: int = 0, union: bool | None = None) -> Recall:
