@@ -205,6 +205,8 @@ class Retriever:
             if union:
                 parts.append(self._best(forward, update, cands[q0:q1], k))
                 continue
+            pool = cands[q0:q1].unique()
+            self._fill(forward, pool[pool >= 0])  # the chunk's new sensitivities in full batches, not per query
             for q in range(q1 - q0):
                 one = ({n: v[q:q + 1] for n, v in update[0].items()},
                        {n: v[q:q + 1] for n, v in update[1].items()} if update[2] else update[1],
@@ -240,10 +242,22 @@ class Retriever:
         sweep never sees the rows not computed. A sweep's chunk starts on a batch boundary, so
         with every row at once (K = n_train) the batches, and the values, are the eager fit's.
         """
-        key = (*forward._directional_key(), forward.batch_size_)  # as ForwardINF._cached keys it
-        if forward.score != "cosine" or key in forward._cache_:  # not needed, or fitted eagerly
+        key = self._fill(forward, rows)
+        if key is None:
             yield
             return
+        forward._cache_[key] = self._sensitivities[key][0]
+        try:
+            yield
+        finally:
+            del forward._cache_[key]
+
+    def _fill(self, forward: Any, rows: Tensor) -> tuple | None:
+        """Compute the sensitivities of the training positions ``rows [r]`` (sorted) not computed yet;
+        their cache key, or None when the estimator needs none or holds them all (an eager fit)."""
+        key = (*forward._directional_key(), forward.batch_size_)  # as ForwardINF._cached keys it
+        if forward.score != "cosine" or key in forward._cache_:
+            return None
         kept = self._sensitivities.get(key)
         missing = rows if kept is None else rows[~kept[1][rows]]
         if len(missing):
@@ -252,11 +266,7 @@ class Retriever:
                 n = len(forward.train_)
                 kept = self._sensitivities[key] = (new.new_zeros(n, new.shape[1]), torch.zeros(n, dtype=torch.bool))
             kept[0][missing], kept[1][missing] = new, True
-        forward._cache_[key] = kept[0]
-        try:
-            yield
-        finally:
-            del forward._cache_[key]
+        return key
 
     @property
     def sensitivities_computed_(self) -> int:
