@@ -177,6 +177,9 @@ def biggest(runs: dict) -> list:
 
 
 SWEEPING = ("forward-inf", "forward-inf-tail")  # each query is a sweep over the training set
+# top_k(chunk=512) calls influence once per 512 training points, and each call recomputes the
+# queries' gradients (baselines/tracin.py): their query cost too is linear in the training set
+PER_CHUNK = ("grad-cos", "tracin-last")
 
 
 def predict(points: dict, q: int, sweeping: bool) -> tuple[float | None, str]:
@@ -237,13 +240,14 @@ def extrapolate(method: str, label: str, fixed: float, at_1000: dict | None, n: 
     """End-to-end CPU seconds at ``n_to`` training points and 1,000 queries from the run at ``n``:
     measured (or bounded) when ``n = n_to``; else fixed costs (fit, index) grow linearly with ``n``,
     a query of the full or tail sweep too, and every other query cost is held as at ``n`` (a lower
-    bound for the gradient-store peers, whose query cost also has a part linear in ``n``)."""
+    bound for the gradient-store peers, whose query cost also has a part linear in ``n``), except
+    for ``PER_CHUNK`` methods, whose whole call is linear in ``n``."""
     if at_1000 is None:
         return {}
     if n == n_to:
         return {"e2e_60k_1000": at_1000["end_to_end"], "e2e_60k_how": at_1000["how"]}
     scale = n_to / n
-    sweeps = method in SWEEPING and not label
+    sweeps = (method in SWEEPING and not label) or method in PER_CHUNK
     return {"e2e_60k_1000": fixed * scale + at_1000["cpu"] * (scale if sweeps else 1.0), "e2e_60k_how": "extrapolated"}
 
 
@@ -467,6 +471,7 @@ def main() -> None:
     if not args.report_only:
         for method in args.methods.split(","):
             run_child(method, args)
+        args.n_train = [args.n_train]
     report(args)
 
 
