@@ -350,7 +350,7 @@ def recall_table(rec: dict | None) -> str:
     if not rec:
         return ""
     intro = (f"Fraction of the full sweep's top 10 among the K nearest training points, {rec['n_queries']} test images, "
-             f"{rec['n_train']:,} training images (`python benchmarks/many_queries.py --recall --n-train {rec['n_train']}`).")
+             f"{rec['n_train']:,} training images (`{rec.get('command', 'python benchmarks/many_queries.py --recall')}`).")
     return _section("Candidate recall of each index source", intro, "| source, K | recall |",
                     [f"| {k} | {v:.3f} |" for k, v in rec["rows"].items()])
 
@@ -415,19 +415,28 @@ def recall_part(args) -> dict:
 
     torch.set_num_threads(1)
     model, train, (xq, yq), kinds, _ = problem(args)
-    tests = [i for i, k in enumerate(kinds) if k == "test"][:args.recall_queries]
-    queries = (xq[tests], yq[tests])
-    est = fi.ForwardINF(model).fit(train)
-    full = est.top_k(queries, 10).indices
     n = len(train[1])
+    reference = Path(args.cache) / f"many-{n}-forward-inf.json"
+    if args.recall_reference and reference.is_file():  # the full sweeps of the benchmark run, not again
+        runs = json.loads(reference.read_text())["runs"][""]
+        top10 = runs[max(runs, key=int)]["top10"]
+        tests = [i for i, t in enumerate(top10) if t and kinds[i] == "test"]
+        full = torch.tensor([top10[i] for i in tests])
+        est, sources = fi.ForwardINF(model).fit(train, lazy=True), ("features",)
+    else:
+        tests = [i for i, k in enumerate(kinds) if k == "test"][:args.recall_queries]
+        est, sources = fi.ForwardINF(model).fit(train), ("features", "directions")
+        full = est.top_k((xq[tests], yq[tests]), 10).indices
+    queries = (xq[tests], yq[tests])
     out = {"n_train": n, "n_queries": len(tests), "rows": {}}
-    for source in ("features", "directions"):
+    for source in sources:
         retriever = Retriever(est, source=source)
-        for k in (n // 100, n // 30, n // 10, n // 4):
+        for k in args.recall_k or (n // 100, n // 30, n // 10, n // 4):
             cands = retriever.candidates(queries, k)
             kept = sum(len(set(f.tolist()) & set(c.tolist())) / 10 for f, c in zip(full, cands)) / len(tests)
             out["rows"][f"{source} K={k}"] = kept
             print(f"{source} K={k}: {kept:.3f}", flush=True)
+    out["command"] = " ".join(["python", "benchmarks/many_queries.py", *sys.argv[1:]])
     (Path(args.cache) / f"many-recall-{n}.json").write_text(json.dumps(out, indent=1))
     return out
 
@@ -448,6 +457,9 @@ def main() -> None:
                    help="forward-inf (the quality reference) sweeps only the test images among the queries")
     p.add_argument("--recall", action="store_true", help="only the candidate recall of each index source")
     p.add_argument("--recall-queries", type=int, default=12)
+    p.add_argument("--recall-k", type=int, nargs="+", default=None, help="shortlist sizes (default: n/100 .. n/4)")
+    p.add_argument("--recall-reference", action="store_true",
+                   help="features only, against the top 10s of the forward-inf run in --cache (no sweep)")
     p.add_argument("--lds", action="store_true", help="only the LDS part (forwardinf lds setup, ground truth cached)")
     p.add_argument("--lds-n-train", type=int, default=2000)
     p.add_argument("--lds-subsets", type=int, default=50)
