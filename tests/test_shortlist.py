@@ -68,6 +68,11 @@ def test_lazy_fit_computes_the_candidates_sensitivities_only_and_keeps_them(digi
     assert not any(key[0] == "directional" for key in lazy._cache_)
     again = lazy.top_k(queries, k=7)
     assert torch.equal(again.indices, full.indices) and torch.equal(again.scores, full.scores)
+    # a lazy fit sweeps nothing: the index build is where a bad training label is refused
+    bad = (train[0], train[1].clone())
+    bad[1][150] = 10
+    with pytest.raises(ValueError, match="train: label 10 is out of range"):
+        Retriever(fi.ForwardINF(model).fit(bad, lazy=True))
 
 
 def test_shortlist_finds_the_copies_and_scores_match_the_full_matrix(digits, fitted):

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from forwardinf.core.params import mode
 from forwardinf.core.sweep import sweep
+from forwardinf.data.checks import check_batch
 from forwardinf.data.inputs import DataLike, gather, subset
 from forwardinf.estimators.base import TRAIN_CHUNK, Estimator, check_choice, check_positive
 from forwardinf.storage.index import ShortlistIndex
@@ -139,8 +140,9 @@ class Retriever:
         v = torch.as_tensor(v).float()
         return v / v.norm(dim=1, keepdim=True).clamp_min(1e-30)
 
-    def _features(self, data: Any) -> Tensor:
-        """``[n, D]``: the input of module ``layer`` for each point of ``data`` (flattened)."""
+    def _features(self, data: Any, name: str = "train") -> Tensor:
+        """``[n, D]``: the input of module ``layer`` for each point of ``data`` (flattened). Every
+        batch is checked (a lazy fit has not seen the training set: a bad label is refused here)."""
         model = self.estimator.model
         module = dict(model.named_modules()).get(self.layer)
         if module is None:
@@ -150,6 +152,7 @@ class Retriever:
         task, batch_size = self.estimator.task, self._forward().batch_size_
 
         def run(batch: Any) -> Tensor:
+            check_batch(model, task, batch, name)
             seen.clear()
             task.loss(model, batch)
             return seen[0].T  # [D, B]: the sweep concatenates along the last dimension
@@ -163,7 +166,7 @@ class Retriever:
     def embed(self, queries: DataLike) -> Tensor:
         """``[n_query, d]`` query vectors in the index's space (unit length)."""
         if self.source == "features":
-            return self._unit(self._features(self.estimator._dataset(queries, "queries")))
+            return self._unit(self._features(self.estimator._dataset(queries, "queries"), "queries"))
         forward = self._forward()
         return self._unit(forward._directional(forward._queries(self._forward_queries(queries))))
 
