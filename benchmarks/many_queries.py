@@ -248,7 +248,8 @@ def extrapolate(method: str, label: str, fixed: float, at_1000: dict | None, n: 
         return {"e2e_60k_1000": at_1000["end_to_end"], "e2e_60k_how": at_1000["how"]}
     scale = n_to / n
     sweeps = (method in SWEEPING and not label) or method in PER_CHUNK
-    return {"e2e_60k_1000": fixed * scale + at_1000["cpu"] * (scale if sweeps else 1.0), "e2e_60k_how": "extrapolated"}
+    how = "at least" if at_1000["how"] == "at least" else "extrapolated"
+    return {"e2e_60k_1000": fixed * scale + at_1000["cpu"] * (scale if sweeps else 1.0), "e2e_60k_how": how}
 
 
 MARK = {"measured": "{}", "line": "*{}*", "at least": ">= {}", "extrapolated": "*{}*"}
