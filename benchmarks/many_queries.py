@@ -226,6 +226,7 @@ def rows_of(args, n: int) -> list:
                     row["queries"][str(q)] = {"cpu": cpu, "end_to_end": fixed + cpu, "how": how}
             row.update(extrapolate(method, label, fixed, row["queries"].get("1000"), n))
             row["quality_at"] = max(points)
+            row["top10"] = {q: v["top10"] for q, v in runs.items()}  # [Q][10] (None: a query not scored)
             own = sweeps.get("forward-inf" if method == "forward-inf-shortlist" else method) if label else None
             row.update(quality(biggest(runs), kinds, targets, reference, own))
             rows.append(row)
