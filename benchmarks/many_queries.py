@@ -76,7 +76,7 @@ def child(args) -> None:
     from forwardinf.memory import reset_peak
 
     torch.set_num_threads(1)
-    model, train, (xq, yq), _, _ = problem(args)
+    model, train, (xq, yq), kinds, _ = problem(args)
     method = args.child
     out = {"method": method, "n_train": len(train[1]), "threads": torch.get_num_threads()}
     warm_up(model, train)
@@ -88,13 +88,23 @@ def child(args) -> None:
     else:
         est = make_estimator(method, model)
     with timer() as t:
-        est.fit(train)
+        # the shortlist's fit leaves the cosine's sensitivities to the candidates that need them
+        est.fit(train, lazy=True) if method == "forward-inf-shortlist" else est.fit(train)
     out["fit_cpu"], out["fit_wall"] = t["cpu_seconds"], t["seconds"]
     sizes = [q for q in args.queries if q <= args.max_queries]
     runs = {}
     # grad-cos / TracIn hold [chunk, 455k] training gradients at once: 512 keeps that under 1 GB
     options = {"chunk": 512} if method in ("grad-cos", "tracin-last") else {}
-    if method != "forward-inf-shortlist":
+    if method == "forward-inf" and args.tests_only:  # the reference sweep, on the test images alone
+        pos = [i for i, k in enumerate(kinds[:max(sizes)]) if k == "test"]
+        with timer() as t:
+            top = est.top_k((xq[pos], yq[pos]), 10)
+        top10 = [None] * max(sizes)
+        for j, i in enumerate(pos):
+            top10[i] = top.indices[j].tolist()
+        runs[""] = {str(len(pos)): {"cpu": t["cpu_seconds"], "wall": t["seconds"], "top10": top10, "tests_only": True}}
+        print(f"[{time.strftime('%H:%M:%S')}] {method} {len(pos)} test queries: {t['cpu_seconds']:.1f} CPU s", flush=True)
+    elif method != "forward-inf-shortlist":
         for q in sizes:
             with timer() as t:
                 top = est.top_k((xq[:q], yq[:q]), 10, **options)
@@ -107,10 +117,15 @@ def child(args) -> None:
         out["index_cpu"], out["index_wall"] = t["cpu_seconds"], t["seconds"]
         for k in args.shortlist:
             for q in sizes:
+                # each query count from cold: no sensitivity or random direction kept from the last call
+                retriever._sensitivities.clear()
+                for key in [key for key in getattr(est, "_cache_", {}) if key[0] == "directions"]:
+                    del est._cache_[key]
                 with timer() as t:
                     top = retriever.top_k((xq[:q], yq[:q]), 10, shortlist=k)
-                runs.setdefault(f"shortlist K={k}", {})[str(q)] = {"cpu": t["cpu_seconds"], "wall": t["seconds"],
-                                                                   "top10": top.indices.tolist()}
+                runs.setdefault(f"shortlist K={k}", {})[str(q)] = {
+                    "cpu": t["cpu_seconds"], "wall": t["seconds"], "top10": top.indices.tolist(),
+                    "sensitivities_computed": retriever.sensitivities_computed_}
                 save(args, out, runs)
                 print(f"[{time.strftime('%H:%M:%S')}] {method} K={k} Q={q}: {t['cpu_seconds']:.1f} CPU s", flush=True)
     save(args, out, runs)
@@ -130,6 +145,7 @@ def run_child(method: str, args) -> None:
            "--queries", *map(str, args.queries), "--shortlist", *map(str, args.shortlist), "--source", args.source,
            "--max-queries", str(args.limits.get(method, max(args.queries))), "--cache", args.cache]
     cmd += ["--data-root", args.data_root] if args.data_root else []
+    cmd += ["--tests-only"] if args.tests_only else []
     print(f"[{time.strftime('%H:%M:%S')}] {method} ...", flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     subprocess.run(cmd, check=True, env=env)
@@ -142,13 +158,14 @@ def result_path(args, method: str) -> Path:
 # ------------------------------------------------------------------------------------- report
 def quality(top10: list, kinds: list, targets: torch.Tensor, reference: list | None, own: list | None) -> dict:
     """T-1 on exact / near copies; top-10 overlap on test images with the full Forward-INF sweep
-    (``reference``) and, for a shortlist, with the sweep of its own estimator over every point (``own``)."""
+    (``reference``) and, for a shortlist, with the sweep of its own estimator over every point (``own``).
+    A query a run did not score (None: the reference sweeps the test images only) is left out."""
     out = {}
     for kind in ("copy", "near"):
-        hits = [top10[i][0] == int(targets[i]) for i in range(len(top10)) if kinds[i] == kind]
+        hits = [top10[i][0] == int(targets[i]) for i in range(len(top10)) if kinds[i] == kind and top10[i]]
         out[f"t1_{kind}"] = (sum(hits) / len(hits), len(hits)) if hits else None
     for key, ref in (("overlap_test", reference), ("overlap_own", own)):
-        both = [i for i in range(min(len(top10), len(ref or []))) if kinds[i] == "test"]
+        both = [i for i in range(min(len(top10), len(ref or []))) if kinds[i] == "test" and top10[i] and ref[i]]
         if both:
             out[key] = (sum(len(set(top10[i]) & set(ref[i])) / 10 for i in both) / len(both), len(both))
     return out
@@ -159,20 +176,35 @@ def biggest(runs: dict) -> list:
     return runs[max(runs, key=int)]["top10"]
 
 
-def fit_line(points: dict) -> tuple[float, float]:
-    """``cpu = a + b Q`` through the two largest measured query counts ``{Q: cpu}`` (the smallest call
-    carries one-time costs); a single count gives the line through the origin."""
+SWEEPING = ("forward-inf", "forward-inf-tail")  # each query is a sweep over the training set
+# top_k(chunk=512) calls influence once per 512 training points, and each call recomputes the
+# queries' gradients (baselines/tracin.py): their query cost too is linear in the training set
+PER_CHUNK = ("grad-cos", "tracin-last")
+
+
+def predict(points: dict, q: int, sweeping: bool) -> tuple[float | None, str]:
+    """``(CPU s of the Q-query call, how it was obtained)`` from the measured ``{Q: cpu}``: "measured";
+    "line": the line through the two largest measured counts (the smallest call carries one-time
+    costs), or for a sweep measured once, through the origin (each query is one sweep);
+    "at least": a call measured once at fewer queries (its cost does not fall with more queries);
+    None when nothing bounds it."""
+    if q in points:
+        return points[q], "measured"
     qs = sorted(points)
-    if len(qs) == 1:
-        return 0.0, points[qs[0]] / qs[0]
-    (q0, q1) = qs[-2:]
-    b = (points[q1] - points[q0]) / (q1 - q0)
-    return points[q1] - b * q1, b
+    if len(qs) >= 2:
+        q0, q1 = qs[-2:]
+        b = (points[q1] - points[q0]) / (q1 - q0)
+        return points[q1] + b * (q - q1), "line"
+    if sweeping:
+        return points[qs[0]] * q / qs[0], "line"
+    return (points[qs[0]], "at least") if q > qs[0] else (None, "")
 
 
-def report(args) -> None:
-    _, _, _, kinds, targets = problem(args)
-    found = {m: json.loads(result_path(args, m).read_text()) for m in METHODS if result_path(args, m).is_file()}
+def rows_of(args, n: int) -> list:
+    """One row per method and shortlist size measured at ``n`` training points."""
+    _, _, _, kinds, targets = problem(argparse.Namespace(**{**vars(args), "n_train": n}))
+    paths = {m: Path(args.cache) / f"many-{n}-{m}.json" for m in METHODS}
+    found = {m: json.loads(p.read_text()) for m, p in paths.items() if p.is_file()}
     sweeps = {m: biggest(r["runs"][""]) for m, r in found.items() if r["runs"].get("")}
     reference = sweeps.get("forward-inf")
     rows = []
@@ -180,110 +212,134 @@ def report(args) -> None:
         for label, runs in r["runs"].items():
             index = r.get("index_cpu") if label else None
             fixed = r["fit_cpu"] + (index or 0.0)
-            a, b = fit_line({int(q): v["cpu"] for q, v in runs.items()})
-            row = {"method": method + (f" {label}" if label else ""), "n_train": r["n_train"], "fit_cpu": r["fit_cpu"],
-                   "index_cpu": index, "peak_mb": r["peak_mb"], "per_query_cpu": b,
-                   "queries": {q: {"cpu": v["cpu"], "end_to_end": fixed + v["cpu"]} for q, v in runs.items()}}
-            for q in map(str, args.queries):
-                if q not in runs:  # not measured: the line through the measured query counts
-                    row["queries"][q] = {"cpu": a + b * int(q), "end_to_end": fixed + a + b * int(q), "extrapolated": True}
-            row["fixed_line"] = fixed + a  # end-to-end = fixed_line + per_query_cpu x Q
-            row.update(extrapolate(method, label, fixed + a, b, r["n_train"]))
-            row["quality_at"] = max(map(int, runs))
+            points = {int(q): v["cpu"] for q, v in runs.items()}
+            name = method + (f" {label}" if label else "")
+            if any(v.get("tests_only") for v in runs.values()):
+                name += " (test images only; Q = their number)"
+            row = {"method": name, "n_train": n, "fit_cpu": r["fit_cpu"],
+                   "index_cpu": index, "peak_mb": r["peak_mb"], "queries": {}, "measured_queries": sorted(points),
+                   "sensitivities_computed": {q: v["sensitivities_computed"] for q, v in runs.items()
+                                              if "sensitivities_computed" in v}}
+            for q in sorted({*args.queries, *points}):
+                cpu, how = predict(points, q, method in SWEEPING and not label)
+                if cpu is not None:
+                    row["queries"][str(q)] = {"cpu": cpu, "end_to_end": fixed + cpu, "how": how}
+            row.update(extrapolate(method, label, fixed, row["queries"].get("1000"), n))
+            row["quality_at"] = max(points)
+            row["top10"] = {q: v["top10"] for q, v in runs.items()}  # [Q][10] (None: a query not scored)
             own = sweeps.get("forward-inf" if method == "forward-inf-shortlist" else method) if label else None
             row.update(quality(biggest(runs), kinds, targets, reference, own))
             rows.append(row)
-    write(args, rows)
+    return rows
 
 
-SWEEPING = ("forward-inf", "forward-inf-tail")  # each query is a sweep over the training set
+def report(args) -> None:
+    write(args, {n: rows_of(args, n) for n in args.n_train})
 
 
-def extrapolate(method: str, label: str, fixed: float, per_query: float, n: int, n_to: int = 60000,
-                q_to: int = 1000) -> dict:
-    """End-to-end CPU seconds at ``n_to`` training points and ``q_to`` queries, extrapolated from
-    ``fixed + per_query * Q`` measured at ``n``: fixed costs (fit, index, the training gradients a
-    call recomputes) grow linearly with ``n``; a query of the full or tail sweep too; every other
-    query cost is held as measured (a lower bound for the gradient-store peers, whose query cost
-    also has a part linear in ``n``). A shortlist query costs its K candidates, whatever ``n``
-    (``K`` fixed), or grows with ``n`` if ``K`` must (``K / n`` fixed)."""
+def extrapolate(method: str, label: str, fixed: float, at_1000: dict | None, n: int, n_to: int = 60000) -> dict:
+    """End-to-end CPU seconds at ``n_to`` training points and 1,000 queries from the run at ``n``:
+    measured (or bounded) when ``n = n_to``; else fixed costs (fit, index) grow linearly with ``n``,
+    a query of the full or tail sweep too, and every other query cost is held as at ``n`` (a lower
+    bound for the gradient-store peers, whose query cost also has a part linear in ``n``), except
+    for ``PER_CHUNK`` methods, whose whole call is linear in ``n``."""
+    if at_1000 is None:
+        return {}
+    if n == n_to:
+        return {"e2e_60k_1000": at_1000["end_to_end"], "e2e_60k_how": at_1000["how"]}
     scale = n_to / n
-    sweeps = method in SWEEPING and not label
-    out = {"e2e_60k_1000": fixed * scale + per_query * q_to * (scale if sweeps else 1.0)}
-    if label.startswith("shortlist"):
-        out["e2e_60k_1000_k_scaled"] = (fixed + per_query * q_to) * scale
-    return out
+    sweeps = (method in SWEEPING and not label) or method in PER_CHUNK
+    how = "at least" if at_1000["how"] == "at least" else "extrapolated"
+    return {"e2e_60k_1000": fixed * scale + at_1000["cpu"] * (scale if sweeps else 1.0), "e2e_60k_how": how}
 
 
-def _cell(v: dict) -> str:
-    s = f"{v['end_to_end']:,.0f}"
-    return f"*{s}*" if v.get("extrapolated") else s
+MARK = {"measured": "{}", "line": "*{}*", "at least": ">= {}", "extrapolated": "*{}*"}
+
+
+def _cell(v: dict | None) -> str:
+    return "-" if v is None else MARK[v["how"]].format(f"{v['end_to_end']:,.0f}")
 
 
 def _frac(v) -> str:
     return "-" if not v else f"{v[0]:.3f} ({v[1]})"
 
 
-def write(args, rows: list) -> None:
-    qs = list(map(str, args.queries))
-    head = ("| method | fit CPU s | index CPU s | per query CPU s | " + " | ".join(f"end-to-end Q={q}" for q in qs)
-            + " | *60k x 1,000 (extrapolated)* | peak MB | T-1 copies | T-1 near | top-10 overlap with full Forward-INF "
-            "(test) | shortlist: top-10 overlap with its own full sweep (test) | quality at Q |")
+def table(rows: list, qs: list[str]) -> str:
+    head = ("| method | fit CPU s | index CPU s | " + " | ".join(f"end-to-end Q={q}" for q in qs)
+            + " | 60k x 1,000 | peak MB | T-1 copies | T-1 near | top-10 overlap with full Forward-INF (test) "
+            "| sensitivities computed (of n) | quality at Q |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         idx = "-" if r["index_cpu"] is None else f"{r['index_cpu']:.1f}"
-        e60 = f"*{r['e2e_60k_1000']:,.0f}*" + (f" (*{r['e2e_60k_1000_k_scaled']:,.0f}* if K/n fixed)"
-                                              if "e2e_60k_1000_k_scaled" in r else "")
-        lines.append(f"| {r['method']} | {r['fit_cpu']:,.1f} | {idx} | {r['per_query_cpu']:.3f} | "
-                     + " | ".join(_cell(r["queries"][q]) for q in qs)
+        e60 = "-" if "e2e_60k_1000" not in r else _cell({"end_to_end": r["e2e_60k_1000"], "how": r["e2e_60k_how"]})
+        sens = r["sensitivities_computed"].get(str(r["quality_at"]))
+        lines.append(f"| {r['method']} | {r['fit_cpu']:,.1f} | {idx} | "
+                     + " | ".join(_cell(r["queries"].get(q)) for q in qs)
                      + f" | {e60} | {r['peak_mb']:,.0f} | {_frac(r.get('t1_copy'))} | {_frac(r.get('t1_near'))} | "
-                     f"{_frac(r.get('overlap_test'))} | {_frac(r.get('overlap_own'))} | {r['quality_at']} |")
-    out = {"n_train": args.n_train, "queries": args.queries, "shortlist": args.shortlist, "source": args.source,
-           "command": " ".join(["python", "benchmarks/many_queries.py", *sys.argv[1:]]), "rows": rows}
-    extras = {}
+                     f"{_frac(r.get('overlap_test'))} | {'-' if sens is None else f'{sens:,}'} | {r['quality_at']} |")
+    return "\n".join(lines) + "\n"
+
+
+def write(args, tables: dict) -> None:
+    qs = list(map(str, args.queries))
+    out = {"queries": args.queries, "shortlist": args.shortlist, "source": args.source,
+           "command": " ".join(["python", "benchmarks/many_queries.py", *sys.argv[1:]]),
+           "tables": {str(n): rows for n, rows in tables.items()}}
     for part in ("recall", "lds"):
         found = sorted(Path(args.cache).glob(f"many-{part}-*.json"))
         if found:
-            extras[part] = json.loads(found[-1].read_text())
-    out.update(extras)
+            out[part] = json.loads(found[-1].read_text())
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "many_queries.json").write_text(json.dumps(out, indent=1) + "\n")
     md = RESULTS / "many_queries.md"
     notes = md.read_text().split(NOTES, 1)[1] if md.is_file() and NOTES in md.read_text() else "\n"
-    text = [f"# Many queries: Forward-INF full, tail and shortlist against gradient stores (issue 27)\n",
-            f"Fashion-MNIST, SmallCNN (455k parameters, trained on all 60,000 images, test accuracy 0.900), "
-            f"attributed against the first {args.n_train:,} training images; queries: exact copies, near copies "
-            f"(shifted up to 2 px) and test images, interleaved; shortlist index source: `{args.source}`. "
-            "CPU seconds (`time.process_time`) of one single-threaded process per method; *italic* numbers are "
-            "extrapolated, not measured (see below).\n", f"Tables written by `{out['command']}` (the measuring runs: *Commands* below).\n", "\n".join(lines) + "\n",
-            crossovers(rows), recall_table(extras.get("recall")), lds_table(extras.get("lds")), NOTES + notes]
+    text = ["# Many queries: Forward-INF full, tail and shortlist against gradient stores (issue 27)\n",
+            "Fashion-MNIST, SmallCNN (455k parameters, trained on all 60,000 images, test accuracy 0.900), "
+            "attributed against the first N training images; queries: exact copies, near copies (shifted up to "
+            "2 px) and test images, interleaved; shortlist index source: `" + args.source + "`, the shortlist's "
+            "fit lazy (`fit(train, lazy=True)`: sensitivities of the candidates only). CPU seconds "
+            "(`time.process_time`) of one single-threaded process per method, end-to-end = fit + index + the "
+            "Q-query call. Plain numbers are measured; *italic* ones are on the line through the measured query "
+            "counts or extrapolated in N; `>=` is a bound from a measured call with fewer queries (see below).\n",
+            f"Tables written by `{out['command']}` (the measuring runs: *Commands* below).\n"]
+    for n, rows in tables.items():
+        text += [f"## N = {n:,} training points\n", table(rows, qs), crossovers(rows, n)]
+    text += [recall_table(out.get("recall")), lds_table(out.get("lds")), NOTES + notes]
     md.write_text("\n".join(text))
-    print("\n".join(lines))
+    print("\n".join(text[:-1]))
 
 
 NOTES = "<!-- notes: kept when the tables are rewritten -->"
 
 
-def crossovers(rows: list) -> str:
-    """Query counts above which each shortlist row is cheaper end-to-end than each other method (measured n)."""
-    out = ["## Crossovers (at the measured training-set size)\n",
-           "Where the shortlist is cheaper end-to-end than each other method, from each method's line "
-           "`fixed + per_query x Q` through its two largest measured query counts (a method measured at one "
-           "query count only: its line through the origin).\n",
-           "| shortlist | vs | shortlist cheaper |", "|---|---|---|"]
-    for sl in (r for r in rows if "shortlist" in r["method"]):
-        f_sl = sl["fixed_line"]
+def crossovers(rows: list, n: int) -> str:
+    """Query counts above which each shortlist row is cheaper end-to-end than each other method,
+    on each method's line through its two largest measured query counts (rows with two or more)."""
+    def line(r):
+        pts = {int(q): v["end_to_end"] for q, v in r["queries"].items() if v["how"] == "measured"}
+        if len(pts) < 2:
+            return None
+        q0, q1 = sorted(pts)[-2:]
+        b = (pts[q1] - pts[q0]) / (q1 - q0)
+        return pts[q1] - b * q1, b
+
+    out = []
+    for sl in (r for r in rows if "shortlist" in r["method"] and line(r)):
+        f_sl, b_sl = line(sl)
         for r in rows:
-            if "shortlist" in r["method"]:
+            if "shortlist" in r["method"] or not line(r):
                 continue
-            f_o = r["fixed_line"]
-            gap, dq = f_sl - f_o, sl["per_query_cpu"] - r["per_query_cpu"]  # shortlist minus other
+            f_o, b_o = line(r)
+            gap, dq = f_sl - f_o, b_sl - b_o  # shortlist minus other
             if dq < 0:
                 q = "at every Q" if gap <= 0 else f"above Q = {gap / -dq:,.0f}"
             else:
                 q = "never" if gap >= 0 else f"below Q = {-gap / dq:,.0f}"
             out.append(f"| {sl['method']} | {r['method']} | {q} |")
-    return "\n".join(out) + "\n"
+    if not out:
+        return ""
+    return "\n".join([f"Crossovers at N = {n:,} (each line `fixed + per_query x Q` through the two largest "
+                      "measured query counts):\n", "| shortlist | vs | shortlist cheaper |", "|---|---|---|", *out]) + "\n"
 
 
 def _section(title: str, intro: str, header: str, rows: list[str]) -> str:
@@ -296,7 +352,7 @@ def recall_table(rec: dict | None) -> str:
     if not rec:
         return ""
     intro = (f"Fraction of the full sweep's top 10 among the K nearest training points, {rec['n_queries']} test images, "
-             f"{rec['n_train']:,} training images (`python benchmarks/many_queries.py --recall --n-train {rec['n_train']}`).")
+             f"{rec['n_train']:,} training images (`{rec.get('command', 'python benchmarks/many_queries.py --recall')}`).")
     return _section("Candidate recall of each index source", intro, "| source, K | recall |",
                     [f"| {k} | {v:.3f} |" for k, v in rec["rows"].items()])
 
@@ -336,8 +392,9 @@ def lds_part(args) -> dict:
     model, train = problem.prepared.model, problem.prepared.split.train()
     out = {"n_train": len(train[1]), "subsets": ns.subsets, "n_queries": len(problem.queries[1]),
            "epochs": ns.epochs, "retraining_cpu": float(np.nansum(outputs["cpu_seconds"])), "rows": {}}
-    for name, est in (("forward-inf", fi.ForwardINF(model)),
-                      ("forward-inf-counterfactual", fi.ForwardINF.preset("counterfactual", model))):
+    presets = {"forward-inf": "default", "forward-inf-counterfactual": "counterfactual"}
+    for name in args.lds_methods.split(","):
+        est = fi.ForwardINF.preset(presets[name], model)
         est.fit(train)
         variants = {"full": est.influence(problem.queries)}
         for k in args.lds_shortlist:
@@ -360,26 +417,36 @@ def recall_part(args) -> dict:
 
     torch.set_num_threads(1)
     model, train, (xq, yq), kinds, _ = problem(args)
-    tests = [i for i, k in enumerate(kinds) if k == "test"][:args.recall_queries]
-    queries = (xq[tests], yq[tests])
-    est = fi.ForwardINF(model).fit(train)
-    full = est.top_k(queries, 10).indices
     n = len(train[1])
+    reference = Path(args.cache) / f"many-{n}-forward-inf.json"
+    if args.recall_reference and reference.is_file():  # the full sweeps of the benchmark run, not again
+        runs = json.loads(reference.read_text())["runs"][""]
+        top10 = runs[max(runs, key=int)]["top10"]
+        tests = [i for i, t in enumerate(top10) if t and kinds[i] == "test"]
+        full = torch.tensor([top10[i] for i in tests])
+        est, sources = fi.ForwardINF(model).fit(train, lazy=True), ("features",)
+    else:
+        tests = [i for i, k in enumerate(kinds) if k == "test"][:args.recall_queries]
+        est, sources = fi.ForwardINF(model).fit(train), ("features", "directions")
+        full = est.top_k((xq[tests], yq[tests]), 10).indices
+    queries = (xq[tests], yq[tests])
     out = {"n_train": n, "n_queries": len(tests), "rows": {}}
-    for source in ("features", "directions"):
+    for source in sources:
         retriever = Retriever(est, source=source)
-        for k in (n // 100, n // 30, n // 10, n // 4):
+        for k in args.recall_k or (n // 100, n // 30, n // 10, n // 4):
             cands = retriever.candidates(queries, k)
             kept = sum(len(set(f.tolist()) & set(c.tolist())) / 10 for f, c in zip(full, cands)) / len(tests)
             out["rows"][f"{source} K={k}"] = kept
             print(f"{source} K={k}: {kept:.3f}", flush=True)
+    out["command"] = " ".join(["python", "benchmarks/many_queries.py", *sys.argv[1:]])
     (Path(args.cache) / f"many-recall-{n}.json").write_text(json.dumps(out, indent=1))
     return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n-train", type=int, default=60000)
+    p.add_argument("--n-train", type=int, nargs="+", default=[60000],
+                   help="training points (several: --report-only writes a table for each)")
     p.add_argument("--queries", type=int, nargs="+", default=[10, 100, 1000])
     p.add_argument("--shortlist", type=int, nargs="+", default=[200], help="candidates per query (K), one or more")
     p.add_argument("--source", default="features", choices=("auto", "features", "directions"))
@@ -388,19 +455,27 @@ def main() -> None:
                    help="largest query count a method runs (the rest is extrapolated), e.g. forward-inf=100")
     p.add_argument("--max-queries", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--tests-only", action="store_true",
+                   help="forward-inf (the quality reference) sweeps only the test images among the queries")
     p.add_argument("--recall", action="store_true", help="only the candidate recall of each index source")
     p.add_argument("--recall-queries", type=int, default=12)
+    p.add_argument("--recall-k", type=int, nargs="+", default=None, help="shortlist sizes (default: n/100 .. n/4)")
+    p.add_argument("--recall-reference", action="store_true",
+                   help="features only, against the top 10s of the forward-inf run in --cache (no sweep)")
     p.add_argument("--lds", action="store_true", help="only the LDS part (forwardinf lds setup, ground truth cached)")
     p.add_argument("--lds-n-train", type=int, default=2000)
     p.add_argument("--lds-subsets", type=int, default=50)
     p.add_argument("--lds-queries", type=int, default=200)
     p.add_argument("--lds-shortlist", type=int, nargs="+", default=[100, 400])
+    p.add_argument("--lds-methods", default="forward-inf,forward-inf-counterfactual")
     p.add_argument("--cache", default="/tmp/forwardinf-bench")
     p.add_argument("--data-root", default=None)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--json", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     args.limits = {k: int(v) for k, v in (s.split("=") for s in args.limit)}
+    if not args.report_only:  # measuring runs: one training-set size
+        (args.n_train,) = args.n_train
     if args.child:
         child(args)
         return
@@ -410,6 +485,7 @@ def main() -> None:
     if not args.report_only:
         for method in args.methods.split(","):
             run_child(method, args)
+        args.n_train = [args.n_train]
     report(args)
 
 

@@ -44,6 +44,37 @@ def test_shortlist_of_the_whole_training_set_equals_the_full_sweep_exactly(digit
     assert torch.allclose(full.scores, alone.scores, rtol=1e-5, atol=1e-6)
 
 
+def test_lazy_fit_computes_the_candidates_sensitivities_only_and_keeps_them(digits, fitted):
+    model, train, queries = digits
+    n = len(train[1])
+    full = fitted.top_k(queries, k=7)
+    # K = n_train after a lazy fit: every sensitivity computed on demand, in the eager fit's batches
+    whole = fi.ForwardINF(model, query_chunk=3).fit(train, lazy=True).top_k(queries, k=7, shortlist=n)
+    for name in ("indices", "scores", "opponents", "opponent_scores"):
+        assert torch.equal(getattr(full, name), getattr(whole, name)), name
+    lazy = fi.ForwardINF(model, query_chunk=3).fit(train, lazy=True)
+    assert not any(key[0] == "directional" for key in lazy._cache_)  # fit swept nothing
+    retriever = Retriever(lazy)  # features: needs no sensitivities
+    cands = retriever.candidates(queries, 30)
+    short = lazy.top_k(queries, k=5, shortlist=30)
+    eager = fitted.top_k(queries, k=5, shortlist=30)
+    computed = retriever.sensitivities_computed_
+    assert computed == len(cands.unique()) < n  # the candidates', no more
+    assert torch.equal(short.indices, eager.indices)
+    assert torch.allclose(short.scores, eager.scores, rtol=1e-5, atol=1e-6)  # other batches: float rounding
+    lazy.top_k(queries, k=5, shortlist=30)
+    assert retriever.sensitivities_computed_ == computed  # kept: the same queries compute nothing again
+    # the partial table never stands in the estimator's cache: a full sweep computes every point
+    assert not any(key[0] == "directional" for key in lazy._cache_)
+    again = lazy.top_k(queries, k=7)
+    assert torch.equal(again.indices, full.indices) and torch.equal(again.scores, full.scores)
+    # a lazy fit sweeps nothing: the index build is where a bad training label is refused
+    bad = (train[0], train[1].clone())
+    bad[1][150] = 10
+    with pytest.raises(ValueError, match="train: label 10 is out of range"):
+        Retriever(fi.ForwardINF(model).fit(bad, lazy=True))
+
+
 def test_shortlist_finds_the_copies_and_scores_match_the_full_matrix(digits, fitted):
     _, train, queries = digits
     retriever = Retriever(fitted, source="directions")

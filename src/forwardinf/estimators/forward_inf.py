@@ -192,14 +192,23 @@ class ForwardINF(Estimator):
         return forward_inf_capabilities(self.optimizer)
 
     # -- fit --------------------------------------------------------------------------------
+    def fit(self, train: DataLike, *, lazy: bool = False) -> "ForwardINF":
+        """Cache ``m(θ, z_i)`` (and sensitivities for ``score="cosine"``) for every training point.
+
+        The base's template (check, load, :meth:`_fit`). ``lazy``: leave the cache to first use
+        instead; a shortlist (``top_k(..., shortlist=K)``) then computes the sensitivities of its
+        candidates only (:mod:`forwardinf.estimators.shortlist`).
+        """
+        self._lazy_fit = lazy
+        return super().fit(train)
+
     def _load_train(self, train: DataLike) -> Any:
         return self._dataset(train, "train")  # each batch is checked by the base sweep that reads it
 
     def _fit(self, train: Any) -> None:
-        """Cache ``m(θ, z_i)`` (and sensitivities for ``score="cosine"``) for every training point."""
         self._cache_: dict[tuple, Any] = {}
         self.batch_size_ = self._resolve_batch_size()
-        self._prepare()
+        self._prepare(self._lazy_fit)
 
     def _fit_like(self, other: Estimator) -> "ForwardINF":
         """Fitted on ``other``'s training set, sharing its cache (entries are keyed by what they depend on)."""
@@ -212,10 +221,11 @@ class ForwardINF(Estimator):
             self.batch_size_ = min(self.batch_size_, other.batch_size_)
         return self._prepare()
 
-    def _prepare(self) -> "ForwardINF":
-        self._base(self.kind_.measure)
-        if self.kind_.finish == "cosine":
-            self._base("directional")
+    def _prepare(self, lazy: bool = False) -> "ForwardINF":
+        if not lazy:
+            self._base(self.kind_.measure)
+            if self.kind_.finish == "cosine":
+                self._base("directional")
         self.curvature_ = self._curvature() if self.optimizer == "kfac" else None
         return self
 
@@ -246,8 +256,12 @@ class ForwardINF(Estimator):
         """Cached values of the unchanged model on the training set: ``[n_train]`` for ``"loss"`` /
         ``"score_loss"``, ``[n_train, n_directions]`` for ``"directional"``."""
         if kind == "directional":
-            return self._cached(("directional", _key(self.params), self.seed, self.n_directions), self._directional)
+            return self._cached(self._directional_key(), self._directional)
         return self._cached((kind,), lambda: self._sweep_base(kind))
+
+    def _directional_key(self) -> tuple:
+        """Cache key of the ``[n_train, n_directions]`` derivatives (``_cached`` adds the batch size)."""
+        return ("directional", _key(self.params), self.seed, self.n_directions)
 
     def _sweep_base(self, kind: str) -> Tensor:
         fn = getattr(self.task, kind)
@@ -288,8 +302,12 @@ class ForwardINF(Estimator):
         size = self._direction_chunk()
         m = min(size, self.n_directions - chunk * size)
         gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + chunk)
-        for k, p in params.items():
-            yield k, torch.randn((m, *p.shape), generator=gen).to(p.device, p.dtype)
+        drawn = ((k, torch.randn((m, *p.shape), generator=gen).to(p.device, p.dtype)) for k, p in params.items())
+        if m * sum(p.numel() * p.element_size() for p in params.values()) > DEFAULT_BUDGET // 4:
+            yield from drawn  # a large model: drawn again at each use, one parameter tensor at a time
+            return
+        # small enough to keep: drawn once, not again for every query's cosine (_score per query)
+        yield from self._cached(("directions", _key(self.params), self.seed, size, chunk), lambda: list(drawn))
 
     def _cosine(self, delta: Tensor, moved: Params, directional: Tensor) -> Tensor:
         """``[Q, n]`` cosine between each ``∇m(θ, z_i)`` and each update ``moved[q] = θ_q - θ``.

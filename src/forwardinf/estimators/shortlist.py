@@ -19,11 +19,18 @@ What the index holds (``source``; ``"auto"``, the default: ``"features"`` when t
   ``fit`` (no extra sweep); a query's sketch costs ``n_directions`` forward-mode derivatives. The
   inner product of unit sketches estimates the gradient cosine that the score ranks by; any model.
 
-``K`` equal to the training-set size gives exactly the full sweep's answer. :meth:`Retriever.recall`
+Sensitivities on demand: the default cosine score divides each change by the training point's
+sensitivity, ``n_directions`` forward-mode derivatives per point (about 31 forward sweeps for the
+whole set, most of ``fit``). After ``fit(train, lazy=True)`` the retriever computes them only for
+the candidates some shortlist needs, once each, and keeps them for later queries (on SmallCNN at
+2,000 points this fit was 88% of a 1,000-query shortlist run's cost; benchmarks/results/many_queries.md).
+
+``K`` equal to the training-set size gives exactly the full sweep's answer (also after a lazy fit). :meth:`Retriever.recall`
 measures, on a sample of queries, how much of the full sweep's top-k the shortlist kept.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +40,7 @@ from torch import Tensor, nn
 
 from forwardinf.core.params import mode
 from forwardinf.core.sweep import sweep
+from forwardinf.data.checks import check_batch
 from forwardinf.data.inputs import DataLike, gather, subset
 from forwardinf.estimators.base import TRAIN_CHUNK, Estimator, check_choice, check_positive
 from forwardinf.storage.index import ShortlistIndex
@@ -103,6 +111,7 @@ class Retriever:
         else:
             self.normalize = True
             vectors = lambda a, b: self._unit(self._features(subset(train, torch.arange(a, b))))  # noqa: E731
+        self._sensitivities: dict[tuple, tuple[Tensor, Tensor]] = {}  # key -> ([n, M] values, [n] computed)
         self.index = ShortlistIndex.build(vectors, manifest, path=path, shard_size=shard_size, factory=factory,
                                           overwrite=overwrite)
         estimator.retriever_ = self
@@ -131,8 +140,9 @@ class Retriever:
         v = torch.as_tensor(v).float()
         return v / v.norm(dim=1, keepdim=True).clamp_min(1e-30)
 
-    def _features(self, data: Any) -> Tensor:
-        """``[n, D]``: the input of module ``layer`` for each point of ``data`` (flattened)."""
+    def _features(self, data: Any, name: str = "train") -> Tensor:
+        """``[n, D]``: the input of module ``layer`` for each point of ``data`` (flattened). Every
+        batch is checked (a lazy fit has not seen the training set: a bad label is refused here)."""
         model = self.estimator.model
         module = dict(model.named_modules()).get(self.layer)
         if module is None:
@@ -142,6 +152,7 @@ class Retriever:
         task, batch_size = self.estimator.task, self._forward().batch_size_
 
         def run(batch: Any) -> Tensor:
+            check_batch(model, task, batch, name)
             seen.clear()
             task.loss(model, batch)
             return seen[0].T  # [D, B]: the sweep concatenates along the last dimension
@@ -155,7 +166,7 @@ class Retriever:
     def embed(self, queries: DataLike) -> Tensor:
         """``[n_query, d]`` query vectors in the index's space (unit length)."""
         if self.source == "features":
-            return self._unit(self._features(self.estimator._dataset(queries, "queries")))
+            return self._unit(self._features(self.estimator._dataset(queries, "queries"), "queries"))
         forward = self._forward()
         return self._unit(forward._directional(forward._queries(self._forward_queries(queries))))
 
@@ -197,13 +208,14 @@ class Retriever:
             if union:
                 parts.append(self._best(forward, update, cands[q0:q1], k))
                 continue
+            pool = cands[q0:q1].unique()
+            self._fill(forward, pool[pool >= 0])  # the chunk's new sensitivities in full batches, not per query
             for q in range(q1 - q0):
                 one = update.take(q, q + 1)
                 parts.append(self._best(forward, one, cands[q0 + q:q0 + q + 1], k))
         return concat_topk(parts)
 
-    @staticmethod
-    def _best(forward: Any, update: Any, cands: Tensor, k: int) -> TopK:
+    def _best(self, forward: Any, update: Any, cands: Tensor, k: int) -> TopK:
         """Top-k of ``update``'s queries over the union of ``cands [q, K]`` (training positions)."""
         rows = torch.unique(cands)  # sorted: ties go to the lower training index, as in the full sweep
         rows = rows[rows >= 0]  # approximate indexes may return -1 for missing neighbours
@@ -214,9 +226,52 @@ class Retriever:
         step = math.ceil(TRAIN_CHUNK / forward.batch_size_) * forward.batch_size_
         running = RunningTopK(cands.shape[0], k)
         for s in range(0, len(rows), step):
-            running.update(forward._score(update, rows[s:s + step]), s)
+            with self._sensitive(forward, rows[s:s + step]):
+                running.update(forward._score(update, rows[s:s + step]), s)
         top = running.result()
         return TopK(rows[top.indices], top.scores, rows[top.opponents], top.opponent_scores)
+
+    @contextlib.contextmanager
+    def _sensitive(self, forward: Any, rows: Tensor) -> Any:
+        """Within: the cosine score's sensitivities of training positions ``rows [r]`` are at hand,
+        even when the fit left them to first use (``fit(train, lazy=True)``).
+
+        Those of rows not seen before are computed (``forward._directional`` on them alone) and
+        kept; the ``[n_train, M]`` table, filled only on the rows computed so far, stands in the
+        estimator's cache while ``_score`` reads its ``rows`` and is taken out after, so a full
+        sweep never sees the rows not computed. A sweep's chunk starts on a batch boundary, so
+        with every row at once (K = n_train) the batches, and the values, are the eager fit's.
+        """
+        key = self._fill(forward, rows)
+        if key is None:
+            yield
+            return
+        forward._cache_[key] = self._sensitivities[key][0]
+        try:
+            yield
+        finally:
+            del forward._cache_[key]
+
+    def _fill(self, forward: Any, rows: Tensor) -> tuple | None:
+        """Compute the sensitivities of the training positions ``rows [r]`` (sorted) not computed yet;
+        their cache key, or None when the estimator needs none or holds them all (an eager fit)."""
+        key = (*forward._directional_key(), forward.batch_size_)  # as ForwardINF._cached keys it
+        if forward.score != "cosine" or key in forward._cache_:
+            return None
+        kept = self._sensitivities.get(key)
+        missing = rows if kept is None else rows[~kept[1][rows]]
+        if len(missing):
+            new = forward._directional(subset(forward.train_, missing))  # [r', M]
+            if kept is None:
+                n = len(forward.train_)
+                kept = self._sensitivities[key] = (new.new_zeros(n, new.shape[1]), torch.zeros(n, dtype=torch.bool))
+            kept[0][missing], kept[1][missing] = new, True
+        return key
+
+    @property
+    def sensitivities_computed_(self) -> int:
+        """Training points whose sensitivities the shortlists computed on demand (0 after an eager fit)."""
+        return max((int(done.sum()) for _, done in self._sensitivities.values()), default=0)
 
     def recall(self, queries: DataLike, k: int = 10, shortlist: int = 100, *, sample: int | None = 8,
                seed: int = 0, union: bool | None = None) -> Recall:

@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from forwardinf.estimators.forward_inf import ForwardINF
 from forwardinf.estimators.shortlist import Retriever
 
 
@@ -34,7 +35,8 @@ def score_shortlist(estimator: Any, train: Any, queries: Any, args: argparse.Nam
         raise ValueError(f"--shortlist {args.shortlist} must be at least --k {args.k}")
     if args.recall_sample < 0:
         raise ValueError(f"--recall-sample must be >= 0, got {args.recall_sample}")
-    estimator.fit(train)
+    # a lazy fit: the cosine score's sensitivities only for the candidates (a ForwardINF's fit option)
+    estimator.fit(train, lazy=True) if isinstance(estimator, ForwardINF) else estimator.fit(train)
     index_path = store_path.parent / "index" if args.store else Path(args.out) / "index"
     retriever = Retriever(estimator, index_path, overwrite=args.overwrite)
     top = retriever.top_k(queries, args.k, shortlist=args.shortlist)
