@@ -15,7 +15,7 @@ this process, scores cached under ``RUN/peers`` (delete the folder after changin
 | ``kronfluence-ekfac@d...`` | kronfluence EK-FAC, one factor fit, scored at each ``--dampings`` value |
 | ``trak@l...`` / ``trak-ens{K}@l...`` | traker TRAK (512 dims) on the model alone / on the model and ``K - 1`` more models trained from scratch with the same recipe and data (other seeds): TRAK's ensemble; one featurization, each ``--lambdas`` ridge |
 | ``captum-tracincp`` | captum TracInCP over the 5 checkpoints saved along training |
-| ``whole-*`` (``--whole``) | the counterfactual preset on the whole network (K-FAC, EK-FAC, per-layer-type damping), first ``--whole-queries`` queries |
+| ``whole-*`` (``--parts whole``) | the counterfactual preset on the whole network (K-FAC, EK-FAC, per-layer-type damping), first ``--whole-queries`` queries |
 
 A peer's *best* setting is the one with the highest LDS on the held-out subsets of the seed
 (chosen on the very evaluation: in the peer's favour, as our own tail's split rule was not). The
@@ -121,8 +121,7 @@ def seed_results(seed: int, args, options: list[str]) -> dict:
     largs = lds_args(options, run, seed)
     problem = lds.load_problem(largs)
     cache = run / "peers" / "scores.pt"
-    done = torch.load(cache, weights_only=False) if cache.is_file() else {}
-    if not done:
+    if "peers" in args.parts and not cache.is_file():
         prepared = problem.prepared
         trainer = lds.trainer_of(prepared)
         train = prepared.split.train()
@@ -133,12 +132,14 @@ def seed_results(seed: int, args, options: list[str]) -> dict:
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save(done, cache)
     whole_cache = run / "peers" / f"whole{args.whole_queries}.pt"
-    if args.whole and not whole_cache.is_file():
+    if "whole" in args.parts and not whole_cache.is_file():
+        whole_cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save(score_whole(problem, args.whole_queries), whole_cache)
-    if args.whole:
-        done = {**done, **torch.load(whole_cache, weights_only=False)}
     if args.score_only:
         return {}
+    done = torch.load(cache, weights_only=False)
+    if whole_cache.is_file():
+        done.update(torch.load(whole_cache, weights_only=False))
     masks, outputs = lds.ground_truth(largs, problem, False)
     targets = lds.signed_targets(outputs)
     fit = lds.n_fit(largs.subsets, largs.holdout)
@@ -167,7 +168,8 @@ def main() -> None:
     p.add_argument("--ensemble", type=int, default=5, help="TRAK ensemble size (the model + K-1 more)")
     p.add_argument("--dampings", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2, 1e-1])
     p.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 100.0])
-    p.add_argument("--whole", action="store_true", help="also the whole-network counterfactual variants")
+    p.add_argument("--parts", nargs="+", choices=("peers", "whole"), default=["peers"],
+                   help="what to score if not cached: the peers' table, the whole-network variants")
     p.add_argument("--whole-queries", type=int, default=30)
     p.add_argument("--score-only", action="store_true", help="cache the scores, no ground truth or report")
     p.add_argument("--name", default="lds_peers")
@@ -209,14 +211,13 @@ def main() -> None:
     seeds = [f"seed {r['seed']}" for r in per_seed]
     head = ["peer", "its best row (per seed)"] + [f"held-out, {s}" for s in seeds] + ["held-out, pooled"] + \
         [f"all, {s}" for s in seeds] + ["all, pooled"]
-    whole = []
-    if args.whole:
-        for a, b in (("whole-ekfac", "whole-kfac"), ("whole-kfac-type", "whole-kfac"), ("whole-ekfac-type", "whole-ekfac"),
-                     (TAIL, "whole-kfac"), (TAIL, "whole-ekfac"), (TAIL, "whole-ekfac-type")):
-            if all(a in r["rows"] and b in r["rows"] for r in per_seed):
-                cols = [diff([r["rows"][a]["per_query"][k] for r in per_seed], [r["rows"][b]["per_query"][k] for r in per_seed])
-                        for k in ("lds_margin_heldout", "lds_margin")]
-                whole.append([f"`{a}` - `{b}`", *cols])
+    whole = []  # the whole-network rows, where every seed has them
+    for a, b in (("whole-ekfac", "whole-kfac"), ("whole-kfac-type", "whole-kfac"), ("whole-ekfac-type", "whole-ekfac"),
+                 (TAIL, "whole-kfac"), (TAIL, "whole-ekfac"), (TAIL, "whole-ekfac-type")):
+        if all(a in r["rows"] and b in r["rows"] for r in per_seed):
+            cols = [diff([r["rows"][a]["per_query"][k] for r in per_seed], [r["rows"][b]["per_query"][k] for r in per_seed])
+                    for k in ("lds_margin_heldout", "lds_margin")]
+            whole.append([f"`{a}` - `{b}`", *cols])
     largs = per_seed[0]["largs"]
     text = "\n".join([
         "# Fashion-MNIST: the best Forward-INF row against every peer's best, on several seeds", "",
