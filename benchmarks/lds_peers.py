@@ -74,40 +74,65 @@ def trak_refinalized(est: TRAK, lam: float) -> None:
     t.finalize_features()
 
 
-def score_methods(problem, args, states_of_ensemble) -> dict[str, dict]:
-    """``{row: {"scores": [Q', N], "cpu_seconds": float}}`` of every method (see the module's table)."""
-    model, train, queries = problem.prepared.model.eval(), problem.prepared.split.train(), problem.queries
-    out = {}
+def score_tail(problem, args) -> dict[str, dict]:
+    model, train = problem.prepared.model.eval(), problem.prepared.split.train()
     cfg = fi.ForwardINFConfig.preset("counterfactual")
-    s, cpu = timed(lambda: fi.TailForwardINF(model, split="auto", config=cfg).fit(train).influence(queries))
-    out[TAIL] = {"scores": s, "cpu_seconds": cpu}
+    s, cpu = timed(lambda: fi.TailForwardINF(model, split="auto", config=cfg).fit(train).influence(problem.queries))
+    return {TAIL: {"scores": s, "cpu_seconds": cpu}}
+
+
+def score_ekfac(problem, args) -> dict[str, dict]:
+    """One EK-FAC factor fit, scored at every damping (CPU s of a row: the fit + its scoring)."""
+    model, train = problem.prepared.model.eval(), problem.prepared.split.train()
     ek, fit_cpu = timed(lambda: KronfluenceEKFAC(model, damping=args.dampings[0]).fit(train))
+    out = {}
     for d in args.dampings:
         ek.damping = d
-        s, cpu = timed(lambda: ek.influence(queries))
+        s, cpu = timed(lambda: ek.influence(problem.queries))
         out[f"kronfluence-ekfac@d{d:g}"] = {"scores": s, "cpu_seconds": fit_cpu + cpu}
-    for name, states in (("trak", [model.state_dict()]), (f"trak-ens{len(states_of_ensemble)}", states_of_ensemble)):
-        est, fit_cpu = timed(lambda: TRAK(model, checkpoints=states, lambda_reg=args.lambdas[0]).fit(train))
-        for i, lam in enumerate(args.lambdas):
-            def score() -> torch.Tensor:
-                if i:  # the first lambda was solved by fit
-                    trak_refinalized(est, lam)
-                return est.influence(queries)
-            s, cpu = timed(score)
-            out[f"{name}@l{lam:g}"] = {"scores": s, "cpu_seconds": fit_cpu + cpu}
-    s, cpu = timed(lambda: CaptumTracInCP(model, checkpoints=problem.prepared.checkpoints).fit(train).influence(queries))
-    out["captum-tracincp"] = {"scores": s, "cpu_seconds": cpu}
     return out
+
+
+def score_trak(problem, args, states: list[dict], name: str) -> dict[str, dict]:
+    """traker over ``states`` (one featurization), scored at every ridge ``lambdas``."""
+    model, train = problem.prepared.model.eval(), problem.prepared.split.train()
+    est, fit_cpu = timed(lambda: TRAK(model, checkpoints=states, lambda_reg=args.lambdas[0]).fit(train))
+    out = {}
+    for i, lam in enumerate(args.lambdas):
+        def score() -> torch.Tensor:
+            if i:  # the first lambda was solved by fit
+                trak_refinalized(est, lam)
+            return est.influence(problem.queries)
+        s, cpu = timed(score)
+        out[f"{name}@l{lam:g}"] = {"scores": s, "cpu_seconds": fit_cpu + cpu}
+    return out
+
+
+def score_ensemble(problem, args) -> dict[str, dict]:
+    """TRAK over the model and ``ensemble - 1`` more trained from scratch (their training CPU s apart)."""
+    prepared, seed = problem.prepared, problem.prepared.config["seed"]
+    trainer, train = lds.trainer_of(prepared), prepared.split.train()
+    extra, extra_cpu = timed(lambda: [trainer(train, seed + ENSEMBLE_SEED + j).state_dict()
+                                      for j in range(1, args.ensemble)])
+    out = score_trak(problem, args, [prepared.model.state_dict(), *extra], f"trak-ens{args.ensemble}")
+    return {**out, "_ensemble_training_cpu": extra_cpu}
+
+
+def score_tracin(problem, args) -> dict[str, dict]:
+    model, train = problem.prepared.model.eval(), problem.prepared.split.train()
+    s, cpu = timed(lambda: CaptumTracInCP(model, checkpoints=problem.prepared.checkpoints).fit(train)
+                   .influence(problem.queries))
+    return {"captum-tracincp": {"scores": s, "cpu_seconds": cpu}}
 
 
 WHOLE = {"whole-kfac": {}, "whole-ekfac": {"eigencorrect": True}, "whole-kfac-type": {"damping_scope": "type"},
          "whole-ekfac-type": {"eigencorrect": True, "damping_scope": "type"}}
 
 
-def score_whole(problem, n_queries: int) -> dict[str, dict]:
+def score_whole(problem, args) -> dict[str, dict]:
     """The counterfactual preset on the whole network, K-FAC / EK-FAC x one global damping / one per layer type."""
     model, train = problem.prepared.model.eval(), problem.prepared.split.train()
-    q = tuple(t[:n_queries] for t in problem.queries)
+    q = tuple(t[:args.whole_queries] for t in problem.queries)
     out = {}
     for name, kw in WHOLE.items():
         c = dataclasses.replace(fi.ForwardINFConfig.preset("counterfactual"), **kw)
@@ -116,30 +141,26 @@ def score_whole(problem, n_queries: int) -> dict[str, dict]:
     return out
 
 
+PARTS = {"tail": score_tail, "ekfac": score_ekfac, "trak": lambda p, a: score_trak(p, a, [p.prepared.model.state_dict()], "trak"),
+         "ensemble": score_ensemble, "tracin": score_tracin, "whole": score_whole}
+
+
 def seed_results(seed: int, args, options: list[str]) -> dict:
     run = Path(args.runs.format(seed=seed))
     largs = lds_args(options, run, seed)
     problem = lds.load_problem(largs)
-    cache = run / "peers" / "scores.pt"
-    if "peers" in args.parts and not cache.is_file():
-        prepared = problem.prepared
-        trainer = lds.trainer_of(prepared)
-        train = prepared.split.train()
-        extra, extra_cpu = timed(lambda: [trainer(train, seed + ENSEMBLE_SEED + j).state_dict()
-                                          for j in range(1, args.ensemble)])
-        done = score_methods(problem, args, [prepared.model.state_dict(), *extra])
-        done["_ensemble_training_cpu"] = extra_cpu
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(done, cache)
-    whole_cache = run / "peers" / f"whole{args.whole_queries}.pt"
-    if "whole" in args.parts and not whole_cache.is_file():
-        whole_cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(score_whole(problem, args.whole_queries), whole_cache)
+    folder = run / "peers"
+    folder.mkdir(parents=True, exist_ok=True)
+    for part in args.parts:  # each part cached in its own file: parts can run in parallel processes
+        path = folder / (f"whole{args.whole_queries}.pt" if part == "whole" else f"{part}.pt")
+        if not path.is_file():
+            torch.save(PARTS[part](problem, args), path)
     if args.score_only:
         return {}
-    done = torch.load(cache, weights_only=False)
-    if whole_cache.is_file():
-        done.update(torch.load(whole_cache, weights_only=False))
+    done = {}
+    for path in sorted(folder.glob("*.pt")):
+        if not path.stem.startswith("whole") or path.stem == f"whole{args.whole_queries}":
+            done.update(torch.load(path, weights_only=False))
     masks, outputs = lds.ground_truth(largs, problem, False)
     targets = lds.signed_targets(outputs)
     fit = lds.n_fit(largs.subsets, largs.holdout)
@@ -151,7 +172,7 @@ def seed_results(seed: int, args, options: list[str]) -> dict:
         m, pq = lds.evaluate(r["scores"], masks, {t: y[:, :q] for t, y in targets.items()}, fit, largs.bootstrap, seed)
         rows[name] = {"metrics": m, "per_query": pq, "cpu_seconds": r["cpu_seconds"], "queries": q}
     return {"seed": seed, "largs": largs, "problem": problem, "rows": rows, "fit": fit,
-            "ensemble_training_cpu": done["_ensemble_training_cpu"]}
+            "ensemble_training_cpu": done.get("_ensemble_training_cpu", float("nan"))}
 
 
 def diff(a: list[np.ndarray], b: list[np.ndarray]) -> str:
@@ -168,8 +189,8 @@ def main() -> None:
     p.add_argument("--ensemble", type=int, default=5, help="TRAK ensemble size (the model + K-1 more)")
     p.add_argument("--dampings", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2, 1e-1])
     p.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 100.0])
-    p.add_argument("--parts", nargs="+", choices=("peers", "whole"), default=["peers"],
-                   help="what to score if not cached: the peers' table, the whole-network variants")
+    p.add_argument("--parts", nargs="+", choices=tuple(PARTS), default=["tail", "ekfac", "trak", "ensemble", "tracin"],
+                   help="what to score if not cached under RUN/peers (each part its own file)")
     p.add_argument("--whole-queries", type=int, default=30)
     p.add_argument("--score-only", action="store_true", help="cache the scores, no ground truth or report")
     p.add_argument("--name", default="lds_peers")
