@@ -217,7 +217,8 @@ def main() -> None:
                   markdown_table(["family", "row", "LDS margin, held-out", "LDS margin, all [95%]", "CPU s", "queries"],
                                  table), ""]
     # each peer family's best setting per seed (held-out LDS of that seed), then paired differences
-    families = sorted({family(n) for n in per_seed[0]["rows"] if not n.startswith("whole")} - {"Forward-INF"})
+    families = sorted(set.intersection(*({family(n) for n in r["rows"] if not n.startswith("whole")} for r in per_seed))
+                      - {"Forward-INF"})  # the peers scored on every seed
     diffs = []
     for fam in families:
         best = [max((n for n in res["rows"] if family(n) == fam and not n.startswith("whole")),
