@@ -4,7 +4,7 @@
         --model flatcnn --subsets 64 --n-queries 100
 
 Reuses the ground truth of a ``forwardinf lds`` run (``--run``, made with the lds options after
-``--``) and scores the counterfactual preset with ``TailForwardINF`` at every split of the
+``--``; ``--score-only`` caches the scores under ``RUN/layouts.pt`` while that run still retrains) and scores the counterfactual preset with ``TailForwardINF`` at every split of the
 attributed FlatCNN (top-level ``conv1, conv2, fc1, fc2``) and, with the very same weights, of the
 library's SmallCNN (``features`` / ``classifier`` groups): the two are one function in two
 layouts, so one ground truth serves both. Each row: LDS (held-out and all subsets, bootstrap over
@@ -26,8 +26,8 @@ import forwardinf as fi
 from forwardinf import metrics as M
 from forwardinf.experiments import lds
 from forwardinf.experiments.report import markdown_table
+from forwardinf.cli import build_parser
 from forwardinf.models import build_model
-from lds_cached import load_run  # benchmarks/ is the script's folder
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SMALLCNN_NAMES = {"conv1": "features.0", "conv2": "features.3", "fc1": "classifier.0", "fc2": "classifier.2"}
@@ -60,8 +60,10 @@ def main() -> None:
     p.add_argument("--run", type=Path, required=True)
     p.add_argument("--whole", action="store_true", help="also the whole network (slow on a CNN)")
     p.add_argument("--name", default="lds_layouts")
+    p.add_argument("--score-only", action="store_true", help="cache the scores (RUN/layouts.pt), no ground truth")
     args, rest = p.parse_known_args()
-    largs, problem, masks, targets, fit = load_run(args.run, rest)
+    largs = lds.apply_defaults(build_parser().parse_args(["lds", *[a for a in rest if a != "--"], "--out", str(args.run)]))
+    problem = lds.load_problem(largs)
     prepared = problem.prepared
     flat = prepared.model.eval()
     shape, classes = tuple(prepared.split.input_shape), prepared.split.n_classes
@@ -69,16 +71,27 @@ def main() -> None:
     with torch.no_grad():
         same = torch.equal(cnn(problem.queries[0]), flat(problem.queries[0]))
     train = prepared.split.train()
-    rows, per_query = [], {}
+    cache = args.run / "layouts.pt"  # scores first, the ground truth after: scoring can run beside lds
+    scored = torch.load(cache, weights_only=False) if cache.is_file() else {}
     # fc1 is what auto picks on FlatCNN (its row is auto's); SmallCNN is the same function, so its
     # other splits are FlatCNN's rows under other names: only its auto row is scored
     plan = [("FlatCNN", flat, s) for s in ("auto", "conv2", "fc2")] + [("SmallCNN", cnn, "auto")]
     if args.whole:
         plan += [("FlatCNN", flat, None)]
     for layout, model, split in plan:
-        s, cpu, chosen = scores_of(model, split, train, problem.queries)
-        m, pq = lds.evaluate(s, masks, targets, fit, largs.bootstrap, largs.seed)
         key = f"{layout}/{split or 'whole'}"
+        if key not in scored:
+            scored[key] = scores_of(model, split, train, problem.queries)
+            torch.save(scored, cache)
+    if args.score_only:
+        return
+    masks, outputs = lds.ground_truth(largs, problem, False)
+    targets, fit = lds.signed_targets(outputs), lds.n_fit(largs.subsets, largs.holdout)
+    rows, per_query = [], {}
+    for layout, model, split in plan:
+        key = f"{layout}/{split or 'whole'}"
+        s, cpu, chosen = scored[key]
+        m, pq = lds.evaluate(s, masks, targets, fit, largs.bootstrap, largs.seed)
         per_query[key] = pq["lds_margin_heldout"], pq["lds_margin"]
         rows.append({"layout": layout, "split": split or "whole", "chosen": chosen, "cpu_seconds": cpu, **m})
         print(key, chosen, f"{m['lds_margin_heldout']:+.3f} {m['lds_margin']:+.3f} {cpu:.1f} s", flush=True)

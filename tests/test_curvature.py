@@ -234,3 +234,19 @@ def test_gauss_newton_product_and_refined_solve_are_exact():
     assert (flat(kfac_only) - exact).norm() > 1e-2 * exact.norm()  # K-FAC alone is not the exact solve
     few = C.refine(blocks, v, 0.5, 3, product)
     assert (flat(few) - exact).norm() < (flat(kfac_only) - exact).norm()
+
+
+def test_type_damping_is_one_lambda_per_layer_type():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(12, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(20, 1, 4, 4), torch.randn(20, 3)
+    blocks = C.kfac(model, MultiSquaredLoss().loss, select_params(model), as_dataset((x, y)), 8, torch.device("cpu"))
+    assert [b.kind for b in blocks] == ["Conv2d", "Linear", "Linear"]
+    eig = [b.eigenvalues() for b in blocks]
+    linear = float(torch.cat([eig[1].flatten(), eig[2].flatten()]).mean())  # the mean over both linear layers
+    assert C.damping_of(blocks, 0.5, "type") == pytest.approx([0.5 * float(eig[0].mean()), 0.5 * linear, 0.5 * linear])
+    assert C.damping_of(blocks, 0.5, "type")[0] != pytest.approx(C.damping_of(blocks, 0.5)[0])
+    est = fi.ForwardINF(model, MultiSquaredLoss(), optimizer="kfac", score="influence", damping_scope="type")
+    assert est.fit((x, y)).influence((x[:2], y[:2])).isfinite().all()
+    with pytest.raises(ValueError, match="damping_scope"):
+        fi.ForwardINF(model, MultiSquaredLoss(), optimizer="kfac", damping_scope="block").fit((x, y))

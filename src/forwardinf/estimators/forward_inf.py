@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.func import grad, vmap
 
 from forwardinf.core.autobatch import DEFAULT_BUDGET, auto_batch_size
-from forwardinf.core.curvature import FISHERS, gauss_newton_product, kfac, layer_of, precondition, refine
+from forwardinf.core.curvature import FISHERS, SCOPES, gauss_newton_product, kfac, layer_of, precondition, refine
 from forwardinf.core.params import Params, bind, buffers_of, flat_norm, mode, select_params, stack
 from forwardinf.core.sweep import sweep
 from forwardinf.core.tangent import directional_sweep
@@ -94,6 +94,7 @@ class ForwardINFConfig(EstimatorConfig):
     n_directions: int = 16
     difference: str = "auto"
     damping: float = 0.5
+    damping_scope: str = "global"
     fisher: str = "empirical"
     eigencorrect: bool = False
     refine: int = 0
@@ -142,6 +143,9 @@ class ForwardINF(Estimator):
         momentum, weight_decay: for ``"sgd"``/``"nsgd"`` (weight decay also for Adam).
         damping: for ``"kfac"``: ``λ`` as a multiple of the mean eigenvalue of the whole
             block-diagonal curvature (scale-free; :mod:`forwardinf.core.curvature`); > 0.
+        damping_scope: for ``"kfac"``: whose mean eigenvalue ``damping`` multiplies: ``"global"``
+            (all layers, default), ``"type"`` (the layers of the same type: convolutions, linear),
+            ``"layer"`` (each layer's own).
         fisher: for ``"kfac"``: ``"empirical"`` (the given targets; any task) or ``"sampled"``
             (targets drawn from the model's softmax; classification). The factors are ``curvature_``.
         eigencorrect: for ``"kfac"``: EK-FAC (George et al. 2018): one more batched sweep replaces
@@ -446,7 +450,7 @@ class ForwardINF(Estimator):
         pre = None
         if self.optimizer == "kfac":
             factors = self._curvature()
-            pre = lambda g, stacked: precondition(factors, g, self.damping, stacked)  # noqa: E731
+            pre = lambda g, stacked: precondition(factors, g, self.damping, stacked, self.damping_scope)  # noqa: E731
             if self.refine:
                 pre = self._refined(factors)
         return UpdateRule(self.optimizer, self.lr, self.direction == "ascent", self.momentum, self.weight_decay,
@@ -720,6 +724,9 @@ def check_values(name: str, c: ForwardINFConfig) -> None:
                          "train_mode=True also moves BatchNorm's running statistics; use difference='finite'")
     if c.optimizer == "kfac":
         check_choice(name, "fisher", c.fisher, FISHERS)
+        check_choice(name, "damping_scope", c.damping_scope, SCOPES)
+        if c.refine and c.damping_scope != "global":
+            raise ValueError(f"{name}: refine solves (G + λI) d = g with one λ; it needs damping_scope='global'")
         if (not isinstance(c.damping, (int, float)) or isinstance(c.damping, bool)
                 or not math.isfinite(c.damping) or c.damping <= 0):
             raise ValueError(f"{name}: damping={c.damping!r}; expected a finite number > 0 (relative to the "

@@ -14,9 +14,13 @@ model, ``classifier.0`` of the library's SmallCNN, ResNet's ``fc``). A model wit
 Why there: the counterfactual score's K-FAC curvature is exact in form for dense layers and an
 approximation for convolutions (their patches are correlated across positions, and one global
 damping spans layers whose curvature differs by orders of magnitude); on the Fashion-MNIST CNN
-the dense head alone predicts retraining better than the whole network, and better than its last
-layer alone (benchmarks/results/lds.md). A cached prefix also makes each query cost the head's
-forward only.
+the dense head predicts retraining better than the whole network: by +0.063 LDS over whole-network
+K-FAC and +0.029 [+0.002, +0.056] over whole-network EK-FAC (two seeds, 500 points; per-layer-type
+damping changed the whole network by < 0.003), at a fraction of the cost
+(benchmarks/results/lds.md, "Issue 26, continued"). Against the last layer alone it was better on
+a 1,000-point seed (+0.025) and worse on two 500-point seeds (-0.037, -0.014 on all subsets;
+benchmarks/results/lds_layouts.md): which head layers to include is within noise; the whole network
+is not. A cached prefix also makes each query cost the head's forward only.
 
 With ``kfac=True`` (the counterfactual preset) the tail must hold only layers K-FAC covers
 (``Linear``, ``Conv2d``): the start moves later past any other layer with parameters (a
