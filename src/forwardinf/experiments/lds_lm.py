@@ -292,42 +292,49 @@ def score_method(name: str, setup: Setup, checkpoints: list[dict], options: dict
 
 def measure_methods(setup: Setup, methods: list[str], options: dict, checkpoints: list[dict], masks: np.ndarray,
                     outputs: np.ndarray, args: argparse.Namespace, folder: Path, key: dict) -> dict[str, dict]:
-    """``{method: result}`` for ``methods`` plus every other method cached in ``folder`` for this ``key``
-    (configuration and number of subsets), so that methods scored by separate processes on one ``--out``
-    share one table. A method is recomputed when its options differ, or with ``--recompute``."""
+    """``{method: result}`` for ``methods`` plus every other method cached in ``folder`` for this ``key``.
+
+    A method's scores ``[Q, N]``, CPU seconds and peak memory are cached in ``folder/<method>.json``
+    (the scores do not depend on the subsets), so that methods scored by separate processes on one
+    ``--out``, or before the last retrainings, share one table; the LDS is computed here against the
+    ``M`` subsets of this run. A method is recomputed when its options differ, or with ``--recompute``."""
     from forwardinf import metrics
     from forwardinf.io import write_json
     from forwardinf.memory import reset_peak, status_mb
 
     folder.mkdir(parents=True, exist_ok=True)
-    results: dict[str, dict] = {}
+    measured: dict[str, dict] = {}
     for path in sorted(folder.glob("*.json")):
         cached = json.loads(path.read_text())
         if cached.get("key") == key:
-            results[cached["method"]] = cached
+            measured[cached["method"]] = cached
     for name in methods:
         opts = options.get(name, {})
-        if name in results and results[name].get("options", {}) == opts and not getattr(args, "recompute", False):
+        if name in measured and measured[name].get("options", {}) == opts and not getattr(args, "recompute", False):
             print(f"  {name:28s} cached ({folder / (name + '.json')})", flush=True)
             continue
         reset_peak()
         c = time.process_time()
         try:
-            scores = score_method(name, setup, checkpoints, opts).numpy()
+            scores = score_method(name, setup, checkpoints, opts)
         except Exception as e:  # a method that cannot run here gets a row saying why
-            results[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
-            print(f"  {name:28s} error: {results[name]['error']}", flush=True)
+            measured[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+            print(f"  {name:28s} error: {measured[name]['error']}", flush=True)
             continue
-        cpu, peak = time.process_time() - c, status_mb("VmHWM")
-        per_q = metrics.lds_per_query(scores, masks, outputs)
+        measured[name] = {"method": name, "key": key, "options": opts, "cpu_seconds": time.process_time() - c,
+                          "peak_mb": status_mb("VmHWM"), "scores": scores.tolist()}
+        write_json(folder / f"{name}.json", measured[name])
+    results: dict[str, dict] = {}
+    for name, m in measured.items():
+        if "error" in m:
+            results[name] = m
+            continue
+        per_q = metrics.lds_per_query(np.asarray(m["scores"]), masks, outputs)
         lo, hi = metrics.bootstrap_interval(per_q, n_boot=args.bootstrap, seed=args.seed)
-        results[name] = {"method": name, "key": key, "options": opts, "lds": float(np.nanmean(per_q)),
-                         "lds_ci": [lo, hi], "cpu_seconds": cpu, "peak_mb": peak, "lds_per_query": per_q.tolist()}
-        write_json(folder / f"{name}.json", results[name])
-        print(f"  {name:28s} LDS {results[name]['lds']:+.3f} [{lo:+.3f}, {hi:+.3f}]  {cpu:8.1f} CPU s  peak {peak:.0f} MB",
-              flush=True)
-    for r in results.values():
-        r.pop("key", None)
+        results[name] = {"options": m["options"], "lds": float(np.nanmean(per_q)), "lds_ci": [lo, hi],
+                         "cpu_seconds": m["cpu_seconds"], "peak_mb": m["peak_mb"], "lds_per_query": per_q.tolist()}
+        print(f"  {name:28s} LDS {results[name]['lds']:+.3f} [{lo:+.3f}, {hi:+.3f}]  {m['cpu_seconds']:8.1f} CPU s  "
+              f"peak {m['peak_mb']:.0f} MB", flush=True)
     return results
 
 
@@ -399,7 +406,7 @@ def run(args: argparse.Namespace) -> dict:
     print(f"  full-set fine-tune {full_cpu:.1f} s CPU: query log-prob {base_before.mean():.3f} -> {base_after.mean():.3f}; "
           f"across subsets: mean {outputs.mean():.3f}, std over subsets (mean over queries) {outputs.std(0).mean():.3f}")
     results = measure_methods(setup, methods, options, checkpoints, masks, outputs, args,
-                              Path(args.out) / "methods", {**key, "subsets": args.subsets})
+                              Path(args.out) / "methods", key)
     rows = table_rows(results, args.bootstrap, args.seed)
     config = {**key, "subsets": args.subsets, "trainable_parameters": setup.n_trainable,
               "prefix_cpu_seconds": setup.prefix_cpu, "ground_truth_cpu_seconds_this_run": gt_cpu,
