@@ -298,16 +298,11 @@ def measure_methods(setup: Setup, methods: list[str], options: dict, checkpoints
     (the scores do not depend on the subsets), so that methods scored by separate processes on one
     ``--out``, or before the last retrainings, share one table; the LDS is computed here against the
     ``M`` subsets of this run. A method is recomputed when its options differ, or with ``--recompute``."""
-    from forwardinf import metrics
     from forwardinf.io import write_json
     from forwardinf.memory import reset_peak, status_mb
 
     folder.mkdir(parents=True, exist_ok=True)
-    measured: dict[str, dict] = {}
-    for path in sorted(folder.glob("*.json")):
-        cached = json.loads(path.read_text())
-        if cached.get("key") == key:
-            measured[cached["method"]] = cached
+    measured = cached_methods(folder, key)
     for name in methods:
         opts = options.get(name, {})
         if name in measured and measured[name].get("options", {}) == opts and not getattr(args, "recompute", False):
@@ -324,13 +319,31 @@ def measure_methods(setup: Setup, methods: list[str], options: dict, checkpoints
         measured[name] = {"method": name, "key": key, "options": opts, "cpu_seconds": time.process_time() - c,
                           "peak_mb": status_mb("VmHWM"), "scores": scores.tolist()}
         write_json(folder / f"{name}.json", measured[name])
+    return lds_results(measured, masks, outputs, args.bootstrap, args.seed)
+
+
+def cached_methods(folder: Path, key: dict) -> dict[str, dict]:
+    """The methods measured in ``folder`` (``--out/methods``) for configuration ``key``: ``{name: entry}``."""
+    out = {}
+    for path in sorted(folder.glob("*.json")):
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            out[cached["method"]] = cached
+    return out
+
+
+def lds_results(measured: dict[str, dict], masks: np.ndarray, outputs: np.ndarray, n_boot: int,
+                seed: int) -> dict[str, dict]:
+    """``{method: result}``: each measured method's LDS against ``outputs [M, Q]`` of the subsets ``masks [M, N]``."""
+    from forwardinf import metrics
+
     results: dict[str, dict] = {}
     for name, m in measured.items():
         if "error" in m:
             results[name] = m
             continue
         per_q = metrics.lds_per_query(np.asarray(m["scores"]), masks, outputs)
-        lo, hi = metrics.bootstrap_interval(per_q, n_boot=args.bootstrap, seed=args.seed)
+        lo, hi = metrics.bootstrap_interval(per_q, n_boot=n_boot, seed=seed)
         results[name] = {"options": m["options"], "lds": float(np.nanmean(per_q)), "lds_ci": [lo, hi],
                          "cpu_seconds": m["cpu_seconds"], "peak_mb": m["peak_mb"], "lds_per_query": per_q.tolist()}
         print(f"  {name:28s} LDS {results[name]['lds']:+.3f} [{lo:+.3f}, {hi:+.3f}]  {m['cpu_seconds']:8.1f} CPU s  "
