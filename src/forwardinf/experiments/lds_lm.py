@@ -210,7 +210,7 @@ def trak_scores(setup: Setup, proj_dim: int = TRAK_PROJ_DIM) -> torch.Tensor:
     wrt = [f"{m}.weight" for m in linear_modules(setup.tail)]
 
     def loss(model: Any, weights: dict, buffers: dict, rows: tuple) -> torch.Tensor:
-        call = lambda *a: torch.func.functional_call(model, (weights, buffers), a)  # noqa: E731
+        call = lambda *a, **k: torch.func.functional_call(model, (weights, buffers), a, k)  # noqa: E731
         return task.loss(call, dict(zip(keys, rows)))  # [B]
 
     class LogOdds(AbstractModelOutput):
