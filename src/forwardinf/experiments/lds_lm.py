@@ -20,8 +20,13 @@ peak MB = the kernel's resident high-water mark during the method, reset before 
 variants of the method registry over the tail's parameters (``forward-inf-trace``: nsgd, loss change;
 ``forward-inf``; ``forward-inf-counterfactual``: the counterfactual preset, K-FAC over the tail's
 linear layers); TracIn over 3 checkpoints, grad-dot and grad-cos at the final one; kronfluence EK-FAC
-over the tail's linear layers; BM25 (never sees the model). LDS: Spearman across subsets between the
-summed scores and the measured output, per query, mean over queries [95% bootstrap over queries].
+over the tail's linear layers; TRAK (``traker``, one model, the same linear layers); BM25 (never sees the
+model). ``NAME@LABEL`` runs a method under another label with its ``--option NAME@LABEL.KEY=VALUE``
+keywords. LDS: Spearman across subsets between the summed scores and the measured output, per query, mean
+over queries [95% bootstrap over queries], and each method's paired per-query difference to kronfluence
+EK-FAC. Each method's scores are cached under ``--out/methods`` (they do not depend on the subsets): methods
+may be scored by separate processes on one ``--out`` and the table re-taken as the retrainings grow
+(``benchmarks/lds_lm_table.py``).
 """
 from __future__ import annotations
 
