@@ -1,5 +1,5 @@
 """Where a tangent sweep's CPU goes on the lm-facts tail (issue 23; lds_lm.md): the same jvp sweep (32 training
-through the frozen head by autograd (log_softmax of the 49k logits) vs frozen_head_nll; and the block alone."""
+sentences, 6 query tangents) through the frozen head by autograd (log_softmax of the 49k logits) vs frozen_head_nll."""
 import argparse, time
 import numpy as np, torch
 torch.set_num_threads(1)
