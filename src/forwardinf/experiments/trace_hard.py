@@ -160,16 +160,17 @@ def summarize(seeds: list[dict]) -> tuple[dict, list[str]]:
     lines = [markdown_table(["method", "MRR pooled [95% CI]", "MRR per seed", "minus BM25 (paired) [95% CI]",
                              "minus string match (paired) [95% CI]", "proponent > false-fact negative",
                              "proponent > other-relation negative"], rows)]
-    per_seed_rows = []
-    for n in names:
-        cells = [n]
-        for s in seeds:
-            d = paired_difference(np.array(s["methods"][n]["reciprocal_ranks"]),
-                                  np.array(s["methods"]["bm25"]["reciprocal_ranks"]))
-            cells.append(f"{d['mean']:+.4f} [{d['low']:+.3f}, {d['high']:+.3f}]")
-        per_seed_rows.append(cells)
-    lines += ["", "Paired difference to BM25 within each seed (95% bootstrap interval over that seed's queries):", "",
-              markdown_table(["method", *[f"seed {s['seed']}" for s in seeds]], per_seed_rows)]
+    for ref, label in (("bm25", "BM25"), ("string-match", "the string match")):
+        per_seed_rows = []
+        for n in names:
+            cells = [n]
+            for s in seeds:
+                d = paired_difference(np.array(s["methods"][n]["reciprocal_ranks"]),
+                                      np.array(s["methods"][ref]["reciprocal_ranks"]))
+                cells.append(f"{d['mean']:+.4f} [{d['low']:+.3f}, {d['high']:+.3f}]")
+            per_seed_rows.append(cells)
+        lines += ["", f"Paired difference to {label} within each seed (95% bootstrap interval over that seed's queries):",
+                  "", markdown_table(["method", *[f"seed {s['seed']}" for s in seeds]], per_seed_rows)]
     return summary, lines
 
 

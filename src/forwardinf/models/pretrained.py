@@ -166,11 +166,22 @@ class TailLM(nn.Module):
             p.requires_grad_(n in keep)
         return self
 
-    def forward(self, hidden: Tensor, attention_mask: Tensor, answer_pos: Tensor) -> Tensor:
-        """``[B, A, V]`` logits at ``answer_pos [B, A]`` only."""
+    def forward(self, hidden: Tensor, attention_mask: Tensor, answer_pos: Tensor, answer_ids: Tensor | None = None) -> Tensor:
+        """``[B, A, V]`` logits at ``answer_pos [B, A]`` only; with ``answer_ids [B, A]``, their NLL ``[B, A]``
+        instead (float32, 0 at ``IGNORE``), through :func:`~forwardinf.models.head_nll.frozen_head_nll`
+        when the head is a frozen bias-free linear layer (a tangent then skips the vocabulary matmul)."""
         hidden = hidden.to(self.norm.weight.dtype)  # a bfloat16 cache feeds a float32 tail
         out = self.norm(run_blocks(self.blocks, self.rotary, hidden, attention_mask))
-        return self.head(out.gather(1, answer_pos.unsqueeze(-1).expand(-1, -1, out.shape[-1])))
+        out = out.gather(1, answer_pos.unsqueeze(-1).expand(-1, -1, out.shape[-1]))
+        if answer_ids is None:
+            return self.head(out)
+        if type(self.head) is nn.Linear and self.head.bias is None and not self.head.weight.requires_grad:
+            from forwardinf.models.head_nll import frozen_head_nll
+
+            return frozen_head_nll(out, self.head.weight, answer_ids)
+        logp = torch.log_softmax(self.head(out).float(), dim=-1)
+        is_t = answer_ids != IGNORE
+        return -logp.gather(-1, torch.where(is_t, answer_ids, 0).unsqueeze(-1)).squeeze(-1) * is_t
 
 
 def answer_fields(labels: Tensor) -> dict[str, Tensor]:
@@ -210,11 +221,8 @@ class TailTask(Task):
             pass
         ids = batch["answer_ids"]
         with autocast(self.dtype, hidden):
-            logits = model(hidden, attn, batch["answer_pos"])
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        is_t = ids != IGNORE
-        nll = -logp.gather(-1, torch.where(is_t, ids, 0).unsqueeze(-1)).squeeze(-1) * is_t
-        return nll.sum(-1) / is_t.sum(-1).clamp_min(1)
+            nll = model(hidden, attn, batch["answer_pos"], answer_ids=ids)  # [B, A] (TailLM.forward)
+        return nll.sum(-1) / (ids != IGNORE).sum(-1).clamp_min(1)
 
     def validate(self, model: Callable[..., Any], batch: Any) -> None:
         if not isinstance(batch, dict) or any(k not in batch for k in ("hidden", "attention_mask", "answer_pos", "answer_ids")):
