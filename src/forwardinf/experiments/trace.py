@@ -203,15 +203,15 @@ def tracin_scorer(prep: dict, multi: bool, normalize: bool, args: argparse.Names
     gradient and its candidates' gradients (``influence(query, indices=...)``). Candidate
     gradients are kept across queries only if all the pool's fit in ``cache_mb`` (``cached``:
     a budget big enough, and they are computed in the set-up)."""
+    from forwardinf.baselines.run import TrainingRun
     from forwardinf.baselines.tracin import TracIn
 
     layer = _layer(prep, args.tracin_layer)
     ckpts = prep["checkpoints"] if multi else []
-    states = [c["state_dict"] for c in ckpts] or None
-    lrs = [c["lr"] for c in ckpts] or None
+    run = TrainingRun(checkpoints=[c["state_dict"] for c in ckpts], lrs=[c["lr"] for c in ckpts] or None)
 
     def fit() -> Any:
-        est = TracIn(prep["model"], prep["task"], checkpoints=states, lrs=lrs, params=layer, normalize=normalize,
+        est = TracIn(prep["model"], prep["task"], run=run, params=layer, normalize=normalize,
                      batch_size=args.batch_size, cache_mb=1e9 if cached else args.tracin_cache_mb).fit(prep["pool"])
         if cached:  # every pool gradient, once: scoring one point fills the cache
             est.influence(prep["first_query"], indices=[0])
