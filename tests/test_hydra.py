@@ -105,7 +105,7 @@ def test_fast_form_is_the_tracin_style_gradient_sum_for_plain_sgd():
     task = fi.ClassificationTask()
     batches = random_batches(n, 5, 3)  # uneven batches (5, 5, 5, 2)
     rec = record_sgd(model, task, (x, y), batches, lr=0.3, lr_decay=0.9)  # a decaying schedule
-    est = HyDRA(model, task, trajectory=rec).fit((x, y))
+    est = HyDRA(model, task, run=fi.TrainingRun(trajectory=rec)).fit((x, y))
     scores = est.influence((x[:4], y[:4]))
 
     final = {k: v.detach() for k, v in model.named_parameters()}
@@ -134,8 +134,8 @@ def test_fast_form_is_exact_when_the_hessian_vanishes(nesterov):
     kw = dict(lr=0.05, momentum=0.9, dampening=0.0 if nesterov else 0.2, weight_decay=0.1, nesterov=nesterov)
     rec = record_sgd(model, task, (x, s), batches, **kw)
     truth = unrolled_jacobian(model, task, (x, s), batches, init, **kw)
-    fast = HyDRA(model, task, trajectory=rec).fit((x, s)).hypergradients_
-    full = HyDRA(model, task, trajectory=rec, hessian=True).fit((x, s)).hypergradients_
+    fast = HyDRA(model, task, run=fi.TrainingRun(trajectory=rec)).fit((x, s)).hypergradients_
+    full = HyDRA(model, task, run=fi.TrainingRun(trajectory=rec), hessian=True).fit((x, s)).hypergradients_
     torch.testing.assert_close(fast, truth, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(full, truth, rtol=1e-10, atol=1e-12)
 
@@ -155,9 +155,9 @@ def test_hessian_form_is_the_exact_derivative_of_the_trajectory():
     kw = dict(lr=0.2, momentum=0.9, dampening=0.1, weight_decay=0.01)
     rec = record_sgd(model, task, (x, y), batches, **kw)
     truth = unrolled_jacobian(model, task, (x, y), batches, init, **kw)
-    full = HyDRA(model, task, trajectory=rec, hessian=True, chunk=4).fit((x, y))  # chunks of 4 training points
+    full = HyDRA(model, task, run=fi.TrainingRun(trajectory=rec), hessian=True, chunk=4).fit((x, y))  # chunks of 4 training points
     torch.testing.assert_close(full.hypergradients_, truth, rtol=1e-9, atol=1e-11)
-    fast = HyDRA(model, task, trajectory=rec).fit((x, y))
+    fast = HyDRA(model, task, run=fi.TrainingRun(trajectory=rec)).fit((x, y))
     assert (fast.hypergradients_ - truth).abs().max() > 1e-3 * truth.abs().max()
 
 
@@ -181,7 +181,7 @@ def test_first_order_leave_one_out_on_least_squares():
     task = SquaredLoss()
     everyone = torch.arange(n)
     rec = record_sgd(model, task, (x, y), [everyone] * 40, lr=0.4)  # converged: contraction 0.2 per step
-    est = HyDRA(model, task, trajectory=rec, hessian=True).fit((x, y))
+    est = HyDRA(model, task, run=fi.TrainingRun(trajectory=rec), hessian=True).fit((x, y))
     scores = est.influence((xq, yq))
 
     def fit(idx):
@@ -213,7 +213,7 @@ def test_first_order_leave_one_out_on_logistic_regression_with_weight_decay():
     model = nn.Linear(d, c).double()
     w0, b0 = model.weight.detach().clone(), model.bias.detach().clone()
     rec = record_sgd(model, task, (x, y), [torch.arange(n)] * steps, lr=lr, weight_decay=wd)
-    scores = HyDRA(model, task, trajectory=rec, hessian=True).fit((x, y)).influence((xq, yq))
+    scores = HyDRA(model, task, run=fi.TrainingRun(trajectory=rec), hessian=True).fit((x, y)).influence((xq, yq))
 
     # Model k of n + 1 trains on mask[k] (k < n: everyone but k; k = n: everyone).
     mask = torch.ones(n + 1, n, dtype=torch.float64) - torch.eye(n + 1, n, dtype=torch.float64)
@@ -309,7 +309,7 @@ def test_contract_shapes_self_influence_and_untouched_model(digits_run):
     x, y = split.train()
     before = fingerprint(model)
     model.train()  # a mode the estimator must restore
-    est = HyDRA(model, trajectory=rec).fit((x, y))
+    est = HyDRA(model, run=fi.TrainingRun(trajectory=rec)).fit((x, y))
     scores = est.influence((x[:6], y[:6]))
     assert scores.shape == (6, len(y)) and torch.isfinite(scores).all()
     assert est.influence((x[:6], y[:6]), joint=True).shape == (len(y),)
@@ -320,7 +320,7 @@ def test_contract_shapes_self_influence_and_untouched_model(digits_run):
     assert model.training
     model.eval()
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(before, fingerprint(model)))
-    last = HyDRA(model, trajectory=rec, params="last").fit((x, y))
+    last = HyDRA(model, run=fi.TrainingRun(trajectory=rec), params="last").fit((x, y))
     assert last.hypergradients_.shape == (len(y), 32 * 10 + 10)
 
 
@@ -328,14 +328,14 @@ def test_bad_input_is_refused(digits_run):
     split, model, rec = digits_run
     x, y = split.train()
     with pytest.raises(fi.NotFittedError):
-        HyDRA(model, trajectory=rec).influence((x[:2], y[:2]))
+        HyDRA(model, run=fi.TrainingRun(trajectory=rec)).influence((x[:2], y[:2]))
     with pytest.raises(ValueError, match="trajectory"):
         HyDRA(model).fit((x, y))
     with pytest.raises(ValueError, match="training index"):
-        HyDRA(model, trajectory=rec).fit((x[:50], y[:50]))
+        HyDRA(model, run=fi.TrainingRun(trajectory=rec)).fit((x[:50], y[:50]))
     with pytest.raises(ValueError, match="hessian"):
-        HyDRA(model, trajectory=rec, hessian="yes").fit((x, y))
-    est = HyDRA(model, trajectory=rec).fit((x, y))
+        HyDRA(model, run=fi.TrainingRun(trajectory=rec), hessian="yes").fit((x, y))
+    est = HyDRA(model, run=fi.TrainingRun(trajectory=rec)).fit((x, y))
     with pytest.raises(ValueError, match="shape"):
         est.influence((torch.randn(2, 1, 4, 4), y[:2]))
     with pytest.warns(UserWarning, match="never appear"):
