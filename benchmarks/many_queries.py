@@ -424,10 +424,10 @@ def recall_part(args) -> dict:
         top10 = runs[max(runs, key=int)]["top10"]
         tests = [i for i, t in enumerate(top10) if t and kinds[i] == "test"]
         full = torch.tensor([top10[i] for i in tests])
-        est, sources = fi.ForwardINF(model).fit(train, lazy=True), ("features",)
+        est, sources = fi.ForwardINF(model).fit(train, lazy=True), ("features", "last-grad")
     else:
         tests = [i for i, k in enumerate(kinds) if k == "test"][:args.recall_queries]
-        est, sources = fi.ForwardINF(model).fit(train), ("features", "directions")
+        est, sources = fi.ForwardINF(model).fit(train), ("features", "last-grad", "directions")
         full = est.top_k((xq[tests], yq[tests]), 10).indices
     queries = (xq[tests], yq[tests])
     out = {"n_train": n, "n_queries": len(tests), "rows": {}}
@@ -449,7 +449,7 @@ def main() -> None:
                    help="training points (several: --report-only writes a table for each)")
     p.add_argument("--queries", type=int, nargs="+", default=[10, 100, 1000])
     p.add_argument("--shortlist", type=int, nargs="+", default=[200], help="candidates per query (K), one or more")
-    p.add_argument("--source", default="features", choices=("auto", "features", "directions"))
+    p.add_argument("--source", default="features", choices=("auto", "features", "directions", "last-grad"))
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--limit", action="append", default=[], metavar="METHOD=Q",
                    help="largest query count a method runs (the rest is extrapolated), e.g. forward-inf=100")
@@ -461,7 +461,7 @@ def main() -> None:
     p.add_argument("--recall-queries", type=int, default=12)
     p.add_argument("--recall-k", type=int, nargs="+", default=None, help="shortlist sizes (default: n/100 .. n/4)")
     p.add_argument("--recall-reference", action="store_true",
-                   help="features only, against the top 10s of the forward-inf run in --cache (no sweep)")
+                   help="features and last-grad only (no fit), against the top 10s of the forward-inf run in --cache (no sweep)")
     p.add_argument("--lds", action="store_true", help="only the LDS part (forwardinf lds setup, ground truth cached)")
     p.add_argument("--lds-n-train", type=int, default=2000)
     p.add_argument("--lds-subsets", type=int, default=50)

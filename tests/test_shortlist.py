@@ -212,3 +212,52 @@ def test_score_cli_shortlist_writes_the_table_index_and_recall(digits, tmp_path,
     assert torch.equal(idx, full.indices) and torch.allclose(scores, full.scores)
     assert cli_main(args[:-4] + ["--shortlist", "3"]) == 2  # fewer candidates than --k
     assert "at least --k" in capsys.readouterr().err
+
+
+def test_last_grad_source_is_the_last_layer_gradient_exact_at_full_shortlist_and_refused_on_change(digits, fitted,
+                                                                                                   tmp_path):
+    import torch.nn.functional as F
+
+    from forwardinf.tasks.base import Task
+
+    model, train, queries = digits
+    grad = Retriever(fitted, source="last-grad")
+    assert grad.source == "last-grad" and grad.layer == "classifier.2" and grad.index.dim == 10 * (4 * 8 + 1)
+    # each vector is the unit gradient of the point's cross-entropy wrt the last Linear's weight and bias
+    head = model.classifier[2]
+    vecs = grad.embed((train[0][:3], train[1][:3]))
+    for i in range(3):
+        model.zero_grad()
+        F.cross_entropy(model(train[0][i:i + 1]), train[1][i:i + 1]).backward()
+        g = torch.cat([head.weight.grad, head.bias.grad[:, None]], 1).flatten()
+        assert torch.allclose(vecs[i], g / g.norm(), atol=1e-5)
+    model.zero_grad(set_to_none=True)
+    assert grad.candidates(queries, 5)[:4, 0].tolist() == [0, 1, 2, 3]  # a copy's gradient is its point's
+    # K = n_train: exactly the full sweep, own candidates and union alike
+    full = fitted.top_k(queries, k=7)
+    for union in (None, True):
+        short = grad.top_k(queries, k=7, shortlist=len(train[1]), union=union)
+        for name in ("indices", "scores", "opponents", "opponent_scores"):
+            assert torch.equal(getattr(full, name), getattr(short, name)), name
+    # a smaller K: every returned score is the full sweep's score of that point
+    some = grad.top_k(queries, k=5, shortlist=40)
+    assert torch.allclose(some.scores, fitted.influence(queries).gather(1, some.indices), atol=1e-5)
+    # on disk: a folder built from another source is refused (the source is in the configuration)
+    _build(fitted, tmp_path / "idx", source="features")
+    with pytest.raises(StoreMismatchError, match="configuration"):
+        _build(fitted, tmp_path / "idx", source="last-grad")
+    saved = _build(fitted, tmp_path / "grad", source="last-grad")
+    assert json.loads((tmp_path / "grad" / "manifest.json").read_text())["config"]["source"] == "last-grad"
+    assert torch.equal(_build(fitted, tmp_path / "grad", source="last-grad").candidates(queries, 20),
+                       grad.candidates(queries, 20)) and saved.index.n == 300
+    with pytest.raises(StoreMismatchError, match="configuration"):
+        _build(fitted, tmp_path / "grad", source="features")
+
+    class Other(Task):  # not a ClassificationTask: no softmax error to take for granted
+        def loss(self, model, batch):
+            return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
+
+    other = fi.ForwardINF(model, Other()).fit(train, lazy=True)
+    with pytest.raises(ValueError, match="ClassificationTask"):
+        Retriever(other, source="last-grad")
+    assert Retriever(other).source == "features"  # auto falls back

@@ -18,6 +18,16 @@ What the index holds (``source``; ``"auto"``, the default: ``"features"`` when t
   along the ``n_directions`` random directions that the default cosine score already caches in
   ``fit`` (no extra sweep); a query's sketch costs ``n_directions`` forward-mode derivatives. The
   inner product of unit sketches estimates the gradient cosine that the score ranks by; any model.
+- ``"last-grad"``: each point's gradient of its own loss (the task's ``score_loss``, parallel to
+  the cross-entropy's) wrt the weight and bias of the last ``nn.Linear`` (or ``layer``): the
+  outer product ``e [h, 1]^T`` of the error ``e [C]`` and the layer's input ``h [D]``,
+  ``C * (D + 1)`` numbers per point (1,290 for SmallCNN on 10 classes), unit length; one forward
+  and a backward to the layer's output per point. Queries are embedded the same way with their
+  own labels. Classifiers only (``ClassificationTask``, the layer called once on ``[B, D]``).
+  Not the default: on Fashion-MNIST at 10,000 points (33 test images) it recalled 0.721 of the
+  full sweep's top 10 at K=100 against 0.673 for features, but 0.812 vs 0.809 at K=200 and 0.952
+  vs 0.945 at K=500 -- a gain at the smallest K only (benchmarks/results/many_queries.md, where
+  the gradient of the last *two* layers is measured far higher: 0.855 / 0.930 / 0.985).
 
 Sensitivities on demand: the default cosine score divides each change by the training point's
 sensitivity, ``n_directions`` forward-mode derivatives per point (about 31 forward sweeps for the
@@ -47,7 +57,7 @@ from forwardinf.storage.index import ShortlistIndex
 from forwardinf.storage.manifest import config_of, fingerprint_data, fingerprint_module, make_manifest
 from forwardinf.storage.topk import RunningTopK, TopK, concat_topk
 
-SOURCES = ("auto", "features", "directions")
+SOURCES = ("auto", "features", "directions", "last-grad")
 
 
 @dataclass(frozen=True)
@@ -76,9 +86,9 @@ class Retriever:
         path: folder of the index on disk (e.g. beside the score store); None keeps it in memory.
             A folder made from another model, training set or configuration is refused
             (``StoreMismatchError``) unless ``overwrite``; an interrupted build resumes.
-        source: ``"auto"``, ``"features"`` or ``"directions"`` (module docstring).
-        layer: for ``"features"``: the module whose input is the vector (default: the last
-            ``nn.Linear`` of the model).
+        source: ``"auto"``, ``"features"``, ``"directions"`` or ``"last-grad"`` (module docstring).
+        layer: for ``"features"``: the module whose input is the vector; for ``"last-grad"``: the
+            ``nn.Linear`` whose weight gradient is the vector (default: the last ``nn.Linear``).
         factory: FAISS ``index_factory`` string (``"Flat"``: exact inner product; ``"HNSW32"``...).
         shard_size: training points per vector file (the unit of resuming).
 
@@ -96,8 +106,10 @@ class Retriever:
         estimator._check_fitted()
         if source == "auto":
             source = "features" if layer is not None or _linears(estimator.model) else "directions"
+        if source == "last-grad":
+            _check_last_grad(estimator, layer)
         self.estimator, self.source, self.train = estimator, source, estimator.train_
-        self.layer = _last_linear(estimator.model) if source == "features" and layer is None else layer
+        self.layer = _last_linear(estimator.model) if source in ("features", "last-grad") and layer is None else layer
         forward = self._forward()
         train = estimator.train_
         config = {"source": source, "layer": self.layer, "estimator": config_of(estimator)}
@@ -108,6 +120,9 @@ class Retriever:
             sketch = forward._base("directional")
             self.normalize = forward.score == "cosine"  # the cosine score divides by each point's norm
             vectors = lambda a, b: self._unit(sketch[a:b]) if self.normalize else sketch[a:b]  # noqa: E731
+        elif source == "last-grad":
+            self.normalize = True
+            vectors = lambda a, b: self._unit(self._last_grad(subset(train, torch.arange(a, b))))  # noqa: E731
         else:
             self.normalize = True
             vectors = lambda a, b: self._unit(self._features(subset(train, torch.arange(a, b))))  # noqa: E731
@@ -163,10 +178,56 @@ class Retriever:
         finally:
             hook.remove()
 
+    def _last_grad(self, data: Any, name: str = "train") -> Tensor:
+        """``[n, C * (D + 1)]`` (``C * D`` without bias): each point's gradient of the task's
+        ``score_loss`` wrt the weight (and bias) of the ``nn.Linear`` named ``layer``, flattened:
+        the outer product ``e h^T`` of the error ``e = d score_loss / d output [C]`` and the input
+        ``h [D]`` (``[h, 1]`` with a bias). ``score_loss``'s gradient is parallel to the
+        cross-entropy's (``p - onehot(y)`` up to a positive factor per point) but does not round to
+        zero once ``p_y`` nears 1; unit vectors of either are the same. ``e`` is taken by autograd
+        at the module's output, so whatever follows the layer (here: nothing) is accounted for."""
+        model = self.estimator.model
+        module = dict(model.named_modules()).get(self.layer)
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"Retriever: source='last-grad' needs an nn.Linear, the model's {self.layer!r} is "
+                             f"{type(module).__name__ if module is not None else 'missing'}")
+        seen: list[tuple[Tensor, Tensor]] = []
+
+        def hook(m: nn.Module, args: tuple, out: Tensor) -> Tensor:
+            leaf = out.detach().requires_grad_(True)  # the error is the gradient wrt this leaf
+            seen.append((args[0].detach(), leaf))
+            return leaf * 1.0  # not the leaf itself: an in-place op after the layer stays legal
+
+        handle = module.register_forward_hook(hook)
+        task, batch_size = self.estimator.task, self._forward().batch_size_
+
+        def run(batch: Any) -> Tensor:
+            check_batch(model, task, batch, name)
+            seen.clear()
+            with torch.enable_grad():
+                margin = task.score_loss(model, batch)
+                if len(seen) != 1 or seen[0][0].ndim != 2:
+                    raise ValueError(f"Retriever: source='last-grad' needs {self.layer!r} called once per batch on "
+                                     f"[B, D] inputs (got {len(seen)} calls"
+                                     + (f", input {tuple(seen[0][0].shape)})" if seen else ")"))
+                h, leaf = seen[0]
+                (e,) = torch.autograd.grad(margin.sum(), leaf)  # [B, C]: one point's loss, one row
+            if module.bias is not None:
+                h = torch.cat([h, h.new_ones(len(h), 1)], 1)
+            return (e.detach()[:, :, None] * h[:, None, :]).flatten(1).T  # [C * D', B]
+
+        try:
+            with mode(model, False):
+                return sweep(run, data, batch_size, self.estimator._device()).T.contiguous()
+        finally:
+            handle.remove()
+
     def embed(self, queries: DataLike) -> Tensor:
         """``[n_query, d]`` query vectors in the index's space (unit length)."""
         if self.source == "features":
             return self._unit(self._features(self.estimator._dataset(queries, "queries"), "queries"))
+        if self.source == "last-grad":  # each query's own label: the gradient of its own loss
+            return self._unit(self._last_grad(self.estimator._dataset(queries, "queries"), "queries"))
         forward = self._forward()
         return self._unit(forward._directional(forward._queries(self._forward_queries(queries))))
 
@@ -296,6 +357,16 @@ class Retriever:
 
 def _linears(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def _check_last_grad(estimator: Any, layer: str | None) -> None:
+    from forwardinf.tasks.classification import ClassificationTask
+
+    if not isinstance(estimator.task, ClassificationTask):
+        raise ValueError(f"Retriever: source='last-grad' needs a ClassificationTask (softmax cross-entropy on "
+                         f"logits [B, C]), got {type(estimator.task).__name__}; use source='features' or 'directions'")
+    if layer is None and not _linears(estimator.model):
+        raise ValueError("Retriever: source='last-grad' needs an nn.Linear (the model has none)")
 
 
 def _last_linear(model: nn.Module) -> str:
