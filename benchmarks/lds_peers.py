@@ -90,10 +90,10 @@ def score_tail(problem, args) -> dict[str, dict]:
 def score_ekfac(problem, args) -> dict[str, dict]:
     """One EK-FAC factor fit, scored at every damping (CPU s of a row: the fit + its scoring)."""
     model, train = problem.prepared.model.eval(), problem.prepared.split.train()
-    ek, fit_cpu = timed(lambda: KronfluenceEKFAC(model, damping=args.dampings[0]).fit(train))
+    fitted, fit_cpu = timed(lambda: KronfluenceEKFAC(model, damping=args.dampings[0]).fit(train))
     out = {}
     for d in args.dampings:
-        ek.damping = d
+        ek = fitted.with_config(fitted.config.replace(damping=d))  # shares the fitted factors
         s, cpu = timed(lambda: ek.influence(problem.queries))
         out[f"kronfluence-ekfac@d{d:g}"] = {"scores": s, "cpu_seconds": fit_cpu + cpu}
     return out

@@ -68,3 +68,18 @@ def test_a_missing_peer_names_its_install_command():
     with pytest.raises(ImportError, match="pip install") as e:
         require("no_such_peer_library_xyz")
     assert e.value.name == "no_such_peer_library_xyz"
+
+
+def test_kronfluence_damping_sweep_shares_the_factor_fit(problem):
+    if importlib.util.find_spec("kronfluence") is None:
+        pytest.skip("kronfluence is not installed")
+    model, (x, y), queries, _ = problem
+    train, few = (x[:120], y[:120]), (queries[0][:3], queries[1][:3])
+    fitted = PEERS["kronfluence-ekfac"](model, damping=1e-3).fit(train)
+    swept = fitted.with_config(fitted.config.replace(damping=1e-1))
+    assert swept.analyzer_ is fitted.analyzer_ and swept.damping == 1e-1  # no second factor fit
+    fresh = PEERS["kronfluence-ekfac"](model, damping=1e-1).fit(train)
+    torch.testing.assert_close(swept.influence(few), fresh.influence(few))  # same seed: same factors
+    assert not torch.allclose(swept.influence(few), fitted.influence(few))  # the damping is applied
+    other = fitted.with_config(fitted.config.replace(measurement="loss"))  # another setting: fitted anew
+    assert other.analyzer_ is not fitted.analyzer_

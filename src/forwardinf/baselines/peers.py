@@ -345,11 +345,27 @@ class KronfluenceEKFAC(_Peer):
                                        factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True)
         self.n_scored_ = 0
 
+    def _fit_like(self, other: Estimator) -> "KronfluenceEKFAC":
+        """Share ``other``'s fitted factors when only ``damping`` differs: kronfluence applies the
+        damping when scoring, so a damping sweep is one factor fit (``with_config``)."""
+        if (type(other) is not type(self) or other.model is not self.model or other.task is not self.task
+                or other.config.replace(damping=self.damping) != self.config):
+            return self.fit(other.train_)
+        self._check_params()
+        # ``other`` kept alive with its scratch folder (removed when it is collected); unique score names
+        self.train_, self.ktask_, self.analyzer_, self.dir_, self.shares_ = (other.train_, other.ktask_,
+                                                                            other.analyzer_, other.dir_, other)
+        if "shapes_" in other.__dict__:
+            self.shapes_ = other.shapes_
+        self.n_scored_ = 0
+        self.fitted_config_ = self.config
+        return self
+
     def _influence(self, queries: DataLike, joint: bool = False) -> Tensor:
         from kronfluence.arguments import ScoreArguments
 
         xq, yq = self._queries(queries, joint)
-        name = f"scores{self.n_scored_}"
+        name = f"scores{id(self)}-{self.n_scored_}"  # estimators sharing one analyzer (_fit_like) never clash
         self.n_scored_ += 1
         self.analyzer_.compute_pairwise_scores(name, "ekfac", TensorDataset(xq, yq), TensorDataset(*self.train_),
                                                score_args=ScoreArguments(damping_factor=self.damping),
