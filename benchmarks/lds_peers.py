@@ -2,11 +2,11 @@
 
     # per seed S (each part may run in its own process; --score-only skips the ground truth)
     python benchmarks/lds_peers.py --seeds S --runs 'runs/fm500-s{seed}' --score-only --ensemble 3 \
-        --dampings 1e-4 1e-3 1e-2 --parts ekfac -- --dataset fashion-mnist --n-train 500 --model flatcnn \
+        --dampings 1e-4 1e-3 1e-2 1e-1 --parts ekfac -- --dataset fashion-mnist --n-train 500 --model flatcnn \
         --subsets 48 --n-queries 100
     # the report (every part cached)
     python benchmarks/lds_peers.py --seeds 0 1 --runs 'runs/fm500-s{seed}' --ensemble 3 \
-        --dampings 1e-4 1e-3 1e-2 --parts tail -- --dataset fashion-mnist --n-train 500 --model flatcnn \
+        --dampings 1e-4 1e-3 1e-2 1e-1 --parts tail -- --dataset fashion-mnist --n-train 500 --model flatcnn \
         --subsets 48 --n-queries 100
 
 For each seed, ``--runs`` (with ``{seed}``) is the folder of a ``forwardinf lds`` run made with the
