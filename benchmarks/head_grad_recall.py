@@ -68,12 +68,17 @@ variants = {
   "last2 unit-sum": cos(last, last_s, last_q) + cos(pen, pen_s, pen_q),
   "feat+lastgrad": feat + cos(last, last_s, last_q),
 }
+
+
+def recall(S: torch.Tensor) -> list[float]:
+    """Share of each test image's full-sweep top 10 among the top K of the similarities ``S`` [Q, N], K = 100, 200, 500."""
+    return [sum(len(set(f.tolist()) & set(c.tolist())) / 10 for f, c in zip(full, S.topk(K, dim=1).indices)) / len(tests)
+            for K in (100, 200, 500)]
+
+
 print(f"{len(tests)} test images; recall at K = 100, 200, 500")
 for name, S in variants.items():
-    row = []
-    for K in (100, 200, 500):
-        c = S.topk(K, dim=1).indices
-        row.append(sum(len(set(f.tolist()) & set(cc.tolist())) / 10 for f, cc in zip(full, c)) / len(tests))
+    row = recall(S)
     print(f"{name:20s}", " ".join(f"{r:.3f}" for r in row), flush=True)
 print("sketches: [last-grad, (P a1) x (Q d1)] concatenated, Gaussian P, Q / sqrt(k)")
 A1b, qA1b = torch.cat([A1, torch.ones(len(A1), 1)], 1), torch.cat([qA1, torch.ones(len(qA1), 1)], 1)
@@ -88,10 +93,7 @@ for k1, k2 in ((16, 128), (32, 32), (64, 16), (32, 128)):
         T = torch.cat([Lv, sk(A1b, D1)], 1); qT = torch.cat([qLv, sk(qA1b, qD1)], 1)
         T, qT = T / T.norm(dim=1, keepdim=True), qT / qT.norm(dim=1, keepdim=True)
         S = qT @ T.T
-        row = []
-        for K in (100, 200, 500):
-            c = S.topk(K, dim=1).indices
-            row.append(sum(len(set(f.tolist()) & set(cc.tolist())) / 10 for f, cc in zip(full, c)) / len(tests))
+        row = recall(S)
         print(f"k1={k1} k2={k2} dim={T.shape[1]} seed={seed}", " ".join(f"{r:.3f}" for r in row), flush=True)
 print("re-ranking: the features' or last-grad's top K' re-ranked by the exact head gradient (both layers)")
 head = variants["last2-grad"]
@@ -99,8 +101,5 @@ for first in ("features", "last-grad"):
     for pool in (1000, 2000):
         keep = variants[first].topk(pool, dim=1).indices
         S = torch.full_like(head, float("-inf")).scatter_(1, keep, head.gather(1, keep))
-        row = []
-        for K in (100, 200, 500):
-            c = S.topk(K, dim=1).indices
-            row.append(sum(len(set(f.tolist()) & set(cc.tolist())) / 10 for f, cc in zip(full, c)) / len(tests))
+        row = recall(S)
         print(f"{first} top {pool} -> head", " ".join(f"{r:.3f}" for r in row), flush=True)
