@@ -268,12 +268,12 @@ class Retriever:
             q1 = min(q0 + forward._query_chunk(), len(qset))
             if union:
                 parts.append(self._best(forward, update, cands[q0:q1], k))
-                continue
-            pool = cands[q0:q1].unique()
-            self._fill(forward, pool[pool >= 0])  # the chunk's new sensitivities in full batches, not per query
-            for q in range(q1 - q0):
-                one = update.take(q, q + 1)
-                parts.append(self._best(forward, one, cands[q0 + q:q0 + q + 1], k))
+            else:
+                pool = cands[q0:q1].unique()
+                self._fill(forward, pool[pool >= 0])  # the chunk's new sensitivities in full batches, not per query
+                parts += [self._best(forward, update.take(q, q + 1), cands[q0 + q:q0 + q + 1], k)
+                          for q in range(q1 - q0)]
+            del update  # else this chunk's update stays alive while the next one is computed (as in _blocks)
         return concat_topk(parts)
 
     def _best(self, forward: Any, update: Any, cands: Tensor, k: int) -> TopK:
