@@ -35,7 +35,7 @@ def main() -> None:
     largs, problem, masks, targets, fit = load_run(args.run, rest)
     per_query, rows = {}, []
     for f in sorted((args.run / "methods").glob("*.pt")):
-        saved = torch.load(f, weights_only=False)
+        saved = torch.load(f, weights_only=True)
         if ".tmp" in f.stem or "result" not in saved:  # a method still running
             continue
         res = saved["result"]

@@ -72,7 +72,7 @@ def main() -> None:
         same = torch.equal(cnn(problem.queries[0]), flat(problem.queries[0]))
     train = prepared.split.train()
     cache = args.run / "layouts.pt"  # scores first, the ground truth after: scoring can run beside lds
-    scored = torch.load(cache, weights_only=False) if cache.is_file() else {}
+    scored = torch.load(cache, weights_only=True) if cache.is_file() else {}
     # fc1 is what auto picks on FlatCNN (its row is auto's); SmallCNN is the same function, so its
     # other splits are FlatCNN's rows under other names: only its auto row is scored
     plan = [("FlatCNN", flat, s) for s in ("auto", "conv2", "fc2")] + [("SmallCNN", cnn, "auto")]

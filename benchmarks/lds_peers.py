@@ -166,7 +166,7 @@ def seed_results(seed: int, args, options: list[str]) -> dict:
     done = {}
     for path in sorted(folder.glob("*.pt")):
         if not path.stem.startswith("whole") or path.stem == f"whole{args.whole_queries}":
-            done.update(torch.load(path, weights_only=False))
+            done.update(torch.load(path, weights_only=True))
     masks, outputs = lds.ground_truth(largs, problem, False)
     targets = lds.signed_targets(outputs)
     fit = lds.n_fit(largs.subsets, largs.holdout)
