@@ -90,3 +90,20 @@ def test_lds_lm_end_to_end_cached_and_growing(tmp_path):
     assert third["forward-inf-counterfactual@d"]["options"] == {"damping": 0.1}
     assert main(base[:-2] + ["--epochs", "3", "--subsets", "8", "--out", str(out)]) == 2  # another recipe: refused
 
+
+
+@pytest.mark.parametrize("option, message", [
+    ("forward-inf.lr=-1", "invalid lr=-1"),
+    ("forward-inf.bogus=1", "unexpected keyword"),
+    ("trak.proj_dim=0", "invalid proj_dim=0"),
+    ("tracin.normalize=maybe", "invalid normalize"),
+    ("bm25.k1=2", "takes no --option"),
+])
+def test_a_bad_option_is_refused_before_the_model_is_loaded(tmp_path, capsys, option, message):
+    from forwardinf.cli import main
+
+    out = tmp_path / "lds"  # --model names no model: loading it would fail, so the refusal comes first
+    code = main(["lds", "--dataset", "lm-facts", "--model", str(tmp_path / "missing"), "--methods", option.split(".")[0],
+                 "--option", option, "--quiet", "--out", str(out)])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (out / "ground_truth").exists()

@@ -260,16 +260,43 @@ def trak_scores(setup: Setup, proj_dim: int = TRAK_PROJ_DIM) -> torch.Tensor:
         return torch.as_tensor(tr.finalize_scores(exp_name="q")).float().T.contiguous()
 
 
+def check_options(options: dict[str, dict[str, Any]]) -> None:
+    """Every method's ``--option`` keywords checked before SmolLM2 is loaded or a subset fine-tuned
+    (a bad value would otherwise surface after the retrainings): the library's estimators on a
+    stand-in (:func:`~forwardinf.experiments.setup.check_methods`), the ones this experiment runs
+    itself here. ``options``: ``{NAME[@LABEL]: {key: value}}``."""
+    from torch import nn
+
+    from forwardinf.baselines.tracin import TracIn
+    from forwardinf.estimators.base import check_positive
+    from forwardinf.experiments.setup import MODEL_KEYWORDS, check_methods
+
+    library = []
+    for label, opts in options.items():
+        name = label.split("@", 1)[0]
+        if name in ("bm25", "kronfluence-ekfac") and opts:
+            raise ValueError(f"{name} takes no --option here, got {sorted(opts)}")
+        if name == "trak":  # this experiment's own traker run: its projection only
+            if set(opts) - {"proj_dim"}:
+                raise ValueError(f"trak takes only proj_dim here, got {sorted(opts)}")
+            check_positive("trak", "proj_dim", opts.get("proj_dim", TRAK_PROJ_DIM), integer=True)
+        elif name == "tracin":  # TracIn over the fine-tuning checkpoints: not a table name
+            TracIn(nn.Linear(2, 2), **{k: v for k, v in opts.items() if k not in MODEL_KEYWORDS})
+        elif name != "bm25":
+            library.append(label)
+    check_methods(library, options)
+
+
 def score_method(name: str, setup: Setup, checkpoints: list[dict], options: dict | None = None) -> torch.Tensor:
     """``[Q, N]`` scores of method ``name`` (``NAME@LABEL``: method NAME under another label) on the attributed
     (full-set fine-tuned) tail; ``options``: its ``--option`` keywords (an estimator's knobs; ``proj_dim`` for trak)."""
     from forwardinf.baselines.registry import make_estimator
+    from forwardinf.baselines.run import TrainingRun
     from forwardinf.baselines.tracin import TracIn
 
     tail, task, names = setup.tail, setup.task, setup.names
+    check_options({name: dict(options or {})})
     name, opts = name.split("@", 1)[0], dict(options or {})
-    if name in ("bm25", "kronfluence-ekfac") and opts:
-        raise ValueError(f"{name} takes no --option here, got {sorted(opts)}")
     if name == "bm25":
         from forwardinf.baselines.bm25 import BM25
         from forwardinf.experiments.tracing import bm25_texts
@@ -282,9 +309,9 @@ def score_method(name: str, setup: Setup, checkpoints: list[dict], options: dict
         return trak_scores(setup, **opts)
     if name in ("tracin", "grad-dot", "grad-cos"):
         ck = checkpoints if name == "tracin" else []
+        run = TrainingRun(checkpoints=[c["state_dict"] for c in ck], lrs=[c["lr"] for c in ck] or None)
         est = TracIn(tail, task, **{"params": names, "normalize": name == "grad-cos", "batch_size": 16, "cache_mb": 2048,
-                                    "checkpoints": [c["state_dict"] for c in ck] or None,
-                                    "lrs": [c["lr"] for c in ck] or None, **opts})
+                                    "run": run, **opts})
     else:
         kw: dict[str, Any] = {"params": names, "batch_size": 16}
         if name.startswith("forward-inf-counterfactual"):  # K-FAC covers the linear layers (the norms' gains stay out), as EK-FAC
@@ -400,6 +427,7 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"--dataset lm-facts: unknown method(s) {unknown}; expected some of "
                          f"{', '.join(METHODS + OPTIONAL)} (NAME@LABEL for another --option setting)")
     options = method_options(args, methods)
+    check_options(options)
     seed_everything(args.seed)
     torch.set_num_threads(1)
     progress = not args.quiet and sys.stderr.isatty()
