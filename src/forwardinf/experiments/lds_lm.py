@@ -267,13 +267,14 @@ def check_options(options: dict[str, dict[str, Any]]) -> None:
     itself here. ``options``: ``{NAME[@LABEL]: {key: value}}``."""
     from torch import nn
 
+    from forwardinf.baselines.methods import FORWARD_INF
     from forwardinf.baselines.tracin import TracIn
     from forwardinf.estimators.base import check_positive
+    from forwardinf.estimators.forward_inf import check_values
     from forwardinf.experiments.setup import MODEL_KEYWORDS, check_methods
 
-    library = []
     for label, opts in options.items():
-        name = label.split("@", 1)[0]
+        name, kw = label.split("@", 1)[0], {k: v for k, v in opts.items() if k not in MODEL_KEYWORDS}
         if name in ("bm25", "kronfluence-ekfac") and opts:
             raise ValueError(f"{name} takes no --option here, got {sorted(opts)}")
         if name == "trak":  # this experiment's own traker run: its projection only
@@ -281,10 +282,11 @@ def check_options(options: dict[str, dict[str, Any]]) -> None:
                 raise ValueError(f"trak takes only proj_dim here, got {sorted(opts)}")
             check_positive("trak", "proj_dim", opts.get("proj_dim", TRAK_PROJ_DIM), integer=True)
         elif name == "tracin":  # TracIn over the fine-tuning checkpoints: not a table name
-            TracIn(nn.Linear(2, 2), **{k: v for k, v in opts.items() if k not in MODEL_KEYWORDS})
-        elif name != "bm25":
-            library.append(label)
-    check_methods(library, options)
+            TracIn(nn.Linear(2, 2), **kw)
+        elif name in FORWARD_INF:  # its configuration, whichever task the variant is for
+            check_values(label, FORWARD_INF[name].config.replace(**kw))
+        elif opts:  # grad-dot, grad-cos: built on a stand-in classifier
+            check_methods([label], options)
 
 
 def score_method(name: str, setup: Setup, checkpoints: list[dict], options: dict | None = None) -> torch.Tensor:
