@@ -70,7 +70,7 @@ def problem(args):
 # -------------------------------------------------------------------------------------- child
 def child(args) -> None:
     import forwardinf as fi
-    from forwardinf.baselines.registry import make_estimator
+    from forwardinf.baselines.methods import make_estimator
     from forwardinf.estimators.shortlist import Retriever
     from forwardinf.experiments.common import timer, warm_up
     from forwardinf.memory import reset_peak

@@ -194,7 +194,7 @@ SURVEY = {  # survey Table 1: (full, incremental, storage)
 
 
 def complexity(args: argparse.Namespace, split: Any, tag: str) -> None:
-    from forwardinf.baselines.registry import make_estimator
+    from forwardinf.baselines.methods import make_estimator
 
     model, rec, train_s = train_recorded(split, split.y_train, 30, args.seed)
     train = split.train()

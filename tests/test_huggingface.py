@@ -16,7 +16,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 import forwardinf as fi  # noqa: E402
 from forwardinf.baselines import make_estimator  # noqa: E402
-from forwardinf.baselines.registry import FORWARD_INF  # noqa: E402
+from forwardinf.baselines.methods import FORWARD_INF  # noqa: E402
 from forwardinf.core.params import fingerprint  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")  # transformers' deprecation and config chatter

@@ -347,7 +347,7 @@ def test_bad_input_is_refused(digits_run):
 def test_experiments_record_cache_and_load_the_trajectory(tmp_path):
     """``prepare_classifier`` records the SGD trajectory only when a method needs it, caches it beside
     the model, and recording does not change training; a loaded ``--checkpoint`` takes ``--trajectory``."""
-    from forwardinf.baselines.registry import make_estimator
+    from forwardinf.baselines.methods import make_estimator
     from forwardinf.cli import build_parser
     from forwardinf.experiments.setup import prepare_classifier
     from forwardinf.training import save_checkpoint

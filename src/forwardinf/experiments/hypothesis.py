@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from forwardinf import metrics as M
-from forwardinf.baselines.registry import make_estimator
+from forwardinf.baselines.methods import make_estimator
 from forwardinf.baselines.retraining import LossProbe, concat, group_mean, run_trainings
 from forwardinf.data.loaders import DataSplit, balanced_indices, load_dataset
 from forwardinf.workloads import convex as cvx

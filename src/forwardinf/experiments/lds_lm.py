@@ -292,7 +292,7 @@ def check_options(options: dict[str, dict[str, Any]]) -> None:
 def score_method(name: str, setup: Setup, checkpoints: list[dict], options: dict | None = None) -> torch.Tensor:
     """``[Q, N]`` scores of method ``name`` (``NAME@LABEL``: method NAME under another label) on the attributed
     (full-set fine-tuned) tail; ``options``: its ``--option`` keywords (an estimator's knobs; ``proj_dim`` for trak)."""
-    from forwardinf.baselines.registry import make_estimator
+    from forwardinf.baselines.methods import make_estimator
     from forwardinf.baselines.run import TrainingRun
     from forwardinf.baselines.tracin import TracIn
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 import forwardinf as fi
-from forwardinf.baselines.registry import METHODS, PEER_METHODS, REFERENCE_METHODS
+from forwardinf.baselines.methods import METHODS, PEER_METHODS, REFERENCE_METHODS
 from forwardinf.data.augment import ALL_KINDS, KINDS
 from forwardinf.experiments.common import seed_everything, timer, warm_up
 from forwardinf.experiments.report import (can_plot, markdown_table, results_object, save_query_grid, write_outputs,
@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--n-queries", type=int, default=50, help="training points copied into the query set (default: 50)")
     p.add_argument("--methods", default="forward-inf,forward-inf-paper",
-                   help="comma-separated registry names (forwardinf.baselines.registry): "
+                   help="comma-separated registry names (forwardinf.baselines.methods): "
                         + ", ".join([*FORWARD_INF_VARIANTS, *IMAGE_VARIANTS, *REFERENCE_METHODS, *METHODS[1:],
                                      *PEER_METHODS]) + "; NAME@LABEL runs NAME again under LABEL (default: %(default)s)")
     p.add_argument("--near", nargs="?", const="mix", default=None, metavar="KIND[,KIND...]",

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 import forwardinf as fi
-from forwardinf.baselines.registry import METHODS
+from forwardinf.baselines.methods import METHODS
 from forwardinf.baselines.retraining import Downsampling
 from forwardinf.data.loaders import subset
 from forwardinf.experiments.common import seed_everything, timer, warm_up
@@ -145,7 +145,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fraction of the training set each model sees (default: 0.7, as Feldman & Zhang)")
     p.add_argument("--n-test", type=int, default=None, help="class-balanced test points used as queries (default: all)")
     p.add_argument("--methods", default="forward-inf-paper,forward-inf,tracin-5",
-                   help="comma-separated registry names (forwardinf.baselines.registry): "
+                   help="comma-separated registry names (forwardinf.baselines.methods): "
                         + ", ".join([*FORWARD_INF_VARIANTS, *METHODS[1:]]) + " (default: %(default)s)")
     p.add_argument("--workers", type=int, default=1, help="processes for the K trainings (default: 1)")
     p.add_argument("--pairs", type=int, default=8, help="(test, ground-truth top, method top) rows in the figure")

@@ -10,7 +10,7 @@ then every point's loss change. Its score is the training set's influence on eac
 much the *rest of the data supports* it; a randomly relabeled point has no support, so Forward-INF
 inspects the **lowest** scores first ("support" order). The default, ``forward-inf-margin``, uses
 the non-saturating margin score (``score="margin"``; this experiment's ``forward-inf`` before the
-method registry, ``forwardinf.baselines.registry``); the raw cross-entropy change
+method registry, ``forwardinf.baselines.methods``); the raw cross-entropy change
 (``forward-inf-loss``, the paper's score) mixes that signal with each point's own gradient norm and
 ranks far worse (see the sweep, ``--sweep``). The ``abs`` score is ranked by magnitude (the authors'
 ``|change|``) and ``forward-inf-paper`` literally as the paper says (self-influence sorted in
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import forwardinf as fi
-from forwardinf.baselines.registry import FORWARD_INF, forward_inf_names, make_estimator
+from forwardinf.baselines.methods import FORWARD_INF, forward_inf_names, make_estimator
 from forwardinf.data.labels import flip_labels
 from forwardinf.data.loaders import load_dataset, subset
 from forwardinf.experiments.common import seed_everything, timer, warm_up
@@ -54,7 +54,7 @@ from forwardinf.models import build_model
 from forwardinf.training import accuracy
 from forwardinf.workloads.classifier import NOISY_RECIPES, cached_training, train_noisy
 
-# Forward-INF variants come from the registry (baselines.registry.FORWARD_INF: one definition per
+# Forward-INF variants come from the registry (baselines.methods.FORWARD_INF: one definition per
 # name); what is this experiment's is the inspection order of each variant's self-influence:
 #   support   = lowest score first (least supported by the rest of the training data; the default)
 #   magnitude = largest |score| first;  descending = highest score first (the paper's wording)
@@ -220,7 +220,7 @@ def run(args: argparse.Namespace) -> dict:
     config = {"dataset": split.name, **recipe, "n_train": len(noisy), "fraction": args.fraction,
               "n_flipped": int(flipped.sum()), "checkpoints": args.checkpoints, "seed": args.seed}
     kw = {"width": recipe["width"]} if recipe.get("width") else {}
-    from forwardinf.baselines.registry import METHODS as REGISTERED, requirements
+    from forwardinf.baselines.methods import METHODS as REGISTERED, requirements
 
     record = any(m in REGISTERED and "trajectory" in requirements(m) for m in methods)
     model, checkpoints, train_seconds, trajectory = cached_training(

@@ -1,5 +1,5 @@
 """Shared experiment set-up from the command line: the model arguments, ``--option`` keywords,
-methods by registry name (:mod:`forwardinf.baselines.registry`) and a classifier
+methods by registry name (:mod:`forwardinf.baselines.methods`) and a classifier
 (:func:`forwardinf.workloads.classifier.train_or_load`; its ``Prepared`` is re-exported here).
 
 The trajectory is recorded when a requested method needs it (HyDRA, see ``registry.requirements``).
@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from forwardinf.baselines.registry import FORWARD_INF, forward_inf_names, make_estimator
+from forwardinf.baselines.methods import FORWARD_INF, forward_inf_names, make_estimator
 from forwardinf.workloads.classifier import Prepared, train_or_load
 
-# The registry's Forward-INF variants for classifiers (baselines.registry.FORWARD_INF, one definition
+# The registry's Forward-INF variants for classifiers (baselines.methods.FORWARD_INF, one definition
 # per name): every one of FORWARD_INF_VARIANTS runs on any classifier (lds's 'all' runs them all);
 # IMAGE_VARIANTS need images (forward-inf-invariant). Values: each variant's estimator keywords.
 FORWARD_INF_VARIANTS: dict[str, dict[str, Any]] = {n: dict(FORWARD_INF[n].kw) for n in forward_inf_names()}
@@ -49,7 +49,7 @@ def parse_methods(spec: str, expand: dict[str, list[str]] | None = None) -> list
     """``--methods`` as a list of names, each a registry name (``NAME`` or ``NAME@LABEL``, the label
     checked by :func:`~forwardinf.experiments.checks.check_label`); ``expand`` maps a word (``all``)
     to the names it stands for. Unknown names are refused here, before any work."""
-    from forwardinf.baselines.registry import METHODS, PEER_METHODS, REFERENCE_METHODS
+    from forwardinf.baselines.methods import METHODS, PEER_METHODS, REFERENCE_METHODS
     from forwardinf.experiments.checks import UsageError, check_label
 
     names = [n for m in str(spec or "").split(",") if m.strip()
@@ -78,7 +78,7 @@ def check_methods(methods: list[str], options: dict[str, dict[str, Any]]) -> Non
     failure is that method's row of the results."""
     from torch import nn
 
-    from forwardinf.baselines.registry import requirements
+    from forwardinf.baselines.methods import requirements
     from forwardinf.experiments.checks import UsageError
 
     stand_in = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
@@ -137,7 +137,7 @@ def method_options(args: argparse.Namespace, methods: list[str]) -> dict[str, di
 
 def make_method(name: str, model: torch.nn.Module, prepared: "Prepared", progress: bool = False,
                 options: dict[str, Any] | None = None) -> Any:
-    """A fresh estimator for ``--methods`` entry ``name`` (a registry name, ``baselines.registry``),
+    """A fresh estimator for ``--methods`` entry ``name`` (a registry name, ``baselines.methods``),
     with its ``--option`` keywords. ``NAME@LABEL`` is method ``NAME`` under another label, so that
     one method can run with several ``--option`` settings (``trak@reg``, ``--option trak@reg.lambda_reg=100``)."""
     import forwardinf as fi
@@ -165,7 +165,7 @@ def make_method(name: str, model: torch.nn.Module, prepared: "Prepared", progres
 
 def needs_trajectory(args: argparse.Namespace) -> bool:
     """Whether a method in ``args.methods`` (comma-separated) needs the recorded trajectory."""
-    from forwardinf.baselines.registry import METHODS, requirements
+    from forwardinf.baselines.methods import METHODS, requirements
 
     names = [m.strip().lower().split("@", 1)[0] for m in str(getattr(args, "methods", "") or "").split(",")]
     return any(m in METHODS and "trajectory" in requirements(m) for m in names)

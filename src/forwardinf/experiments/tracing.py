@@ -13,7 +13,7 @@ import torch
 from forwardinf import metrics
 
 
-FI = "forward-inf-trace"  # the registry's name (baselines/registry.py); lr and parameters are tuned per run
+FI = "forward-inf-trace"  # the registry's name (baselines/methods.py); lr and parameters are tuned per run
 
 
 # Forward-INF's settings in trace (--option forward-inf.KEY=VALUE): lr and params are lists of
@@ -41,7 +41,7 @@ def forward_inf_options(args: Any) -> None:
     args.fi_extra = kw
     from torch import nn
 
-    from forwardinf.baselines.registry import make_estimator
+    from forwardinf.baselines.methods import make_estimator
     from forwardinf.tasks import ClassificationTask
 
     try:  # the other settings on a stand-in model, before any training (the estimator's own checks)
@@ -54,7 +54,7 @@ def forward_inf_options(args: Any) -> None:
 def forward_inf_estimator(model: Any, task: Any, lr: float, params: Any, args: Any) -> Any:
     """The registry's ``forward-inf-trace`` (unfitted) with this run's lr and parameters and the
     settings :func:`forward_inf_options` read."""
-    from forwardinf.baselines.registry import make_estimator
+    from forwardinf.baselines.methods import make_estimator
 
     return make_estimator(FI, model, task, lr=lr, params=params, batch_size=args.batch_size,
                           optimizer=args.fi_optimizer, steps=args.fi_steps, score=args.fi_score,
