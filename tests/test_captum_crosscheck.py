@@ -11,6 +11,7 @@ from torch.utils.data import TensorDataset
 captum_influence = pytest.importorskip("captum.influence")
 
 from forwardinf.baselines import TracIn  # noqa: E402
+from forwardinf.baselines.run import TrainingRun  # noqa: E402
 
 
 @pytest.mark.parametrize("layers", [None, ["2"]])
@@ -38,7 +39,7 @@ def test_tracincp_equals_captum(tmp_path, layers):
         copy.deepcopy(model), TensorDataset(x, y), paths, checkpoints_load_func=load, layers=layers,
         loss_fn=nn.CrossEntropyLoss(reduction="none"), batch_size=5, sample_wise_grads_per_batch=False,
     ).influence((xq, yq))
-    ours = TracIn(model, checkpoints=paths, lrs=[lrs[p] for p in paths],
+    ours = TracIn(model, run=TrainingRun(checkpoints=paths, lrs=[lrs[p] for p in paths]),
                   params=None if layers is None else "last", batch_size=5).fit((x, y)).influence((xq, yq))
     assert ours.shape == theirs.shape == (3, 16)
     torch.testing.assert_close(ours, theirs.to(ours.dtype), rtol=1e-4, atol=1e-6)

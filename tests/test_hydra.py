@@ -339,8 +339,8 @@ def test_bad_input_is_refused(digits_run):
     with pytest.raises(ValueError, match="shape"):
         est.influence((torch.randn(2, 1, 4, 4), y[:2]))
     with pytest.warns(UserWarning, match="never appear"):
-        HyDRA(model, trajectory=[Step(rec.steps_[0].state, torch.tensor([0, 1]), 0.5,
-                                      rec.steps_[0].hyper)]).fit((x, y))
+        HyDRA(model, run=fi.TrainingRun(trajectory=[Step(rec.steps_[0].state, torch.tensor([0, 1]), 0.5,
+                                                          rec.steps_[0].hyper)])).fit((x, y))
 
 
 # ------------------------------------------------------------------------------ the experiments

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from forwardinf.baselines import TracIn
+from forwardinf.baselines.run import TrainingRun
 from forwardinf.core.params import fingerprint
 from forwardinf.tasks import Task
 
@@ -49,8 +50,8 @@ def test_tracincp_equals_closed_form_on_1d_regression(tmp_path):
     # one checkpoint as a state dict, one as a file in the trainer's {"state_dict": ...} layout, one raw file
     torch.save({"state_dict": _line(*ckpts[1]), "meta": {}}, tmp_path / "c1.pt")
     torch.save(_line(*ckpts[2]), tmp_path / "c2.pt")
-    est = TracIn(model, SquaredLoss(), checkpoints=[_line(*ckpts[0]), tmp_path / "c1.pt", str(tmp_path / "c2.pt")],
-                 lrs=lrs).fit((x[:, None], y))
+    est = TracIn(model, SquaredLoss(), run=TrainingRun(
+        checkpoints=[_line(*ckpts[0]), tmp_path / "c1.pt", str(tmp_path / "c2.pt")], lrs=lrs)).fit((x[:, None], y))
     ref = _by_hand(ckpts, lrs, x, y, xq, yq)
     torch.testing.assert_close(est.influence((xq[:, None], yq)), ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(est.influence((xq[:, None], yq), joint=True), ref.mean(0), rtol=1e-12, atol=1e-12)
@@ -101,13 +102,13 @@ def test_bad_checkpoints_are_refused(tmp_path):
     x, y = _data()
     model = nn.Linear(1, 1).double()
     with pytest.raises(ValueError, match="does not exist"):
-        TracIn(model, SquaredLoss(), checkpoints=[tmp_path / "missing.pt"]).fit((x[:, None], y))
+        TracIn(model, SquaredLoss(), run=TrainingRun(checkpoints=[tmp_path / "missing.pt"])).fit((x[:, None], y))
     with pytest.raises(ValueError, match="lacks parameters"):
-        TracIn(model, SquaredLoss(), checkpoints=[{"weight": torch.ones(1, 1, dtype=torch.float64)}]).fit((x[:, None], y))
+        TracIn(model, SquaredLoss(), run=TrainingRun(checkpoints=[{"weight": torch.ones(1, 1, dtype=torch.float64)}])).fit((x[:, None], y))
     with pytest.raises(ValueError, match="lrs"):
-        TracIn(model, SquaredLoss(), checkpoints=[_line(1, 0)], lrs=[0.1, 0.2]).fit((x[:, None], y))
+        TracIn(model, SquaredLoss(), run=TrainingRun(checkpoints=[_line(1, 0)], lrs=[0.1, 0.2])).fit((x[:, None], y))
     with pytest.raises(ValueError, match="shape"):
-        TracIn(model, SquaredLoss(), checkpoints=[{"weight": torch.ones(2, 1), "bias": torch.ones(1)}]).fit((x[:, None], y))
+        TracIn(model, SquaredLoss(), run=TrainingRun(checkpoints=[{"weight": torch.ones(2, 1), "bias": torch.ones(1)}])).fit((x[:, None], y))
 
 
 class TiedBag(nn.Module):
@@ -151,7 +152,7 @@ def test_tied_weights_are_one_parameter(params):
     # a checkpoint of a tied model holds every alias (state_dict lists both names)
     ckpt = {k: v.clone() for k, v in model.state_dict().items()}
     assert "head.weight" in ckpt and "embed.weight" in ckpt
-    multi = TracIn(model, params=params, checkpoints=[ckpt, ckpt], lrs=[1.0, 0.5]).fit((x, y))
+    multi = TracIn(model, params=params, run=TrainingRun(checkpoints=[ckpt, ckpt], lrs=[1.0, 0.5])).fit((x, y))
     torch.testing.assert_close(multi.influence((x[:3], y[:3])), 1.5 * ref[:3] @ ref.T, rtol=1e-5, atol=1e-6)
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(before, fingerprint(model)))
 
@@ -165,11 +166,11 @@ def test_tied_checkpoint_with_one_alias_or_disagreeing_aliases():
         other.mix.weight.add_(0.1)
     ref = _tied_grads(other, x, y)
     only_head = {k: v for k, v in other.state_dict().items() if k != "embed.weight"}  # alias under the other name
-    est = TracIn(model, params="head", checkpoints=[only_head]).fit((x, y))
+    est = TracIn(model, params="head", run=TrainingRun(checkpoints=[only_head])).fit((x, y))
     torch.testing.assert_close(est.influence((x[:2], y[:2])), ref[:2] @ ref.T, rtol=1e-5, atol=1e-6)
     bad = {**other.state_dict(), "head.weight": torch.zeros(6, 3)}
     with pytest.raises(ValueError, match="ties"):
-        TracIn(model, params="head", checkpoints=[bad]).fit((x, y))
+        TracIn(model, params="head", run=TrainingRun(checkpoints=[bad])).fit((x, y))
 
 
 def test_indices_score_a_subset_from_one_fit():
