@@ -120,3 +120,36 @@ def test_the_cosine_from_direction_pieces_equals_the_whole_directions(monkeypatc
         for k, rows, start, values in pieces:  # the score's pieces: parts of the fit's tangents
             assert torch.equal(values, a[k].flatten(1)[rows, start:start + values.shape[1]])
     torch.testing.assert_close(pieced.influence(queries), expected, rtol=0, atol=1e-5)
+
+
+def test_frozen_linear_tangents_equal_pytorchs(monkeypatch):
+    """Layers outside the differentiated parameters (with or without a bias) take the lean tangent
+    ``dx·Wᵀ``, the differentiated one PyTorch's own: the same derivatives as PyTorch's throughout."""
+    from torch.func import functional_call, jvp
+
+    import forwardinf.core.frozen_linear as frozen
+    from forwardinf.core.frozen_linear import frozen_linear
+
+    routed = []
+    apply = frozen._LinearWithFrozenWeight.apply
+    monkeypatch.setattr(frozen._LinearWithFrozenWeight, "apply", lambda *a: routed.append(a[1].shape) or apply(*a))
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 7, bias=False),
+                              torch.nn.Tanh(), torch.nn.Linear(7, 3))
+    x = torch.randn(4, 6)
+    params = {"0.weight": net[0].weight.detach(), "0.bias": net[0].bias.detach()}  # layers 2 and 4 frozen
+    tangents = {k: torch.randn(5, *v.shape) for k, v in params.items()}
+
+    def f(p):
+        return functional_call(net, p, (x,)).pow(2).sum(-1)
+
+    def tangent_of(t):
+        return jvp(f, (params,), (t,))[1]
+
+    with torch.no_grad():
+        plain = vmap(tangent_of)(tangents)
+        with frozen_linear():
+            lean = vmap(tangent_of)(tangents)
+    torch.testing.assert_close(lean, plain, rtol=1e-6, atol=1e-6)
+    assert routed == [(7, 5), (3, 7)]  # the two frozen layers, once each (vmap traces the function once)

@@ -68,11 +68,11 @@ def query_grads(objective: Callable[[Params, Any], Tensor], params: Params, batc
     def with_leaves(p: Params, outs: list[Tensor], example: Any) -> tuple[Tensor, list[Tensor]]:
         pending, ids = list(outs), []
 
-        def replace(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-            ids.append(args[0])
+        def replace(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
+            ids.append(args[0] if args else kwargs["input"])
             return output.detach() + pending.pop(0)
 
-        handles = [m.register_forward_hook(replace) for m in set(owner)]
+        handles = [m.register_forward_hook(replace, with_kwargs=True) for m in set(owner)]
         try:
             return objective(p, example), ids
         finally:
