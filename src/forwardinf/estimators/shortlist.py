@@ -7,8 +7,24 @@ queries of one update chunk (``query_chunk``) score the union of their shortlist
 (``union=True``, the default off the CPU), or each query's updated model its own ``K`` candidates
 (the default on the CPU, where the updated models run one after another anyway).
 
-What the index holds (``source``; ``"auto"``, the default: ``"features"`` when the model has an
-``nn.Linear``, else ``"directions"``):
+What the index holds (``source``; ``"auto"``, the default: ``"head-grad"`` for a classifier
+(``ClassificationTask``) whose last two ``nn.Linear`` run on ``[B, D]`` inputs (tried on one
+training point), else ``"features"`` when the model has an ``nn.Linear``, else ``"directions"``):
+
+- ``"head-grad"``: the ``"features"`` index fetches a pool of ``P`` candidates (``pool``; default
+  ``max(10 K, 2000)``), re-ranked exactly by the cosine of each point's loss gradient over the
+  head, the last two ``nn.Linear`` (weights and biases), to the ``K`` best. No per-example
+  gradient is formed: a linear layer's is the outer product ``δ x^T``, so the inner products
+  factorise, ``Σ_layers (δ_i·δ_q)(x_i·x_q + 1)`` (:mod:`forwardinf.estimators.head_grad`), and each
+  training point's factors ``[x, δ]`` of both layers (SmallCNN on Fashion-MNIST: 3,402 floats,
+  0.8 GB at 60,000 points; its gradient would be 402,826) are stored beside the index
+  (``factors/``, :class:`~forwardinf.storage.factors.FactorStore`), built in the same sweep as the
+  features (a forward and a backward to the first head layer's output per point), resumable and
+  under the index's manifest. Queries: the same factors with their own labels. On Fashion-MNIST at
+  10,000 points (33 test images) it recalled 0.855 / 0.930 / 0.985 of the full sweep's top 10 at
+  K = 100 / 200 / 500, against 0.673 / 0.809 / 0.945 for the features alone; at 60,000 points the
+  pool of 2,000 kept 0.98 of the exact head-gradient top 100 over the whole set
+  (benchmarks/results/many_queries.md). Re-ranking costs ``P x F`` multiply-adds per query.
 
 - ``"features"``: the input of the module named ``layer`` (default: the last ``nn.Linear``, so
   the penultimate features), one forward sweep over the training set. On Fashion-MNIST
@@ -26,8 +42,8 @@ What the index holds (``source``; ``"auto"``, the default: ``"features"`` when t
   own labels. Classifiers only (``ClassificationTask``, the layer called once on ``[B, D]``).
   Not the default: on Fashion-MNIST at 10,000 points (33 test images) it recalled 0.721 of the
   full sweep's top 10 at K=100 against 0.673 for features, but 0.812 vs 0.809 at K=200 and 0.952
-  vs 0.945 at K=500 -- a gain at the smallest K only (benchmarks/results/many_queries.md, where
-  the gradient of the last *two* layers is measured far higher: 0.855 / 0.930 / 0.985).
+  vs 0.945 at K=500 -- a gain at the smallest K only; ``"head-grad"`` (both head layers) recalls
+  far more.
 
 Sensitivities on demand: the default cosine score divides each change by the training point's
 sensitivity, ``n_directions`` forward-mode derivatives per point (about 31 forward sweeps for the
