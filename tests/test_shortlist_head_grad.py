@@ -18,20 +18,25 @@ pytest.importorskip("faiss")
 
 
 @pytest.fixture(scope="module")
-def digits():
-    """A small CNN trained on 250 digits; queries: copies of training points 0..2 and 5 test digits."""
+def setup():
+    """A small CNN trained on 250 digits, its eager fit, and queries: copies of training points
+    0..2 and 5 test digits."""
     d = load_digits()
-    x, y = d.x_train[:250], d.y_train[:250]
+    train = (d.x_train[:250], d.y_train[:250])
     torch.manual_seed(1)
-    model = train_classifier(SmallCNN(d.input_shape, 10, width=4), (x, y), epochs=4, lr=0.05, seed=1)
-    queries = (torch.cat([x[:3], d.x_test[:5]]), torch.cat([y[:3], d.y_test[:5]]))
-    return model, (x, y), queries
+    model = train_classifier(SmallCNN(d.input_shape, 10, width=4), train, epochs=4, lr=0.05, seed=1)
+    queries = tuple(torch.cat([t[:3], u[:5]]) for t, u in zip(train, (d.x_test, d.y_test)))
+    return model, train, queries, fi.ForwardINF(model, query_chunk=3).fit(train)
 
 
 @pytest.fixture(scope="module")
-def fitted(digits):
-    model, train, _ = digits
-    return fi.ForwardINF(model, query_chunk=3).fit(train)
+def digits(setup):
+    return setup[:3]
+
+
+@pytest.fixture(scope="module")
+def fitted(setup):
+    return setup[3]
 
 
 def explicit_head_grads(model, head, x, y):
