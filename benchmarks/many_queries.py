@@ -292,6 +292,7 @@ def write(args, tables: dict) -> None:
     if found:
         out["lds"] = json.loads(found[-1].read_text())
     out["recall"] = recalls(Path(args.cache))
+    out["pool"] = [json.loads(p.read_text()) for p in sorted(Path(args.cache).glob("many-pool-*.json"))]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "many_queries.json").write_text(json.dumps(out, indent=1) + "\n")
     md = RESULTS / "many_queries.md"
@@ -308,7 +309,7 @@ def write(args, tables: dict) -> None:
             f"Tables written by `{out['command']}` (the measuring runs: *Commands* below).\n"]
     for n, rows in tables.items():
         text += [f"## N = {n:,} training points\n", table(rows, qs), crossovers(rows, n)]
-    text += [*map(recall_table, out["recall"]), lds_table(out.get("lds")), NOTES + notes]
+    text += [*map(recall_table, out["recall"]), *map(pool_table, out["pool"]), lds_table(out.get("lds")), NOTES + notes]
     md.write_text("\n".join(text))
     print("\n".join(text[:-1]))
 
@@ -371,6 +372,14 @@ def recall_table(rec: dict) -> str:
              "(default max(10 K, 2,000)) re-ranked by the head gradient.")
     return _section(f"Candidate recall of each index source ({rec['n_train']:,} points)", intro,
                     "| source, K | recall |", [f"| {k} | {v:.3f} |" for k, v in rec["rows"].items()])
+
+
+def pool_table(res: dict) -> str:
+    intro = (f"`head-grad` re-ranks a pool of P features neighbours. Share of the exact head-gradient top K over all "
+             f"{res['n_train']:,} training points that the re-ranked pool kept, {res['n_queries']} test images (no "
+             f"Forward-INF sweep; `{res['command']}`; building the index and the factors: {res['index_cpu']:.1f} CPU s).")
+    return _section(f"Head-gradient pool ({res['n_train']:,} points)", intro, "| K, pool | kept |",
+                    [f"| {k} | {v:.3f} |" for k, v in res["rows"].items()])
 
 
 def lds_table(res: dict | None) -> str:
