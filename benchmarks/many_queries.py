@@ -32,8 +32,9 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-METHODS = ("forward-inf", "forward-inf-tail", "forward-inf-shortlist", "grad-cos", "tracin-last", "trak",
-           "kronfluence-ekfac")
+METHODS = ("forward-inf", "forward-inf-tail", "forward-inf-shortlist", "forward-inf-shortlist-head-grad", "grad-cos",
+           "tracin-last", "trak", "kronfluence-ekfac")
+SHORTLIST = "forward-inf-shortlist"  # and SHORTLIST-<source>: the index source in the method's name
 KINDS = ("copy", "near", "test")
 
 
@@ -89,7 +90,7 @@ def child(args) -> None:
         est = make_estimator(method, model)
     with timer() as t:
         # the shortlist's fit leaves the cosine's sensitivities to the candidates that need them
-        est.fit(train, lazy=True) if method == "forward-inf-shortlist" else est.fit(train)
+        est.fit(train, lazy=True) if method.startswith(SHORTLIST) else est.fit(train)
     out["fit_cpu"], out["fit_wall"] = t["cpu_seconds"], t["seconds"]
     sizes = [q for q in args.queries if q <= args.max_queries]
     runs = {}
@@ -104,17 +105,18 @@ def child(args) -> None:
             top10[i] = top.indices[j].tolist()
         runs[""] = {str(len(pos)): {"cpu": t["cpu_seconds"], "wall": t["seconds"], "top10": top10, "tests_only": True}}
         print(f"[{time.strftime('%H:%M:%S')}] {method} {len(pos)} test queries: {t['cpu_seconds']:.1f} CPU s", flush=True)
-    elif method != "forward-inf-shortlist":
+    elif not method.startswith(SHORTLIST):
         for q in sizes:
             with timer() as t:
                 top = est.top_k((xq[:q], yq[:q]), 10, **options)
             runs.setdefault("", {})[str(q)] = {"cpu": t["cpu_seconds"], "wall": t["seconds"], "top10": top.indices.tolist()}
             save(args, out, runs)
             print(f"[{time.strftime('%H:%M:%S')}] {method} Q={q}: {t['cpu_seconds']:.1f} CPU s", flush=True)
-    if method in ("forward-inf-shortlist", "forward-inf-tail"):  # the shortlist on the full / tail estimator
+    if method.startswith(SHORTLIST) or method == "forward-inf-tail":  # the shortlist on the full / tail estimator
+        source = method[len(SHORTLIST) + 1:] if method.startswith(SHORTLIST + "-") else args.source
         with timer() as t:
-            retriever = Retriever(est, Path(args.cache) / f"index-{method}-{len(train[1])}", source=args.source)
-        out["index_cpu"], out["index_wall"] = t["cpu_seconds"], t["seconds"]
+            retriever = Retriever(est, Path(args.cache) / f"index-{method}-{len(train[1])}", source=source)
+        out["index_cpu"], out["index_wall"], out["source"] = t["cpu_seconds"], t["seconds"], retriever.source
         for k in args.shortlist:
             for q in sizes:
                 # each query count from cold: no sensitivity or random direction kept from the last call
@@ -125,6 +127,7 @@ def child(args) -> None:
                     top = retriever.top_k((xq[:q], yq[:q]), 10, shortlist=k)
                 runs.setdefault(f"shortlist K={k}", {})[str(q)] = {
                     "cpu": t["cpu_seconds"], "wall": t["seconds"], "top10": top.indices.tolist(),
+                    "pool": retriever.pool_size(k) if retriever.source == "head-grad" else None,
                     "sensitivities_computed": retriever.sensitivities_computed_}
                 save(args, out, runs)
                 print(f"[{time.strftime('%H:%M:%S')}] {method} K={k} Q={q}: {t['cpu_seconds']:.1f} CPU s", flush=True)
@@ -227,7 +230,7 @@ def rows_of(args, n: int) -> list:
             row.update(extrapolate(method, label, fixed, row["queries"].get("1000"), n))
             row["quality_at"] = max(points)
             row["top10"] = {q: v["top10"] for q, v in runs.items()}  # [Q][10] (None: a query not scored)
-            own = sweeps.get("forward-inf" if method == "forward-inf-shortlist" else method) if label else None
+            own = sweeps.get("forward-inf" if method.startswith(SHORTLIST) else method) if label else None
             row.update(quality(biggest(runs), kinds, targets, reference, own))
             rows.append(row)
     return rows
@@ -285,10 +288,11 @@ def write(args, tables: dict) -> None:
     out = {"queries": args.queries, "shortlist": args.shortlist, "source": args.source,
            "command": " ".join(["python", "benchmarks/many_queries.py", *sys.argv[1:]]),
            "tables": {str(n): rows for n, rows in tables.items()}}
-    for part in ("recall", "lds"):
-        found = sorted(Path(args.cache).glob(f"many-{part}-*.json"))
-        if found:
-            out[part] = json.loads(found[-1].read_text())
+    found = sorted(Path(args.cache).glob("many-lds-*.json"))
+    if found:
+        out["lds"] = json.loads(found[-1].read_text())
+    out["recall"] = recalls(Path(args.cache))
+    out["pool"] = [json.loads(p.read_text()) for p in sorted(Path(args.cache).glob("many-pool-*.json"))]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "many_queries.json").write_text(json.dumps(out, indent=1) + "\n")
     md = RESULTS / "many_queries.md"
@@ -296,15 +300,16 @@ def write(args, tables: dict) -> None:
     text = ["# Many queries: Forward-INF full, tail and shortlist against gradient stores (issue 27)\n",
             "Fashion-MNIST, SmallCNN (455k parameters, trained on all 60,000 images, test accuracy 0.900), "
             "attributed against the first N training images; queries: exact copies, near copies (shifted up to "
-            "2 px) and test images, interleaved; shortlist index source: `" + args.source + "`, the shortlist's "
-            "fit lazy (`fit(train, lazy=True)`: sensitivities of the candidates only). CPU seconds "
+            "2 px) and test images, interleaved; shortlist index source: `" + args.source + "` (`head-grad` in "
+            "the rows that say so: the features index fetches a pool of max(10 K, 2,000) candidates, re-ranked to K "
+            "by the cosine of the loss gradient of the last two linear layers), the shortlist's fit lazy (`fit(train, lazy=True)`: sensitivities of the candidates only). CPU seconds "
             "(`time.process_time`) of one single-threaded process per method, end-to-end = fit + index + the "
             "Q-query call. Plain numbers are measured; *italic* ones are on the line through the measured query "
             "counts or extrapolated in N; `>=` is a bound from a measured call with fewer queries (see below).\n",
             f"Tables written by `{out['command']}` (the measuring runs: *Commands* below).\n"]
     for n, rows in tables.items():
         text += [f"## N = {n:,} training points\n", table(rows, qs), crossovers(rows, n)]
-    text += [recall_table(out.get("recall")), lds_table(out.get("lds")), NOTES + notes]
+    text += [*map(recall_table, out["recall"]), *map(pool_table, out["pool"]), lds_table(out.get("lds")), NOTES + notes]
     md.write_text("\n".join(text))
     print("\n".join(text[:-1]))
 
@@ -348,13 +353,33 @@ def _section(title: str, intro: str, header: str, rows: list[str]) -> str:
     return "\n".join([f"## {title}\n", intro + "\n", header, rule, *rows]) + "\n"
 
 
-def recall_table(rec: dict | None) -> str:
-    if not rec:
-        return ""
-    intro = (f"Fraction of the full sweep's top 10 among the K nearest training points, {rec['n_queries']} test images, "
-             f"{rec['n_train']:,} training images (`{rec.get('command', 'python benchmarks/many_queries.py --recall')}`).")
-    return _section("Candidate recall of each index source", intro, "| source, K | recall |",
-                    [f"| {k} | {v:.3f} |" for k, v in rec["rows"].items()])
+def recalls(cache: Path) -> list[dict]:
+    """The candidate-recall files in ``cache`` (``many-recall-*.json``), merged per training-set
+    size and query count, largest training set first; each keeps the commands that made it."""
+    merged: dict[tuple, dict] = {}
+    for path in sorted(cache.glob("many-recall-*.json")):
+        rec = json.loads(path.read_text())
+        into = merged.setdefault((rec["n_train"], rec["n_queries"]), {**rec, "rows": {}, "commands": []})
+        into["rows"].update(rec["rows"])
+        into["commands"].append(rec.get("command", "python benchmarks/many_queries.py --recall"))
+    return [merged[key] for key in sorted(merged, reverse=True)]
+
+
+def recall_table(rec: dict) -> str:
+    commands = "; ".join(f"`{c}`" for c in rec["commands"])
+    intro = (f"Fraction of the full sweep's top 10 among the K candidates of each source, {rec['n_queries']} test "
+             f"images, {rec['n_train']:,} training images ({commands}). `head-grad`: the features index's pool "
+             "(default max(10 K, 2,000)) re-ranked by the head gradient.")
+    return _section(f"Candidate recall of each index source ({rec['n_train']:,} points)", intro,
+                    "| source, K | recall |", [f"| {k} | {v:.3f} |" for k, v in rec["rows"].items()])
+
+
+def pool_table(res: dict) -> str:
+    intro = (f"`head-grad` re-ranks a pool of P features neighbours. Share of the exact head-gradient top K over all "
+             f"{res['n_train']:,} training points that the re-ranked pool kept, {res['n_queries']} test images (no "
+             f"Forward-INF sweep; `{res['command']}`; building the index and the factors: {res['index_cpu']:.1f} CPU s).")
+    return _section(f"Head-gradient pool ({res['n_train']:,} points)", intro, "| K, pool | kept |",
+                    [f"| {k} | {v:.3f} |" for k, v in res["rows"].items()])
 
 
 def lds_table(res: dict | None) -> str:
@@ -429,17 +454,58 @@ def recall_part(args) -> dict:
         tests = [i for i, k in enumerate(kinds) if k == "test"][:args.recall_queries]
         est, sources = fi.ForwardINF(model).fit(train), ("features", "last-grad", "directions")
         full = est.top_k((xq[tests], yq[tests]), 10).indices
+    sources = args.recall_sources.split(",") if args.recall_sources else sources
     queries = (xq[tests], yq[tests])
     out = {"n_train": n, "n_queries": len(tests), "rows": {}}
     for source in sources:
         retriever = Retriever(est, source=source)
         for k in args.recall_k or (n // 100, n // 30, n // 10, n // 4):
-            cands = retriever.candidates(queries, k)
-            kept = sum(len(set(f.tolist()) & set(c.tolist())) / 10 for f, c in zip(full, cands)) / len(tests)
-            out["rows"][f"{source} K={k}"] = kept
-            print(f"{source} K={k}: {kept:.3f}", flush=True)
+            for pool in (args.recall_pool or [None]) if source == "head-grad" else [None]:
+                retriever.pool = pool
+                cands = retriever.candidates(queries, k)
+                kept = sum(len(set(f.tolist()) & set(c.tolist())) / 10 for f, c in zip(full, cands)) / len(tests)
+                label = f"{source} K={k}" + (f" (pool {retriever.pool_size(k):,})" if source == "head-grad" else "")
+                out["rows"][label] = kept
+                print(f"{label}: {kept:.3f}", flush=True)
     out["command"] = " ".join(["python", "benchmarks/many_queries.py", *sys.argv[1:]])
-    (Path(args.cache) / f"many-recall-{n}.json").write_text(json.dumps(out, indent=1))
+    tag = "" if args.recall_sources is None else "-" + args.recall_sources.replace(",", "-")
+    (Path(args.cache) / f"many-recall-{n}{tag}.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
+def pool_part(args) -> dict:
+    """What head-grad's pool costs in recall, with no full sweep: on the test images among the
+    queries, the share of the exact head-gradient top K over the whole training set that the
+    re-ranked pool of P (features index) keeps. Builds (or loads) the benchmark's head-grad index."""
+    import forwardinf as fi
+    from forwardinf.estimators.shortlist import Retriever
+    from forwardinf.experiments.common import timer
+
+    torch.set_num_threads(1)
+    model, train, (xq, yq), kinds, _ = problem(args)
+    n = len(train[1])
+    est = fi.ForwardINF(model).fit(train, lazy=True)
+    with timer() as t:
+        retriever = Retriever(est, Path(args.cache) / f"index-{SHORTLIST}-head-grad-{n}", source="head-grad")
+    tests = [i for i, k in enumerate(kinds) if k == "test"][:args.recall_queries]
+    qf = retriever._head_factors(est._dataset((xq[tests], yq[tests]), "queries"), "queries")
+    out = {"n_train": n, "n_queries": len(tests), "index_cpu": t["cpu_seconds"], "rows": {}}
+    ks = args.recall_k or [100, 200]
+    exact = []  # [Q, max K]: the head gradient's top over every training point
+    for s in range(0, len(tests), 64):
+        cos = torch.cat([retriever.head.cosine(qf[s:s + 64], retriever.factors.rows(torch.arange(a, min(a + 8192, n))))
+                         for a in range(0, n, 8192)], 1)
+        exact.append(cos.topk(max(ks), dim=1).indices)
+    exact = torch.cat(exact)
+    for k in ks:
+        for pool in args.recall_pool or [None]:
+            retriever.pool = pool
+            got = retriever._rerank(qf, k)
+            kept = sum(len(set(a[:k].tolist()) & set(b.tolist())) / k for a, b in zip(exact, got)) / len(tests)
+            out["rows"][f"K={k} pool {retriever.pool_size(k):,}"] = kept
+            print(f"K={k} pool {retriever.pool_size(k):,}: {kept:.3f}", flush=True)
+    out["command"] = " ".join(["python", "benchmarks/many_queries.py", *sys.argv[1:]])
+    (Path(args.cache) / f"many-pool-{n}.json").write_text(json.dumps(out, indent=1))
     return out
 
 
@@ -449,7 +515,8 @@ def main() -> None:
                    help="training points (several: --report-only writes a table for each)")
     p.add_argument("--queries", type=int, nargs="+", default=[10, 100, 1000])
     p.add_argument("--shortlist", type=int, nargs="+", default=[200], help="candidates per query (K), one or more")
-    p.add_argument("--source", default="features", choices=("auto", "features", "directions", "last-grad"))
+    p.add_argument("--source", default="features", choices=("auto", "features", "directions", "last-grad", "head-grad"),
+                   help="index source of the forward-inf-shortlist method (forward-inf-shortlist-head-grad: head-grad)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--limit", action="append", default=[], metavar="METHOD=Q",
                    help="largest query count a method runs (the rest is extrapolated), e.g. forward-inf=100")
@@ -459,7 +526,13 @@ def main() -> None:
                    help="forward-inf (the quality reference) sweeps only the test images among the queries")
     p.add_argument("--recall", action="store_true", help="only the candidate recall of each index source")
     p.add_argument("--recall-queries", type=int, default=12)
+    p.add_argument("--pool-check", action="store_true",
+                   help="head-grad: the share of the exact head-gradient top K that its pool keeps (no sweep)")
     p.add_argument("--recall-k", type=int, nargs="+", default=None, help="shortlist sizes (default: n/100 .. n/4)")
+    p.add_argument("--recall-sources", default=None,
+                   help="index sources, comma-separated (default: features,last-grad[,directions]); "
+                        "the json is then named after them")
+    p.add_argument("--recall-pool", type=int, nargs="+", default=None, help="head-grad pool sizes (default: the rule)")
     p.add_argument("--recall-reference", action="store_true",
                    help="features and last-grad only (no fit), against the top 10s of the forward-inf run in --cache (no sweep)")
     p.add_argument("--lds", action="store_true", help="only the LDS part (forwardinf lds setup, ground truth cached)")
@@ -479,8 +552,8 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    if args.lds or args.recall:
-        lds_part(args) if args.lds else recall_part(args)
+    if args.lds or args.recall or args.pool_check:
+        lds_part(args) if args.lds else recall_part(args) if args.recall else pool_part(args)
         return
     if not args.report_only:
         for method in args.methods.split(","):

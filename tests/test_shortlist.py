@@ -165,7 +165,7 @@ def test_index_is_refused_when_the_model_or_the_data_changed(digits, fitted, tmp
 
 def test_features_source_tail_estimator_and_errors(digits, fitted):
     model, train, queries = digits
-    feats = Retriever(fitted)
+    feats = Retriever(fitted, source="features")
     assert feats.source == "features" and feats.layer == "classifier.2" and feats.index.dim == 4 * 8
     assert feats.candidates(queries, 5)[:4, 0].tolist() == [0, 1, 2, 3]
     tail = fi.TailForwardINF(model, split="classifier", query_chunk=3).fit(train)
@@ -204,7 +204,8 @@ def test_score_cli_shortlist_writes_the_table_index_and_recall(digits, tmp_path,
     assert "recall of the full sweep's top-5 on 2 sampled queries: 1.000" in printed
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     method = results["methods"]["forward-inf"]
-    assert method["shortlist"] == 300 and method["recall"] == 1.0 and method["index_source"] == "features"
+    assert method["shortlist"] == 300 and method["recall"] == 1.0 and method["index_source"] == "head-grad"
+    assert method["index_pool"] == 300 and (tmp_path / "run" / "index" / "factors" / "s000000.npy").is_file()
     assert (tmp_path / "run" / "index" / "index.faiss").is_file() and not (tmp_path / "run" / "store").exists()
     # K = n_train: the table is the full sweep's top-k
     idx, scores = read_topk_csv(tmp_path / "run" / "topk.csv")
@@ -260,4 +261,7 @@ def test_last_grad_source_is_the_last_layer_gradient_exact_at_full_shortlist_and
     other = fi.ForwardINF(model, Other()).fit(train, lazy=True)
     with pytest.raises(ValueError, match="ClassificationTask"):
         Retriever(other, source="last-grad")
+    with pytest.raises(ValueError, match="ClassificationTask"):
+        Retriever(other, source="head-grad")
     assert Retriever(other).source == "features"  # auto falls back
+    assert Retriever(fitted).source == "head-grad"  # auto on a classifier

@@ -7,8 +7,26 @@ queries of one update chunk (``query_chunk``) score the union of their shortlist
 (``union=True``, the default off the CPU), or each query's updated model its own ``K`` candidates
 (the default on the CPU, where the updated models run one after another anyway).
 
-What the index holds (``source``; ``"auto"``, the default: ``"features"`` when the model has an
-``nn.Linear``, else ``"directions"``):
+What the index holds (``source``; ``"auto"``, the default: ``"head-grad"`` for a classifier
+(``ClassificationTask``) whose last two ``nn.Linear`` run on ``[B, D]`` inputs (tried on one
+training point), else ``"features"`` when the model has an ``nn.Linear``, else ``"directions"``):
+
+- ``"head-grad"``: the ``"features"`` index fetches a pool of ``P`` candidates (``pool``; default
+  ``max(10 K, 2000)``), re-ranked exactly by the cosine of each point's loss gradient over the
+  head, the last two ``nn.Linear`` (weights and biases), to the ``K`` best. No per-example
+  gradient is formed: a linear layer's is the outer product ``δ x^T``, so the inner products
+  factorise, ``Σ_layers (δ_i·δ_q)(x_i·x_q + 1)`` (:mod:`forwardinf.estimators.head_grad`), and each
+  training point's factors ``[x, δ]`` of both layers (SmallCNN on Fashion-MNIST: 3,402 floats,
+  0.8 GB at 60,000 points; its gradient would be 402,826) are stored beside the index
+  (``factors/``, :class:`~forwardinf.storage.factors.FactorStore`), built in the same sweep as the
+  features (a forward and a backward to the first head layer's output per point), resumable and
+  under the index's manifest. Queries: the same factors with their own labels. On Fashion-MNIST at
+  10,000 points (33 test images) it recalled 0.855 / 0.930 / 0.985 of the full sweep's top 10 at
+  K = 100 / 200 / 500, against 0.673 / 0.809 / 0.945 for the features alone; at 60,000 points the
+  pool of 2,000 kept 0.98 of the exact head-gradient top 100 over the whole set, and the recall
+  of the full sweep's top 10 (10 test images) was 0.53 / 0.64 / 0.91 at K = 100 / 200 / 1,000
+  (features: 0.37 / 0.54 at K = 100 / 200): the K needed grows with N
+  (benchmarks/results/many_queries.md). Re-ranking costs ``P x F`` multiply-adds per query.
 
 - ``"features"``: the input of the module named ``layer`` (default: the last ``nn.Linear``, so
   the penultimate features), one forward sweep over the training set. On Fashion-MNIST
@@ -26,8 +44,8 @@ What the index holds (``source``; ``"auto"``, the default: ``"features"`` when t
   own labels. Classifiers only (``ClassificationTask``, the layer called once on ``[B, D]``).
   Not the default: on Fashion-MNIST at 10,000 points (33 test images) it recalled 0.721 of the
   full sweep's top 10 at K=100 against 0.673 for features, but 0.812 vs 0.809 at K=200 and 0.952
-  vs 0.945 at K=500 -- a gain at the smallest K only (benchmarks/results/many_queries.md, where
-  the gradient of the last *two* layers is measured far higher: 0.855 / 0.930 / 0.985).
+  vs 0.945 at K=500 -- a gain at the smallest K only; ``"head-grad"`` (both head layers) recalls
+  far more.
 
 Sensitivities on demand: the default cosine score divides each change by the training point's
 sensitivity, ``n_directions`` forward-mode derivatives per point (about 31 forward sweeps for the
@@ -43,8 +61,10 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -53,11 +73,14 @@ from forwardinf.core.sweep import sweep
 from forwardinf.data.checks import check_batch
 from forwardinf.data.inputs import DataLike, gather, subset
 from forwardinf.estimators.base import TRAIN_CHUNK, Estimator, check_choice, check_positive
+from forwardinf.estimators.head_grad import Head, head_factors
+from forwardinf.storage.factors import FactorStore
 from forwardinf.storage.index import ShortlistIndex
 from forwardinf.storage.manifest import config_of, fingerprint_data, fingerprint_module, make_manifest
 from forwardinf.storage.topk import RunningTopK, TopK, concat_topk
 
-SOURCES = ("auto", "features", "directions", "last-grad")
+SOURCES = ("auto", "features", "directions", "last-grad", "head-grad")
+POOL_MIN, POOL_PER_K = 2000, 10  # head-grad's default pool: max(POOL_PER_K * K, POOL_MIN) candidates
 
 
 @dataclass(frozen=True)
@@ -86,9 +109,14 @@ class Retriever:
         path: folder of the index on disk (e.g. beside the score store); None keeps it in memory.
             A folder made from another model, training set or configuration is refused
             (``StoreMismatchError``) unless ``overwrite``; an interrupted build resumes.
-        source: ``"auto"``, ``"features"``, ``"directions"`` or ``"last-grad"`` (module docstring).
+        source: ``"auto"``, ``"features"``, ``"directions"``, ``"last-grad"`` or ``"head-grad"``
+            (module docstring).
         layer: for ``"features"``: the module whose input is the vector; for ``"last-grad"``: the
-            ``nn.Linear`` whose weight gradient is the vector (default: the last ``nn.Linear``).
+            ``nn.Linear`` whose weight gradient is the vector; for ``"head-grad"``: the head's last
+            ``nn.Linear`` (its input makes the pool's index; the head is it and the one before).
+            Default: the last ``nn.Linear``.
+        pool: for ``"head-grad"``: candidates fetched from the features index and re-ranked by
+            the head gradient (at least ``K``); default (None) ``max(10 * K, 2000)``.
         factory: FAISS ``index_factory`` string (``"Flat"``: exact inner product; ``"HNSW32"``...).
         shard_size: training points per vector file (the unit of resuming).
 
@@ -98,21 +126,26 @@ class Retriever:
 
     def __init__(self, estimator: Estimator, path: Any = None, *, source: str = "auto",
                  layer: str | None = None, factory: str = "Flat", shard_size: int = 65536,
-                 overwrite: bool = False) -> None:
+                 overwrite: bool = False, pool: int | None = None) -> None:
         check_choice("Retriever", "source", source, SOURCES)
         # duck-typed (this module sits below forward_inf.py and tail.py, which import it)
         if not (hasattr(estimator, "_directional") or hasattr(estimator, "_tail")):
             raise TypeError(f"Retriever: shortlists need a ForwardINF or TailForwardINF, got {type(estimator).__name__}")
         estimator._check_fitted()
+        if pool is not None:
+            check_positive("Retriever", "pool", pool, integer=True)
         if source == "auto":
-            source = "features" if layer is not None or _linears(estimator.model) else "directions"
-        if source == "last-grad":
-            _check_last_grad(estimator, layer)
-        self.estimator, self.source, self.train = estimator, source, estimator.train_
-        self.layer = _last_linear(estimator.model) if source in ("features", "last-grad") and layer is None else layer
+            source = _auto_source(estimator, layer)
+        if source in ("last-grad", "head-grad"):
+            _check_classifier(estimator, layer, source)
+        self.estimator, self.source, self.train, self.pool = estimator, source, estimator.train_, pool
+        self.layer = _last_linear(estimator.model) if source != "directions" and layer is None else layer
         forward = self._forward()
         train = estimator.train_
         config = {"source": source, "layer": self.layer, "estimator": config_of(estimator)}
+        if source == "head-grad":
+            self.head = Head.of(estimator.model, self.layer)
+            config["head"] = list(self.head.layers)
         manifest = make_manifest(model=fingerprint_module(estimator.model), train=fingerprint_data(train),
                                  queries="-", n_train=len(train), n_query=1, shard_size=shard_size,
                                  query_block=1, config=config)
@@ -123,12 +156,20 @@ class Retriever:
         elif source == "last-grad":
             self.normalize = True
             vectors = lambda a, b: self._unit(self._last_grad(subset(train, torch.arange(a, b))))  # noqa: E731
+        elif source == "head-grad":  # the pool's features are the head's last input: one sweep makes both
+            self.normalize = True
+            self.factors = FactorStore(lambda a, b: self._head_factors(subset(train, torch.arange(a, b))), len(train),
+                                       shard_size, None if path is None else Path(path) / "factors")
+            vectors = lambda a, b: self._unit(np.array(  # noqa: E731
+                self.factors.shard(a // shard_size)[:, self.head.feature_columns]))
         else:
             self.normalize = True
             vectors = lambda a, b: self._unit(self._features(subset(train, torch.arange(a, b))))  # noqa: E731
         self._sensitivities: dict[tuple, tuple[Tensor, Tensor]] = {}  # key -> ([n, M] values, [n] computed)
         self.index = ShortlistIndex.build(vectors, manifest, path=path, shard_size=shard_size, factory=factory,
                                           overwrite=overwrite)
+        if source == "head-grad":
+            self.factors.complete()  # a folder whose index was complete: its factor shards (kept, or computed)
         estimator.retriever_ = self
 
     @classmethod
@@ -222,8 +263,15 @@ class Retriever:
         finally:
             handle.remove()
 
+    def _head_factors(self, data: Any, name: str = "train") -> Tensor:
+        """``[n, F]``: each point's head-gradient factors (:func:`~forwardinf.estimators.head_grad.head_factors`)."""
+        return head_factors(self.estimator, self.head, data, self._forward().batch_size_, name)
+
     def embed(self, queries: DataLike) -> Tensor:
         """``[n_query, d]`` query vectors in the index's space (unit length)."""
+        if self.source == "head-grad":  # the pool's index: the head's last input
+            return self._unit(self.head.features(self._head_factors(self.estimator._dataset(queries, "queries"),
+                                                                    "queries")))
         if self.source == "features":
             return self._unit(self._features(self.estimator._dataset(queries, "queries"), "queries"))
         if self.source == "last-grad":  # each query's own label: the gradient of its own loss
@@ -238,7 +286,26 @@ class Retriever:
         q = len(self.estimator._dataset(queries, "queries"))
         if shortlist >= n:  # the whole training set, whatever the index would return
             return torch.arange(n).expand(q, n)
+        if self.source == "head-grad":
+            return self._rerank(self._head_factors(self.estimator._dataset(queries, "queries"), "queries"), shortlist)
         return self.index.search(self.embed(queries), shortlist)
+
+    def pool_size(self, shortlist: int) -> int:
+        """Candidates that ``"head-grad"`` fetches from the features index to keep ``shortlist`` of them."""
+        pool = max(POOL_PER_K * shortlist, POOL_MIN) if self.pool is None else self.pool
+        return min(max(pool, shortlist), len(self.estimator.train_))
+
+    def _rerank(self, qf: Tensor, shortlist: int) -> Tensor:
+        """``[Q, K]``: of each query's pool (the features index's nearest), the ``K`` training points
+        whose head gradient has the largest cosine with the query's (factors ``qf [Q, F]``), best first."""
+        pools = self.index.search(self._unit(self.head.features(qf)), self.pool_size(shortlist))
+        out = torch.full((len(qf), shortlist), -1, dtype=torch.long)
+        for q, rows in enumerate(pools):
+            rows = rows[rows >= 0]  # approximate indexes may return -1 for missing neighbours
+            cos = self.head.cosine(qf[q:q + 1], self.factors.rows(rows))[0]
+            best = rows[cos.sort(descending=True, stable=True).indices[:shortlist]]
+            out[q, :len(best)] = best
+        return out
 
     def top_k(self, queries: DataLike, k: int = 10, shortlist: int = 100, *, union: bool | None = None) -> TopK:
         """As ``estimator.top_k(queries, k)``, scoring only each query's shortlist of ``K`` candidates.
@@ -359,14 +426,31 @@ def _linears(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
-def _check_last_grad(estimator: Any, layer: str | None) -> None:
+def _is_classifier(estimator: Any) -> bool:
     from forwardinf.tasks.classification import ClassificationTask
 
-    if not isinstance(estimator.task, ClassificationTask):
-        raise ValueError(f"Retriever: source='last-grad' needs a ClassificationTask (softmax cross-entropy on "
+    return isinstance(estimator.task, ClassificationTask)
+
+
+def _check_classifier(estimator: Any, layer: str | None, source: str) -> None:
+    if not _is_classifier(estimator):
+        raise ValueError(f"Retriever: source={source!r} needs a ClassificationTask (softmax cross-entropy on "
                          f"logits [B, C]), got {type(estimator.task).__name__}; use source='features' or 'directions'")
     if layer is None and not _linears(estimator.model):
-        raise ValueError("Retriever: source='last-grad' needs an nn.Linear (the model has none)")
+        raise ValueError(f"Retriever: source={source!r} needs an nn.Linear (the model has none)")
+
+
+def _auto_source(estimator: Any, layer: str | None) -> str:
+    """``"head-grad"`` for a classifier whose head takes ``[B, D]`` inputs (tried on one training
+    point), else ``"features"`` when there is a layer to read, else ``"directions"``."""
+    if _is_classifier(estimator) and _linears(estimator.model):
+        try:
+            head = Head.of(estimator.model, layer)
+            head_factors(estimator, head, subset(estimator.train_, torch.zeros(1, dtype=torch.long)), 1)
+            return "head-grad"
+        except ValueError:
+            pass  # e.g. a sequence head, or layer= not an nn.Linear: the features need neither
+    return "features" if layer is not None or _linears(estimator.model) else "directions"
 
 
 def _last_linear(model: nn.Module) -> str:

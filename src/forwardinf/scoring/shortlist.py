@@ -3,7 +3,9 @@ query's ``K`` candidates, and the recall of the full sweep's top-k on a sample o
 
 No score store is written in this mode (the matrix is never computed): the index folder
 (``OUT/index``, or beside ``--store``) holds the training vectors and the FAISS index, resumable
-and refused when the model or the data changed (:mod:`forwardinf.storage.index`).
+and refused when the model or the data changed (:mod:`forwardinf.storage.index`). Its source is
+``Retriever``'s ``"auto"``: for a classifier the head-gradient re-ranker (``"head-grad"``, with its
+per-point factors in ``index/factors/``), else the penultimate features.
 """
 from __future__ import annotations
 
@@ -42,6 +44,8 @@ def score_shortlist(estimator: Any, train: Any, queries: Any, args: argparse.Nam
     top = retriever.top_k(queries, args.k, shortlist=args.shortlist)
     method = {"shortlist": args.shortlist, "index": str(index_path), "index_source": retriever.source,
               "index_layer": retriever.layer}
+    if retriever.source == "head-grad":  # the features' pool that the head gradient re-ranked
+        method["index_pool"] = retriever.pool_size(args.shortlist)
     if args.recall_sample:
         recall = retriever.recall(queries, args.k, args.shortlist, sample=args.recall_sample, seed=args.seed)
         method.update(recall=recall.mean, recall_queries=recall.queries.tolist(),
