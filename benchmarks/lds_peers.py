@@ -18,7 +18,7 @@ this process, scores cached under ``RUN/peers`` (delete the folder after changin
 | row | what |
 |---|---|
 | ``forward-inf-counterfactual-tail`` | the counterfactual preset, ``split="auto"`` (the tail variants' default) |
-| ``kronfluence-ekfac@d...`` | kronfluence EK-FAC, one factor fit, scored at each ``--dampings`` value |
+| ``kronfluence-ekfac@d...`` | kronfluence EK-FAC, one factor fit, scored at each ``--dampings`` value (a grid other than the default is cached apart, and its rows join the default's) |
 | ``trak@l...`` / ``trak-ens{K}@l...`` | traker TRAK (512 dims) on the model alone / on the model and ``K - 1`` more models trained from scratch with the same recipe and data (other seeds): TRAK's ensemble; one featurization, each ``--lambdas`` ridge |
 | ``captum-tracincp`` | captum TracInCP over the 5 checkpoints saved along training |
 | ``forward-inf-counterfactual-tail@fc2`` / ``@conv2`` | the tail at the other splits, read from ``RUN/layouts.pt`` when benchmarks/lds_layouts.py scored them (its ``auto`` row then serves as the tail row: ``--parts`` may omit ``tail``) |
@@ -51,6 +51,7 @@ from forwardinf.experiments.report import markdown_table
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TAIL = "forward-inf-counterfactual-tail"
+DAMPINGS = [1e-4, 1e-3, 1e-2, 1e-1]  # EK-FAC's default grid
 ENSEMBLE_SEED = 100_000  # extra TRAK models: seed + ENSEMBLE_SEED + j (retraining seeds are seed + 1 + k)
 
 
@@ -127,8 +128,11 @@ def score_ensemble(problem, args) -> dict[str, dict]:
 
 def score_tracin(problem, args) -> dict[str, dict]:
     model, train = problem.prepared.model.eval(), problem.prepared.split.train()
-    s, cpu = timed(lambda: CaptumTracInCP(model, checkpoints=problem.prepared.checkpoints).fit(train)
-                   .influence(problem.queries))
+    # imported here: the 500-point reports are rebuilt on the source their ground truth is keyed to, older than it
+    from forwardinf.baselines.run import TrainingRun
+
+    run = TrainingRun(checkpoints=problem.prepared.checkpoints)
+    s, cpu = timed(lambda: CaptumTracInCP(model, run=run).fit(train).influence(problem.queries))
     return {"captum-tracincp": {"scores": s, "cpu_seconds": cpu}}
 
 
@@ -155,6 +159,15 @@ PARTS = {"tail": score_tail, "ekfac": score_ekfac, "trak": lambda p, a: score_tr
          "ensemble": score_ensemble, "tracin": score_tracin, "whole": score_whole}
 
 
+def part_file(part: str, args) -> str:
+    """A part's cache file; an EK-FAC grid other than the default gets its own (its rows join the others)."""
+    if part == "whole":
+        return f"whole{args.whole_queries}.pt"
+    if part == "ekfac" and args.dampings != DAMPINGS:
+        return "ekfac@" + "_".join(f"{d:g}" for d in args.dampings) + ".pt"
+    return f"{part}.pt"
+
+
 def seed_results(seed: int, args, options: list[str]) -> dict:
     run = Path(args.runs.format(seed=seed))
     largs = lds_args(options, run, seed)
@@ -162,7 +175,7 @@ def seed_results(seed: int, args, options: list[str]) -> dict:
     folder = run / "peers"
     folder.mkdir(parents=True, exist_ok=True)
     for part in args.parts:  # each part cached in its own file: parts can run in parallel processes
-        path = folder / (f"whole{args.whole_queries}.pt" if part == "whole" else f"{part}.pt")
+        path = folder / part_file(part, args)
         if not path.is_file():
             torch.save(PARTS[part](problem, args), path)
     if args.score_only:
@@ -201,7 +214,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", required=True)
     p.add_argument("--runs", required=True, help="run folder per seed, with {seed}")
     p.add_argument("--ensemble", type=int, default=5, help="TRAK ensemble size (the model + K-1 more)")
-    p.add_argument("--dampings", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2, 1e-1])
+    p.add_argument("--dampings", type=float, nargs="+", default=DAMPINGS,
+                   help="EK-FAC's grid (another grid than the default is cached apart and adds its rows)")
     p.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 100.0])
     p.add_argument("--parts", nargs="+", choices=tuple(PARTS), default=["tail", "ekfac", "trak", "ensemble", "tracin"],
                    help="what to score if not cached under RUN/peers (each part its own file)")
