@@ -17,10 +17,11 @@ damping spans layers whose curvature differs by orders of magnitude); on the Fas
 the dense head predicts retraining better than the whole network: by +0.063 LDS over whole-network
 K-FAC and +0.029 [+0.002, +0.056] over whole-network EK-FAC (two seeds, 500 points; per-layer-type
 damping changed the whole network by < 0.003), at a fraction of the cost
-(benchmarks/results/lds.md, "Issue 26, continued"). Against the last layer alone it was better on
-a 1,000-point seed (+0.025) and worse on two 500-point seeds (-0.037, -0.014 on all subsets;
-benchmarks/results/lds_layouts.md): which head layers to include is within noise; the whole network
-is not. A cached prefix also makes each query cost the head's forward only.
+(benchmarks/results/lds.md, "Issue 26, continued"). Against the last layer alone the dense head
+depends on the training-set size: behind it by 0.025 on 500 points (two seeds pooled), ahead by
+0.025 on 1,000 and by 0.084 [0.064, 0.105] on 2,000 (two seeds pooled; +0.046 over the tail from
+``conv2``); benchmarks/results/lds.md, "Issue 26 on its own setup". No simpler rule was best on
+every size measured. A cached prefix also makes each query cost the head's forward only.
 
 With ``kfac=True`` (the counterfactual preset) the tail must hold only layers K-FAC covers
 (``Linear``, ``Conv2d``): the start moves later past any other layer with parameters (a
