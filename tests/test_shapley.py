@@ -163,16 +163,17 @@ def test_truncation_saves_trainings_and_stays_close(game):
 def test_resume_from_cache_and_early_stopping(game, tmp_path):
     train, queries, zero, _, _ = game
     fn = CountingRidge()
-    kw = dict(empty=zero, cache_dir=tmp_path, config="ridge-1.0")
-    first = TMCShapley(fn, SquaredLoss(), permutations=10, **kw).fit(train)
+    run = fi.TrainingRun(train_fn=fn, recipe="ridge-1.0")  # the cache key: the recipe, not fn's changing state
+    kw = dict(empty=zero, cache_dir=tmp_path)
+    first = TMCShapley(run, SquaredLoss(), permutations=10, **kw).fit(train)
     v10 = first.influence(queries)
     assert fn.calls == 1 + 10 * 5  # A(D) once, then n-1 prefixes per permutation
-    again = TMCShapley(fn, SquaredLoss(), permutations=20, **kw).fit(train)
+    again = TMCShapley(run, SquaredLoss(), permutations=20, **kw).fit(train)
     v20 = again.influence(queries)
     assert fn.calls == 2 + 20 * 5  # only the 10 new permutations were trained
     fresh = TMCShapley(ridge, SquaredLoss(), permutations=20, empty=zero).fit(train).influence(queries)
     torch.testing.assert_close(v20, fresh)  # cached = recomputed
-    torch.testing.assert_close(TMCShapley(fn, SquaredLoss(), permutations=10, **kw).fit(train).influence(queries), v10)
+    torch.testing.assert_close(TMCShapley(run, SquaredLoss(), permutations=10, **kw).fit(train).influence(queries), v10)
     stop = TMCShapley(ridge, SquaredLoss(), permutations=500, empty=zero, tolerance=0.1, min_permutations=8).fit(train)
     stop.influence(queries)
     d = stop.diagnostics_
