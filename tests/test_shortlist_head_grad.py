@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import forwardinf as fi
+from forwardinf.core.params import fingerprint
 from forwardinf.data.loaders import load_digits
 from forwardinf.estimators.head_grad import Head
 from forwardinf.estimators.shortlist import Retriever
@@ -195,3 +196,36 @@ def test_sequence_heads_are_refused_and_auto_falls_back_to_features():
     assert Retriever(est).source == "features"
     with pytest.raises(ValueError, match="nn.Linear"):
         Head.of(SequenceHead(), "nope")
+
+
+def _hf_classifier(kind: str):
+    """A tiny transformers sequence classifier at default settings (sdpa attention), padded dict batches."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if kind == "bert":  # the head (pooler, classifier) runs on [B, H]
+        cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=64, num_labels=3)
+        model = transformers.BertForSequenceClassification(cfg).eval()
+    else:  # Llama's score head runs on every token [B, T, H]: head-grad does not apply
+        cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                       num_key_value_heads=2, intermediate_size=64, num_labels=3, pad_token_id=0)
+        model = transformers.LlamaForSequenceClassification(cfg).eval()
+    ids = torch.randint(1, 100, (30, 10))
+    mask = torch.ones_like(ids)
+    ids[::3, 7:], mask[::3, 7:] = 0, 0
+    return model, {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 3, (30,))}
+
+
+@pytest.mark.parametrize("kind, source", [("bert", "head-grad"), ("llama", "features")])
+def test_auto_source_on_hugging_face_classifiers(kind, source):
+    """A user's HF classifier: "auto" re-ranks by the head gradient where the head runs on [B, H]
+    and falls back to features where it runs per token; the shortlist with K = n is the full sweep."""
+    model, train = _hf_classifier(kind)
+    before = fingerprint(model)
+    est = fi.ForwardINF(model, fi.ClassificationTask()).fit(train)
+    retriever = Retriever(est)
+    assert retriever.source == source
+    queries = {k: v[:4] for k, v in train.items()}
+    torch.testing.assert_close(retriever.top_k(queries, 5, shortlist=30).indices, est.top_k(queries, 5).indices)
+    assert retriever.top_k(queries, 3, shortlist=10).indices[:, 0].tolist() == [0, 1, 2, 3]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(before, fingerprint(model)))
