@@ -20,9 +20,7 @@ import torch
 
 import forwardinf as fi
 from forwardinf.core.autobatch import auto_batch_size
-from forwardinf.core.params import buffers_of, select_params
 from forwardinf.core.sweep import sweep
-from forwardinf.core.tangent import directional_sweep
 from forwardinf.experiments.common import timer
 from forwardinf.memory import reset_peak, status_mb
 from forwardinf.models.pretrained import find_gguf, release_memory, require
@@ -85,7 +83,8 @@ def main() -> None:
     rows["inference sweep"] = measure(lambda: sweep(lambda b: task.loss(model, b), data, batch, torch.device("cpu")))
     unit, peak = rows["inference sweep"]["cpu_seconds"], rows["inference sweep"]["peak_mb"]
     for label, make in (("full model", lambda: fi.ForwardINF(model, task)),
-                        (f"tail ({args.split})", lambda: fi.TailForwardINF(model, task, split=args.split))):
+                        (f"tail ({args.split})", lambda: fi.TailForwardINF(model, task, split=args.split)),
+                        ("full model, sensitivity='directions'", lambda: fi.ForwardINF(model, task, sensitivity="directions"))):
         est = make()
         rows[f"{label}: fit"] = measure(lambda: est.fit(train))
         rows[f"{label}: influence"] = measure(lambda: est.influence(queries))
@@ -93,16 +92,9 @@ def main() -> None:
         own = scores[torch.arange(args.n_queries), torch.arange(args.n_queries)]
         rows[f"{label}: influence"]["own_rank"] = (scores >= own[:, None]).sum(1).tolist()
         rows[f"{label}: influence"]["per_query_cpu_seconds"] = rows[f"{label}: influence"]["cpu_seconds"] / args.n_queries
-        rows[f"{label}: fit"]["direction_chunk"] = (est if label == "full model" else est.estimator_)._direction_chunk()
-        rows[f"{label}: influence"]["query_chunk"] = (est if label == "full model" else est.estimator_)._query_chunk()
-        if label == "full model":  # where the cosine fit's time goes: per chunk of directions
-            params = select_params(model, None)
-            rows["full model: fit, one direction chunk: generate"] = measure(lambda: est._directions(params, 0))
-            tangents = rows["full model: fit, one direction chunk: generate"].pop("out")
-            rows["full model: fit, one direction chunk: forward-mode sweep"] = measure(lambda: directional_sweep(
-                task.score_loss, model, params, buffers_of(model), tangents, est.train_, est.batch_size_,
-                torch.device("cpu")))
-            del tangents
+        inner = est if isinstance(est, fi.ForwardINF) else est.estimator_
+        rows[f"{label}: fit"]["norm_batch"] = inner._norm_batch()
+        rows[f"{label}: influence"]["query_chunk"] = inner._query_chunk()
         del est
     for r in rows.values():
         r.pop("out", None)

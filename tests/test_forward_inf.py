@@ -102,10 +102,51 @@ def test_cosine_score_matches_exact_gradient_cosine(digits_mlp):
     g = vmap(grad(margin), in_dims=(None, 0, 0))(params, x, y)
     g = torch.cat([t.flatten(1) for t in g.values()], 1).double()
     exact = (g[:5] @ g.T) / (g[:5].norm(dim=1, keepdim=True) * g.norm(dim=1)[None])
-    est = fi.ForwardINF(model, lr=1e-4, n_directions=64).fit((x, y)).influence((x[:5], y[:5]))
-    # the estimated orthogonal component is noisy (~1/sqrt(n_directions)); the component along the update is exact
+    # default sensitivity="exact": the first-order change along the update over exact gradient norms
+    est = fi.ForwardINF(model, lr=1e-4).fit((x, y))
+    torch.testing.assert_close(est.influence((x[:5], y[:5])).double(), exact, rtol=0, atol=2e-4)
+    # self-influence: (dℓ/dm)² ||∇m||², with dℓ/dm = 1 - e^{-ℓ} (= sigmoid(m)) for the softplus cross-entropy
+    slope = -torch.expm1(-est.base_losses_.double())
+    torch.testing.assert_close(est.self_influence().double(), slope ** 2 * g.pow(2).sum(1), rtol=1e-4, atol=0)
+    est = fi.ForwardINF(model, lr=1e-4, sensitivity="directions", n_directions=64).fit((x, y)).influence((x[:5], y[:5]))
+    # directions: the estimated orthogonal component is noisy (~1/sqrt(n_directions)); the component along the update is exact
     assert (est.double() - exact).abs().mean() < 0.05
     assert torch.corrcoef(torch.stack([est.flatten().double(), exact.flatten()]))[0, 1] > 0.95
+
+
+def test_squared_grad_norms_are_the_per_example_gradients_norms_also_for_a_tied_embedding():
+    transformers = pytest.importorskip("transformers")
+    from forwardinf.core.gradients import squared_grad_norms
+    from forwardinf.core.params import bind, buffers_of, select_params
+    from forwardinf.data.inputs import take
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, tie_word_embeddings=True)).eval()
+    task = fi.LanguageModelTask.for_model(model)
+    ids = torch.randint(1, 64, (5, 7))
+    attn = torch.ones_like(ids)
+    attn[:2, 5:] = 0  # right padding, as a tokenizer pads a batch
+    batch = {"input_ids": ids.masked_fill(attn == 0, 0), "attention_mask": attn, "labels": ids.masked_fill(attn == 0, -100)}
+    params, buffers = select_params(model, None), buffers_of(model)
+    one = lambda p, ex: task.score_loss(bind(model, p, buffers), {k: v[None] for k, v in ex.items()}).sum()  # noqa: E731
+    expected = []
+    for i in range(5):
+        model.zero_grad()
+        alone = {k: v[i:i + 1, : int(attn[i].sum())] for k, v in batch.items()}
+        task.score_loss(model, alone).sum().backward()  # the example alone, unpadded
+        expected.append(sum(p.grad.double().pow(2).sum() for p in model.parameters()))
+    model.zero_grad()
+    for min_bytes in (None, 0):  # the plain gradient, and the tied table assembled from its lookups
+        import forwardinf.core.embedding_grad as E
+        old, E.MIN_TABLE_BYTES = E.MIN_TABLE_BYTES, (E.MIN_TABLE_BYTES if min_bytes is None else 0)
+        try:
+            got = squared_grad_norms(one, params, batch, model)  # vmapped
+            alone = torch.cat([squared_grad_norms(one, params, take(batch, slice(i, i + 1)), model) for i in range(5)])
+        finally:
+            E.MIN_TABLE_BYTES = old
+        torch.testing.assert_close(got, torch.stack(expected), rtol=1e-5, atol=0)
+        torch.testing.assert_close(alone, torch.stack(expected), rtol=1e-5, atol=0)  # one at a time: plain autograd
 
 
 def test_batched_queries_equal_one_at_a_time(digits_mlp):

@@ -183,7 +183,8 @@ FORWARD_INF: dict[str, Variant] = {
     "forward-inf-diffusion-loss": _fi(**{**_DIFFUSION, "score": "loss"}),
     "forward-inf-diffusion-abs": _fi(**{**_DIFFUSION, "score": "abs"}),
     "forward-inf-diffusion-nsgd": _fi(**{**_DIFFUSION, "optimizer": "nsgd", "lr": 1e-3}),
-    "forward-inf-diffusion-cosine": _fi(**{**_DIFFUSION, "score": "cosine", "n_directions": 16}),
+    # the setting measured in benchmarks/results/diffusion.md (per-example gradients of a UNet not measured)
+    "forward-inf-diffusion-cosine": _fi(**{**_DIFFUSION, "score": "cosine", "sensitivity": "directions", "n_directions": 16}),
     "forward-inf-diffusion-contrast": _fi(**_DIFFUSION),
     # The hypothesis study's convex setting (experiments/hypothesis.py,
     # --option forward-inf-convex.lr): one plain SGD step, whose loss change is to first order the

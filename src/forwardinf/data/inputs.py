@@ -197,6 +197,15 @@ def batch_len(batch: Any) -> int:
     return batch_len(batch[0])
 
 
+def take(batch: Any, index: int | slice) -> Any:
+    """``t[index]`` of every tensor of a batch: one example (an int) or a batch of some (a slice)."""
+    if torch.is_tensor(batch):
+        return batch[index]
+    if isinstance(batch, dict):
+        return {k: take(v, index) for k, v in batch.items()}
+    return type(batch)(take(v, index) for v in batch)
+
+
 def unsqueeze(batch: Any) -> Any:
     """Give every tensor a leading batch dim of 1 (used inside vmap over examples)."""
     if torch.is_tensor(batch):

@@ -15,12 +15,13 @@ from forwardinf.core.autobatch import DEFAULT_BUDGET, auto_batch_size
 from forwardinf.core.curvature import FISHERS, SCOPES, gauss_newton_product, kfac, layer_of, precondition, refine
 from forwardinf.core.directions import gaussian, gaussian_pieces
 from forwardinf.core.embedding_grad import query_grads
+from forwardinf.core.gradients import squared_grad_norms
 from forwardinf.core.params import Params, bind, buffers_of, flat_norm, mode, select_params, stack
 from forwardinf.core.sweep import sweep
 from forwardinf.core.tangent import directional_sweep
 from forwardinf.core.update import OPTIMIZERS, Update, UpdateRule
 from forwardinf.data.checks import check_batch, check_finite_values
-from forwardinf.data.inputs import DataLike, batch_len, batches, gather, repeat, subset, to_device, unsqueeze
+from forwardinf.data.inputs import DataLike, batch_len, batches, gather, repeat, subset, take, to_device, unsqueeze
 from forwardinf.estimators.base import (Capabilities, Estimator, EstimatorConfig, check_choice, check_indices,
                                         check_positive, check_range)
 from forwardinf.estimators.validation import DivergedError, check_scores
@@ -36,7 +37,7 @@ class ScoreKind:
     update ascends on the queries (the mean ``"score_loss"``, which does not underflow once
     fitted, or the task's ``"query_loss"``); ``finish``: how the change ``Δm [Q, n]`` becomes the
     score (``"signed"``: the change, ``"magnitude"``: its absolute value, ``"per_unit"``: per unit
-    step along ``d₀``, ``"cosine"``: the gradients' cosine, from the directions cached in fit)."""
+    step along ``d₀``, ``"cosine"``: the gradients' cosine, from the sensitivities cached in fit)."""
 
     measure: str
     objective: str
@@ -52,6 +53,7 @@ SCORE_KINDS: dict[str, ScoreKind] = {
 }
 SCORES = tuple(SCORE_KINDS)
 DIFFERENCES = ("auto", "tangent", "finite")
+SENSITIVITIES = ("exact", "directions")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # What the library recommends: one normalised ascent step, change of the non-saturating
@@ -93,6 +95,7 @@ class ForwardINFConfig(EstimatorConfig):
     fitted_fallback: bool = False
     momentum: float = 0.0
     weight_decay: float = 0.0
+    sensitivity: str = "exact"
     n_directions: int = 16
     difference: str = "auto"
     damping: float = 0.5
@@ -123,10 +126,10 @@ class ForwardINF(Estimator):
     ``"counterfactual"``).
 
     ``score="cosine"`` (default) divides each change by ``||θ_q - θ||`` and by the training point's
-    sensitivity ``s_i ≈ ||∇m(θ, z_i)||``, estimated in ``fit`` by forward-mode derivatives along
-    ``n_directions`` random directions. For a small step this approaches the cosine between the
-    query's and the training point's gradients, so an exact duplicate scores ≈ 1 and high-loss
-    "hub" points no longer dominate every ranking.
+    sensitivity ``s_i = ||∇m(θ, z_i)||``, computed once in ``fit`` (``sensitivity``). For a small
+    step this is the cosine between the query's and the training point's gradients, so an exact
+    duplicate scores 1 and high-loss "hub" points no longer dominate every ranking. Per query,
+    the training set still sees forward passes only.
 
     Args (all keyword):
         steps: K, number of update steps on the queries.
@@ -156,8 +159,17 @@ class ForwardINF(Estimator):
             Gauss-Newton system ``(G + λI) d = ∇m_q`` (K-FAC as preconditioner and first guess;
             :func:`~forwardinf.core.curvature.refine`), each one more sweep over the training set
             with a backward pass shared by the chunk's queries. 0 (default): K-FAC alone.
-        n_directions: random directions along which ``fit`` takes forward-mode derivatives of every
-            training point (``score="cosine"``); cost ~``2 * n_directions`` forward sweeps, once.
+        sensitivity: how ``fit`` gets each training point's ``||∇m(θ, z_i)||`` (``score="cosine"``
+            and :meth:`self_influence`). ``"exact"`` (default): its gradient's norm, from one
+            backward pass per batch of training points (vmapped per-example gradients, the batch
+            sized so that its gradients fit the memory budget; one example at a time for a 135M
+            model), about 3 to 6 inference sweeps, once. ``"directions"``: estimated from
+            forward-mode derivatives along ``n_directions`` random Gaussian directions, forward
+            passes only, about ``2 * n_directions`` sweeps (one per direction when a copy of the
+            parameters exceeds the budget), with a relative error of about ``1/sqrt(n_directions)``
+            on the part of the gradient orthogonal to the update.
+        n_directions: the random directions of ``sensitivity="directions"`` (and of shortlists with
+            ``source="directions"``).
         difference: how each training point's change ``m(θ_q, z_i) - m(θ, z_i)`` is computed.
             ``"finite"``: as that difference of two float32 sweeps (the paper's); a small step
             changes a well-fitted point's loss by less than float32 resolves, so many scores are
@@ -229,9 +241,10 @@ class ForwardINF(Estimator):
 
     def _prepare(self, lazy: bool = False) -> "ForwardINF":
         if not lazy:
-            self._base(self.kind_.measure)
+            if not (self.kind_.finish == "cosine" and self.tangent_ and self.sensitivity == "exact"):
+                self._base(self.kind_.measure)  # (forward-mode changes subtract no base value; the norms' sweep checks the data)
             if self.kind_.finish == "cosine":
-                self._base("directional")
+                self._base("sensitivity")
         self.curvature_ = self._curvature() if self.optimizer == "kfac" else None
         return self
 
@@ -260,10 +273,58 @@ class ForwardINF(Estimator):
 
     def _base(self, kind: str) -> Tensor:
         """Cached values of the unchanged model on the training set: ``[n_train]`` for ``"loss"`` /
-        ``"score_loss"``, ``[n_train, n_directions]`` for ``"directional"``."""
+        ``"score_loss"``, ``[n_train, n_directions]`` for ``"directional"``, and for
+        ``"sensitivity"`` whichever of the squared gradient norms ``[n_train]`` or the directional
+        derivatives ``sensitivity`` asks for (:meth:`_sensitivity`)."""
         if kind == "directional":
             return self._cached(self._directional_key(), self._directional)
+        if kind == "sensitivity":
+            return self._cached(self._sensitivity_key(), self._sensitivity)
         return self._cached((kind,), lambda: self._sweep_base(kind))
+
+    def _sensitivity_key(self) -> tuple:
+        """Cache key of :meth:`_sensitivity`'s values (``_cached`` adds the batch size)."""
+        if self.sensitivity == "exact":
+            return ("squared norm", _key(self.params))
+        return self._directional_key()
+
+    def _sensitivity(self, data: Any = None) -> Tensor:
+        """What the cosine score divides by, for every training point (``data``'s when given):
+        ``[n]`` squared norms ``||∇m(θ, z_i)||²`` (``sensitivity="exact"``) or ``[n, n_directions]``
+        directional derivatives (``"directions"``, :meth:`_directional`)."""
+        if self.sensitivity == "directions":
+            return self._directional(data)
+        params, buffers = select_params(self.model, self.params), buffers_of(self.model)
+
+        def objective(p: Params, example: Any) -> Tensor:
+            return self.task.score_loss(bind(self.model, p, buffers), unsqueeze(example)).sum()
+
+        shapes: dict = {}  # the tied embedding lookups' shapes, found once per input shape (query_grads)
+
+        def norms(batch: Any) -> Tensor:
+            self._validate(batch, "train")  # every batch: a bad label may hide anywhere (a forward of one example)
+            step = self._norm_batch()
+            return torch.cat([squared_grad_norms(objective, params, take(batch, slice(s, s + step)), self.model, shapes)
+                              for s in range(0, batch_len(batch), step)])
+
+        with mode(self.model, False):
+            out = sweep(norms, self.train_ if data is None else data, self.batch_size_, self._device(),
+                        self.progress, desc="gradient norms")
+        check_finite_values(out, "train", "gradient norm")  # or NaN cosine scores for that point
+        return out
+
+    def _norm_batch(self) -> int:
+        """Training points per batch of :meth:`_sensitivity`'s per-example gradients: ``batch_size_``,
+        fewer when their gradients (one copy of the selected parameters each) would exceed the budget."""
+        return int(max(1, min(self.batch_size_, DEFAULT_BUDGET // max(self._params_bytes(), 1))))
+
+    def _params_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in select_params(self.model, self.params).values())
+
+    def _squared_norms(self) -> Tensor:
+        """``[n_train]``: ``||∇m(θ, z_i)||²``, exact or estimated as ``sensitivity`` says."""
+        values = self._base("sensitivity")
+        return values if values.ndim == 1 else values.pow(2).mean(1)
 
     def _directional_key(self) -> tuple:
         """Cache key of the ``[n_train, n_directions]`` derivatives (``_cached`` adds the batch size)."""
@@ -346,20 +407,29 @@ class ForwardINF(Estimator):
                 for j, start, values in gaussian_pieces(gen, m, tuple(p.shape)):
                     yield k, slice(j, j + 1), start, values.to(p.device, p.dtype)[None]
 
-    def _cosine(self, delta: Tensor, moved: Params, directional: Tensor) -> Tensor:
+    def _cosine(self, delta: Tensor, moved: Params, sensitivity: Tensor) -> Tensor:
         """``[Q, n]`` cosine between each ``∇m(θ, z_i)`` and each update ``moved[q] = θ_q - θ``.
 
-        ``delta [Q, n]``: the change of ``m`` per point; ``directional [n, M]``: its cached
-        forward-mode derivatives along the fixed directions.
+        ``delta [Q, n]``: the change of ``m`` per point; ``sensitivity``: the points' cached
+        ``[n]`` squared gradient norms, or ``[n, M]`` forward-mode derivatives along the fixed
+        directions (:meth:`_sensitivity`).
 
-        ``a = Δm / ||θ_q - θ||`` is the gradient's component along the update (from the sweep).
-        Only the orthogonal rest ``||∇m_i||² - a²`` is estimated from the random directions, with
-        each direction projected off the update first: a duplicate of the query has no orthogonal
-        rest and scores 1 whatever the estimator's noise.
+        ``a = Δm / ||θ_q - θ||`` is the gradient's component along the update (from the sweep), and
+        the cosine is ``a / max(||∇m_i||, |a|)`` (``|a|`` exceeds the norm only by float rounding,
+        or by the higher orders of a finite step). From directions, only the orthogonal rest
+        ``||∇m_i||² - a²`` is estimated, with each direction projected off the update first: a
+        duplicate of the query has no orthogonal rest and scores 1 whatever the estimator's noise.
         """
+        norm = flat_norm(moved, stacked=True).double().cpu().clamp_min(1e-30)  # [Q]
+        out = torch.empty(delta.shape, dtype=torch.float32)
+        if sensitivity.ndim == 1:
+            for s in range(0, delta.shape[1], _COSINE_BLOCK):  # [Q, block] float64 temporaries, not [Q, N]
+                a = delta[:, s:s + _COSINE_BLOCK].double() / norm[:, None]
+                squared = sensitivity[None, s:s + _COSINE_BLOCK].double()
+                out[:, s:s + _COSINE_BLOCK] = a / torch.maximum(squared, a.pow(2)).sqrt().clamp_min(1e-30)
+            return out
         params = select_params(self.model, self.params)
         b = torch.zeros(delta.shape[0], 0, dtype=torch.float64)
-        norm = flat_norm(moved, stacked=True).double().cpu().clamp_min(1e-30)  # [Q]
         device = next(iter(moved.values())).device
         for chunk in range(math.ceil(self.n_directions / self._direction_chunk())):
             # float32 dot products (~1e-5 relative error), float64 after: float64 copies of the
@@ -370,10 +440,9 @@ class ForwardINF(Estimator):
             for k, rows, start, v in self._direction_pieces(params, chunk):
                 dots[:, rows] += (moved[k].flatten(1)[:, start:start + v.shape[1]] @ v.T).double()
             b = torch.cat([b, dots.cpu() / norm[:, None]], 1)  # [Q, M]: v_j · unit update
-        m, b2 = directional.shape[1], b.pow(2).sum(1, keepdim=True)
-        out = torch.empty(delta.shape, dtype=torch.float32)
-        for s in range(0, delta.shape[1], _COSINE_BLOCK):  # [Q, block] float64 temporaries, not [Q, N]
-            j = directional[s:s + _COSINE_BLOCK].double()  # [block, M]
+        m, b2 = sensitivity.shape[1], b.pow(2).sum(1, keepdim=True)
+        for s in range(0, delta.shape[1], _COSINE_BLOCK):
+            j = sensitivity[s:s + _COSINE_BLOCK].double()  # [block, M]
             a = delta[:, s:s + _COSINE_BLOCK].double() / norm[:, None]
             perp = (j.pow(2).sum(1)[None, :] - 2 * a * (b @ j.T) + a.pow(2) * b2) / m
             out[:, s:s + _COSINE_BLOCK] = a / (a.pow(2) + perp.clamp_min(0)).sqrt().clamp_min(1e-30)
@@ -452,11 +521,11 @@ class ForwardINF(Estimator):
     def self_influence(self) -> Tensor:
         """``[n_train]``: higher = more self-influential (more suspicious, e.g. mislabeled), every score.
 
-        ``||∇ℓ(θ, z_i)||²`` estimated from forward-mode derivatives along the fixed random
-        directions that ``fit`` caches for ``score="cosine"`` (computed once on first call for the
-        other scores): ``(dℓ/dm)² · mean_j (∇m·v_j)²``, with ``dℓ/dm = 1 - e^{-ℓ}`` when the loss is
-        the softplus of the margin, as for cross-entropy. This is TracIn's self-influence from
-        forward passes only, and it has the same orientation whatever the score. The paper's self
+        ``||∇ℓ(θ, z_i)||² = (dℓ/dm)² ||∇m(θ, z_i)||²`` from the gradient norms that ``fit`` caches
+        for ``score="cosine"`` (computed once on first call for the other scores; estimated from
+        forward-mode derivatives with ``sensitivity="directions"``), with ``dℓ/dm = 1 - e^{-ℓ}``
+        when the loss is the softplus of the margin, as for cross-entropy. This is TracIn's
+        self-influence, and it has the same orientation whatever the score. The paper's self
         mode (D_tst = D_trn: one joint update on the whole training set, then each point's change)
         is ``influence(train, joint=True)``; its sign depends on the score and the model (low =
         little support from the rest of the data, for ``margin`` on digits), so it is not used here.
@@ -469,7 +538,7 @@ class ForwardINF(Estimator):
         slope = torch.ones_like(loss)
         if torch.allclose(torch.nn.functional.softplus(margin), loss, rtol=1e-4, atol=1e-6):
             slope = -torch.expm1(-loss)  # dℓ/dm = sigmoid(m) = 1 - e^{-ℓ} for ℓ = softplus(m)
-        return slope.pow(2) * self._base("directional").pow(2).mean(1)
+        return slope.pow(2) * self._squared_norms()
 
     # -- the update -------------------------------------------------------------------------
     def _objective(self, model: Any, batch: Any) -> Tensor:
@@ -547,7 +616,7 @@ class ForwardINF(Estimator):
         out_params, out_buffers, norms, moves = [], [], [], []
         gen = torch.Generator(device="cpu").manual_seed(self.seed)
         for i in range(n):
-            example = repeat(unsqueeze(_index(batch, i)), self.query_repeat)
+            example = repeat(unsqueeze(take(batch, i)), self.query_repeat)
             if self.fitted_fallback:
                 example = self._perturb_if_fitted(example, params, buffers, gen)
             bufs = {k: b.clone() for k, b in buffers.items()}
@@ -659,7 +728,7 @@ class ForwardINF(Estimator):
             per_unit = update.direction_norm.double().cpu() / step.clamp_min(1e-30)
             return (sign * delta.double() * per_unit[:, None]).float()
         if score.finish == "cosine":
-            return sign * self._cosine(delta, move(), pick(self._base("directional")))
+            return sign * self._cosine(delta, move(), pick(self._base("sensitivity")))
         return sign * delta
 
     # -- tuning -----------------------------------------------------------------------------
@@ -715,7 +784,9 @@ class ForwardINF(Estimator):
         probe = gather(self.train_, range(min(8, len(self.train_))))
         self._validate(probe, "train")  # bad labels or shapes get their clear error before the probe runs
         probe = to_device(probe, self._device())
-        n_models = 2 * min(self._direction_chunk(), self.n_directions) if self.kind_.finish == "cosine" else 1  # primal + tangent
+        n_models = 1
+        if self.kind_.finish == "cosine" and self.sensitivity == "directions":
+            n_models = 2 * min(self._direction_chunk(), self.n_directions)  # primal + tangents
         if self.tangent_:  # the score's forward-mode sweep: one primal, query_chunk tangents
             n_models = max(n_models, 1 + self._query_chunk())
         if self._device().type != "cpu":  # scored under vmap, all query_chunk models at once
@@ -726,8 +797,7 @@ class ForwardINF(Estimator):
     def _direction_chunk(self) -> int:
         """Directions per forward-mode sweep: 8, fewer when 8 copies of the selected parameters (the
         tangents) would exceed the memory budget (one at a time for a full 135M-parameter model)."""
-        size = sum(p.numel() * p.element_size() for p in select_params(self.model, self.params).values())
-        return int(max(1, min(_DIRECTION_CHUNK, DEFAULT_BUDGET // max(size, 1))))
+        return int(max(1, min(_DIRECTION_CHUNK, DEFAULT_BUDGET // max(self._params_bytes(), 1))))
 
     def _query_chunk(self) -> int:
         """``query_chunk``, resolved: for ``"auto"`` the queries whose updates fit the budget. Each
@@ -736,9 +806,8 @@ class ForwardINF(Estimator):
         and the temporaries of a multi-step or Adam update)."""
         if self.query_chunk != "auto":
             return self.query_chunk
-        size = sum(p.numel() * p.element_size() for p in select_params(self.model, self.params).values())
         copies = 1 if self.tangent_ else 3
-        return int(max(1, min(16, DEFAULT_BUDGET // max(copies * size, 1))))
+        return int(max(1, min(16, DEFAULT_BUDGET // max(copies * self._params_bytes(), 1))))
 
     def _validate(self, batch: Any, name: str) -> None:
         check_batch(self.model, self.task, batch, name)
@@ -759,6 +828,7 @@ def check_values(name: str, c: ForwardINFConfig) -> None:
     check_choice(name, "direction", c.direction, ("ascent", "descent"))
     check_choice(name, "score", c.score, SCORES)
     check_choice(name, "difference", c.difference, DIFFERENCES)
+    check_choice(name, "sensitivity", c.sensitivity, SENSITIVITIES)
     if c.difference == "tangent" and c.train_mode:
         raise ValueError(f"{name}: difference='tangent' differentiates along the parameters alone, but "
                          "train_mode=True also moves BatchNorm's running statistics; use difference='finite'")
@@ -792,8 +862,8 @@ def forward_inf_capabilities(optimizer: str) -> Capabilities:
     """Forward-INF's capabilities; K-FAC factors come from the whole training set, so a copy
     fitted on a slice would score it differently: not shardable."""
     return Capabilities(indices=True, shardable=optimizer != "kfac",
-                        self_influence="||∇ℓ(z_i)||² from forward-mode derivatives along random directions, "
-                                       "every score; higher = more suspicious (the paper's joint self mode: "
+                        self_influence="||∇ℓ(z_i)||² (exact, or from forward-mode derivatives along random "
+                                       "directions with sensitivity='directions'), every score; higher = more suspicious (the paper's joint self mode: "
                                        "influence(train, joint=True))")
 
 
@@ -821,14 +891,6 @@ def _all_finite(t: Tensor) -> bool:
     """``torch.isfinite(t).all()`` in pieces of 2**20 values: on the whole tensor it briefly takes
     ~1.5x the tensor's size (an absolute-value copy and two masks: +170 MB for a 135M model's embedding)."""
     return all(bool(torch.isfinite(part).all()) for part in t.reshape(-1).split(2**20))
-
-
-def _index(batch: Any, i: int) -> Any:
-    if torch.is_tensor(batch):
-        return batch[i]
-    if isinstance(batch, dict):
-        return {k: _index(v, i) for k, v in batch.items()}
-    return type(batch)(_index(v, i) for v in batch)
 
 
 def _lr_grid(optimizer: str, lr: float) -> list[float]:

@@ -364,8 +364,8 @@ class Retriever:
         """Within: the cosine score's sensitivities of training positions ``rows [r]`` are at hand,
         even when the fit left them to first use (``fit(train, lazy=True)``).
 
-        Those of rows not seen before are computed (``forward._directional`` on them alone) and
-        kept; the ``[n_train, M]`` table, filled only on the rows computed so far, stands in the
+        Those of rows not seen before are computed (``forward._sensitivity`` on them alone) and
+        kept; the ``[n_train, ...]`` table, filled only on the rows computed so far, stands in the
         estimator's cache while ``_score`` reads its ``rows`` and is taken out after, so a full
         sweep never sees the rows not computed. A sweep's chunk starts on a batch boundary, so
         with every row at once (K = n_train) the batches, and the values, are the eager fit's.
@@ -383,16 +383,16 @@ class Retriever:
     def _fill(self, forward: Any, rows: Tensor) -> tuple | None:
         """Compute the sensitivities of the training positions ``rows [r]`` (sorted) not computed yet;
         their cache key, or None when the estimator needs none or holds them all (an eager fit)."""
-        key = (*forward._directional_key(), forward.batch_size_)  # as ForwardINF._cached keys it
+        key = (*forward._sensitivity_key(), forward.batch_size_)  # as ForwardINF._cached keys it
         if forward.score != "cosine" or key in forward._cache_:
             return None
         kept = self._sensitivities.get(key)
         missing = rows if kept is None else rows[~kept[1][rows]]
         if len(missing):
-            new = forward._directional(subset(forward.train_, missing))  # [r', M]
+            new = forward._sensitivity(subset(forward.train_, missing))  # [r'] or [r', M]
             if kept is None:
                 n = len(forward.train_)
-                kept = self._sensitivities[key] = (new.new_zeros(n, new.shape[1]), torch.zeros(n, dtype=torch.bool))
+                kept = self._sensitivities[key] = (new.new_zeros(n, *new.shape[1:]), torch.zeros(n, dtype=torch.bool))
             kept[0][missing], kept[1][missing] = new, True
         return key
 

@@ -300,7 +300,7 @@ def _score_all(model: torch.nn.Module, task: Any, variants: dict, methods: list[
         kinds.add(kind)
         with timer() as t:
             if switch:  # the same fit under this variant's settings; a new kind's base sweep happens in here
-                est = est.with_config(est.config.replace(**{"n_directions": 16, **kw}))
+                est = est.with_config(est.config.replace(**{"sensitivity": "directions", "n_directions": 16, **kw}))
             scores = est.influence((generated,), joint=True)
             if contrast:
                 scores = scores - est.influence((reference,), joint=True)

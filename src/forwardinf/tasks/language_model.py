@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
-from forwardinf.data.inputs import TensorDict
+from forwardinf.data.inputs import TensorDict, take
 from forwardinf.tasks.base import Task
 
 IGNORE = -100
@@ -230,9 +230,9 @@ class LanguageModelTask(Task):
         empty = (targets == IGNORE).all(-1)
         if empty.any():
             raise ValueError(f"example {int(empty.nonzero()[0])} has no target token (every label is -100)")
-        try:
+        try:  # one example tells the vocabulary size; every id is checked against it below
             with torch.no_grad():
-                logits, _ = self.logits_and_labels(model, batch)
+                logits, _ = self.logits_and_labels(model, take(batch, slice(0, 1)))
         except IndexError as e:  # the embedding lookup's complaint
             raise ValueError(f"input_ids hold token {int(ids.max())}, out of range for the model's embedding ({e})") from e
         vocab = logits.shape[-1]
