@@ -84,8 +84,7 @@ def run(model: torch.nn.Module, task: fi.Task, data: dict, sensitivity: str, n_q
         scores = est.influence(queries)
     own = scores[torch.arange(n_queries), torch.arange(n_queries)]
     return {"fit_cpu_seconds": fit["cpu_seconds"], "influence_cpu_seconds": infl["cpu_seconds"],
-            "own_rank": (scores >= own[:, None]).sum(1).tolist(), "batch_size": est.batch_size_,
-            "norm_batch": est._norm_batch()}
+            "own_rank": (scores >= own[:, None]).sum(1).tolist(), "batch_size": est.batch_size_}
 
 
 def main() -> None:

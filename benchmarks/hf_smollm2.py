@@ -93,7 +93,6 @@ def main() -> None:
         rows[f"{label}: influence"]["own_rank"] = (scores >= own[:, None]).sum(1).tolist()
         rows[f"{label}: influence"]["per_query_cpu_seconds"] = rows[f"{label}: influence"]["cpu_seconds"] / args.n_queries
         inner = est if isinstance(est, fi.ForwardINF) else est.estimator_
-        rows[f"{label}: fit"]["norm_batch"] = inner._norm_batch()
         rows[f"{label}: influence"]["query_chunk"] = inner._query_chunk()
         del est
     for r in rows.values():

@@ -114,9 +114,37 @@ def test_cosine_score_matches_exact_gradient_cosine(digits_mlp):
     assert torch.corrcoef(torch.stack([est.flatten().double(), exact.flatten()]))[0, 1] > 0.95
 
 
+def test_gradient_norms_fall_back_to_materializing_when_a_weight_is_used_outside_its_layer():
+    from forwardinf.core.grad_norms import squared_grad_norms
+    from forwardinf.core.params import bind
+
+    class SideUse(nn.Module):  # fc's weight also read directly: a use the closed form cannot see
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(5, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) + x[..., :3] @ self.fc.weight[:, :3].T
+
+    torch.manual_seed(0)
+    model, x = SideUse(), torch.randn(6, 5)
+    params = dict(model.named_parameters())
+    one = lambda p, xi: bind(model, p)(xi[None]).pow(2).sum()  # noqa: E731
+    plan: dict = {}
+    with torch.no_grad():
+        got = squared_grad_norms(one, params, x, model, 2**30, plan)
+    assert plan["checked"] and not plan["ghost"]
+    expected = []
+    for i in range(6):
+        model.zero_grad()
+        model(x[i:i + 1]).pow(2).sum().backward()
+        expected.append(sum(p.grad.double().pow(2).sum() for p in model.parameters()))
+    torch.testing.assert_close(got, torch.stack(expected), rtol=1e-5, atol=0)
+
+
 def test_squared_grad_norms_are_the_per_example_gradients_norms_also_for_a_tied_embedding():
     transformers = pytest.importorskip("transformers")
-    from forwardinf.core.gradients import squared_grad_norms
+    from forwardinf.core.grad_norms import squared_grad_norms
     from forwardinf.core.params import bind, buffers_of, select_params
     from forwardinf.data.inputs import take
     torch.manual_seed(0)
@@ -141,8 +169,8 @@ def test_squared_grad_norms_are_the_per_example_gradients_norms_also_for_a_tied_
         import forwardinf.core.embedding_grad as E
         old, E.MIN_TABLE_BYTES = E.MIN_TABLE_BYTES, (E.MIN_TABLE_BYTES if min_bytes is None else 0)
         try:
-            got = squared_grad_norms(one, params, batch, model)  # vmapped
-            alone = torch.cat([squared_grad_norms(one, params, take(batch, slice(i, i + 1)), model) for i in range(5)])
+            got = squared_grad_norms(one, params, batch, model, 2**30)  # vmapped
+            alone = torch.cat([squared_grad_norms(one, params, take(batch, slice(i, i + 1)), model, 2**30) for i in range(5)])
         finally:
             E.MIN_TABLE_BYTES = old
         torch.testing.assert_close(got, torch.stack(expected), rtol=1e-5, atol=0)

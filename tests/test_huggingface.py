@@ -219,6 +219,30 @@ def test_cosine_does_not_saturate_a_duplicate_ranks_first_with_no_ties(name):
     assert ((scores >= own[:, None]).sum(1) == 1).all()
 
 
+@pytest.mark.parametrize("name", list(MODELS))
+def test_gradient_norms_take_the_closed_form_and_equal_per_example_autograd(name):
+    """The cosine's sensitivities: linear layers, embeddings (tied heads, padding) and GPT-2's
+    Conv1D by their closed form, the rest materialized; equal to each example's own backward pass."""
+    from forwardinf.core.grad_norms import squared_grad_norms
+    from forwardinf.core.params import bind, buffers_of, select_params
+
+    model, task, train, _ = _setup(name)
+    model.eval()
+    params, buffers = select_params(model, None), buffers_of(model)
+    one = lambda p, ex: task.score_loss(bind(model, p, buffers), {k: v[None] for k, v in ex.items()}).sum()  # noqa: E731
+    plan: dict = {}
+    with torch.no_grad():
+        got = squared_grad_norms(one, params, train, model, 2**30, plan)
+    assert plan["checked"] and plan["ghost"], "the closed form was dropped"
+    expected = []
+    for i in range(N):
+        model.zero_grad()
+        task.score_loss(model, {k: v[i:i + 1] for k, v in train.items()}).sum().backward()
+        expected.append(sum(p.grad.double().pow(2).sum() for p in model.parameters() if p.grad is not None))
+    model.zero_grad()
+    torch.testing.assert_close(got, torch.stack(expected), rtol=1e-4, atol=0)
+
+
 @pytest.mark.parametrize("name", ["llama", "gpt2", "bert", "lora-llama"])
 def test_tail_mode_splits_at_a_block_and_equals_forward_inf_on_the_tail(name):
     from forwardinf.estimators.hf_tail import tail_parameter_names

@@ -18,8 +18,7 @@ from torch import Tensor, nn
 from torch.func import grad, vmap
 from tqdm.auto import tqdm
 
-from forwardinf.core.embedding_grad import query_grads
-from forwardinf.core.params import Params, bind, buffers_of, stack
+from forwardinf.core.params import Params, bind, buffers_of
 from forwardinf.data.inputs import batch_len, batches, to_device, unsqueeze
 
 LossFn = Callable[[Params, Any], Tensor]  # (params, batch) -> per-example losses [B]
@@ -102,20 +101,6 @@ def per_example_grads(loss_fn: LossFn, params: Params, batch: Any) -> Tensor:
 
     g = vmap(grad(one), in_dims=(None, 0))(params, batch)
     return flatten(g, stacked=True)
-
-
-def squared_grad_norms(objective: Callable[[Params, Any], Tensor], params: Params, batch: Any,
-                       model: nn.Module, shapes: dict | None = None) -> Tensor:
-    """``[B]`` float64: ``||∇_θ objective(θ, z_b)||²`` for each example ``z_b`` of ``batch``.
-
-    ``objective(p, example) -> scalar`` runs ``model`` through :func:`~forwardinf.core.params.bind`
-    on one example. The ``B`` gradients (``B x D`` floats) exist at once, so callers size ``B``
-    from the memory budget; a large tied embedding's gradient is assembled without extra copies
-    (:func:`~forwardinf.core.embedding_grad.query_grads`, which also takes ``shapes``).
-    """
-    grads = query_grads(objective, stack(params, batch_len(batch)), batch, model, shapes=shapes)
-    # vector_norm reduces in float32 without a squared copy of each [B, ...] gradient
-    return torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads.values()]).double().pow(2).sum(0)
 
 
 def iter_grads(

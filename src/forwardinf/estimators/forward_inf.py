@@ -15,7 +15,7 @@ from forwardinf.core.autobatch import DEFAULT_BUDGET, auto_batch_size
 from forwardinf.core.curvature import FISHERS, SCOPES, gauss_newton_product, kfac, layer_of, precondition, refine
 from forwardinf.core.directions import gaussian, gaussian_pieces
 from forwardinf.core.embedding_grad import query_grads
-from forwardinf.core.gradients import squared_grad_norms
+from forwardinf.core.grad_norms import squared_grad_norms
 from forwardinf.core.params import Params, bind, buffers_of, flat_norm, mode, select_params, stack
 from forwardinf.core.sweep import sweep
 from forwardinf.core.tangent import directional_sweep
@@ -299,24 +299,17 @@ class ForwardINF(Estimator):
         def objective(p: Params, example: Any) -> Tensor:
             return self.task.score_loss(bind(self.model, p, buffers), unsqueeze(example)).sum()
 
-        shapes: dict = {}  # the tied embedding lookups' shapes, found once per input shape (query_grads)
+        plan = self._cached(("norm plan", _key(self.params)), dict)  # kept: the closed form is checked once
 
         def norms(batch: Any) -> Tensor:
             self._validate(batch, "train")  # every batch: a bad label may hide anywhere (a forward of one example)
-            step = self._norm_batch()
-            return torch.cat([squared_grad_norms(objective, params, take(batch, slice(s, s + step)), self.model, shapes)
-                              for s in range(0, batch_len(batch), step)])
+            return squared_grad_norms(objective, params, batch, self.model, DEFAULT_BUDGET, plan)
 
         with mode(self.model, False):
             out = sweep(norms, self.train_ if data is None else data, self.batch_size_, self._device(),
                         self.progress, desc="gradient norms")
         check_finite_values(out, "train", "gradient norm")  # or NaN cosine scores for that point
         return out
-
-    def _norm_batch(self) -> int:
-        """Training points per batch of :meth:`_sensitivity`'s per-example gradients: ``batch_size_``,
-        fewer when their gradients (one copy of the selected parameters each) would exceed the budget."""
-        return int(max(1, min(self.batch_size_, DEFAULT_BUDGET // max(self._params_bytes(), 1))))
 
     def _params_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in select_params(self.model, self.params).values())
