@@ -1,8 +1,24 @@
 """Resident memory of this process, for the benchmarks' and ``forwardinf lds``'s peak-memory columns
-(Linux ``/proc``; elsewhere the readings are NaN and the peak cannot be reset)."""
+(Linux ``/proc``; elsewhere the readings are NaN and the peak cannot be reset), and handing freed
+heap memory back to the operating system."""
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
+
+
+def trim_heap() -> None:
+    """Return the heap's free pages to the OS (glibc ``malloc_trim``; a no-op without glibc).
+
+    glibc keeps freed blocks below its mmap threshold (up to 32 MB) in its heap, resident; a large
+    model's query update frees hundreds of MB of such blocks between gradients that stay alive,
+    and the next sweep's temporaries do not fit the holes. Measured on SmolLM2-135M: the per-query
+    peak 1.71-1.73x the inference sweep without, 1.48-1.52x with a trim before each update, each
+    scoring and each scoring batch, at no measurable CPU cost."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def status_mb(field: str = "VmHWM") -> float:

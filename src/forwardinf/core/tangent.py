@@ -23,7 +23,7 @@ Measure = Callable[[Any, Any], Tensor]  # (model, batch) -> [B]
 
 def directional_sweep(measure: Measure, model: nn.Module, params: Params, buffers: Params, tangents: Params,
                       dataset: Any, batch_size: int, device: torch.device, progress: bool = False,
-                      desc: str = "tangents") -> Tensor:
+                      desc: str = "tangents", trim: bool = False) -> Tensor:
     """``[Q, n]``: ``∇_θ measure(θ, z_i) · t_q`` at ``θ = params``.
 
     ``tangents``: ``{name: [Q, *shape]}`` over the same names as ``params`` (the parameters
@@ -35,5 +35,5 @@ def directional_sweep(measure: Measure, model: nn.Module, params: Params, buffer
         with frozen_linear():  # layers outside params: no zero tangent materialized for their weights
             return vmap(lambda t: jvp(f, (params,), (t,))[1])(tangents)  # [Q, B]
 
-    return sweep(per_batch, dataset, batch_size, device, progress, desc=desc)
+    return sweep(per_batch, dataset, batch_size, device, progress, desc=desc, trim=trim)
 

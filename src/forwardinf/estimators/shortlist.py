@@ -48,8 +48,8 @@ training point), else ``"features"`` when the model has an ``nn.Linear``, else `
   far more.
 
 Sensitivities on demand: the default cosine score divides each change by the training point's
-sensitivity, ``n_directions`` forward-mode derivatives per point (about 31 forward sweeps for the
-whole set, most of ``fit``). After ``fit(train, lazy=True)`` the retriever computes them only for
+sensitivity, its gradient norm (a forward and backward pass per point, most of ``fit``; with
+``sensitivity="directions"``, ``n_directions`` forward-mode derivatives per point). After ``fit(train, lazy=True)`` the retriever computes them only for
 the candidates some shortlist needs, once each, and keeps them for later queries (on SmallCNN at
 2,000 points this fit was 88% of a 1,000-query shortlist run's cost; benchmarks/results/many_queries.md).
 

@@ -15,7 +15,6 @@ Mistral) are supported.
 """
 from __future__ import annotations
 
-import ctypes
 import gc
 import glob
 import importlib.util
@@ -25,6 +24,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from forwardinf.memory import trim_heap
 from forwardinf.tasks.base import Task
 from forwardinf.tasks.language_model import IGNORE, LanguageModelTask, autocast
 
@@ -85,10 +85,7 @@ def release_memory() -> None:
     """Collect garbage and return freed heap pages to the OS (glibc ``malloc_trim``), so the
     process's resident size drops to what is alive (a no-op where there is no glibc)."""
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    trim_heap()
 
 
 def _decoder(model: nn.Module) -> nn.Module:
