@@ -49,14 +49,11 @@ def tied_embeddings(model: nn.Module, params: Params, min_bytes: int | None = No
 
 
 def query_grads(objective: Callable[[Params, Any], Tensor], params: Params, batch: Any, model: nn.Module,
-                min_bytes: int | None = None, shapes: dict | None = None) -> Params:
+                min_bytes: int | None = None) -> Params:
     """``vmap(grad(objective))(params, batch)``: ``{name: [n, ...]}``, one gradient per example of
     ``batch`` at the stacked ``params [n, ...]``, large tied tables assembled from their lookups.
 
     ``objective(p, example) -> scalar`` runs ``model`` (through :func:`~forwardinf.core.params.bind`).
-    ``shapes``: a dict the caller keeps across calls with the same ``objective`` (a sweep): the
-    lookups' output shapes by the example's input shapes, which under ``vmap`` they depend on alone,
-    so the forward pass that finds them runs once per input shape instead of once per call.
     """
     tables = tied_embeddings(model, params, min_bytes)
     if next(iter(params.values())).shape[0] == 1:  # one example (a large model): no vmap, no shape probe
@@ -65,12 +62,9 @@ def query_grads(objective: Callable[[Params, Any], Tensor], params: Params, batc
     if not tables:
         return vmap(grad(objective))(params, batch)
     modules = [(name, m) for name, ms in tables.items() for m in ms]
-    key = _example_shapes(batch)
-    if shapes is None or key not in shapes:
-        found = _lookup_shapes(objective, params, batch, [m for _, m in modules])
-        shapes = {key: found} if shapes is None else shapes
-        shapes[key] = found
-    shapes = shapes[key]
+    shapes = call_shapes(objective, params, batch, [m for _, m in modules])
+    if not shapes:
+        raise RuntimeError("query_grads: the objective never called the embedding it was given")
     n = next(iter(params.values())).shape[0]
     ref = params[modules[0][0]]
     leaves = [torch.zeros(n, *shape, dtype=ref.dtype, device=ref.device) for shape, _ in shapes]
@@ -93,11 +87,8 @@ def query_grads(objective: Callable[[Params, Any], Tensor], params: Params, batc
 
     (grads, leaf_grads), ids = vmap(grad(with_leaves, argnums=(0, 1), has_aux=True))(params, leaves, batch)
     for name, module, g, idx in zip(calls, owner, leaf_grads, ids):
-        table = grads[name]  # [n, V, H]: the head's contribution, this call's own tensor
-        if module.padding_idx is not None:  # the lookup's backward leaves the padding row's gradient at 0
-            g = g.masked_fill((idx == module.padding_idx).unsqueeze(-1), 0)
-        for q in range(n):
-            table[q].index_add_(0, idx[q].reshape(-1), g[q].reshape(-1, g.shape[-1]))
+        for q in range(n):  # grads[name] [n, V, H]: the head's contribution, this call's own tensor
+            _scatter(grads[name][q], module, idx[q], g[q])
     return grads
 
 
@@ -126,19 +117,25 @@ def _single_grad(objective: Callable[[Params, Any], Tensor], params: Params, exa
     grads = torch.autograd.grad(value, inputs, allow_unused=True)
     out = {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), grads)}
     for (name, module, idx, _), g in zip(lookups, grads[len(leaves):]):
-        if g is None:
-            continue
-        if module.padding_idx is not None:  # as the lookup's own backward: no gradient for the padding row
-            g = g.masked_fill((idx == module.padding_idx).unsqueeze(-1), 0)
-        out[name].index_add_(0, idx.reshape(-1), g.reshape(-1, g.shape[-1]))
+        if g is not None:
+            _scatter(out[name], module, idx, g)
     return out
 
 
-def _lookup_shapes(objective: Callable[[Params, Any], Tensor], params: Params, batch: Any,
-                   modules: list[nn.Module]) -> list[tuple[tuple[int, ...], int]]:
+def _scatter(table: Tensor, module: nn.Embedding, ids: Tensor, g: Tensor) -> None:
+    """Add a lookup's output gradient ``g [..., H]`` into its table's gradient ``[V, H]`` at ``ids``,
+    as the lookup's own backward does (the padding row's gradient stays 0)."""
+    if module.padding_idx is not None:
+        g = g.masked_fill((ids == module.padding_idx).unsqueeze(-1), 0)
+    table.index_add_(0, ids.reshape(-1), g.reshape(-1, g.shape[-1]))
+
+
+def call_shapes(objective: Callable[[Params, Any], Tensor], params: Params, batch: Any,
+                modules: list[nn.Module]) -> list[tuple[tuple[int, ...], int]]:
     """``[(output shape, module index)]`` of each call of ``modules``, in call order, when
-    ``objective`` runs on the first example (no gradient: one forward of one query), under ``vmap``
-    as in the gradient's call (shapes may differ outside it: e.g. a task trims padding there)."""
+    ``objective`` runs on the first example of ``batch`` at ``params [n, ...]``'s first (no
+    gradient: one forward of one example), under ``vmap`` as in the gradient's call (shapes may
+    differ outside it: e.g. a task trims padding there)."""
     seen: list[tuple[tuple[int, ...], int]] = []
     handles = [m.register_forward_hook(lambda mod, a, out, i=i: seen.append((tuple(out.shape), i)))
                for i, m in enumerate(modules)]
@@ -148,17 +145,4 @@ def _lookup_shapes(objective: Callable[[Params, Any], Tensor], params: Params, b
     finally:
         for h in handles:
             h.remove()
-    if not seen:
-        raise RuntimeError("query_grads: the objective never called the embedding it was given")
     return seen
-
-
-def _example_shapes(batch: Any) -> tuple:
-    """The shapes and dtypes of one example's tensors (the batch's without the leading dim)."""
-    if torch.is_tensor(batch):
-        return (tuple(batch.shape[1:]), batch.dtype)
-    if isinstance(batch, dict):
-        return tuple((k, _example_shapes(v)) for k, v in sorted(batch.items()))
-    return tuple(_example_shapes(v) for v in batch)
-
-

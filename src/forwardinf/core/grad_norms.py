@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
-from forwardinf.core.embedding_grad import query_grads
+from forwardinf.core.embedding_grad import call_shapes, query_grads
 from forwardinf.core.params import Params, stack
 from forwardinf.data.inputs import batch_len, take
 
@@ -103,10 +103,10 @@ def _closed_form(objective: Objective, params: Params, batch: Any, model: nn.Mod
     shapes = plan.setdefault("shapes", {})
     key = _shape_key(batch)
     if key not in shapes:
-        shapes[key] = _output_shapes(objective, rest, take(batch, slice(0, 1)), ghost)
+        shapes[key] = [shape for shape, _ in call_shapes(objective, stack(rest, 1), batch, list(ghost))]
     n = batch_len(batch)
     ref = next(iter(params.values()))
-    zeros = [torch.zeros(n, *shape, dtype=ref.dtype, device=ref.device) for shape in shapes[key]]
+    zeros = [torch.zeros(n, *shape, dtype=ref.dtype, device=ref.device) for shape in shapes[key]]  # [n, 1, ..., out]
 
     called: list[nn.Module] = []  # the modules in call order (the function is traced once under vmap)
 
@@ -182,17 +182,3 @@ def _shape_key(batch: Any) -> tuple:
     if isinstance(batch, dict):
         return tuple((k, _shape_key(v)) for k, v in sorted(batch.items()))
     return tuple(_shape_key(v) for v in batch)
-
-
-def _output_shapes(objective: Objective, rest: Params, first: Any, ghost: dict) -> list[tuple[int, ...]]:
-    """The per-example output shape of each call of the ``ghost`` modules, in call order, when
-    ``objective`` runs on one example under ``vmap`` (as in the gradient's call)."""
-    seen: list[tuple[int, ...]] = []
-    handles = [m.register_forward_hook(lambda mod, a, out: seen.append(tuple(out.shape))) for m in ghost]
-    try:
-        with torch.no_grad():
-            vmap(objective, in_dims=(None, 0))(rest, first)
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
