@@ -13,8 +13,8 @@ def trim_heap() -> None:
     glibc keeps freed blocks below its mmap threshold (up to 32 MB) in its heap, resident; a large
     model's query update frees hundreds of MB of such blocks between gradients that stay alive,
     and the next sweep's temporaries do not fit the holes. Measured on SmolLM2-135M: the per-query
-    peak 1.71-1.73x the inference sweep without, 1.48-1.52x with a trim before each update, each
-    scoring and each scoring batch, at no measurable CPU cost."""
+    peak 1.71-1.73x the inference sweep without, 1.48-1.52x with a trim before each update and
+    each scoring batch, at no measurable CPU cost."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
