@@ -25,8 +25,8 @@ from forwardinf.data.inputs import DataLike, batch_len, batches, gather, repeat,
 from forwardinf.estimators.base import (Capabilities, Estimator, EstimatorConfig, check_choice, check_indices,
                                         check_positive, check_range)
 from forwardinf.estimators.validation import DivergedError, check_scores
-from forwardinf.memory import trim_heap
 from forwardinf.estimators.shortlist import shortlist_top_k
+from forwardinf.memory import trim_heap
 from forwardinf.tasks.base import Task
 
 

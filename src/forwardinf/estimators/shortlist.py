@@ -49,9 +49,10 @@ training point), else ``"features"`` when the model has an ``nn.Linear``, else `
 
 Sensitivities on demand: the default cosine score divides each change by the training point's
 sensitivity, its gradient norm (a forward and backward pass per point, most of ``fit``; with
-``sensitivity="directions"``, ``n_directions`` forward-mode derivatives per point). After ``fit(train, lazy=True)`` the retriever computes them only for
-the candidates some shortlist needs, once each, and keeps them for later queries (on SmallCNN at
-2,000 points this fit was 88% of a 1,000-query shortlist run's cost; benchmarks/results/many_queries.md).
+``sensitivity="directions"``, ``n_directions`` forward-mode derivatives per point). After
+``fit(train, lazy=True)`` the retriever computes them only for the candidates some shortlist
+needs, once each, and keeps them for later queries (on SmallCNN at 2,000 points the directions'
+fit was 88% of a 1,000-query shortlist run's cost; benchmarks/results/many_queries.md).
 
 ``K`` equal to the training-set size gives exactly the full sweep's answer (also after a lazy fit). :meth:`Retriever.recall`
 measures, on a sample of queries, how much of the full sweep's top-k the shortlist kept.
