@@ -445,11 +445,13 @@ def _other_fields(batch: Any) -> tuple[list[Any], list[str] | None]:
 
 
 class FeatureFile:
-    """A ``[n, D]`` matrix in a ``.npy`` file (``np.lib.format.open_memmap``), written in row
-    blocks, read back in row blocks.
+    """A ``[n, D]`` matrix in a ``.npy`` file, written in row blocks, read back in row blocks.
 
-    Each read maps the file, copies the rows asked for into a fresh tensor and drops the map, so
-    the process holds only those rows (the operating system's page cache keeps the file warm).
+    Writes go through plain file writes, not a memory map: the dirty pages of a mapped file count
+    in the process's resident size until it is unmapped (SmallCNN on 60,000 Fashion-MNIST images:
+    the fit peaked 1.95x the inference sweep with a writable map, the whole 718 MB file). Each read
+    maps the file, copies the rows asked for into a fresh tensor and drops the map, so the process
+    holds only those rows (the operating system's page cache keeps the file warm).
     ``bfloat16``, which NumPy lacks, is stored as its raw 16-bit words. The file lives in
     ``folder`` (default: the temporary folder) and is deleted when this object is
     garbage-collected.
@@ -463,8 +465,10 @@ class FeatureFile:
         self._finalizer = weakref.finalize(self, _unlink, self.path)
         self.shape, self.dtype = (n, width), dtype
         self._words = torch.int16 if dtype == torch.bfloat16 else dtype  # what NumPy stores
-        self._file: Any = np.lib.format.open_memmap(self.path, mode="w+", shape=self.shape,
-                                                    dtype=torch.empty(0, dtype=self._words).numpy().dtype)
+        header = np.lib.format.open_memmap(self.path, mode="w+", shape=self.shape,
+                                           dtype=torch.empty(0, dtype=self._words).numpy().dtype)
+        self._offset, self._row_bytes = header.offset, width * header.dtype.itemsize  # where row 0 starts
+        del header  # the file has its header and size; the map is not kept
         self._written = 0
 
     def __len__(self) -> int:
@@ -474,12 +478,12 @@ class FeatureFile:
         """Write the rows ``[start, stop)`` (blocks must come in order)."""
         if rows.start != self._written or block.shape != (rows.stop - rows.start, self.shape[1]):
             raise ValueError(f"FeatureFile: rows must be written in order as [B, {self.shape[1]}] blocks")
-        self._file[rows] = block.to(self.dtype).view(self._words).numpy()
+        with open(self.path, "r+b") as f:
+            f.seek(self._offset + rows.start * self._row_bytes)
+            f.write(block.to(self.dtype).view(self._words).contiguous().numpy().tobytes())
         self._written = rows.stop
 
     def close(self) -> None:
-        self._file.flush()
-        self._file = None  # unmapped
         if self._written != self.shape[0]:
             raise ValueError(f"FeatureFile: {self._written} of {self.shape[0]} rows written")
 
